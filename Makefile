@@ -1,0 +1,38 @@
+# The README's two commands are `make run` and `make test`; the rest are parts of them.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 9000
+RUFF_OPTS := --line-length 100 --target-version py311
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test lint install redis-server
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Dependencies are reinstalled only when the packaging files change.
+$(VENV)/.deps: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install --quiet '.[test,lint]'
+	touch $@
+
+# A real (not editable) install, every time: twistd finds plugins only in an
+# installed twisted/plugins, and the tests run the installed `twistd pubsub`.
+install: $(VENV)/.deps
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation --force-reinstall .
+
+run: install
+	$(BIN)/twistd -n pubsub --port $(PORT)
+
+# The differential tests compare against a real Redis 7; they start their own.
+redis-server:
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
+
+lint: install
+	$(BIN)/ruff check $(RUFF_OPTS) pubsub tests twisted
+	$(BIN)/ruff format --check $(RUFF_OPTS) pubsub tests twisted
+	$(BIN)/mypy --strict pubsub/engine.py pubsub/glob.py
+
+test: install redis-server lint
+	PUBSUB_REQUIRE_REDIS=1 $(BIN)/python -m pytest

@@ -1,0 +1,29 @@
+"""pubsub: Redis Pub/Sub semantics over WebSocket, for Twisted.
+
+The public embedding API, and nothing else::
+
+    engine = Engine()
+    root.putChild(b"pubsub", build_resource(engine))   # in your own Site
+    engine.publish("news", "hello")                    # -> receiver count
+
+See docs/embedding.md.
+"""
+
+from pubsub.config import ConfigError, Settings, load_settings
+from pubsub.engine import Engine
+from pubsub.service import build_factory, build_resource, make_service
+from pubsub.web import PubSubResource
+from pubsub.websocket import PubSubServerFactory, PubSubServerProtocol
+
+__all__ = [
+    "ConfigError",
+    "Engine",
+    "PubSubResource",
+    "PubSubServerFactory",
+    "PubSubServerProtocol",
+    "Settings",
+    "build_factory",
+    "build_resource",
+    "load_settings",
+    "make_service",
+]

@@ -1,0 +1,301 @@
+"""The command table every transport shares: names, arities, handlers, limits.
+
+A transport decodes a request into a list of byte strings (the command name
+first, exactly as Redis receives it), calls :func:`execute` with the client's
+:class:`Session`, and encodes the results it gets back.  Results are
+transport-neutral: :class:`Confirm` for (un)subscribe confirmations,
+:class:`Reply` for a command's value, :class:`Pong` and :class:`Error`.
+
+Validation follows Redis 7 word for word (arity errors, unknown commands and
+subcommands), then this server's own limits, which Redis does not have:
+subscriptions per client and the length of a channel name or pattern.  Nothing
+here knows about sockets or frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+from pubsub.engine import Engine
+
+__all__ = [
+    "COMMANDS",
+    "Command",
+    "Confirm",
+    "Error",
+    "Limits",
+    "Pong",
+    "Reply",
+    "Result",
+    "Session",
+    "execute",
+]
+
+
+@dataclass(frozen=True)
+class Confirm:
+    """An (un)subscribe confirmation: ``kind`` is e.g. "subscribe"."""
+
+    kind: str
+    name: Optional[bytes]
+    count: int
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A command's value: an integer, or a list of byte strings and integers."""
+
+    value: Union[int, list]
+
+
+@dataclass(frozen=True)
+class Pong:
+    """PING's answer; ``payload`` is None when PING had no argument."""
+
+    payload: Optional[bytes]
+
+
+@dataclass(frozen=True)
+class Error:
+    """A command that could not run; ``message`` starts with a Redis error code."""
+
+    message: str
+
+
+Result = Union[Confirm, Reply, Pong, Error]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-client limits the command layer enforces (0 means unlimited)."""
+
+    max_subscriptions: int = 10_000
+    max_name_length: int = 4096
+
+
+class Session:
+    """One client's view of the engine: its token and the limits it runs under."""
+
+    __slots__ = ("engine", "token", "limits")
+
+    def __init__(self, engine: Engine, token: int, limits: Limits = Limits()) -> None:
+        self.engine = engine
+        self.token = token
+        self.limits = limits
+
+
+Handler = Callable[[Session, Sequence[bytes]], list]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One table entry.  ``arity`` follows Redis: N exact, -N at least N.
+
+    ``payload_index`` is the argument position that carries a message payload
+    (transports may accept binary forms there), or None.
+    """
+
+    name: str
+    arity: int
+    handler: Handler
+    payload_index: Optional[int] = None
+    subcommands: Optional[dict] = None
+
+
+def _text(data: bytes) -> str:
+    """Bytes in an error message: lossless, and never a line break (as Redis)."""
+    return data.decode("utf-8", "surrogateescape").replace("\r", " ").replace("\n", " ")
+
+
+def _arity_ok(arity: int, argc: int) -> bool:
+    return argc == arity if arity >= 0 else argc >= -arity
+
+
+def _wrong_arity(name: str) -> Error:
+    return Error(f"ERR wrong number of arguments for '{name}' command")
+
+
+def _unknown_command(args: Sequence[bytes]) -> Error:
+    # Redis quotes the arguments until the list reaches 128 bytes.
+    quoted = ""
+    for arg in args[1:]:
+        if len(quoted) >= 128:
+            break
+        quoted += "'" + _text(arg[: 128 - len(quoted)]) + "' "
+    return Error(
+        f"ERR unknown command '{_text(args[0][:128])}', "
+        f"with args beginning with: {quoted}"
+    )
+
+
+def _name_too_long(session: Session, names: Sequence[bytes], what: str) -> Optional[Error]:
+    limit = session.limits.max_name_length
+    if limit and any(len(name) > limit for name in names):
+        return Error(f"ERR {what} is longer than the limit of {limit} bytes")
+    return None
+
+
+def _subscription_limit(session: Session, kind: str, names: Sequence[bytes]) -> Optional[Error]:
+    limit = session.limits.max_subscriptions
+    if not limit:
+        return None
+    engine, token = session.engine, session.token
+    wanted = engine.subscription_count(token) + engine.new_subscriptions(token, kind, names)
+    if wanted > limit:
+        return Error(
+            f"ERR subscription limit reached: a client may hold at most {limit} "
+            "channels, patterns and shard channels"
+        )
+    return None
+
+
+def _subscriber(kind: str, confirm: str, what: str) -> Handler:
+    """SUBSCRIBE, PSUBSCRIBE and SSUBSCRIBE: checked, then all or nothing."""
+    method_name = {"channel": "subscribe", "pattern": "psubscribe", "shard": "ssubscribe"}[kind]
+
+    def handler(session: Session, args: Sequence[bytes]) -> list:
+        names = args[1:]
+        error = _name_too_long(session, names, what) or _subscription_limit(
+            session, kind, names
+        )
+        if error:
+            return [error]
+        confirmations = getattr(session.engine, method_name)(session.token, names)
+        return [Confirm(confirm, name, count) for name, count in confirmations]
+
+    return handler
+
+
+def _unsubscriber(method_name: str) -> Handler:
+    def handler(session: Session, args: Sequence[bytes]) -> list:
+        confirmations = getattr(session.engine, method_name)(session.token, args[1:])
+        return [Confirm(method_name, name, count) for name, count in confirmations]
+
+    return handler
+
+
+def _publisher(method_name: str) -> Handler:
+    def handler(session: Session, args: Sequence[bytes]) -> list:
+        error = _name_too_long(session, args[1:2], "channel name")
+        if error:
+            return [error]
+        return [Reply(getattr(session.engine, method_name)(args[1], args[2]))]
+
+    return handler
+
+
+def _ping(session: Session, args: Sequence[bytes]) -> list:
+    if len(args) > 2:
+        return [_wrong_arity("ping")]
+    return [Pong(args[1] if len(args) == 2 else None)]
+
+
+def _list_names(method_name: str) -> Handler:
+    """PUBSUB CHANNELS / SHARDCHANNELS [pattern]."""
+
+    def handler(session: Session, args: Sequence[bytes]) -> list:
+        if len(args) > 3:
+            return [
+                Error(
+                    "ERR unknown subcommand or wrong number of arguments for "
+                    f"'{_text(args[1][:128])}'. Try PUBSUB HELP."
+                )
+            ]
+        pattern = args[2] if len(args) == 3 else None
+        if pattern is not None:
+            error = _name_too_long(session, [pattern], "pattern")
+            if error:
+                return [error]
+        return [Reply(getattr(session.engine, method_name)(pattern))]
+
+    return handler
+
+
+def _count_subscribers(method_name: str) -> Handler:
+    """PUBSUB NUMSUB / SHARDNUMSUB: a flat [name, count, ...] list."""
+
+    def handler(session: Session, args: Sequence[bytes]) -> list:
+        flat: list = []
+        for name, count in getattr(session.engine, method_name)(args[2:]):
+            flat += (name, count)
+        return [Reply(flat)]
+
+    return handler
+
+
+def _numpat(session: Session, args: Sequence[bytes]) -> list:
+    return [Reply(session.engine.numpat())]
+
+
+_PUBSUB_HELP = [
+    b"PUBSUB <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
+    b"CHANNELS [<pattern>]",
+    b"    List the channels that have subscribers, optionally only those matching <pattern>.",
+    b"NUMPAT",
+    b"    Count the distinct patterns that have subscribers.",
+    b"NUMSUB [<channel> ...]",
+    b"    Count each channel's subscribers (pattern subscriptions not included).",
+    b"SHARDCHANNELS [<pattern>]",
+    b"    List the shard channels that have subscribers, optionally matching <pattern>.",
+    b"SHARDNUMSUB [<shardchannel> ...]",
+    b"    Count each shard channel's subscribers.",
+    b"HELP",
+    b"    Print this help.",
+]
+
+
+def _pubsub_help(session: Session, args: Sequence[bytes]) -> list:
+    return [Reply(list(_PUBSUB_HELP))]
+
+
+def _table(*commands: Command) -> dict:
+    return {command.name.lower(): command for command in commands}
+
+
+_PUBSUB_SUBCOMMANDS = _table(
+    Command("channels", -2, _list_names("channels")),
+    Command("numsub", -2, _count_subscribers("numsub")),
+    Command("numpat", 2, _numpat),
+    Command("shardchannels", -2, _list_names("shard_channels")),
+    Command("shardnumsub", -2, _count_subscribers("shard_numsub")),
+    Command("help", 2, _pubsub_help),
+)
+
+
+def _pubsub(session: Session, args: Sequence[bytes]) -> list:
+    sub = _PUBSUB_SUBCOMMANDS.get(args[1].lower().decode("latin-1"))
+    if sub is None:
+        return [Error(f"ERR unknown subcommand '{_text(args[1][:128])}'. Try PUBSUB HELP.")]
+    if not _arity_ok(sub.arity, len(args) - 1):
+        return [_wrong_arity(f"pubsub|{sub.name}")]
+    return sub.handler(session, args)
+
+
+COMMANDS: dict[str, Command] = _table(
+    Command("subscribe", -2, _subscriber("channel", "subscribe", "channel name")),
+    Command("unsubscribe", -1, _unsubscriber("unsubscribe")),
+    Command("psubscribe", -2, _subscriber("pattern", "psubscribe", "pattern")),
+    Command("punsubscribe", -1, _unsubscriber("punsubscribe")),
+    Command("ssubscribe", -2, _subscriber("shard", "ssubscribe", "shard channel name")),
+    Command("sunsubscribe", -1, _unsubscriber("sunsubscribe")),
+    Command("publish", 3, _publisher("publish"), payload_index=2),
+    Command("spublish", 3, _publisher("spublish"), payload_index=2),
+    Command("pubsub", -2, _pubsub, subcommands=_PUBSUB_SUBCOMMANDS),
+    Command("ping", -1, _ping),
+)
+
+
+def lookup(name: bytes) -> Optional[Command]:
+    """The table entry for a command name given in any case, or None."""
+    return COMMANDS.get(name.lower().decode("latin-1"))
+
+
+def execute(session: Session, args: Sequence[bytes]) -> list:
+    """Run one command (``args[0]`` is its name); returns its results in order."""
+    command = lookup(args[0])
+    if command is None:
+        return [_unknown_command(args)]
+    if not _arity_ok(command.arity, len(args)):
+        return [_wrong_arity(command.name)]
+    return command.handler(session, args)

@@ -1,0 +1,143 @@
+"""Settings: one dataclass, filled from defaults < conf file < environment < command line.
+
+Every limit and knob of the server is a field of :class:`Settings` with its
+default and a one-line help text; ``conf/pubsub.toml`` lists the same fields
+(a test keeps the two in step), the twistd plugin makes one option per field,
+and ``PUBSUB_<NAME>`` environment variables override the file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+__all__ = ["ConfigError", "Settings", "endpoint_description", "load_settings"]
+
+DEFAULT_CONFIG = Path("conf") / "pubsub.toml"
+
+
+class ConfigError(ValueError):
+    """A settings file, variable or option that cannot be used; says which."""
+
+
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server can be told.  Sizes are bytes, times seconds."""
+
+    port: str = _setting(
+        "9000", "TCP port number, or a Twisted endpoint string (tcp:..., ssl:...)"
+    )
+    interface: str = _setting(
+        "127.0.0.1", "Address to bind when port is a bare number"
+    )
+    max_message_size: int = _setting(
+        1_048_576, "Largest WebSocket message accepted; a bigger one closes with 1009"
+    )
+    max_connections: int = _setting(
+        10_000, "Most WebSocket connections at once; more are refused with HTTP 503"
+    )
+    max_subscriptions: int = _setting(
+        10_000, "Most channels + patterns + shard channels one client may hold"
+    )
+    max_name_length: int = _setting(
+        4096, "Longest channel name or pattern accepted, in bytes"
+    )
+    open_handshake_timeout: float = _setting(
+        10.0, "Seconds a client has to finish the HTTP and WebSocket handshake"
+    )
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (int, float)) and value < 0:
+                raise ConfigError(f"setting {f.name} must not be negative, got {value}")
+        if not str(self.port).strip():
+            raise ConfigError("setting port must not be empty")
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Check and convert one value to the type of the field ``name``."""
+    kinds = {f.name: f.type for f in fields(Settings)}
+    if name not in kinds:
+        known = ", ".join(sorted(kinds))
+        raise ConfigError(f"{source}: unknown setting {name!r} (known: {known})")
+    kind = kinds[name]
+    try:
+        if kind == "str":
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise TypeError
+            return str(value)
+        if kind == "int":
+            if isinstance(value, bool) or isinstance(value, float):
+                raise TypeError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if kind == "bool":
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered in ("1", "true", "yes", "on"):
+                    return True
+                if lowered in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise AssertionError(f"unhandled setting type {kind}")
+    raise ConfigError(f"{source}: setting {name} must be a {kind}, got {value!r}")
+
+
+def load_settings(
+    config: Optional[Union[str, Path]] = None,
+    environ: Mapping[str, str] = os.environ,
+    overrides: Optional[Mapping[str, Any]] = None,
+) -> Settings:
+    """Build the settings in order of precedence.
+
+    ``config`` is a TOML file; when None, ``conf/pubsub.toml`` under the
+    current directory is read if it exists.  ``environ`` supplies
+    ``PUBSUB_<NAME>`` overrides, ``overrides`` (command-line options) win
+    over everything; None values in it are ignored.
+    """
+    values: dict[str, Any] = {}
+    path = Path(config) if config is not None else DEFAULT_CONFIG
+    if config is not None or path.exists():
+        try:
+            with path.open("rb") as stream:
+                table = tomllib.load(stream)
+        except OSError as error:
+            raise ConfigError(f"cannot read settings file {path}: {error.strerror}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"settings file {path} is not valid TOML: {error}") from None
+        for name, value in table.items():
+            values[name] = _coerce(name, value, str(path))
+    for f in fields(Settings):
+        variable = "PUBSUB_" + f.name.upper()
+        if variable in environ:
+            values[f.name] = _coerce(f.name, environ[variable], variable)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value, "option --" + name.replace("_", "-"))
+    return replace(Settings(), **values)
+
+
+def endpoint_description(settings: Settings) -> str:
+    """The Twisted server endpoint string for the WebSocket port."""
+    port = settings.port.strip()
+    if port.isdigit():
+        interface = settings.interface.replace(":", "\\:")
+        return f"tcp:{port}:interface={interface}"
+    return port

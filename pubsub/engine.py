@@ -1,0 +1,384 @@
+"""The Pub/Sub core: clients, channels, patterns, shard channels and publishing.
+
+This is Redis 7's ``src/pubsub.c`` as a plain Python library.  It knows nothing
+of sockets, frames or event loops: a host (the WebSocket server, an embedding
+application, a test) registers each of its clients with a *subscriber* object
+and gets back a token; it then calls the command methods with that token and
+turns their results into whatever its wire format needs.
+
+Data, all keyed by bytes exactly as Redis keys them:
+
+* ``_clients``: token -> client record (the subscriber's ``deliver`` and
+  ``encoder``, and the client's own channels, patterns and shard channels, so
+  that unsubscribing everything or disconnecting costs only what it held);
+* ``_channels``, ``_shard_channels``, ``_patterns``: name -> ``SortedSet`` of
+  tokens.  Tokens grow with each registration, so every set is in
+  connection-age order and delivery follows it;
+* ``_pattern_index``: literal-prefix length -> prefix -> {pattern: matcher}, so
+  that a publish tries only the patterns whose literal prefix the channel
+  starts with, never every pattern in the server.
+
+A publish encodes its message once per encoder (one per transport kind), not
+once per receiver, and hands the same frame to each receiver's ``deliver``.
+
+Nothing here may import Twisted, Autobahn or a codec.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Hashable, Iterable, Optional, Protocol, Union
+
+from sortedcontainers import SortedSet
+
+from pubsub.glob import Matcher, compile_pattern, literal_prefix
+
+__all__ = ["Encoder", "Engine", "Subscriber", "UnknownClient"]
+
+#: One (un)subscribe confirmation: the name (None for "held nothing") and the
+#: client's subscription count after the change.
+Confirmation = tuple[Optional[bytes], int]
+
+
+class Encoder(Protocol):
+    """Builds the frame a kind of transport sends for each delivery.
+
+    One encoder is shared by every client of the same kind, and it must be
+    hashable: a publish calls it once per kind of receiver and reuses the frame.
+    """
+
+    def message(self, channel: bytes, payload: bytes) -> Any: ...
+
+    def pmessage(self, pattern: bytes, channel: bytes, payload: bytes) -> Any: ...
+
+    def smessage(self, channel: bytes, payload: bytes) -> Any: ...
+
+
+class Subscriber(Protocol):
+    """What a host registers for each of its clients.
+
+    ``deliver`` is called synchronously during a publish with a frame from
+    ``encoder``.  It must not raise and must not call back into the engine
+    (a host that wants to drop a client does it on a later reactor turn, as
+    Twisted's transports do).
+    """
+
+    encoder: Encoder
+
+    def deliver(self, frame: Any) -> None: ...
+
+
+class UnknownClient(KeyError):
+    """A command named a token that is not (or no longer) registered."""
+
+
+class _Client:
+    __slots__ = ("deliver", "encoder", "channels", "patterns", "shard_channels")
+
+    def __init__(self, subscriber: Subscriber) -> None:
+        self.deliver: Callable[[Any], None] = subscriber.deliver
+        self.encoder: Hashable = subscriber.encoder
+        # dicts used as insertion-ordered sets: unsubscribing everything
+        # confirms in the order the client subscribed.
+        self.channels: dict[bytes, None] = {}
+        self.patterns: dict[bytes, None] = {}
+        self.shard_channels: dict[bytes, None] = {}
+
+    def count(self) -> int:
+        """Redis's clientSubscriptionsCount: channels plus patterns."""
+        return len(self.channels) + len(self.patterns)
+
+    def shard_count(self) -> int:
+        return len(self.shard_channels)
+
+
+def _as_bytes(value: Union[bytes, str]) -> bytes:
+    return value.encode("utf-8") if isinstance(value, str) else value
+
+
+class Engine:
+    """Redis Pub/Sub semantics over a token-keyed client map."""
+
+    def __init__(self) -> None:
+        self._tokens = itertools.count(1)
+        self._clients: dict[int, _Client] = {}
+        self._channels: dict[bytes, SortedSet] = {}
+        self._shard_channels: dict[bytes, SortedSet] = {}
+        self._patterns: dict[bytes, SortedSet] = {}
+        self._pattern_index: dict[int, dict[bytes, dict[bytes, Matcher]]] = {}
+
+    # -- clients -----------------------------------------------------------
+
+    def register(self, subscriber: Subscriber) -> int:
+        """Add a client; returns its token for every later call."""
+        token = next(self._tokens)
+        self._clients[token] = _Client(subscriber)
+        return token
+
+    def unregister(self, token: int) -> None:
+        """Drop a client and everything it held, silently (as on disconnect).
+
+        Unknown tokens are ignored, so a host may call this from every
+        close path without keeping track of which ran first.
+        """
+        client = self._clients.pop(token, None)
+        if client is None:
+            return
+        for channel in client.channels:
+            self._discard(self._channels, channel, token)
+        for channel in client.shard_channels:
+            self._discard(self._shard_channels, channel, token)
+        for pattern in client.patterns:
+            if self._discard(self._patterns, pattern, token):
+                self._unindex_pattern(pattern)
+
+    def _client(self, token: int) -> _Client:
+        try:
+            return self._clients[token]
+        except KeyError:
+            raise UnknownClient(token) from None
+
+    def subscription_count(self, token: int) -> int:
+        """Channels, patterns and shard channels the client holds."""
+        client = self._client(token)
+        return client.count() + client.shard_count()
+
+    def new_subscriptions(self, token: int, kind: str, names: Iterable[bytes]) -> int:
+        """How many of ``names`` the client does not yet hold as ``kind``.
+
+        ``kind`` is "channel", "pattern" or "shard"; hosts use this to enforce
+        a per-client subscription limit before subscribing.
+        """
+        client = self._client(token)
+        held = {
+            "channel": client.channels,
+            "pattern": client.patterns,
+            "shard": client.shard_channels,
+        }[kind]
+        return len({name for name in names if name not in held})
+
+    # -- subscribing -------------------------------------------------------
+
+    def subscribe(self, token: int, channels: Iterable[bytes]) -> list[Confirmation]:
+        """SUBSCRIBE: one confirmation per name given, duplicates included."""
+        client = self._client(token)
+        replies = []
+        for channel in channels:
+            if channel not in client.channels:
+                client.channels[channel] = None
+                self._add(self._channels, channel, token)
+            replies.append((channel, client.count()))
+        return replies
+
+    def unsubscribe(self, token: int, channels: Iterable[bytes] = ()) -> list[Confirmation]:
+        """UNSUBSCRIBE: the names given, or every channel held when none are."""
+        client = self._client(token)
+        return self._leave(
+            token, client.channels, self._channels, channels, client.count
+        )
+
+    def psubscribe(self, token: int, patterns: Iterable[bytes]) -> list[Confirmation]:
+        """PSUBSCRIBE: one confirmation per pattern given."""
+        client = self._client(token)
+        replies = []
+        for pattern in patterns:
+            if pattern not in client.patterns:
+                client.patterns[pattern] = None
+                if self._add(self._patterns, pattern, token):
+                    self._index_pattern(pattern)
+            replies.append((pattern, client.count()))
+        return replies
+
+    def punsubscribe(self, token: int, patterns: Iterable[bytes] = ()) -> list[Confirmation]:
+        """PUNSUBSCRIBE: the patterns given, or every pattern held."""
+        client = self._client(token)
+        return self._leave(
+            token,
+            client.patterns,
+            self._patterns,
+            patterns,
+            client.count,
+            on_last=self._unindex_pattern,
+        )
+
+    def ssubscribe(self, token: int, channels: Iterable[bytes]) -> list[Confirmation]:
+        """SSUBSCRIBE: counts only shard channels, as Redis does."""
+        client = self._client(token)
+        replies = []
+        for channel in channels:
+            if channel not in client.shard_channels:
+                client.shard_channels[channel] = None
+                self._add(self._shard_channels, channel, token)
+            replies.append((channel, client.shard_count()))
+        return replies
+
+    def sunsubscribe(self, token: int, channels: Iterable[bytes] = ()) -> list[Confirmation]:
+        """SUNSUBSCRIBE: the shard channels given, or every one held."""
+        client = self._client(token)
+        return self._leave(
+            token,
+            client.shard_channels,
+            self._shard_channels,
+            channels,
+            client.shard_count,
+        )
+
+    def _leave(
+        self,
+        token: int,
+        held: dict[bytes, None],
+        registry: dict[bytes, SortedSet],
+        names: Iterable[bytes],
+        count: Callable[[], int],
+        on_last: Optional[Callable[[bytes], None]] = None,
+    ) -> list[Confirmation]:
+        names = list(names)
+        if not names:
+            if not held:
+                return [(None, count())]
+            names = list(held)
+        replies: list[Confirmation] = []
+        for name in names:
+            if name in held:
+                del held[name]
+                if self._discard(registry, name, token) and on_last is not None:
+                    on_last(name)
+            replies.append((name, count()))
+        return replies
+
+    @staticmethod
+    def _add(registry: dict[bytes, SortedSet], name: bytes, token: int) -> bool:
+        """Add ``token`` under ``name``; True when the name is new."""
+        tokens = registry.get(name)
+        if tokens is None:
+            registry[name] = SortedSet((token,))
+            return True
+        tokens.add(token)
+        return False
+
+    @staticmethod
+    def _discard(registry: dict[bytes, SortedSet], name: bytes, token: int) -> bool:
+        """Remove ``token`` from ``name``; True when that emptied the name."""
+        tokens = registry[name]
+        tokens.discard(token)
+        if tokens:
+            return False
+        del registry[name]
+        return True
+
+    def _index_pattern(self, pattern: bytes) -> None:
+        prefix = literal_prefix(pattern)
+        bucket = self._pattern_index.setdefault(len(prefix), {}).setdefault(prefix, {})
+        bucket[pattern] = compile_pattern(pattern)
+
+    def _unindex_pattern(self, pattern: bytes) -> None:
+        prefix = literal_prefix(pattern)
+        by_prefix = self._pattern_index[len(prefix)]
+        bucket = by_prefix[prefix]
+        del bucket[pattern]
+        if not bucket:
+            del by_prefix[prefix]
+            if not by_prefix:
+                del self._pattern_index[len(prefix)]
+
+    # -- publishing --------------------------------------------------------
+
+    def publish(self, channel: Union[bytes, str], payload: Union[bytes, str]) -> int:
+        """PUBLISH: deliver to channel and pattern subscribers.
+
+        Returns what Redis returns: the number of deliveries, so a client
+        subscribed to the channel and to two matching patterns counts three
+        times.  Channel subscribers get their message first, then each
+        matching pattern's subscribers in byte order of the pattern; within
+        a channel or pattern, subscribers in connection-age order.  ``str``
+        arguments are taken as UTF-8.
+        """
+        channel = _as_bytes(channel)
+        payload = _as_bytes(payload)
+        receivers = 0
+        tokens = self._channels.get(channel)
+        if tokens:
+            receivers += self._fan_out(tokens, "message", channel, payload)
+        if self._pattern_index:
+            for pattern in self._matching_patterns(channel):
+                receivers += self._fan_out(
+                    self._patterns[pattern], "pmessage", pattern, channel, payload
+                )
+        return receivers
+
+    def spublish(self, channel: Union[bytes, str], payload: Union[bytes, str]) -> int:
+        """SPUBLISH: deliver to the shard channel's subscribers."""
+        channel = _as_bytes(channel)
+        tokens = self._shard_channels.get(channel)
+        if not tokens:
+            return 0
+        return self._fan_out(tokens, "smessage", channel, _as_bytes(payload))
+
+    def _matching_patterns(self, channel: bytes) -> list[bytes]:
+        matched = []
+        for length, by_prefix in self._pattern_index.items():
+            bucket = by_prefix.get(channel[:length])
+            if bucket:
+                for pattern, matcher in bucket.items():
+                    if matcher(channel) is not None:
+                        matched.append(pattern)
+        matched.sort()
+        return matched
+
+    def _fan_out(self, tokens: SortedSet, kind: str, *fields: bytes) -> int:
+        clients = self._clients
+        frames: dict[Hashable, Any] = {}
+        for token in tokens:
+            client = clients[token]
+            frame = frames.get(client.encoder)
+            if frame is None:
+                frame = frames[client.encoder] = getattr(client.encoder, kind)(*fields)
+            client.deliver(frame)
+        return len(tokens)
+
+    # -- introspection (PUBSUB) -------------------------------------------
+
+    def channels(self, pattern: Optional[bytes] = None) -> list[bytes]:
+        """PUBSUB CHANNELS: active channels matching ``pattern``, sorted."""
+        return self._names(self._channels, pattern)
+
+    def shard_channels(self, pattern: Optional[bytes] = None) -> list[bytes]:
+        """PUBSUB SHARDCHANNELS: active shard channels, sorted."""
+        return self._names(self._shard_channels, pattern)
+
+    @staticmethod
+    def _names(registry: dict[bytes, SortedSet], pattern: Optional[bytes]) -> list[bytes]:
+        if pattern is None:
+            return sorted(registry)
+        matcher = compile_pattern(pattern)
+        return sorted(name for name in registry if matcher(name) is not None)
+
+    def numsub(self, channels: Iterable[bytes]) -> list[tuple[bytes, int]]:
+        """PUBSUB NUMSUB: subscriber count per channel (patterns not counted)."""
+        return [(c, len(self._channels.get(c, ()))) for c in channels]
+
+    def shard_numsub(self, channels: Iterable[bytes]) -> list[tuple[bytes, int]]:
+        """PUBSUB SHARDNUMSUB: subscriber count per shard channel."""
+        return [(c, len(self._shard_channels.get(c, ()))) for c in channels]
+
+    def numpat(self) -> int:
+        """PUBSUB NUMPAT: distinct patterns subscribed to, as Redis 7 counts."""
+        return len(self._patterns)
+
+    # -- figures for health checks and metrics ----------------------------
+
+    @property
+    def client_count(self) -> int:
+        return len(self._clients)
+
+    @property
+    def channel_count(self) -> int:
+        return len(self._channels)
+
+    @property
+    def pattern_count(self) -> int:
+        return len(self._patterns)
+
+    @property
+    def shard_channel_count(self) -> int:
+        return len(self._shard_channels)

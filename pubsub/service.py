@@ -1,0 +1,121 @@
+"""Build the server from settings: used by the twistd plugin and by embedders.
+
+:func:`make_service` turns :class:`~pubsub.config.Settings` into a
+``MultiService`` that listens on the configured endpoint; :class:`Options` and
+:func:`makeService` are the ``twistd pubsub`` command line around it.  The
+plugin module itself holds no logic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, fields
+from typing import Any, Optional
+
+import txaio
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from pubsub.config import ConfigError, Settings, endpoint_description, load_settings
+from pubsub.engine import Engine
+from pubsub.web import PubSubResource
+from pubsub.websocket import PubSubServerFactory
+
+__all__ = ["Options", "PubSubService", "build_factory", "build_resource", "make_service", "makeService"]
+
+log = Logger()
+
+
+def build_factory(engine: Optional[Engine] = None, settings: Optional[Settings] = None) -> PubSubServerFactory:
+    """A WebSocket server factory whose connections share ``engine``."""
+    return PubSubServerFactory(engine, settings)
+
+
+def build_resource(engine: Optional[Engine] = None, settings: Optional[Settings] = None) -> PubSubResource:
+    """A twisted.web resource serving pub/sub WebSocket connections on ``engine``.
+
+    Mount it in any ``Site``: ``root.putChild(b"pubsub", build_resource(engine))``.
+    """
+    return PubSubResource(build_factory(engine, settings))
+
+
+class PubSubService(MultiService):
+    """The whole server; ``engine`` is there for publishing from application code."""
+
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        super().__init__()
+        self.engine = engine
+        self.settings = settings
+
+    def startService(self) -> None:
+        log.info(
+            "pubsub serving WebSocket on {endpoint}",
+            endpoint=endpoint_description(self.settings),
+        )
+        super().startService()
+
+
+def make_service(settings: Optional[Settings] = None, engine: Optional[Engine] = None, reactor: Any = None) -> PubSubService:
+    """The server as a Twisted service, listening per ``settings``."""
+    if reactor is None:
+        from twisted.internet import reactor
+    # Autobahn logs every frame at debug level; a server logs events, not messages.
+    txaio.set_global_log_level("info")
+    settings = settings if settings is not None else Settings()
+    engine = engine if engine is not None else Engine()
+    site = Site(
+        PubSubResource(build_factory(engine, settings), clock=reactor),
+        timeout=settings.open_handshake_timeout or None,
+    )
+    try:
+        endpoint = serverFromString(reactor, endpoint_description(settings))
+    except (ValueError, TypeError, KeyError) as error:
+        raise ConfigError(f"setting port: cannot use {settings.port!r}: {error}") from None
+    service = PubSubService(engine, settings)
+    StreamServerEndpointService(endpoint, site).setServiceParent(service)
+    return service
+
+
+def _option_help(name: str) -> str:
+    f = {f.name: f for f in fields(Settings)}[name]
+    default = f.default if f.default is not MISSING else None
+    return f"{f.metadata['help']} [default: {default}]"
+
+
+_COERCE = {"int": int, "float": float, "str": str}
+
+
+class Options(usage.Options):
+    """``twistd pubsub`` options: --config, then one per setting."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve Redis Pub/Sub over WebSocket. Settings come from built-in defaults, "
+        "then the settings file (conf/pubsub.toml when present, or --config), then "
+        "PUBSUB_<NAME> environment variables, then these options."
+    )
+    optParameters = [
+        ["config", "c", None, "TOML settings file [default: conf/pubsub.toml when present]"],
+    ] + [
+        [f.name.replace("_", "-"), None, None, _option_help(f.name), _COERCE[f.type]]
+        for f in fields(Settings)
+    ]
+
+    def postOptions(self) -> None:
+        overrides = {f.name: self[f.name.replace("_", "-")] for f in fields(Settings)}
+        try:
+            self.settings = load_settings(self["config"], overrides=overrides)
+        except ConfigError as error:
+            raise usage.UsageError(str(error)) from None
+
+
+def makeService(options: Options) -> PubSubService:
+    """twistd's entry point (``IServiceMaker.makeService``)."""
+    try:
+        return make_service(options.settings)
+    except ConfigError as error:
+        raise usage.UsageError(str(error)) from None

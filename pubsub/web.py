@@ -1,0 +1,95 @@
+"""The twisted.web side of the WebSocket port: upgrade, info page, health check.
+
+:class:`PubSubResource` is what both the twistd service and embedders mount:
+
+* a request with ``Upgrade: websocket`` on any path below it (but the reserved
+  ones) becomes a pub/sub WebSocket connection;
+* ``GET`` without an upgrade at its root shows a short page on how to connect;
+* ``/healthz`` answers JSON: status, connections, channels, patterns, shard
+  channels and uptime.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Optional
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.resource import NoResource, Resource
+from twisted.web.server import Request
+
+from pubsub.websocket import PubSubServerFactory
+
+__all__ = ["HealthResource", "PubSubResource"]
+
+
+def _wants_websocket(request: Request) -> bool:
+    upgrade = request.getHeader(b"upgrade") or b""
+    return b"websocket" in upgrade.lower()
+
+
+class _WebSocketUpgrade(WebSocketResource):
+    """Autobahn's resource, minus the HTTP channel's idle timer.
+
+    The HTTP channel hands its transport over to the WebSocket protocol but
+    keeps its own timeout running; left alone it would fire hours later on a
+    channel that no longer owns the connection.
+    """
+
+    def render(self, request: Request) -> object:
+        request.channel.setTimeout(None)
+        return super().render(request)
+
+
+class HealthResource(Resource):
+    """``/healthz``: JSON figures for load balancers and people."""
+
+    isLeaf = True
+
+    def __init__(self, factory: PubSubServerFactory, clock: IReactorTime) -> None:
+        super().__init__()
+        self._engine = factory.engine
+        self._clock = clock
+        self._started = clock.seconds()
+
+    def render_GET(self, request: Request) -> bytes:
+        engine = self._engine
+        body = {
+            "status": "ok",
+            "connections": engine.client_count,
+            "channels": engine.channel_count,
+            "patterns": engine.pattern_count,
+            "shard_channels": engine.shard_channel_count,
+            "uptime": round(self._clock.seconds() - self._started, 3),
+        }
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(body).encode("utf-8") + b"\n"
+
+
+class PubSubResource(Resource):
+    """The pub/sub endpoint as a twisted.web resource; mount it anywhere."""
+
+    def __init__(self, factory: PubSubServerFactory, clock: Optional[IReactorTime] = None) -> None:
+        super().__init__()
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self.factory = factory
+        self._websocket = _WebSocketUpgrade(factory)
+        self._page = resources.files("pubsub").joinpath("static/index.html").read_bytes()
+        self.putChild(b"healthz", HealthResource(factory, clock))
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        if _wants_websocket(request):
+            return self._websocket
+        if path == b"":
+            return self
+        return NoResource()
+
+    def render_GET(self, request: Request) -> object:
+        if _wants_websocket(request):
+            return self._websocket.render(request)
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        return self._page

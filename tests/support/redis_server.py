@@ -1,0 +1,65 @@
+"""Start a private redis-server on a free loopback port for the differential tests.
+
+`make test` installs redis-server (Debian's package) when it is missing and sets
+PUBSUB_REQUIRE_REDIS=1, so there a missing server is a failure; a developer
+running pytest by hand without Redis gets a skip that says how to get it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ready(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextmanager
+def redis_server() -> Iterator[int]:
+    """Run redis-server for the duration of the block; yields its port."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        message = "redis-server is not installed (make test installs it: apt-get install redis-server)"
+        if os.environ.get("PUBSUB_REQUIRE_REDIS"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with tempfile.TemporaryDirectory() as workdir:
+        port = _free_port()
+        process = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", workdir],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            # Polling a child process's socket until it answers: bounded, and
+            # this is test set-up, not a test waiting on the code under test.
+            deadline = time.monotonic() + 10
+            while not _ready(port):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"redis-server did not start on port {port}")
+                time.sleep(0.02)
+            yield port
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
