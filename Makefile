@@ -30,9 +30,9 @@ redis-server:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
 
 lint: install
-	$(BIN)/ruff check $(RUFF_OPTS) pubsub tests twisted
+	$(BIN)/ruff check $(RUFF_OPTS) --extend-select I,B pubsub tests twisted
 	$(BIN)/ruff format --check $(RUFF_OPTS) pubsub tests twisted
-	$(BIN)/mypy --strict pubsub/engine.py pubsub/glob.py
+	$(BIN)/mypy --strict --follow-imports=silent pubsub/engine.py pubsub/glob.py
 
 test: install redis-server lint
 	PUBSUB_REQUIRE_REDIS=1 $(BIN)/python -m pytest

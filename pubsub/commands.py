@@ -14,8 +14,8 @@ here knows about sockets or frames.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
 
 from pubsub.engine import Engine
 
@@ -38,7 +38,7 @@ class Confirm:
     """An (un)subscribe confirmation: ``kind`` is e.g. "subscribe"."""
 
     kind: str
-    name: Optional[bytes]
+    name: bytes | None
     count: int
 
 
@@ -46,14 +46,14 @@ class Confirm:
 class Reply:
     """A command's value: an integer, or a list of byte strings and integers."""
 
-    value: Union[int, list]
+    value: int | list
 
 
 @dataclass(frozen=True)
 class Pong:
     """PING's answer; ``payload`` is None when PING had no argument."""
 
-    payload: Optional[bytes]
+    payload: bytes | None
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class Error:
     message: str
 
 
-Result = Union[Confirm, Reply, Pong, Error]
+Result = Confirm | Reply | Pong | Error
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class Limits:
 class Session:
     """One client's view of the engine: its token and the limits it runs under."""
 
-    __slots__ = ("engine", "token", "limits")
+    __slots__ = ("engine", "limits", "token")
 
     def __init__(self, engine: Engine, token: int, limits: Limits = Limits()) -> None:
         self.engine = engine
@@ -99,8 +99,8 @@ class Command:
     name: str
     arity: int
     handler: Handler
-    payload_index: Optional[int] = None
-    subcommands: Optional[dict] = None
+    payload_index: int | None = None
+    subcommands: dict | None = None
 
 
 def _text(data: bytes) -> str:
@@ -124,19 +124,18 @@ def _unknown_command(args: Sequence[bytes]) -> Error:
             break
         quoted += "'" + _text(arg[: 128 - len(quoted)]) + "' "
     return Error(
-        f"ERR unknown command '{_text(args[0][:128])}', "
-        f"with args beginning with: {quoted}"
+        f"ERR unknown command '{_text(args[0][:128])}', with args beginning with: {quoted}"
     )
 
 
-def _name_too_long(session: Session, names: Sequence[bytes], what: str) -> Optional[Error]:
+def _name_too_long(session: Session, names: Sequence[bytes], what: str) -> Error | None:
     limit = session.limits.max_name_length
     if limit and any(len(name) > limit for name in names):
         return Error(f"ERR {what} is longer than the limit of {limit} bytes")
     return None
 
 
-def _subscription_limit(session: Session, kind: str, names: Sequence[bytes]) -> Optional[Error]:
+def _subscription_limit(session: Session, kind: str, names: Sequence[bytes]) -> Error | None:
     limit = session.limits.max_subscriptions
     if not limit:
         return None
@@ -156,9 +155,7 @@ def _subscriber(kind: str, confirm: str, what: str) -> Handler:
 
     def handler(session: Session, args: Sequence[bytes]) -> list:
         names = args[1:]
-        error = _name_too_long(session, names, what) or _subscription_limit(
-            session, kind, names
-        )
+        error = _name_too_long(session, names, what) or _subscription_limit(session, kind, names)
         if error:
             return [error]
         confirmations = getattr(session.engine, method_name)(session.token, names)
@@ -286,7 +283,7 @@ COMMANDS: dict[str, Command] = _table(
 )
 
 
-def lookup(name: bytes) -> Optional[Command]:
+def lookup(name: bytes) -> Command | None:
     """The table entry for a command name given in any case, or None."""
     return COMMANDS.get(name.lower().decode("latin-1"))
 

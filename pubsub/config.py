@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
 __all__ = ["ConfigError", "Settings", "endpoint_description", "load_settings"]
 
@@ -31,12 +32,8 @@ def _setting(default: Any, help: str) -> Any:
 class Settings:
     """Everything the server can be told.  Sizes are bytes, times seconds."""
 
-    port: str = _setting(
-        "9000", "TCP port number, or a Twisted endpoint string (tcp:..., ssl:...)"
-    )
-    interface: str = _setting(
-        "127.0.0.1", "Address to bind when port is a bare number"
-    )
+    port: str = _setting("9000", "TCP port number, or a Twisted endpoint string (tcp:..., ssl:...)")
+    interface: str = _setting("127.0.0.1", "Address to bind when port is a bare number")
     max_message_size: int = _setting(
         1_048_576, "Largest WebSocket message accepted; a bigger one closes with 1009"
     )
@@ -46,9 +43,7 @@ class Settings:
     max_subscriptions: int = _setting(
         10_000, "Most channels + patterns + shard channels one client may hold"
     )
-    max_name_length: int = _setting(
-        4096, "Longest channel name or pattern accepted, in bytes"
-    )
+    max_name_length: int = _setting(4096, "Longest channel name or pattern accepted, in bytes")
     open_handshake_timeout: float = _setting(
         10.0, "Seconds a client has to finish the HTTP and WebSocket handshake"
     )
@@ -75,7 +70,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                 raise TypeError
             return str(value)
         if kind == "int":
-            if isinstance(value, bool) or isinstance(value, float):
+            if isinstance(value, (bool, float)):
                 raise TypeError
             return int(value)
         if kind == "float":
@@ -101,9 +96,9 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 
 
 def load_settings(
-    config: Optional[Union[str, Path]] = None,
+    config: str | Path | None = None,
     environ: Mapping[str, str] = os.environ,
-    overrides: Optional[Mapping[str, Any]] = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
     """Build the settings in order of precedence.
 

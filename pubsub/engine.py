@@ -27,9 +27,10 @@ Nothing here may import Twisted, Autobahn or a codec.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Hashable, Iterable, Optional, Protocol, Union
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
-from sortedcontainers import SortedSet
+from sortedcontainers import SortedSet  # type: ignore[import-untyped]
 
 from pubsub.glob import Matcher, compile_pattern, literal_prefix
 
@@ -37,7 +38,7 @@ __all__ = ["Encoder", "Engine", "Subscriber", "UnknownClient"]
 
 #: One (un)subscribe confirmation: the name (None for "held nothing") and the
 #: client's subscription count after the change.
-Confirmation = tuple[Optional[bytes], int]
+Confirmation = tuple[bytes | None, int]
 
 
 class Encoder(Protocol):
@@ -73,11 +74,11 @@ class UnknownClient(KeyError):
 
 
 class _Client:
-    __slots__ = ("deliver", "encoder", "channels", "patterns", "shard_channels")
+    __slots__ = ("channels", "deliver", "encoder", "patterns", "shard_channels")
 
     def __init__(self, subscriber: Subscriber) -> None:
         self.deliver: Callable[[Any], None] = subscriber.deliver
-        self.encoder: Hashable = subscriber.encoder
+        self.encoder: Encoder = subscriber.encoder
         # dicts used as insertion-ordered sets: unsubscribing everything
         # confirms in the order the client subscribed.
         self.channels: dict[bytes, None] = {}
@@ -92,7 +93,7 @@ class _Client:
         return len(self.shard_channels)
 
 
-def _as_bytes(value: Union[bytes, str]) -> bytes:
+def _as_bytes(value: bytes | str) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else value
 
 
@@ -162,7 +163,7 @@ class Engine:
     def subscribe(self, token: int, channels: Iterable[bytes]) -> list[Confirmation]:
         """SUBSCRIBE: one confirmation per name given, duplicates included."""
         client = self._client(token)
-        replies = []
+        replies: list[Confirmation] = []
         for channel in channels:
             if channel not in client.channels:
                 client.channels[channel] = None
@@ -173,14 +174,12 @@ class Engine:
     def unsubscribe(self, token: int, channels: Iterable[bytes] = ()) -> list[Confirmation]:
         """UNSUBSCRIBE: the names given, or every channel held when none are."""
         client = self._client(token)
-        return self._leave(
-            token, client.channels, self._channels, channels, client.count
-        )
+        return self._leave(token, client.channels, self._channels, channels, client.count)
 
     def psubscribe(self, token: int, patterns: Iterable[bytes]) -> list[Confirmation]:
         """PSUBSCRIBE: one confirmation per pattern given."""
         client = self._client(token)
-        replies = []
+        replies: list[Confirmation] = []
         for pattern in patterns:
             if pattern not in client.patterns:
                 client.patterns[pattern] = None
@@ -204,7 +203,7 @@ class Engine:
     def ssubscribe(self, token: int, channels: Iterable[bytes]) -> list[Confirmation]:
         """SSUBSCRIBE: counts only shard channels, as Redis does."""
         client = self._client(token)
-        replies = []
+        replies: list[Confirmation] = []
         for channel in channels:
             if channel not in client.shard_channels:
                 client.shard_channels[channel] = None
@@ -230,7 +229,7 @@ class Engine:
         registry: dict[bytes, SortedSet],
         names: Iterable[bytes],
         count: Callable[[], int],
-        on_last: Optional[Callable[[bytes], None]] = None,
+        on_last: Callable[[bytes], None] | None = None,
     ) -> list[Confirmation]:
         names = list(names)
         if not names:
@@ -283,7 +282,7 @@ class Engine:
 
     # -- publishing --------------------------------------------------------
 
-    def publish(self, channel: Union[bytes, str], payload: Union[bytes, str]) -> int:
+    def publish(self, channel: bytes | str, payload: bytes | str) -> int:
         """PUBLISH: deliver to channel and pattern subscribers.
 
         Returns what Redis returns: the number of deliveries, so a client
@@ -306,7 +305,7 @@ class Engine:
                 )
         return receivers
 
-    def spublish(self, channel: Union[bytes, str], payload: Union[bytes, str]) -> int:
+    def spublish(self, channel: bytes | str, payload: bytes | str) -> int:
         """SPUBLISH: deliver to the shard channel's subscribers."""
         channel = _as_bytes(channel)
         tokens = self._shard_channels.get(channel)
@@ -327,7 +326,7 @@ class Engine:
 
     def _fan_out(self, tokens: SortedSet, kind: str, *fields: bytes) -> int:
         clients = self._clients
-        frames: dict[Hashable, Any] = {}
+        frames: dict[Any, Any] = {}  # encoder -> frame; encoders are hashable
         for token in tokens:
             client = clients[token]
             frame = frames.get(client.encoder)
@@ -338,16 +337,16 @@ class Engine:
 
     # -- introspection (PUBSUB) -------------------------------------------
 
-    def channels(self, pattern: Optional[bytes] = None) -> list[bytes]:
+    def channels(self, pattern: bytes | None = None) -> list[bytes]:
         """PUBSUB CHANNELS: active channels matching ``pattern``, sorted."""
         return self._names(self._channels, pattern)
 
-    def shard_channels(self, pattern: Optional[bytes] = None) -> list[bytes]:
+    def shard_channels(self, pattern: bytes | None = None) -> list[bytes]:
         """PUBSUB SHARDCHANNELS: active shard channels, sorted."""
         return self._names(self._shard_channels, pattern)
 
     @staticmethod
-    def _names(registry: dict[bytes, SortedSet], pattern: Optional[bytes]) -> list[bytes]:
+    def _names(registry: dict[bytes, SortedSet], pattern: bytes | None) -> list[bytes]:
         if pattern is None:
             return sorted(registry)
         matcher = compile_pattern(pattern)

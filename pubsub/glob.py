@@ -28,8 +28,9 @@ Plain Python only: nothing here may import Twisted, Autobahn or a codec.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Callable, Optional, Union
+from typing import Optional
 
 __all__ = ["Matcher", "compile_pattern", "literal_prefix", "match"]
 
@@ -44,7 +45,7 @@ MAX_NESTING = 1000
 # One parsed element: a literal byte (int), any byte (None), a set of bytes
 # (frozenset), or a star (the _STAR_ELEMENT sentinel).
 _STAR_ELEMENT = "*"
-_Element = Union[int, None, frozenset, str]
+_Element = int | None | frozenset[int] | str
 
 
 def _signed(byte: int) -> int:
@@ -52,7 +53,7 @@ def _signed(byte: int) -> int:
     return byte - 256 if byte > 127 else byte
 
 
-def _parse_set(pattern: bytes, i: int) -> tuple[frozenset, int]:
+def _parse_set(pattern: bytes, i: int) -> tuple[frozenset[int], int]:
     """Parse the set that starts just after the ``[`` at ``i - 1``.
 
     Returns the matching bytes and the index just past the set, walking the
@@ -112,7 +113,7 @@ def _parse(pattern: bytes) -> list[_Element]:
     return elements
 
 
-def _set_regex(members: frozenset) -> bytes:
+def _set_regex(members: frozenset[int]) -> bytes:
     if not members:
         return b"(?!)"
     if len(members) == 256:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any, Optional, Union
+from typing import Any
 
 from pubsub.commands import Confirm, Error, Pong, Reply, Result, lookup
 
@@ -37,7 +37,7 @@ class ProtocolError(ValueError):
     """A frame that is not a well-formed command; ``str(error)`` is the reply text."""
 
 
-def _argument(value: Any, position: int, payload_index: Optional[int]) -> bytes:
+def _argument(value: Any, position: int, payload_index: int | None) -> bytes:
     if isinstance(value, str):
         try:
             return value.encode("utf-8")
@@ -54,32 +54,29 @@ def _argument(value: Any, position: int, payload_index: Optional[int]) -> bytes:
                 raise ProtocolError(
                     f"ERR Protocol error: argument {position} is not valid base64"
                 ) from None
-    what = "a string or {\"base64\": ...}" if position == payload_index else "a string"
+    what = 'a string or {"base64": ...}' if position == payload_index else "a string"
     raise ProtocolError(f"ERR Protocol error: argument {position} must be {what}")
 
 
-def decode_command(frame: Union[bytes, str]) -> list[bytes]:
+def decode_command(frame: bytes | str) -> list[bytes]:
     """Parse one text frame into the command's arguments, name first."""
     try:
         value = json.loads(frame)
     except (ValueError, RecursionError):
         raise ProtocolError("ERR Protocol error: the frame is not valid JSON") from None
     if not isinstance(value, list) or not value:
-        raise ProtocolError(
-            "ERR Protocol error: a command is a non-empty JSON array of strings"
-        )
+        raise ProtocolError("ERR Protocol error: a command is a non-empty JSON array of strings")
     if not isinstance(value[0], str):
         raise ProtocolError("ERR Protocol error: the command name must be a string")
     name = _argument(value[0], 0, None)
     command = lookup(name)
     payload_index = command.payload_index if command is not None else None
     return [name] + [
-        _argument(item, position, payload_index)
-        for position, item in enumerate(value[1:], start=1)
+        _argument(item, position, payload_index) for position, item in enumerate(value[1:], start=1)
     ]
 
 
-def wire_value(data: Optional[bytes]) -> Any:
+def wire_value(data: bytes | None) -> Any:
     """Bytes as PROTOCOL.md carries them: text when UTF-8, else base64."""
     if data is None:
         return None

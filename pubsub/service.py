@@ -9,7 +9,7 @@ plugin module itself holds no logic.
 from __future__ import annotations
 
 from dataclasses import MISSING, fields
-from typing import Any, Optional
+from typing import Any
 
 import txaio
 from twisted.application.internet import StreamServerEndpointService
@@ -17,7 +17,6 @@ from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from pubsub.config import ConfigError, Settings, endpoint_description, load_settings
@@ -25,17 +24,28 @@ from pubsub.engine import Engine
 from pubsub.web import PubSubResource
 from pubsub.websocket import PubSubServerFactory
 
-__all__ = ["Options", "PubSubService", "build_factory", "build_resource", "make_service", "makeService"]
+__all__ = [
+    "Options",
+    "PubSubService",
+    "build_factory",
+    "build_resource",
+    "makeService",
+    "make_service",
+]
 
 log = Logger()
 
 
-def build_factory(engine: Optional[Engine] = None, settings: Optional[Settings] = None) -> PubSubServerFactory:
+def build_factory(
+    engine: Engine | None = None, settings: Settings | None = None
+) -> PubSubServerFactory:
     """A WebSocket server factory whose connections share ``engine``."""
     return PubSubServerFactory(engine, settings)
 
 
-def build_resource(engine: Optional[Engine] = None, settings: Optional[Settings] = None) -> PubSubResource:
+def build_resource(
+    engine: Engine | None = None, settings: Settings | None = None
+) -> PubSubResource:
     """A twisted.web resource serving pub/sub WebSocket connections on ``engine``.
 
     Mount it in any ``Site``: ``root.putChild(b"pubsub", build_resource(engine))``.
@@ -59,7 +69,9 @@ class PubSubService(MultiService):
         super().startService()
 
 
-def make_service(settings: Optional[Settings] = None, engine: Optional[Engine] = None, reactor: Any = None) -> PubSubService:
+def make_service(
+    settings: Settings | None = None, engine: Engine | None = None, reactor: Any = None
+) -> PubSubService:
     """The server as a Twisted service, listening per ``settings``."""
     if reactor is None:
         from twisted.internet import reactor

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from importlib import resources
-from typing import Optional
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.interfaces import IReactorTime
@@ -72,7 +71,7 @@ class HealthResource(Resource):
 class PubSubResource(Resource):
     """The pub/sub endpoint as a twisted.web resource; mount it anywhere."""
 
-    def __init__(self, factory: PubSubServerFactory, clock: Optional[IReactorTime] = None) -> None:
+    def __init__(self, factory: PubSubServerFactory, clock: IReactorTime | None = None) -> None:
         super().__init__()
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]

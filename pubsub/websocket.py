@@ -13,7 +13,7 @@ Bad input costs the sender one error frame; only a message over the size limit
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
@@ -25,14 +25,13 @@ from pubsub.commands import Error, Limits, Session, execute
 from pubsub.config import Settings
 from pubsub.engine import Engine
 
-__all__ = ["JsonFrames", "PubSubServerFactory", "PubSubServerProtocol", "SUBPROTOCOL"]
+__all__ = ["SUBPROTOCOL", "JsonFrames", "PubSubServerFactory", "PubSubServerProtocol"]
 
 #: The subprotocol a client may ask for; none at all is accepted too.
 SUBPROTOCOL = "pubsub.json"
 
 _BINARY_REFUSED = Error(
-    "ERR Protocol error: binary frames are not accepted; send each command "
-    "as a JSON text frame"
+    "ERR Protocol error: binary frames are not accepted; send each command as a JSON text frame"
 )
 
 
@@ -56,14 +55,14 @@ class PubSubServerProtocol(WebSocketServerProtocol):
     """One client connection: a subscriber of the factory's engine."""
 
     log = Logger()
-    factory: "PubSubServerFactory"
-    session: Optional[Session] = None
+    factory: PubSubServerFactory
+    session: Session | None = None
 
     @property
     def encoder(self) -> JsonFrames:
         return self.factory.frames
 
-    def onConnect(self, request: ConnectionRequest) -> Optional[str]:
+    def onConnect(self, request: ConnectionRequest) -> str | None:
         return SUBPROTOCOL if SUBPROTOCOL in request.protocols else None
 
     def onOpen(self) -> None:
@@ -85,9 +84,11 @@ class PubSubServerProtocol(WebSocketServerProtocol):
                     results = execute(self.session, args)
             for result in results:
                 self.sendMessage(json_codec.encode_result(result))
-        except Exception:
+        except Exception:  # noqa: BLE001 - any bug here must cost this client only
             self.log.failure("internal fault handling a message from {peer}", peer=self.peer)
-            self._fail_connection(WebSocketProtocol.CLOSE_STATUS_CODE_INTERNAL_ERROR, "internal error")
+            self._fail_connection(
+                WebSocketProtocol.CLOSE_STATUS_CODE_INTERNAL_ERROR, "internal error"
+            )
 
     def deliver(self, frame: Any) -> None:
         # Between our close frame and the end of the connection, nothing more
@@ -95,7 +96,7 @@ class PubSubServerProtocol(WebSocketServerProtocol):
         if self.state == WebSocketProtocol.STATE_OPEN:
             self.sendPreparedMessage(frame)
 
-    def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self.session is not None:
             self.factory.engine.unregister(self.session.token)
             self.session = None
@@ -108,9 +109,9 @@ class PubSubServerFactory(WebSocketServerFactory):
 
     def __init__(
         self,
-        engine: Optional[Engine] = None,
-        settings: Optional[Settings] = None,
-        url: Optional[str] = None,
+        engine: Engine | None = None,
+        settings: Settings | None = None,
+        url: str | None = None,
     ) -> None:
         super().__init__(url)
         self.engine = engine if engine is not None else Engine()
@@ -125,4 +126,6 @@ class PubSubServerFactory(WebSocketServerFactory):
             maxFramePayloadSize=self.settings.max_message_size,
             maxConnections=self.settings.max_connections,
             openHandshakeTimeout=self.settings.open_handshake_timeout,
+            # Fail with a close frame that says why (1009, 1011, ...), not a bare drop.
+            failByDrop=False,
         )

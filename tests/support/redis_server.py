@@ -39,15 +39,28 @@ def redis_server() -> Iterator[int]:
     """Run redis-server for the duration of the block; yields its port."""
     binary = shutil.which("redis-server")
     if binary is None:
-        message = "redis-server is not installed (make test installs it: apt-get install redis-server)"
+        message = (
+            "redis-server is not installed (make test installs it: apt-get install redis-server)"
+        )
         if os.environ.get("PUBSUB_REQUIRE_REDIS"):
             pytest.fail(message)
         pytest.skip(message)
     with tempfile.TemporaryDirectory() as workdir:
         port = _free_port()
         process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", workdir],
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                workdir,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
         )

@@ -90,4 +90,4 @@ class Resp3Client:
         if kind == b"%":
             size = int(rest)
             return {self.read(): self.read() for _ in range(size)}
-        raise ValueError("unexpected RESP3 frame %r" % line)
+        raise ValueError(f"unexpected RESP3 frame {line!r}")

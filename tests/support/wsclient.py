@@ -63,7 +63,9 @@ class FrameClient(WebSocketClientProtocol):
             frames.append(frame)
 
 
-def connect(port: int, path: str = "/", protocols: list[str] | None = None, **options: Any) -> defer.Deferred:
+def connect(
+    port: int, path: str = "/", protocols: list[str] | None = None, **options: Any
+) -> defer.Deferred:
     """Open a WebSocket to 127.0.0.1:port; fires with the open FrameClient."""
     factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}", protocols=protocols or [])
     factory.protocol = FrameClient

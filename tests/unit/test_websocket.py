@@ -1,0 +1,237 @@
+"""The WebSocket protocol driven byte by byte through StringTransport."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionLost
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from txaio._common import _BatchedTimer
+
+from pubsub import websocket
+from pubsub.config import Settings
+from pubsub.engine import Engine
+from pubsub.websocket import PubSubServerFactory, PubSubServerProtocol
+from tests.support import wsframes
+from tests.support.wsframes import BINARY, CLOSE, TEXT, client_frame, command
+
+
+class Transport(StringTransport):
+    """StringTransport, tolerant of Autobahn unregistering a producer it never set."""
+
+    def unregisterProducer(self):
+        self.producer = None
+
+
+class Connection:
+    """One protocol instance on a StringTransport, past its opening handshake."""
+
+    def __init__(self, factory: PubSubServerFactory, protocols: list[str] | None = None) -> None:
+        self.protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+        self.transport = Transport()
+        self.protocol.makeConnection(self.transport)
+        self.protocol.dataReceived(wsframes.handshake(protocols=protocols))
+        self.response, rest = wsframes.split_response(self.transport.value())
+        self.transport.clear()
+        assert rest == b""
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def frames(self) -> list[tuple[int, bytes]]:
+        frames = wsframes.parse_frames(self.transport.value())
+        self.transport.clear()
+        return frames
+
+    def messages(self) -> list:
+        frames = self.frames()
+        assert all(opcode == TEXT for opcode, _ in frames), frames
+        return [json.loads(payload) for _, payload in frames]
+
+    def call(self, *args: object) -> list:
+        self.send(command(*args))
+        return self.messages()
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def make_factory(clock):
+    def make(**settings):
+        factory = PubSubServerFactory(Engine(), Settings(**settings))
+        # Autobahn schedules its handshake timers through txaio's global loop;
+        # keep them on this test's clock instead of the real reactor.
+        factory._batched_timer = _BatchedTimer(
+            200.0, 1000, seconds_provider=clock.seconds, delayed_call_creator=clock.callLater
+        )
+        return factory
+
+    return make
+
+
+@pytest.fixture
+def factory(make_factory):
+    return make_factory()
+
+
+def test_open_registers_with_the_engine_and_close_unregisters(factory):
+    connection = Connection(factory)
+    assert connection.response.startswith(b"HTTP/1.1 101")
+    assert factory.engine.client_count == 1
+    connection.call("SUBSCRIBE", "news")
+    connection.protocol.connectionLost(Failure(ConnectionLost()))
+    assert factory.engine.client_count == 0
+    assert factory.engine.numsub([b"news"]) == [(b"news", 0)]
+
+
+def test_subprotocol_is_chosen_only_when_asked_for(factory):
+    asked = Connection(factory, protocols=["other", "pubsub.json"])
+    assert b"Sec-WebSocket-Protocol: pubsub.json" in asked.response
+    plain = Connection(factory)
+    assert b"Sec-WebSocket-Protocol" not in plain.response
+
+
+def test_subscribe_publish_and_every_frame_kind(factory):
+    alice, bob = Connection(factory), Connection(factory)
+    assert alice.call("SUBSCRIBE", "news") == [["subscribe", "news", 1]]
+    assert alice.call("PSUBSCRIBE", "n*") == [["psubscribe", "n*", 2]]
+    assert alice.call("SSUBSCRIBE", "s") == [["ssubscribe", "s", 1]]
+    assert bob.call("PUBLISH", "news", "hi") == [["reply", 2]]
+    assert bob.call("SPUBLISH", "s", "there") == [["reply", 1]]
+    assert alice.messages() == [
+        ["message", "news", "hi"],
+        ["pmessage", "n*", "news", "hi"],
+        ["smessage", "s", "there"],
+    ]
+    assert bob.call("PING") == [["pong", ""]]
+    assert bob.call("PING", "x") == [["pong", "x"]]
+    assert bob.call("PUBSUB", "NUMSUB", "news", "none") == [["reply", ["news", 1, "none", 0]]]
+    assert alice.call("UNSUBSCRIBE") == [["unsubscribe", "news", 1]]
+    assert alice.call("UNSUBSCRIBE") == [["unsubscribe", None, 1]]
+
+
+@pytest.mark.parametrize(
+    "frame, error",
+    [
+        (b"{not json", "the frame is not valid JSON"),
+        (b'{"a": 1}', "a command is a non-empty JSON array of strings"),
+        (b"[]", "a command is a non-empty JSON array of strings"),
+        (b'"PING"', "a command is a non-empty JSON array of strings"),
+        (b"[1]", "the command name must be a string"),
+        (b'["PUBLISH", "ch", 5]', "argument 2 must be a string"),
+        (b'["PUBLISH", 5, "x"]', "argument 1 must be a string"),
+        (b'["SUBSCRIBE", {"base64": "YQ=="}]', "argument 1 must be a string"),
+        (b'["PUBLISH", "ch", {"base64": "not base64!"}]', "argument 2 is not valid base64"),
+        (b'["PUBLISH", "ch", {"base64": "YQ==", "x": 1}]', 'must be a string or {"base64": ...}'),
+        (b'["PUBLISH", "ch", null]', 'must be a string or {"base64": ...}'),
+        (b'["PUBLISH", "\\ud800", "x"]', "argument 1 is not valid Unicode text"),
+        (b"[" * 100_000 + b"]" * 100_000, "the frame is not valid JSON"),
+        (b'["NOPE", "a"]', "ERR unknown command 'NOPE', with args beginning with: 'a' "),
+        (b'["PUBLISH", "ch"]', "ERR wrong number of arguments for 'publish' command"),
+    ],
+)
+def test_bad_input_costs_one_error_frame_and_the_connection_stays_usable(factory, frame, error):
+    connection = Connection(factory)
+    connection.send(client_frame(frame))
+    replies = connection.messages()
+    assert len(replies) == 1
+    assert replies[0][0] == "error"
+    assert replies[0][1].startswith("ERR ")
+    assert error in replies[0][1]
+    assert connection.call("PING") == [["pong", ""]]
+
+
+def test_binary_frame_gets_an_error_frame(factory):
+    connection = Connection(factory)
+    connection.send(client_frame(b'["PING"]', opcode=BINARY))
+    [[kind, text]] = connection.messages()
+    assert kind == "error"
+    assert "binary frames are not accepted" in text
+    assert connection.call("PING") == [["pong", ""]]
+
+
+def test_base64_payloads_cross_without_losing_a_byte(factory):
+    subscriber, publisher = Connection(factory), Connection(factory)
+    subscriber.call("SUBSCRIBE", "bin")
+    raw = bytes(range(256))
+    encoded = base64.b64encode(raw).decode()
+    assert publisher.call("PUBLISH", "bin", {"base64": encoded}) == [["reply", 1]]
+    assert publisher.call("PUBLISH", "bin", {"base64": base64.b64encode(b"text").decode()}) == [
+        ["reply", 1]
+    ]
+    assert subscriber.messages() == [
+        ["message", "bin", {"base64": encoded}],
+        ["message", "bin", "text"],
+    ]
+
+
+def test_message_over_the_size_limit_closes_with_1009(make_factory):
+    factory = make_factory(max_message_size=100)
+    connection = Connection(factory)
+    assert connection.call("PUBLISH", "c", "x" * 50) == [["reply", 0]]
+    connection.send(command("PUBLISH", "c", "x" * 200))
+    [(opcode, payload)] = connection.frames()
+    assert opcode == CLOSE
+    assert wsframes.close_code(payload) == 1009
+
+
+def test_a_publish_frames_its_message_once_for_all_subscribers(factory, monkeypatch):
+    subscribers = [Connection(factory) for _ in range(5)]
+    for subscriber in subscribers:
+        subscriber.call("SUBSCRIBE", "news")
+        subscriber.call("PSUBSCRIBE", "n*")
+    prepared = []
+    original = factory.prepareMessage
+
+    def counting_prepare(payload, *args, **kwargs):
+        prepared.append(payload)
+        return original(payload, *args, **kwargs)
+
+    monkeypatch.setattr(factory.frames, "_prepare", counting_prepare)
+    publisher = Connection(factory)
+    assert publisher.call("PUBLISH", "news", "hi") == [["reply", 10]]
+    assert prepared == [
+        b'["message","news","hi"]',
+        b'["pmessage","n*","news","hi"]',
+    ]
+    for subscriber in subscribers:
+        assert subscriber.messages() == [
+            ["message", "news", "hi"],
+            ["pmessage", "n*", "news", "hi"],
+        ]
+
+
+def test_nothing_is_sent_after_the_close_handshake_began(factory):
+    subscriber, publisher = Connection(factory), Connection(factory)
+    subscriber.call("SUBSCRIBE", "news")
+    subscriber.protocol.sendClose(1000)
+    subscriber.frames()
+    publisher.call("PUBLISH", "news", "late")
+    assert subscriber.frames() == []
+
+
+def test_an_internal_fault_closes_with_1011_and_is_logged(factory, monkeypatch):
+    events = []
+    monkeypatch.setattr(PubSubServerProtocol, "log", Logger(observer=events.append))
+
+    def broken(session, args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(websocket, "execute", broken)
+    connection = Connection(factory)
+    connection.send(command("PING"))
+    [(opcode, payload)] = connection.frames()
+    assert opcode == CLOSE
+    assert wsframes.close_code(payload) == 1011
+    assert any(event.get("log_failure") is not None for event in events)
+    failure = next(event["log_failure"] for event in events if "log_failure" in event)
+    assert failure.check(RuntimeError)
