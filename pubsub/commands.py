@@ -264,7 +264,7 @@ def _pubsub(session: Session, args: Sequence[bytes]) -> list:
     sub = _PUBSUB_SUBCOMMANDS.get(args[1].lower().decode("latin-1"))
     if sub is None:
         return [Error(f"ERR unknown subcommand '{_text(args[1][:128])}'. Try PUBSUB HELP.")]
-    if not _arity_ok(sub.arity, len(args) - 1):
+    if not _arity_ok(sub.arity, len(args)):
         return [_wrong_arity(f"pubsub|{sub.name}")]
     return sub.handler(session, args)
 

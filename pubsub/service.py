@@ -8,6 +8,7 @@ plugin module itself holds no logic.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import MISSING, fields
 from typing import Any
 
@@ -56,10 +57,11 @@ def build_resource(
 class PubSubService(MultiService):
     """The whole server; ``engine`` is there for publishing from application code."""
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, settings: Settings, reactor: Any) -> None:
         super().__init__()
         self.engine = engine
         self.settings = settings
+        self._reactor = reactor
 
     def startService(self) -> None:
         log.info(
@@ -67,6 +69,14 @@ class PubSubService(MultiService):
             endpoint=endpoint_description(self.settings),
         )
         super().startService()
+
+    def stopService(self) -> Any:
+        # SIGTERM and SIGINT are how this server is meant to be stopped: once
+        # it has shut down in order, exit 0 rather than have twistd re-raise
+        # the signal (which would report the stop as a failure).
+        if getattr(self._reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
+            self._reactor._exitSignal = None
+        return super().stopService()
 
 
 def make_service(
@@ -87,7 +97,7 @@ def make_service(
         endpoint = serverFromString(reactor, endpoint_description(settings))
     except (ValueError, TypeError, KeyError) as error:
         raise ConfigError(f"setting port: cannot use {settings.port!r}: {error}") from None
-    service = PubSubService(engine, settings)
+    service = PubSubService(engine, settings, reactor)
     StreamServerEndpointService(endpoint, site).setServiceParent(service)
     return service
 

@@ -16,7 +16,8 @@ from importlib import resources
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.interfaces import IReactorTime
-from twisted.web.resource import NoResource, Resource
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
 from pubsub.websocket import PubSubServerFactory
@@ -80,12 +81,12 @@ class PubSubResource(Resource):
         self._page = resources.files("pubsub").joinpath("static/index.html").read_bytes()
         self.putChild(b"healthz", HealthResource(factory, clock))
 
-    def getChild(self, path: bytes, request: Request) -> Resource:
+    def getChild(self, path: bytes, request: Request) -> IResource:
         if _wants_websocket(request):
             return self._websocket
         if path == b"":
             return self
-        return NoResource()
+        return notFound()
 
     def render_GET(self, request: Request) -> object:
         if _wants_websocket(request):

@@ -51,10 +51,12 @@ class JsonFrames:
         return self._prepare(json_codec.smessage_frame(channel, payload))
 
 
+_log = Logger()
+
+
 class PubSubServerProtocol(WebSocketServerProtocol):
     """One client connection: a subscriber of the factory's engine."""
 
-    log = Logger()
     factory: PubSubServerFactory
     session: Session | None = None
 
@@ -85,7 +87,7 @@ class PubSubServerProtocol(WebSocketServerProtocol):
             for result in results:
                 self.sendMessage(json_codec.encode_result(result))
         except Exception:  # noqa: BLE001 - any bug here must cost this client only
-            self.log.failure("internal fault handling a message from {peer}", peer=self.peer)
+            _log.failure("internal fault handling a message from {peer}", peer=self.peer)
             self._fail_connection(
                 WebSocketProtocol.CLOSE_STATUS_CODE_INTERNAL_ERROR, "internal error"
             )

@@ -17,7 +17,7 @@ from txaio._common import _BatchedTimer
 from pubsub import websocket
 from pubsub.config import Settings
 from pubsub.engine import Engine
-from pubsub.websocket import PubSubServerFactory, PubSubServerProtocol
+from pubsub.websocket import PubSubServerFactory
 from tests.support import wsframes
 from tests.support.wsframes import BINARY, CLOSE, TEXT, client_frame, command
 
@@ -221,7 +221,7 @@ def test_nothing_is_sent_after_the_close_handshake_began(factory):
 
 def test_an_internal_fault_closes_with_1011_and_is_logged(factory, monkeypatch):
     events = []
-    monkeypatch.setattr(PubSubServerProtocol, "log", Logger(observer=events.append))
+    monkeypatch.setattr(websocket, "_log", Logger(observer=events.append))
 
     def broken(session, args):
         raise RuntimeError("boom")
