@@ -92,7 +92,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         pass
     else:
         raise AssertionError(f"unhandled setting type {kind}")
-    raise ConfigError(f"{source}: setting {name} must be a {kind}, got {value!r}")
+    expected = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
+    raise ConfigError(f"{source}: setting {name} must be {expected[kind]}, got {value!r}")
 
 
 def load_settings(

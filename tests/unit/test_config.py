@@ -1,0 +1,112 @@
+"""Settings: precedence, validation, the conf file and the twistd options."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+from twisted.python import usage
+
+from pubsub.config import ConfigError, Settings, endpoint_description, load_settings
+from pubsub.service import Options, make_service
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "pubsub.toml"
+
+
+def test_the_conf_file_lists_every_setting_with_its_default():
+    with CONF.open("rb") as stream:
+        table = tomllib.load(stream)
+    defaults = Settings()
+    assert set(table) == {f.name for f in fields(Settings)}
+    for name, value in table.items():
+        assert load_settings(CONF, environ={}).__getattribute__(name) == getattr(defaults, name)
+        assert value == getattr(defaults, name)
+
+
+def test_the_conf_file_comments_every_setting():
+    lines = CONF.read_text().splitlines()
+    for index, line in enumerate(lines):
+        if line and not line.startswith("#"):
+            assert lines[index - 1].startswith("# "), f"no comment above {line!r}"
+
+
+def test_the_default_bind_address_is_loopback():
+    assert Settings().interface == "127.0.0.1"
+    assert endpoint_description(Settings()) == "tcp:9000:interface=127.0.0.1"
+
+
+def test_precedence_defaults_file_environment_command_line(tmp_path):
+    conf = tmp_path / "pubsub.toml"
+    conf.write_text(
+        'max_message_size = 2000\nmax_connections = 7\nport = 9100\ninterface = "::1"\n'
+    )
+    environ = {"PUBSUB_MAX_CONNECTIONS": "8", "PUBSUB_MAX_SUBSCRIPTIONS": "9"}
+    settings = load_settings(
+        conf, environ=environ, overrides={"max_subscriptions": 10, "port": None}
+    )
+    assert settings.max_message_size == 2000  # file over default
+    assert settings.max_connections == 8  # environment over file
+    assert settings.max_subscriptions == 10  # command line over environment
+    assert settings.port == "9100"  # None means "not given"
+    assert settings.max_name_length == Settings().max_name_length
+    assert endpoint_description(settings) == "tcp:9100:interface=\\:\\:1"
+
+
+def test_without_config_the_file_under_the_current_directory_is_used(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(environ={}) == Settings()
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "pubsub.toml").write_text("max_connections = 3\n")
+    assert load_settings(environ={}).max_connections == 3
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("nope = 1\n", "unknown setting 'nope'"),
+        ('max_connections = "many"\n', "max_connections must be an integer"),
+        ("max_connections = 1.5\n", "max_connections must be an integer"),
+        ("max_connections = true\n", "max_connections must be an integer"),
+        ("port = [1]\n", "port must be a string"),
+        ("max_message_size = -1\n", "max_message_size must not be negative"),
+        ("port = = 3\n", "is not valid TOML"),
+        ('port = ""\n', "port must not be empty"),
+    ],
+)
+def test_bad_settings_files_are_refused_with_the_reason(tmp_path, text, message):
+    conf = tmp_path / "pubsub.toml"
+    conf.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_settings(conf, environ={})
+
+
+def test_a_missing_explicit_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read settings file"):
+        load_settings(tmp_path / "absent.toml", environ={})
+
+
+def test_bad_environment_value_names_the_variable():
+    with pytest.raises(ConfigError, match="PUBSUB_MAX_CONNECTIONS"):
+        load_settings(environ={"PUBSUB_MAX_CONNECTIONS": "lots"})
+
+
+def test_twistd_options_one_per_setting_and_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    conf = tmp_path / "custom.toml"
+    conf.write_text("max_message_size = 5000\nmax_connections = 4\n")
+    options = Options()
+    options.parseOptions(["--config", str(conf), "--max-message-size", "6000", "--port", "tcp:0"])
+    assert options.settings.max_message_size == 6000
+    assert options.settings.max_connections == 4
+    assert options.settings.port == "tcp:0"
+    with pytest.raises(usage.UsageError, match="max_subscriptions must not be negative"):
+        Options().parseOptions(["--max-subscriptions", "-1"])
+    with pytest.raises(usage.UsageError):
+        Options().parseOptions(["--max-connections", "many"])
+
+
+def test_make_service_refuses_an_unusable_endpoint():
+    with pytest.raises(ConfigError, match="setting port"):
+        make_service(Settings(port="bogus:1"))
