@@ -108,6 +108,11 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape").replace("\r", " ").replace("\n", " ")
 
 
+def _quoted(data: bytes, limit: int = 128) -> bytes:
+    """What Redis's ``%.128s`` prints: a C string, so up to a NUL, at most ``limit`` bytes."""
+    return data.split(b"\0", 1)[0][:limit]
+
+
 def _arity_ok(arity: int, argc: int) -> bool:
     return argc == arity if arity >= 0 else argc >= -arity
 
@@ -118,13 +123,14 @@ def _wrong_arity(name: str) -> Error:
 
 def _unknown_command(args: Sequence[bytes]) -> Error:
     # Redis quotes the arguments until the list reaches 128 bytes.
-    quoted = ""
+    quoted = b""
     for arg in args[1:]:
         if len(quoted) >= 128:
             break
-        quoted += "'" + _text(arg[: 128 - len(quoted)]) + "' "
+        quoted += b"'" + _quoted(arg, 128 - len(quoted)) + b"' "
     return Error(
-        f"ERR unknown command '{_text(args[0][:128])}', with args beginning with: {quoted}"
+        f"ERR unknown command '{_text(_quoted(args[0]))}', "
+        f"with args beginning with: {_text(quoted)}"
     )
 
 
@@ -196,7 +202,7 @@ def _list_names(method_name: str) -> Handler:
             return [
                 Error(
                     "ERR unknown subcommand or wrong number of arguments for "
-                    f"'{_text(args[1][:128])}'. Try PUBSUB HELP."
+                    f"'{_text(_quoted(args[1]))}'. Try PUBSUB HELP."
                 )
             ]
         pattern = args[2] if len(args) == 3 else None
@@ -263,7 +269,7 @@ _PUBSUB_SUBCOMMANDS = _table(
 def _pubsub(session: Session, args: Sequence[bytes]) -> list:
     sub = _PUBSUB_SUBCOMMANDS.get(args[1].lower().decode("latin-1"))
     if sub is None:
-        return [Error(f"ERR unknown subcommand '{_text(args[1][:128])}'. Try PUBSUB HELP.")]
+        return [Error(f"ERR unknown subcommand '{_text(_quoted(args[1]))}'. Try PUBSUB HELP.")]
     if not _arity_ok(sub.arity, len(args)):
         return [_wrong_arity(f"pubsub|{sub.name}")]
     return sub.handler(session, args)
