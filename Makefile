@@ -6,7 +6,7 @@ PORT ?= 9000
 RUFF_OPTS := --line-length 100 --target-version py311
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint install redis-server
+.PHONY: run test lint install redis-server conformance
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,5 +34,10 @@ lint: install
 	$(BIN)/ruff format --check $(RUFF_OPTS) pubsub tests twisted
 	$(BIN)/mypy --strict --follow-imports=silent pubsub/engine.py pubsub/glob.py
 
-test: install redis-server lint
+# The Autobahn TestSuite against /echo and /; reports in reports/conformance.
+conformance: install
+	$(BIN)/python tests/conformance/run_conformance.py --reports reports/conformance
+
+# pytest last, so its summary is the closing line.
+test: install redis-server lint conformance
 	PUBSUB_REQUIRE_REDIS=1 $(BIN)/python -m pytest

@@ -44,6 +44,15 @@ class Settings:
         10_000, "Most channels + patterns + shard channels one client may hold"
     )
     max_name_length: int = _setting(4096, "Longest channel name or pattern accepted, in bytes")
+    compression: bool = _setting(
+        False, "Offer permessage-deflate to clients that ask (server_no_context_takeover)"
+    )
+    compression_min_size: int = _setting(
+        256, "With compression on, messages smaller than this are sent uncompressed"
+    )
+    echo_endpoint: bool = _setting(
+        False, "Serve /echo, a WebSocket echo under the same options (conformance tests)"
+    )
     open_handshake_timeout: float = _setting(
         10.0, "Seconds a client has to finish the HTTP and WebSocket handshake"
     )
@@ -51,7 +60,7 @@ class Settings:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, (int, float)) and value < 0:
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
                 raise ConfigError(f"setting {f.name} must not be negative, got {value}")
         if not str(self.port).strip():
             raise ConfigError("setting port must not be empty")
@@ -92,7 +101,12 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         pass
     else:
         raise AssertionError(f"unhandled setting type {kind}")
-    expected = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
+    expected = {
+        "str": "a string",
+        "int": "an integer",
+        "float": "a number",
+        "bool": "true or false",
+    }
     raise ConfigError(f"{source}: setting {name} must be {expected[kind]}, got {value!r}")
 
 

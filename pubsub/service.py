@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import signal
 from dataclasses import MISSING, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import txaio
 from twisted.application.internet import StreamServerEndpointService
@@ -111,8 +111,16 @@ def _option_help(name: str) -> str:
 _COERCE = {"int": int, "float": float, "str": str}
 
 
+def _option(name: str) -> str:
+    return name.replace("_", "-")
+
+
 class Options(usage.Options):
-    """``twistd pubsub`` options: --config, then one per setting."""
+    """``twistd pubsub`` options: --config, then one per setting.
+
+    A true/false setting is a pair of flags, ``--name`` and ``--no-name``, so
+    the command line can turn off what the settings file turned on.
+    """
 
     synopsis = "[options]"
     longdesc = (
@@ -120,15 +128,35 @@ class Options(usage.Options):
         "then the settings file (conf/pubsub.toml when present, or --config), then "
         "PUBSUB_<NAME> environment variables, then these options."
     )
-    optParameters = [
+    optParameters: ClassVar[list[list[Any]]] = [
         ["config", "c", None, "TOML settings file [default: conf/pubsub.toml when present]"],
     ] + [
-        [f.name.replace("_", "-"), None, None, _option_help(f.name), _COERCE[f.type]]
+        [_option(f.name), None, None, _option_help(f.name), _COERCE[f.type]]
         for f in fields(Settings)
+        if f.type != "bool"
+    ]
+    optFlags: ClassVar[list[list[Any]]] = [
+        flag
+        for f in fields(Settings)
+        if f.type == "bool"
+        for flag in (
+            [_option(f.name), None, _option_help(f.name)],
+            ["no-" + _option(f.name), None, f"Turn {_option(f.name)} off"],
+        )
     ]
 
+    def _given(self, name: str, kind: str) -> Any:
+        """The option's value, or None when the command line did not set it."""
+        option = _option(name)
+        if kind != "bool":
+            return self[option]
+        on, off = self[option], self["no-" + option]
+        if on and off:
+            raise usage.UsageError(f"--{option} and --no-{option} contradict each other")
+        return True if on else False if off else None
+
     def postOptions(self) -> None:
-        overrides = {f.name: self[f.name.replace("_", "-")] for f in fields(Settings)}
+        overrides = {f.name: self._given(f.name, f.type) for f in fields(Settings)}
         try:
             self.settings = load_settings(self["config"], overrides=overrides)
         except ConfigError as error:

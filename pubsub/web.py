@@ -6,7 +6,9 @@
   ones) becomes a pub/sub WebSocket connection;
 * ``GET`` without an upgrade at its root shows a short page on how to connect;
 * ``/healthz`` answers JSON: status, connections, channels, patterns, shard
-  channels and uptime.
+  channels and uptime;
+* ``/echo``, only when the ``echo_endpoint`` setting is on, echoes every
+  WebSocket message under the same protocol options (conformance testing).
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
-from pubsub.websocket import PubSubServerFactory
+from pubsub.websocket import EchoServerFactory, PubSubServerFactory
 
 __all__ = ["HealthResource", "PubSubResource"]
+
+
+#: Paths that never become a pub/sub connection, whether or not they exist yet.
+_RESERVED = frozenset((b"healthz", b"echo", b"metrics", b"pubsub.js"))
 
 
 def _wants_websocket(request: Request) -> bool:
@@ -80,8 +86,12 @@ class PubSubResource(Resource):
         self._websocket = _WebSocketUpgrade(factory)
         self._page = resources.files("pubsub").joinpath("static/index.html").read_bytes()
         self.putChild(b"healthz", HealthResource(factory, clock))
+        if factory.settings.echo_endpoint:
+            self.putChild(b"echo", _WebSocketUpgrade(EchoServerFactory(factory.settings)))
 
     def getChild(self, path: bytes, request: Request) -> IResource:
+        if path in _RESERVED:
+            return notFound()
         if _wants_websocket(request):
             return self._websocket
         if path == b"":

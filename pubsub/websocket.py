@@ -1,21 +1,42 @@
-"""The WebSocket transport: Autobahn protocol and factory around one engine.
+"""The WebSocket transport: Autobahn protocols and factories around one engine.
 
-Each connection registers with the factory's engine when its WebSocket opens
-and unregisters when it closes, however it closes.  Text frames are decoded by
-``json_codec`` into commands for the shared command table; results go back as
-text frames.  Deliveries are encoded once per publish by :class:`JsonFrames`
-(one per factory) into an Autobahn ``PreparedMessage`` and written to every
-receiver with ``sendPreparedMessage``.
+Each pub/sub connection registers with the factory's engine when its WebSocket
+opens and unregisters when it closes, however it closes.  Text frames are
+decoded by ``json_codec`` into commands for the shared command table; results
+go back as text frames.
+
+Deliveries are framed once per publish, not once per receiver: the engine asks
+each receiver's *encoder* for a frame once per publish and hands the same
+object to every receiver that shares the encoder.  Connections without
+compression share the factory's plain encoder (Autobahn's ``prepareMessage``).
+With permessage-deflate the server always negotiates
+``server_no_context_takeover``, so a message compresses the same way for every
+connection that agreed on the same window size and memory level: each such
+group has its own encoder, which deflates once and writes the same bytes to
+all of the group.  ``sendPreparedMessage`` writes either kind unchanged.
+
+The echo factory exists for conformance testing: it shares every protocol
+option with the pub/sub factory (limits, compression), so what the Autobahn
+TestSuite checks is what production runs.
 
 Bad input costs the sender one error frame; only a message over the size limit
-(1009, Autobahn's own check) or an internal fault (1011) closes the connection.
+(1009, Autobahn's own check, which also bounds inflated size) or an internal
+fault (1011) closes the connection.
 """
 
 from __future__ import annotations
 
+import struct
+import zlib
+from collections.abc import Callable
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.compress import (
+    PerMessageDeflate,
+    PerMessageDeflateOffer,
+    PerMessageDeflateOfferAccept,
+)
 from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
 from autobahn.websocket.types import ConnectionRequest
 from twisted.logger import Logger
@@ -25,7 +46,14 @@ from pubsub.commands import Error, Limits, Session, execute
 from pubsub.config import Settings
 from pubsub.engine import Engine
 
-__all__ = ["SUBPROTOCOL", "JsonFrames", "PubSubServerFactory", "PubSubServerProtocol"]
+__all__ = [
+    "SUBPROTOCOL",
+    "EchoServerFactory",
+    "EchoServerProtocol",
+    "JsonFrames",
+    "PubSubServerFactory",
+    "PubSubServerProtocol",
+]
 
 #: The subprotocol a client may ask for; none at all is accepted too.
 SUBPROTOCOL = "pubsub.json"
@@ -34,24 +62,115 @@ _BINARY_REFUSED = Error(
     "ERR Protocol error: binary frames are not accepted; send each command as a JSON text frame"
 )
 
+_log = Logger()
+
+Framer = Callable[[bytes], PreparedMessage]
+
 
 class JsonFrames:
-    """The engine encoder of a factory: JSON text frames, framed once."""
+    """An engine encoder: each delivery as JSON, turned into a frame by ``framer``."""
 
-    def __init__(self, factory: WebSocketServerFactory) -> None:
-        self._prepare = factory.prepareMessage
+    def __init__(self, framer: Framer) -> None:
+        self._frame = framer
 
     def message(self, channel: bytes, payload: bytes) -> PreparedMessage:
-        return self._prepare(json_codec.message_frame(channel, payload))
+        return self._frame(json_codec.message_frame(channel, payload))
 
     def pmessage(self, pattern: bytes, channel: bytes, payload: bytes) -> PreparedMessage:
-        return self._prepare(json_codec.pmessage_frame(pattern, channel, payload))
+        return self._frame(json_codec.pmessage_frame(pattern, channel, payload))
 
     def smessage(self, channel: bytes, payload: bytes) -> PreparedMessage:
-        return self._prepare(json_codec.smessage_frame(channel, payload))
+        return self._frame(json_codec.smessage_frame(channel, payload))
 
 
-_log = Logger()
+class _DeflatedFrame(PreparedMessage):
+    """A text frame already compressed (RSV1 set) for one compression group.
+
+    ``sendPreparedMessage`` writes ``payloadHybi`` as it is when
+    ``doNotCompress`` is set, which is exactly what a precompressed frame needs;
+    the plain payload is never kept.
+    """
+
+    def __init__(self, compressed: bytes) -> None:
+        self.doNotCompress = True
+        size = len(compressed)
+        if size <= 125:
+            header = struct.pack("!BB", 0xC1, size)
+        elif size <= 0xFFFF:
+            header = struct.pack("!BBH", 0xC1, 126, size)
+        else:
+            header = struct.pack("!BBQ", 0xC1, 127, size)
+        self.payloadHybi = header + compressed
+
+
+def deflating_framer(window_bits: int, mem_level: int, min_size: int, prepare: Framer) -> Framer:
+    """Frame for one compression group: deflate payloads of ``min_size`` bytes or more."""
+
+    def frame(payload: bytes) -> PreparedMessage:
+        if len(payload) < min_size:
+            return prepare(payload, doNotCompress=True)  # type: ignore[call-arg]
+        compressor = zlib.compressobj(
+            zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -window_bits, mem_level
+        )
+        data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        # RFC 7692: drop the 00 00 ff ff tail of the sync flush.
+        return _DeflatedFrame(data[:-4])
+
+    return frame
+
+
+class _DeflateAccept(PerMessageDeflateOfferAccept):
+    """Accepts permessage-deflate and always says ``server_no_context_takeover``.
+
+    Autobahn announces that parameter only when the client asked for it; RFC
+    7692 (7.1.1.1) lets the server say it anyway, and saying it lets every
+    client drop its inflate history between messages too.
+    """
+
+    def get_extension_string(self) -> str:
+        extension: str = super().get_extension_string()
+        if self.no_context_takeover and not self.offer.request_no_context_takeover:
+            name = self.EXTENSION_NAME
+            extension = name + "; server_no_context_takeover" + extension[len(name) :]
+        return extension
+
+
+class _ConfiguredFactory(WebSocketServerFactory):
+    """A server factory with every protocol option taken from the settings."""
+
+    def __init__(self, settings: Settings | None = None, url: str | None = None) -> None:
+        super().__init__(url)
+        self.settings = settings if settings is not None else Settings()
+        options: dict[str, Any] = {
+            "maxMessagePayloadSize": self.settings.max_message_size,
+            "maxFramePayloadSize": self.settings.max_message_size,
+            "maxConnections": self.settings.max_connections,
+            "openHandshakeTimeout": self.settings.open_handshake_timeout,
+            # Fail with a close frame that says why (1009, 1011, ...), not a bare drop.
+            "failByDrop": False,
+        }
+        if self.settings.compression:
+            options["perMessageCompressionAccept"] = self._accept_deflate
+        self.setProtocolOptions(**options)
+
+    @staticmethod
+    def _accept_deflate(offers: list[Any]) -> PerMessageDeflateOfferAccept | None:
+        for offer in offers:
+            if isinstance(offer, PerMessageDeflateOffer):
+                return _DeflateAccept(
+                    offer,
+                    # Our side compresses every message on its own, so one
+                    # compressed frame serves every connection of a group.
+                    no_context_takeover=True,
+                    # Ask the client to do the same where it can: the server
+                    # then keeps no inflate history between messages.
+                    request_no_context_takeover=offer.accept_no_context_takeover,
+                )
+        return None
+
+    def should_compress(self, size: int) -> bool:
+        """Whether a message of ``size`` bytes is worth compressing."""
+        return size >= self.settings.compression_min_size
 
 
 class PubSubServerProtocol(WebSocketServerProtocol):
@@ -59,15 +178,13 @@ class PubSubServerProtocol(WebSocketServerProtocol):
 
     factory: PubSubServerFactory
     session: Session | None = None
-
-    @property
-    def encoder(self) -> JsonFrames:
-        return self.factory.frames
+    encoder: JsonFrames
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         return SUBPROTOCOL if SUBPROTOCOL in request.protocols else None
 
     def onOpen(self) -> None:
+        self.encoder = self.factory.encoder_for(self._perMessageCompress)
         engine = self.factory.engine
         self.session = Session(engine, engine.register(self), self.factory.limits)
 
@@ -76,7 +193,7 @@ class PubSubServerProtocol(WebSocketServerProtocol):
             return
         try:
             if isBinary:
-                results: list = [_BINARY_REFUSED]
+                results: list[Any] = [_BINARY_REFUSED]
             else:
                 try:
                     args = json_codec.decode_command(payload)
@@ -85,14 +202,15 @@ class PubSubServerProtocol(WebSocketServerProtocol):
                 else:
                     results = execute(self.session, args)
             for result in results:
-                self.sendMessage(json_codec.encode_result(result))
+                data = json_codec.encode_result(result)
+                self.sendMessage(data, doNotCompress=not self.factory.should_compress(len(data)))
         except Exception:  # noqa: BLE001 - any bug here must cost this client only
             _log.failure("internal fault handling a message from {peer}", peer=self.peer)
             self._fail_connection(
                 WebSocketProtocol.CLOSE_STATUS_CODE_INTERNAL_ERROR, "internal error"
             )
 
-    def deliver(self, frame: Any) -> None:
+    def deliver(self, frame: PreparedMessage) -> None:
         # Between our close frame and the end of the connection, nothing more
         # may be sent; the engine forgets us in onClose.
         if self.state == WebSocketProtocol.STATE_OPEN:
@@ -104,7 +222,7 @@ class PubSubServerProtocol(WebSocketServerProtocol):
             self.session = None
 
 
-class PubSubServerFactory(WebSocketServerFactory):
+class PubSubServerFactory(_ConfiguredFactory):
     """Builds connections that share one engine, under one set of limits."""
 
     protocol = PubSubServerProtocol
@@ -115,19 +233,41 @@ class PubSubServerFactory(WebSocketServerFactory):
         settings: Settings | None = None,
         url: str | None = None,
     ) -> None:
-        super().__init__(url)
+        super().__init__(settings, url)
         self.engine = engine if engine is not None else Engine()
-        self.settings = settings if settings is not None else Settings()
         self.limits = Limits(
             max_subscriptions=self.settings.max_subscriptions,
             max_name_length=self.settings.max_name_length,
         )
-        self.frames = JsonFrames(self)
-        self.setProtocolOptions(
-            maxMessagePayloadSize=self.settings.max_message_size,
-            maxFramePayloadSize=self.settings.max_message_size,
-            maxConnections=self.settings.max_connections,
-            openHandshakeTimeout=self.settings.open_handshake_timeout,
-            # Fail with a close frame that says why (1009, 1011, ...), not a bare drop.
-            failByDrop=False,
+        self.frames = JsonFrames(self.prepareMessage)
+        self._deflate_groups: dict[tuple[int, int], JsonFrames] = {}
+
+    def encoder_for(self, compression: PerMessageDeflate | None) -> JsonFrames:
+        """The encoder shared by every connection that negotiated ``compression``."""
+        if compression is None:
+            return self.frames
+        group = (compression.server_max_window_bits, compression.mem_level)
+        encoder = self._deflate_groups.get(group)
+        if encoder is None:
+            framer = deflating_framer(
+                *group, self.settings.compression_min_size, self.prepareMessage
+            )
+            encoder = self._deflate_groups[group] = JsonFrames(framer)
+        return encoder
+
+
+class EchoServerProtocol(WebSocketServerProtocol):
+    """Sends every message back as it came: the conformance suite's target."""
+
+    factory: EchoServerFactory
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.sendMessage(
+            payload, isBinary, doNotCompress=not self.factory.should_compress(len(payload))
         )
+
+
+class EchoServerFactory(_ConfiguredFactory):
+    """The echo endpoint, under exactly the pub/sub endpoint's protocol options."""
+
+    protocol = EchoServerProtocol

@@ -30,7 +30,7 @@ class FrameClient(WebSocketClientProtocol):
         self.opened.callback(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.frames.put(json.loads(payload))
+        self.frames.put(payload if isBinary else json.loads(payload))
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.close_info = (wasClean, code, reason)

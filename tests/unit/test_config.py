@@ -110,3 +110,34 @@ def test_twistd_options_one_per_setting_and_config(tmp_path, monkeypatch):
 def test_make_service_refuses_an_unusable_endpoint():
     with pytest.raises(ConfigError, match="setting port"):
         make_service(Settings(port="bogus:1"))
+
+
+def test_true_false_settings_are_flag_pairs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    options = Options()
+    options.parseOptions(["--compression", "--echo-endpoint"])
+    assert options.settings.compression and options.settings.echo_endpoint
+    conf = tmp_path / "on.toml"
+    conf.write_text("compression = true\necho_endpoint = true\n")
+    options = Options()
+    options.parseOptions(["--config", str(conf), "--no-compression"])
+    assert not options.settings.compression
+    assert options.settings.echo_endpoint
+    with pytest.raises(usage.UsageError, match="contradict"):
+        Options().parseOptions(["--compression", "--no-compression"])
+
+
+@pytest.mark.parametrize(
+    "value, expected", [("1", True), ("yes", True), ("on", True), ("false", False), ("0", False)]
+)
+def test_true_false_settings_from_the_environment(value, expected):
+    assert load_settings(environ={"PUBSUB_COMPRESSION": value}).compression is expected
+
+
+def test_a_true_false_setting_refuses_anything_else(tmp_path):
+    with pytest.raises(ConfigError, match="PUBSUB_COMPRESSION: setting compression must be true"):
+        load_settings(environ={"PUBSUB_COMPRESSION": "maybe"})
+    conf = tmp_path / "bad.toml"
+    conf.write_text("compression = 1\n")
+    with pytest.raises(ConfigError, match="compression must be true or false"):
+        load_settings(conf, environ={})

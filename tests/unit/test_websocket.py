@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import zlib
 
 import pytest
 from twisted.internet.address import IPv4Address
@@ -32,11 +33,13 @@ class Transport(StringTransport):
 class Connection:
     """One protocol instance on a StringTransport, past its opening handshake."""
 
-    def __init__(self, factory: PubSubServerFactory, protocols: list[str] | None = None) -> None:
+    def __init__(
+        self, factory: PubSubServerFactory, protocols: list[str] | None = None, extra: str = ""
+    ) -> None:
         self.protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
         self.transport = Transport()
         self.protocol.makeConnection(self.transport)
-        self.protocol.dataReceived(wsframes.handshake(protocols=protocols))
+        self.protocol.dataReceived(wsframes.handshake(protocols=protocols, extra=extra))
         self.response, rest = wsframes.split_response(self.transport.value())
         self.transport.clear()
         assert rest == b""
@@ -196,7 +199,7 @@ def test_a_publish_frames_its_message_once_for_all_subscribers(factory, monkeypa
         prepared.append(payload)
         return original(payload, *args, **kwargs)
 
-    monkeypatch.setattr(factory.frames, "_prepare", counting_prepare)
+    monkeypatch.setattr(factory.frames, "_frame", counting_prepare)
     publisher = Connection(factory)
     assert publisher.call("PUBLISH", "news", "hi") == [["reply", 10]]
     assert prepared == [
@@ -235,3 +238,41 @@ def test_an_internal_fault_closes_with_1011_and_is_logged(factory, monkeypatch):
     assert any(event.get("log_failure") is not None for event in events)
     failure = next(event["log_failure"] for event in events if "log_failure" in event)
     assert failure.check(RuntimeError)
+
+
+def test_compressed_deliveries_on_the_wire(make_factory):
+    factory = make_factory(compression=True, compression_min_size=100)
+    connection = Connection(factory, extra="Sec-WebSocket-Extensions: permessage-deflate\r\n")
+    assert (
+        b"Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover"
+        in connection.response
+    )
+    factory.engine.subscribe(connection.protocol.session.token, [b"c"])
+    big, small = "b" * 500, "s"
+    factory.engine.publish("c", big)
+    factory.engine.publish("c", small)
+    [(first, compressed), (second, plain)] = [
+        (data[0], data) for data in _raw_frames(connection.transport.value())
+    ]
+    assert first == 0xC1  # FIN, RSV1 (compressed), text
+    inflated = zlib.decompressobj(-15).decompress(_payload(compressed) + b"\x00\x00\xff\xff")
+    assert json.loads(inflated) == ["message", "c", big]
+    assert second == 0x81  # FIN, text, not compressed: under compression_min_size
+    assert json.loads(_payload(plain)) == ["message", "c", small]
+
+
+def _raw_frames(data: bytes) -> list[bytes]:
+    """Whole server frames, header included (payloads under 64 KiB)."""
+    frames = []
+    while data:
+        size = data[1] & 0x7F
+        header = 2
+        if size == 126:
+            size, header = int.from_bytes(data[2:4], "big"), 4
+        frames.append(data[: header + size])
+        data = data[header + size :]
+    return frames
+
+
+def _payload(frame: bytes) -> bytes:
+    return frame[4:] if frame[1] & 0x7F == 126 else frame[2:]

@@ -1,0 +1,1 @@
+"""The Autobahn TestSuite run (make conformance); not collected by pytest."""
