@@ -231,20 +231,22 @@ def _numpat(session: Session, args: Sequence[bytes]) -> list:
     return [Reply(session.engine.numpat())]
 
 
+# Redis's own PUBSUB HELP reply, line for line: clients may show or compare it.
 _PUBSUB_HELP = [
     b"PUBSUB <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
     b"CHANNELS [<pattern>]",
-    b"    List the channels that have subscribers, optionally only those matching <pattern>.",
+    b"    Return the currently active channels matching a <pattern> (default: '*').",
     b"NUMPAT",
-    b"    Count the distinct patterns that have subscribers.",
+    b"    Return number of subscriptions to patterns.",
     b"NUMSUB [<channel> ...]",
-    b"    Count each channel's subscribers (pattern subscriptions not included).",
+    b"    Return the number of subscribers for the specified channels, excluding",
+    b"    pattern subscriptions(default: no channels).",
     b"SHARDCHANNELS [<pattern>]",
-    b"    List the shard channels that have subscribers, optionally matching <pattern>.",
+    b"    Return the currently active shard level channels matching a <pattern> (default: '*').",
     b"SHARDNUMSUB [<shardchannel> ...]",
-    b"    Count each shard channel's subscribers.",
+    b"    Return the number of subscribers for the specified shard level channel(s)",
     b"HELP",
-    b"    Print this help.",
+    b"    Prints this help.",
 ]
 
 
