@@ -178,9 +178,9 @@ def _unsubscriber(method_name: str) -> Handler:
     return handler
 
 
-def _publisher(method_name: str) -> Handler:
+def _publisher(method_name: str, what: str) -> Handler:
     def handler(session: Session, args: Sequence[bytes]) -> list:
-        error = _name_too_long(session, args[1:2], "channel name")
+        error = _name_too_long(session, args[1:2], what)
         if error:
             return [error]
         return [Reply(getattr(session.engine, method_name)(args[1], args[2]))]
@@ -284,8 +284,8 @@ COMMANDS: dict[str, Command] = _table(
     Command("punsubscribe", -1, _unsubscriber("punsubscribe")),
     Command("ssubscribe", -2, _subscriber("shard", "ssubscribe", "shard channel name")),
     Command("sunsubscribe", -1, _unsubscriber("sunsubscribe")),
-    Command("publish", 3, _publisher("publish"), payload_index=2),
-    Command("spublish", 3, _publisher("spublish"), payload_index=2),
+    Command("publish", 3, _publisher("publish", "channel name"), payload_index=2),
+    Command("spublish", 3, _publisher("spublish", "shard channel name"), payload_index=2),
     Command("pubsub", -2, _pubsub, subcommands=_PUBSUB_SUBCOMMANDS),
     Command("ping", -1, _ping),
 )

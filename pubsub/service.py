@@ -13,9 +13,9 @@ from dataclasses import MISSING, fields
 from typing import Any, ClassVar
 
 import txaio
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application import strports
 from twisted.application.service import MultiService
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
@@ -63,12 +63,14 @@ class PubSubService(MultiService):
         self.settings = settings
         self._reactor = reactor
 
-    def startService(self) -> None:
-        log.info(
-            "pubsub serving WebSocket on {endpoint}",
-            endpoint=endpoint_description(self.settings),
-        )
-        super().startService()
+    def privilegedStartService(self) -> None:
+        endpoint = endpoint_description(self.settings)
+        log.info("pubsub starting: WebSocket endpoint {endpoint}", endpoint=endpoint)
+        try:
+            super().privilegedStartService()
+        except CannotListenError as error:
+            # One clear line instead of twistd's traceback, and a non-zero exit.
+            raise SystemExit(f"pubsub: cannot listen on {endpoint}: {error.socketError}") from None
 
     def stopService(self) -> Any:
         # SIGTERM and SIGINT are how this server is meant to be stopped: once
@@ -94,11 +96,13 @@ def make_service(
         timeout=settings.open_handshake_timeout or None,
     )
     try:
-        endpoint = serverFromString(reactor, endpoint_description(settings))
-    except (ValueError, TypeError, KeyError) as error:
+        # strports raises at start-up when the port cannot be bound, so
+        # twistd stops with the reason instead of running without a port.
+        listener = strports.service(endpoint_description(settings), site, reactor=reactor)
+    except Exception as error:  # noqa: BLE001 - endpoint parsers raise anything
         raise ConfigError(f"setting port: cannot use {settings.port!r}: {error}") from None
     service = PubSubService(engine, settings, reactor)
-    StreamServerEndpointService(endpoint, site).setServiceParent(service)
+    listener.setServiceParent(service)
     return service
 
 

@@ -103,3 +103,8 @@ class PubSubResource(Resource):
             return self._websocket.render(request)
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         return self._page
+
+    def render_HEAD(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"content-length", b"%d" % len(self._page))
+        return b""

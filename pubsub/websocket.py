@@ -38,7 +38,7 @@ from autobahn.websocket.compress import (
     PerMessageDeflateOfferAccept,
 )
 from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
-from autobahn.websocket.types import ConnectionRequest
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.logger import Logger
 
 from pubsub import json_codec
@@ -181,7 +181,16 @@ class PubSubServerProtocol(WebSocketServerProtocol):
     encoder: JsonFrames
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
-        return SUBPROTOCOL if SUBPROTOCOL in request.protocols else None
+        if not request.protocols:
+            return None
+        if SUBPROTOCOL in request.protocols:
+            return SUBPROTOCOL
+        # Accepting without choosing one of the offered subprotocols makes
+        # browsers fail the connection with no reason given; say why instead.
+        raise ConnectionDeny(
+            ConnectionDeny.BAD_REQUEST,
+            f"unsupported subprotocol: offer {SUBPROTOCOL} or none",
+        )
 
     def onOpen(self) -> None:
         self.encoder = self.factory.encoder_for(self._perMessageCompress)

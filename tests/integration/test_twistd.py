@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,23 @@ def test_twistd_rejects_a_bad_port(tmp_path, port):
     )
     assert result.returncode != 0
     assert "setting port" in result.stdout + result.stderr
+
+
+def test_twistd_stops_with_a_clear_message_when_the_port_is_taken(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [TWISTD, "-n", "--pidfile=", "pubsub", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            env=clean_environment(),
+            cwd=tmp_path,
+            timeout=60,
+            check=False,
+        )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert f"pubsub: cannot listen on tcp:{port}:interface=127.0.0.1" in output
+    assert "Traceback" not in output

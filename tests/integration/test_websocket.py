@@ -204,3 +204,16 @@ def test_healthz_and_the_info_page(server, connect):
     response = yield agent.request(b"GET", b"http://127.0.0.1:%d/missing" % server.port)
     yield readBody(response)
     assert response.code == 404
+
+
+@pytest_twisted.inlineCallbacks
+def test_only_other_subprotocols_are_refused_with_a_reason(server, connect):
+    with pytest.raises(ConnectionError, match="unsupported subprotocol"):
+        yield connect(server.port, protocols=["mqtt"])
+
+
+@pytest_twisted.inlineCallbacks
+def test_head_of_the_info_page(server):
+    response = yield Agent(reactor).request(b"HEAD", b"http://127.0.0.1:%d/" % server.port)
+    assert response.code == 200
+    assert int(response.headers.getRawHeaders(b"content-length")[0]) > 100
