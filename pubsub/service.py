@@ -172,4 +172,6 @@ def makeService(options: Options) -> PubSubService:
     try:
         return make_service(options.settings)
     except ConfigError as error:
-        raise usage.UsageError(str(error)) from None
+        # Past option parsing twistd shows a UsageError as a traceback; a
+        # SystemExit is one line and status 1.
+        raise SystemExit(f"pubsub: {error}") from None
