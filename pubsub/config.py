@@ -44,6 +44,15 @@ class Settings:
         10_000, "Most channels + patterns + shard channels one client may hold"
     )
     max_name_length: int = _setting(4096, "Longest channel name or pattern accepted, in bytes")
+    output_buffer_hard: int = _setting(
+        8 * 1024 * 1024, "Unsent bytes past which a subscriber is disconnected (1008)"
+    )
+    output_buffer_soft: int = _setting(
+        1024 * 1024, "Unsent bytes a subscriber may hold for output_buffer_soft_seconds"
+    )
+    output_buffer_soft_seconds: float = _setting(
+        30.0, "How long a subscriber may stay past output_buffer_soft before it is cut off"
+    )
     compression: bool = _setting(
         False, "Offer permessage-deflate to clients that ask (server_no_context_takeover)"
     )

@@ -56,6 +56,7 @@ class HealthResource(Resource):
 
     def __init__(self, factory: PubSubServerFactory, clock: IReactorTime) -> None:
         super().__init__()
+        self._factory = factory
         self._engine = factory.engine
         self._clock = clock
         self._started = clock.seconds()
@@ -68,6 +69,7 @@ class HealthResource(Resource):
             "channels": engine.channel_count,
             "patterns": engine.pattern_count,
             "shard_channels": engine.shard_channel_count,
+            "slow_consumers_disconnected": self._factory.slow_consumers,
             "uptime": round(self._clock.seconds() - self._started, 3),
         }
         request.setHeader(b"content-type", b"application/json")

@@ -45,6 +45,7 @@ from pubsub import json_codec
 from pubsub.commands import Error, Limits, Session, execute
 from pubsub.config import Settings
 from pubsub.engine import Engine
+from pubsub.flow import Flusher, Outbox, OutputLimits
 
 __all__ = [
     "SUBPROTOCOL",
@@ -138,8 +139,10 @@ class _DeflateAccept(PerMessageDeflateOfferAccept):
 class _ConfiguredFactory(WebSocketServerFactory):
     """A server factory with every protocol option taken from the settings."""
 
-    def __init__(self, settings: Settings | None = None, url: str | None = None) -> None:
-        super().__init__(url)
+    def __init__(
+        self, settings: Settings | None = None, url: str | None = None, reactor: Any = None
+    ) -> None:
+        super().__init__(url, reactor=reactor)
         self.settings = settings if settings is not None else Settings()
         options: dict[str, Any] = {
             "maxMessagePayloadSize": self.settings.max_message_size,
@@ -174,11 +177,17 @@ class _ConfiguredFactory(WebSocketServerFactory):
 
 
 class PubSubServerProtocol(WebSocketServerProtocol):
-    """One client connection: a subscriber of the factory's engine."""
+    """One client connection: a subscriber of the factory's engine.
+
+    It is also the streaming producer of its transport: once the transport
+    holds 64 KiB it cannot send, frames wait in the connection's outbox, under
+    the output buffer limits (see ``pubsub.flow``).
+    """
 
     factory: PubSubServerFactory
     session: Session | None = None
     encoder: JsonFrames
+    _outbox: Outbox | None = None
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         if not request.protocols:
@@ -193,9 +202,21 @@ class PubSubServerProtocol(WebSocketServerProtocol):
         )
 
     def onOpen(self) -> None:
-        self.encoder = self.factory.encoder_for(self._perMessageCompress)
-        engine = self.factory.engine
-        self.session = Session(engine, engine.register(self), self.factory.limits)
+        factory = self.factory
+        self.encoder = factory.encoder_for(self._perMessageCompress)
+        self._outbox = Outbox(
+            self.transport,
+            factory.flusher,
+            factory.output_limits,
+            factory.reactor,
+            self._slow_consumer,
+        )
+        # Under twisted.web the HTTP channel is still the transport's
+        # producer; the flow-control signals are ours now.
+        self.transport.unregisterProducer()
+        self.transport.registerProducer(self, True)
+        engine = factory.engine
+        self.session = Session(engine, engine.register(self), factory.limits)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.session is None:
@@ -220,12 +241,47 @@ class PubSubServerProtocol(WebSocketServerProtocol):
             )
 
     def deliver(self, frame: PreparedMessage) -> None:
-        # Between our close frame and the end of the connection, nothing more
+        # Between our close frame and the end of the connection nothing more
         # may be sent; the engine forgets us in onClose.
         if self.state == WebSocketProtocol.STATE_OPEN:
-            self.sendPreparedMessage(frame)
+            self._outbox.append(frame.payloadHybi)  # type: ignore[union-attr]
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Everything Autobahn sends (replies, pongs, close frames) queues
+        # behind waiting deliveries, so a client sees frames in order.
+        outbox = self._outbox
+        if outbox is not None and (outbox or outbox.paused):
+            outbox.append(data)
+        else:
+            super().sendData(data, sync, chopsize)
+
+    # IPushProducer, called by the transport.
+    def pauseProducing(self) -> None:
+        if self._outbox is not None:
+            self._outbox.pause()
+
+    def resumeProducing(self) -> None:
+        if self._outbox is not None:
+            self._outbox.resume()
+
+    def stopProducing(self) -> None:
+        self._drop_outbox()
+
+    def _slow_consumer(self, reason: str) -> None:
+        # Runs inside a publish: it must not raise. The close frame goes out
+        # behind what the transport already holds; if the peer never reads
+        # it, Autobahn's close handshake timeout drops the connection.
+        self._outbox = None
+        self.factory.slow_consumers += 1
+        self._fail_connection(WebSocketProtocol.CLOSE_STATUS_CODE_POLICY_VIOLATION, reason)
+
+    def _drop_outbox(self) -> None:
+        if self._outbox is not None:
+            self._outbox.close()
+            self._outbox = None
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._drop_outbox()
         if self.session is not None:
             self.factory.engine.unregister(self.session.token)
             self.session = None
@@ -241,9 +297,18 @@ class PubSubServerFactory(_ConfiguredFactory):
         engine: Engine | None = None,
         settings: Settings | None = None,
         url: str | None = None,
+        reactor: Any = None,
     ) -> None:
-        super().__init__(settings, url)
+        super().__init__(settings, url, reactor)
         self.engine = engine if engine is not None else Engine()
+        self.flusher = Flusher(self.reactor)
+        self.output_limits = OutputLimits(
+            hard=self.settings.output_buffer_hard,
+            soft=self.settings.output_buffer_soft,
+            soft_seconds=self.settings.output_buffer_soft_seconds,
+        )
+        #: Connections cut off by the output buffer limits since start-up.
+        self.slow_consumers = 0
         self.limits = Limits(
             max_subscriptions=self.settings.max_subscriptions,
             max_name_length=self.settings.max_name_length,

@@ -217,3 +217,32 @@ def test_head_of_the_info_page(server):
     response = yield Agent(reactor).request(b"HEAD", b"http://127.0.0.1:%d/" % server.port)
     assert response.code == 200
     assert int(response.headers.getRawHeaders(b"content-length")[0]) > 100
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_reader_that_stops_is_cut_off_and_the_others_get_everything(make_server, connect):
+    server = yield make_server(output_buffer_hard=1024 * 1024, output_buffer_soft=0)
+    stalled = yield connect(server.port)
+    healthy = yield connect(server.port)
+    publisher = yield connect(server.port)
+    yield stalled.call("SUBSCRIBE", "flood")
+    yield healthy.call("SUBSCRIBE", "flood")
+    gone = unregistered(server)
+    stalled.transport.pauseProducing()  # the client stops reading its socket
+    payloads = [f"{n:05d}" + "z" * 16_000 for n in range(1_600)]  # 25 MB, past socket buffers
+    received = []
+    # Rounds of 32 (512 KB), each read by the healthy subscriber before the
+    # next, so only the stalled one can fall a megabyte behind.
+    for start in range(0, len(payloads), 32):
+        for payload in payloads[start : start + 32]:
+            publisher.send("PUBLISH", "flood", payload)
+        while len(received) < min(start + 32, len(payloads)):
+            received.append((yield healthy.next_frame()))
+    yield gone
+    assert server.factory.slow_consumers == 1
+    assert received == [["message", "flood", p] for p in payloads]
+    replies = yield publisher.drain()
+    assert len(replies) == len(payloads)
+    assert replies[-1] == ["reply", 1]  # the stalled subscriber was gone by then
+    assert (yield publisher.call("PUBSUB", "NUMSUB", "flood")) == [["reply", ["flood", 1]]]
+    stalled.transport.resumeProducing()

@@ -48,6 +48,7 @@ class Connection:
         self.protocol.dataReceived(data)
 
     def frames(self) -> list[tuple[int, bytes]]:
+        self.protocol.factory.reactor.advance(0)  # the end of this reactor turn: outboxes flush
         frames = wsframes.parse_frames(self.transport.value())
         self.transport.clear()
         return frames
@@ -70,7 +71,7 @@ def clock():
 @pytest.fixture
 def make_factory(clock):
     def make(**settings):
-        factory = PubSubServerFactory(Engine(), Settings(**settings))
+        factory = PubSubServerFactory(Engine(), Settings(**settings), reactor=clock)
         # Autobahn schedules its handshake timers through txaio's global loop;
         # keep them on this test's clock instead of the real reactor.
         factory._batched_timer = _BatchedTimer(
@@ -251,6 +252,7 @@ def test_compressed_deliveries_on_the_wire(make_factory):
     big, small = "b" * 500, "s"
     factory.engine.publish("c", big)
     factory.engine.publish("c", small)
+    factory.reactor.advance(0)
     [(first, compressed), (second, plain)] = [
         (data[0], data) for data in _raw_frames(connection.transport.value())
     ]
@@ -276,3 +278,52 @@ def _raw_frames(data: bytes) -> list[bytes]:
 
 def _payload(frame: bytes) -> bytes:
     return frame[4:] if frame[1] & 0x7F == 126 else frame[2:]
+
+
+def test_the_connection_is_its_transports_streaming_producer(factory):
+    connection = Connection(factory)
+    assert connection.transport.producer is connection.protocol
+    assert connection.transport.streaming
+
+
+def test_replies_queue_behind_waiting_deliveries(factory):
+    subscriber, publisher = Connection(factory), Connection(factory)
+    subscriber.call("SUBSCRIBE", "c")
+    publisher.send(command("PUBLISH", "c", "first"))
+    subscriber.send(command("PING", "after"))
+    assert subscriber.messages() == [["message", "c", "first"], ["pong", "after"]]
+
+
+def test_a_stalled_subscriber_is_cut_off_past_the_hard_limit(make_factory):
+    factory = make_factory(output_buffer_hard=10_000, output_buffer_soft=0)
+    stalled, healthy, publisher = Connection(factory), Connection(factory), Connection(factory)
+    stalled.call("SUBSCRIBE", "c")
+    healthy.call("SUBSCRIBE", "c")
+    stalled.protocol.pauseProducing()  # what the transport does past 64 KiB unsent
+    payloads = [f"{n:04d}" + "x" * 996 for n in range(30)]
+    for payload in payloads:
+        publisher.send(command("PUBLISH", "c", payload))
+    assert healthy.messages() == [["message", "c", p] for p in payloads]
+    [(opcode, payload)] = stalled.frames()  # the close frame; the backlog was dropped
+    assert opcode == CLOSE
+    assert wsframes.close_code(payload) == 1008
+    assert payload[2:] == b"output buffer over its hard limit of 10000 bytes"
+    assert factory.slow_consumers == 1
+    assert publisher.messages() == [["reply", 2]] * 30
+    stalled.protocol.connectionLost(Failure(ConnectionLost()))
+    assert publisher.call("PUBLISH", "c", "later") == [["reply", 1]]
+
+
+def test_a_subscriber_that_resumes_in_time_gets_everything_in_order(make_factory):
+    factory = make_factory(output_buffer_hard=0, output_buffer_soft=5000)
+    slow, publisher = Connection(factory), Connection(factory)
+    slow.call("SUBSCRIBE", "c")
+    slow.protocol.pauseProducing()
+    for n in range(20):
+        publisher.send(command("PUBLISH", "c", str(n) * 500))
+    assert slow.frames() == []
+    factory.reactor.advance(29)
+    slow.protocol.resumeProducing()
+    assert slow.messages() == [["message", "c", str(n) * 500] for n in range(20)]
+    factory.reactor.advance(60)
+    assert factory.slow_consumers == 0

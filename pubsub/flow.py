@@ -1,0 +1,168 @@
+"""Output buffering and the slow-consumer policy, for any transport.
+
+Twisted's transports buffer whatever is written to them without limit and
+expose no byte count.  Their supported signal is the streaming producer: past
+64 KiB unsent they call ``pauseProducing``, and ``resumeProducing`` once the
+socket has drained.  An :class:`Outbox` sits between a connection and its
+transport: frames go in, are written once per reactor turn as one
+``writeSequence`` (not one ``write`` per delivery), and while the transport
+is paused they wait in the outbox, where their bytes are counted.
+
+The policy is Redis's ``client-output-buffer-limit pubsub HARD SOFT SECONDS``:
+a connection whose waiting bytes pass the hard limit, or stay past the soft
+limit for longer than the soft seconds, is cut off through ``on_breach``
+with a reason naming the limit.  Its memory is therefore bounded by the hard
+limit plus what the transport holds, whatever the reader does, and nobody
+else waits for it.
+
+Nothing here knows about WebSocket or RESP framing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Flusher", "Outbox", "OutputLimits"]
+
+
+@dataclass(frozen=True)
+class OutputLimits:
+    """``client-output-buffer-limit``: bytes and seconds; 0 switches a limit off."""
+
+    hard: int = 8 * 1024 * 1024
+    soft: int = 1024 * 1024
+    soft_seconds: float = 30.0
+
+
+class Flusher:
+    """Writes every outbox that received frames during this reactor turn.
+
+    One ``callLater(0, ...)`` per turn, whatever the number of connections,
+    so a publish to N subscribers costs N list appends, then N writes.
+    """
+
+    def __init__(self, clock: Any) -> None:
+        self._clock = clock
+        self._pending: list[Outbox] = []
+        self._call: Any = None
+
+    def schedule(self, outbox: Outbox) -> None:
+        self._pending.append(outbox)
+        if self._call is None:
+            self._call = self._clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        self._call = None
+        pending, self._pending = self._pending, []
+        for outbox in pending:
+            outbox.flush()
+
+
+class Outbox:
+    """One connection's unsent frames, bounded by its output limits."""
+
+    __slots__ = (
+        "_breach",
+        "_clock",
+        "_flusher",
+        "_frames",
+        "_limits",
+        "_scheduled",
+        "_soft_timer",
+        "_transport",
+        "closed",
+        "paused",
+        "size",
+    )
+
+    def __init__(
+        self,
+        transport: Any,
+        flusher: Flusher,
+        limits: OutputLimits,
+        clock: Any,
+        on_breach: Callable[[str], None],
+    ) -> None:
+        self._transport = transport
+        self._flusher = flusher
+        self._limits = limits
+        self._clock = clock
+        self._breach = on_breach
+        self._frames: list[bytes] = []
+        self._scheduled = False
+        self._soft_timer: Any = None
+        #: Bytes waiting here (not yet handed to the transport).
+        self.size = 0
+        #: True while the transport has asked us to stop writing.
+        self.paused = False
+        #: True once the connection is cut off; later frames are dropped.
+        self.closed = False
+
+    def append(self, data: bytes) -> None:
+        """Queue ``data`` behind everything queued before it."""
+        if self.closed:
+            return
+        self._frames.append(data)
+        self.size += len(data)
+        if self.paused:
+            self._check_limits()
+        elif not self._scheduled:
+            self._scheduled = True
+            self._flusher.schedule(self)
+
+    def __bool__(self) -> bool:
+        return bool(self._frames)
+
+    def flush(self) -> None:
+        """Hand every waiting frame to the transport, unless it is paused."""
+        self._scheduled = False
+        if self.paused or self.closed or not self._frames:
+            return
+        frames, self._frames = self._frames, []
+        self.size = 0
+        self._cancel_soft_timer()
+        self._transport.writeSequence(frames)
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        self.flush()
+
+    def close(self) -> None:
+        """Drop what is waiting and accept nothing more."""
+        self.closed = True
+        self._frames = []
+        self.size = 0
+        self._cancel_soft_timer()
+
+    def _check_limits(self) -> None:
+        limits = self._limits
+        if limits.hard and self.size > limits.hard:
+            self._cut_off(f"output buffer over its hard limit of {limits.hard} bytes")
+        elif limits.soft and self.size > limits.soft:
+            if self._soft_timer is None and limits.soft_seconds:
+                self._soft_timer = self._clock.callLater(limits.soft_seconds, self._soft_expired)
+            elif not limits.soft_seconds:
+                self._soft_expired()
+
+    def _soft_expired(self) -> None:
+        self._soft_timer = None
+        if not self.closed and self.size > self._limits.soft:
+            self._cut_off(
+                f"output buffer over its soft limit of {self._limits.soft} bytes "
+                f"for {self._limits.soft_seconds:g} s"
+            )
+
+    def _cancel_soft_timer(self) -> None:
+        if self._soft_timer is not None:
+            if self._soft_timer.active():
+                self._soft_timer.cancel()
+            self._soft_timer = None
+
+    def _cut_off(self, reason: str) -> None:
+        self.close()
+        self._breach(reason)

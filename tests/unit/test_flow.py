@@ -1,0 +1,115 @@
+"""The outbox and the slow-consumer policy, on a Clock."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.task import Clock
+
+from pubsub.flow import Flusher, Outbox, OutputLimits
+
+
+class Transport:
+    def __init__(self) -> None:
+        self.writes: list[list[bytes]] = []
+
+    def writeSequence(self, frames: list[bytes]) -> None:
+        self.writes.append(list(frames))
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+def make_outbox(clock, **limits):
+    breaches: list[str] = []
+    transport = Transport()
+    outbox = Outbox(transport, Flusher(clock), OutputLimits(**limits), clock, breaches.append)
+    return outbox, transport, breaches
+
+
+def test_frames_are_written_once_per_reactor_turn_in_order(clock):
+    outbox, transport, _ = make_outbox(clock)
+    for n in range(100):
+        outbox.append(b"%d" % n)
+    assert transport.writes == []
+    clock.advance(0)
+    assert transport.writes == [[b"%d" % n for n in range(100)]]
+    assert outbox.size == 0
+
+
+def test_one_flush_call_serves_every_outbox(clock):
+    flusher = Flusher(clock)
+    transports = [Transport() for _ in range(50)]
+    outboxes = [Outbox(t, flusher, OutputLimits(), clock, print) for t in transports]
+    for outbox in outboxes:
+        outbox.append(b"x")
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(0)
+    assert all(t.writes == [[b"x"]] for t in transports)
+
+
+def test_paused_frames_wait_and_are_counted_then_flow_on_resume(clock):
+    outbox, transport, breaches = make_outbox(clock, hard=1000, soft=0)
+    outbox.pause()
+    for _ in range(10):
+        outbox.append(b"x" * 50)
+    clock.advance(0)
+    assert transport.writes == [] and outbox.size == 500
+    outbox.resume()
+    assert transport.writes == [[b"x" * 50] * 10]
+    assert outbox.size == 0 and breaches == []
+
+
+def test_past_the_hard_limit_the_connection_is_cut_off(clock):
+    outbox, transport, breaches = make_outbox(clock, hard=1000, soft=0)
+    outbox.pause()
+    for _ in range(20):
+        outbox.append(b"x" * 100)
+    assert breaches == ["output buffer over its hard limit of 1000 bytes"]
+    assert outbox.closed and outbox.size == 0
+    outbox.resume()
+    assert transport.writes == []  # what waited was dropped, not sent late
+
+
+def test_past_the_soft_limit_for_its_seconds_the_connection_is_cut_off(clock):
+    outbox, _, breaches = make_outbox(clock, hard=10_000, soft=500, soft_seconds=30)
+    outbox.pause()
+    outbox.append(b"x" * 600)
+    clock.advance(29.9)
+    assert breaches == []
+    clock.advance(0.2)
+    assert breaches == ["output buffer over its soft limit of 500 bytes for 30 s"]
+
+
+def test_draining_in_time_forgives_the_soft_limit(clock):
+    outbox, transport, breaches = make_outbox(clock, hard=10_000, soft=500, soft_seconds=30)
+    outbox.pause()
+    outbox.append(b"x" * 600)
+    clock.advance(20)
+    outbox.resume()
+    clock.advance(60)
+    assert breaches == [] and transport.writes == [[b"x" * 600]]
+    # A new stall starts a new clock.
+    outbox.pause()
+    outbox.append(b"y" * 600)
+    clock.advance(29)
+    assert breaches == []
+    clock.advance(2)
+    assert len(breaches) == 1
+
+
+def test_zero_switches_limits_off(clock):
+    outbox, _, breaches = make_outbox(clock, hard=0, soft=0)
+    outbox.pause()
+    for _ in range(1000):
+        outbox.append(b"x" * 1000)
+    clock.advance(3600)
+    assert breaches == [] and outbox.size == 1_000_000
+
+
+def test_soft_seconds_zero_cuts_off_at_once(clock):
+    outbox, _, breaches = make_outbox(clock, hard=0, soft=10, soft_seconds=0)
+    outbox.pause()
+    outbox.append(b"x" * 11)
+    assert breaches == ["output buffer over its soft limit of 10 bytes for 0 s"]
