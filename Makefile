@@ -20,6 +20,7 @@ $(VENV)/.deps: setup.cfg pyproject.toml | $(BIN)/python
 # A real (not editable) install, every time: twistd finds plugins only in an
 # installed twisted/plugins, and the tests run the installed `twistd pubsub`.
 install: $(VENV)/.deps
+	rm -rf build  # setuptools' in-tree copy would carry files deleted since
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation --force-reinstall .
 
 run: install

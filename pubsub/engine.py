@@ -163,13 +163,7 @@ class Engine:
     def subscribe(self, token: int, channels: Iterable[bytes]) -> list[Confirmation]:
         """SUBSCRIBE: one confirmation per name given, duplicates included."""
         client = self._client(token)
-        replies: list[Confirmation] = []
-        for channel in channels:
-            if channel not in client.channels:
-                client.channels[channel] = None
-                self._add(self._channels, channel, token)
-            replies.append((channel, client.count()))
-        return replies
+        return self._join(token, client.channels, self._channels, channels, client.count)
 
     def unsubscribe(self, token: int, channels: Iterable[bytes] = ()) -> list[Confirmation]:
         """UNSUBSCRIBE: the names given, or every channel held when none are."""
@@ -179,48 +173,48 @@ class Engine:
     def psubscribe(self, token: int, patterns: Iterable[bytes]) -> list[Confirmation]:
         """PSUBSCRIBE: one confirmation per pattern given."""
         client = self._client(token)
-        replies: list[Confirmation] = []
-        for pattern in patterns:
-            if pattern not in client.patterns:
-                client.patterns[pattern] = None
-                if self._add(self._patterns, pattern, token):
-                    self._index_pattern(pattern)
-            replies.append((pattern, client.count()))
-        return replies
+        return self._join(
+            token, client.patterns, self._patterns, patterns, client.count, self._index_pattern
+        )
 
     def punsubscribe(self, token: int, patterns: Iterable[bytes] = ()) -> list[Confirmation]:
         """PUNSUBSCRIBE: the patterns given, or every pattern held."""
         client = self._client(token)
         return self._leave(
-            token,
-            client.patterns,
-            self._patterns,
-            patterns,
-            client.count,
-            on_last=self._unindex_pattern,
+            token, client.patterns, self._patterns, patterns, client.count, self._unindex_pattern
         )
 
     def ssubscribe(self, token: int, channels: Iterable[bytes]) -> list[Confirmation]:
         """SSUBSCRIBE: counts only shard channels, as Redis does."""
         client = self._client(token)
-        replies: list[Confirmation] = []
-        for channel in channels:
-            if channel not in client.shard_channels:
-                client.shard_channels[channel] = None
-                self._add(self._shard_channels, channel, token)
-            replies.append((channel, client.shard_count()))
-        return replies
+        return self._join(
+            token, client.shard_channels, self._shard_channels, channels, client.shard_count
+        )
 
     def sunsubscribe(self, token: int, channels: Iterable[bytes] = ()) -> list[Confirmation]:
         """SUNSUBSCRIBE: the shard channels given, or every one held."""
         client = self._client(token)
         return self._leave(
-            token,
-            client.shard_channels,
-            self._shard_channels,
-            channels,
-            client.shard_count,
+            token, client.shard_channels, self._shard_channels, channels, client.shard_count
         )
+
+    def _join(
+        self,
+        token: int,
+        held: dict[bytes, None],
+        registry: dict[bytes, SortedSet],
+        names: Iterable[bytes],
+        count: Callable[[], int],
+        on_first: Callable[[bytes], None] | None = None,
+    ) -> list[Confirmation]:
+        replies: list[Confirmation] = []
+        for name in names:
+            if name not in held:
+                held[name] = None
+                if self._add(registry, name, token) and on_first is not None:
+                    on_first(name)
+            replies.append((name, count()))
+        return replies
 
     def _leave(
         self,
@@ -373,10 +367,6 @@ class Engine:
     @property
     def channel_count(self) -> int:
         return len(self._channels)
-
-    @property
-    def pattern_count(self) -> int:
-        return len(self._patterns)
 
     @property
     def shard_channel_count(self) -> int:

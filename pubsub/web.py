@@ -67,7 +67,7 @@ class HealthResource(Resource):
             "status": "ok",
             "connections": engine.client_count,
             "channels": engine.channel_count,
-            "patterns": engine.pattern_count,
+            "patterns": engine.numpat(),
             "shard_channels": engine.shard_channel_count,
             "slow_consumers_disconnected": self._factory.slow_consumers,
             "uptime": round(self._clock.seconds() - self._started, 3),

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 import sys
 from io import BytesIO
 from pathlib import Path
 
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
@@ -16,6 +15,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 import pubsub
+from tests.support.processes import ServerProcess
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "embedded.py"
 
@@ -57,29 +57,9 @@ def test_build_factory_shares_the_engine():
     assert factory.maxMessagePayloadSize == 10
 
 
-class ExampleProcess(protocol.ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = b""
-        self.listening: defer.Deferred = defer.Deferred()
-        self.ended: defer.Deferred = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        match = re.search(rb"embedded app on http://127.0.0.1:(\d+)/", self.output)
-        if match and not self.listening.called:
-            self.listening.callback(int(match.group(1)))
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        if not self.listening.called:
-            self.listening.errback(RuntimeError(self.output.decode(errors="replace")))
-        self.ended.callback(None)
-
-
 @pytest_twisted.inlineCallbacks
 def test_the_documented_example_runs(connect):
-    process = ExampleProcess()
+    process = ServerProcess(rb"embedded app on http://127.0.0.1:(\d+)/")
     args = [sys.executable, str(EXAMPLE), "--port", "0"]
     transport = reactor.spawnProcess(process, sys.executable, args, env=None)
     try:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
-import re
 import socket
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import reactor
+
+from pubsub.config import Settings
+from tests.support.processes import ServerProcess
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 
@@ -22,31 +25,22 @@ def clean_environment() -> dict[str, str]:
     return env
 
 
-class TwistdProcess(protocol.ProcessProtocol):
-    """Collects output; ``listening`` fires with the port from twistd's log line."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.listening: defer.Deferred = defer.Deferred()
-        self.ended: defer.Deferred = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        match = re.search(rb"Site starting on (\d+)", self.output)
-        if match and not self.listening.called:
-            self.listening.callback(int(match.group(1)))
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        if not self.listening.called:
-            self.listening.errback(RuntimeError(self.output.decode(errors="replace")))
-        self.ended.callback(reason.value.exitCode)
+def run_twistd(cwd, *options: str) -> subprocess.CompletedProcess:
+    """``twistd -n --pidfile= pubsub OPTIONS`` to completion, as a user would run it."""
+    return subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "pubsub", *options],
+        capture_output=True,
+        text=True,
+        env=clean_environment(),
+        cwd=cwd,
+        timeout=60,
+        check=False,
+    )
 
 
 @pytest_twisted.inlineCallbacks
 def test_twistd_serves_and_exits_cleanly_on_sigterm(tmp_path, connect):
-    process = TwistdProcess()
+    process = ServerProcess(rb"Site starting on (\d+)")
     args = [TWISTD, "-n", "--pidfile=", "pubsub", "--port", "tcp:0:interface=127.0.0.1"]
     transport = reactor.spawnProcess(
         process, TWISTD, args, env=clean_environment(), path=str(tmp_path)
@@ -69,19 +63,8 @@ def test_twistd_serves_and_exits_cleanly_on_sigterm(tmp_path, connect):
 
 
 def test_twistd_help_lists_every_setting_with_its_default(tmp_path):
-    result = subprocess.run(
-        [TWISTD, "pubsub", "--help"],
-        capture_output=True,
-        text=True,
-        env=clean_environment(),
-        cwd=tmp_path,
-        timeout=60,
-        check=True,
-    )
-    from dataclasses import fields
-
-    from pubsub.config import Settings
-
+    result = run_twistd(tmp_path, "--help")
+    assert result.returncode == 0
     help_text = " ".join(result.stdout.split())
     for f in fields(Settings):
         option = "--" + f.name.replace("_", "-")
@@ -91,30 +74,14 @@ def test_twistd_help_lists_every_setting_with_its_default(tmp_path):
 
 
 def test_twistd_rejects_a_bad_setting_with_a_clear_message(tmp_path):
-    result = subprocess.run(
-        [TWISTD, "-n", "pubsub", "--max-message-size", "-5"],
-        capture_output=True,
-        text=True,
-        env=clean_environment(),
-        cwd=tmp_path,
-        timeout=60,
-        check=False,
-    )
+    result = run_twistd(tmp_path, "--max-message-size", "-5")
     assert result.returncode != 0
     assert "max_message_size must not be negative" in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("port", ["tcp:notaport", "nosuchendpoint:1"])
 def test_twistd_rejects_a_bad_port(tmp_path, port):
-    result = subprocess.run(
-        [TWISTD, "-n", "--pidfile=", "pubsub", "--port", port],
-        capture_output=True,
-        text=True,
-        env=clean_environment(),
-        cwd=tmp_path,
-        timeout=60,
-        check=False,
-    )
+    result = run_twistd(tmp_path, "--port", port)
     output = result.stdout + result.stderr
     assert result.returncode == 1
     assert f"pubsub: setting port: cannot use '{port}'" in output
@@ -126,15 +93,7 @@ def test_twistd_stops_with_a_clear_message_when_the_port_is_taken(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [TWISTD, "-n", "--pidfile=", "pubsub", "--port", str(port)],
-            capture_output=True,
-            text=True,
-            env=clean_environment(),
-            cwd=tmp_path,
-            timeout=60,
-            check=False,
-        )
+        result = run_twistd(tmp_path, "--port", str(port))
     output = result.stdout + result.stderr
     assert result.returncode == 1
     assert f"pubsub: cannot listen on tcp:{port}:interface=127.0.0.1" in output

@@ -442,7 +442,7 @@ class EngineMachine(RuleBasedStateMachine):
         engine = self.engine
         assert engine.client_count == len(self.model)
         assert engine.channel_count == len(self._active("channels"))
-        assert engine.pattern_count == len(self._active("patterns"))
+        assert engine.numpat() == len(self._active("patterns"))
         assert engine.shard_channel_count == len(self._active("shard_channels"))
         for token, client in self.model.items():
             assert engine.subscription_count(token) == client.count() + client.shard_count()
