@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import txaio
 from twisted.application import strports
 from twisted.application.service import MultiService
+from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
@@ -57,9 +58,10 @@ def build_resource(
 class PubSubService(MultiService):
     """The whole server; ``engine`` is there for publishing from application code."""
 
-    def __init__(self, engine: Engine, settings: Settings, reactor: Any) -> None:
+    def __init__(self, factory: PubSubServerFactory, settings: Settings, reactor: Any) -> None:
         super().__init__()
-        self.engine = engine
+        self.factory = factory
+        self.engine = factory.engine
         self.settings = settings
         self._reactor = reactor
 
@@ -78,7 +80,11 @@ class PubSubService(MultiService):
         # the signal (which would report the stop as a failure).
         if getattr(self._reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
             self._reactor._exitSignal = None
-        return super().stopService()
+        # Stop accepting first, then say goodbye (1001) to everyone connected;
+        # the reactor stops once every close handshake ended or timed out.
+        stopped = defer.maybeDeferred(super().stopService)
+        stopped.addCallback(lambda _: self.factory.close_all())
+        return stopped
 
 
 def make_service(
@@ -91,8 +97,9 @@ def make_service(
     txaio.set_global_log_level("info")
     settings = settings if settings is not None else Settings()
     engine = engine if engine is not None else Engine()
+    factory = build_factory(engine, settings)
     site = Site(
-        PubSubResource(build_factory(engine, settings), clock=reactor),
+        PubSubResource(factory, clock=reactor),
         timeout=settings.open_handshake_timeout or None,
     )
     try:
@@ -101,7 +108,7 @@ def make_service(
         listener = strports.service(endpoint_description(settings), site, reactor=reactor)
     except Exception as error:  # noqa: BLE001 - endpoint parsers raise anything
         raise ConfigError(f"setting port: cannot use {settings.port!r}: {error}") from None
-    service = PubSubService(engine, settings, reactor)
+    service = PubSubService(factory, settings, reactor)
     listener.setServiceParent(service)
     return service
 

@@ -39,6 +39,7 @@ from autobahn.websocket.compress import (
 )
 from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from pubsub import json_codec
@@ -202,6 +203,15 @@ class PubSubServerProtocol(WebSocketServerProtocol):
         )
 
     def onOpen(self) -> None:
+        try:
+            self._open()
+        except Exception:  # noqa: BLE001 - Autobahn would swallow it and leave the client hanging
+            _log.failure("internal fault opening a connection from {peer}", peer=self.peer)
+            self._fail_connection(
+                WebSocketProtocol.CLOSE_STATUS_CODE_INTERNAL_ERROR, "internal error"
+            )
+
+    def _open(self) -> None:
         factory = self.factory
         self.encoder = factory.encoder_for(self._perMessageCompress)
         self._outbox = Outbox(
@@ -217,6 +227,7 @@ class PubSubServerProtocol(WebSocketServerProtocol):
         self.transport.registerProducer(self, True)
         engine = factory.engine
         self.session = Session(engine, engine.register(self), factory.limits)
+        factory.connections.add(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.session is None:
@@ -282,6 +293,7 @@ class PubSubServerProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._drop_outbox()
+        self.factory.connections.discard(self)
         if self.session is not None:
             self.factory.engine.unregister(self.session.token)
             self.session = None
@@ -309,6 +321,8 @@ class PubSubServerFactory(_ConfiguredFactory):
         )
         #: Connections cut off by the output buffer limits since start-up.
         self.slow_consumers = 0
+        #: Open pub/sub connections.
+        self.connections: set[PubSubServerProtocol] = set()
         self.limits = Limits(
             max_subscriptions=self.settings.max_subscriptions,
             max_name_length=self.settings.max_name_length,
@@ -328,6 +342,21 @@ class PubSubServerFactory(_ConfiguredFactory):
             )
             encoder = self._deflate_groups[group] = JsonFrames(framer)
         return encoder
+
+    def close_all(self, reason: str = "server shutting down") -> defer.Deferred:
+        """Close every connection with 1001; fires when all have closed.
+
+        A peer that does not answer is dropped by Autobahn's close handshake
+        timeout, so this does not wait on anyone for long.
+        """
+        closing = []
+        for connection in list(self.connections):
+            connection.sendCloseFrame(
+                code=WebSocketProtocol.CLOSE_STATUS_CODE_GOING_AWAY,
+                reasonUtf8=reason.encode("utf-8"),
+            )
+            closing.append(connection.is_closed)
+        return defer.DeferredList(closing)
 
 
 class EchoServerProtocol(WebSocketServerProtocol):

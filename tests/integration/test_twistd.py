@@ -55,6 +55,10 @@ def test_twistd_serves_and_exits_cleanly_on_sigterm(tmp_path, connect):
     finally:
         if not process.ended.called:
             transport.signalProcess("TERM")
+    # Every client is told the server is going away before the process exits.
+    for client in (alice, bob):
+        _, code, reason = yield client.closed
+        assert (code, reason) == (1001, "server shutting down")
     exit_code = yield process.ended
     output = process.output.decode(errors="replace")
     assert exit_code == 0, output

@@ -42,7 +42,7 @@ class Connection:
         self.protocol.dataReceived(wsframes.handshake(protocols=protocols, extra=extra))
         self.response, rest = wsframes.split_response(self.transport.value())
         self.transport.clear()
-        assert rest == b""
+        self.transport.write(rest)  # frames sent right after the handshake, if any
 
     def send(self, data: bytes) -> None:
         self.protocol.dataReceived(data)
@@ -327,3 +327,14 @@ def test_a_subscriber_that_resumes_in_time_gets_everything_in_order(make_factory
     assert slow.messages() == [["message", "c", str(n) * 500] for n in range(20)]
     factory.reactor.advance(60)
     assert factory.slow_consumers == 0
+
+
+def test_a_fault_while_opening_closes_with_1011_and_is_logged(factory, monkeypatch):
+    events = []
+    monkeypatch.setattr(websocket, "_log", Logger(observer=events.append))
+    monkeypatch.setattr(factory, "encoder_for", None)  # calling it raises TypeError
+    connection = Connection(factory)
+    [(opcode, payload)] = connection.frames()
+    assert opcode == CLOSE and wsframes.close_code(payload) == 1011
+    assert any(event.get("log_failure") is not None for event in events)
+    assert factory.engine.client_count == 0
