@@ -6,7 +6,7 @@ PORT ?= 9000
 RUFF_OPTS := --line-length 100 --target-version py311
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint install redis-server conformance
+.PHONY: run test lint install redis-server conformance bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,8 @@ redis-server:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
 
 lint: install
-	$(BIN)/ruff check $(RUFF_OPTS) --extend-select I,B pubsub tests twisted
-	$(BIN)/ruff format --check $(RUFF_OPTS) pubsub tests twisted
+	$(BIN)/ruff check $(RUFF_OPTS) --extend-select I,B pubsub tests twisted bench docs/examples
+	$(BIN)/ruff format --check $(RUFF_OPTS) pubsub tests twisted bench docs/examples
 	$(BIN)/mypy --strict --follow-imports=silent pubsub/engine.py pubsub/glob.py
 
 # The Autobahn TestSuite against /echo and /; reports in reports/conformance.
@@ -42,3 +42,10 @@ conformance: install
 # pytest last, so its summary is the closing line.
 test: install redis-server lint conformance
 	PUBSUB_REQUIRE_REDIS=1 $(BIN)/python -m pytest
+
+# pubsub against a real redis-server, same machine, same run; see docs/benchmarks.md.
+# Quick look: make bench ROUNDS=1 SCALE=0.1 (more options: BENCH_ARGS=--help).
+bench: install redis-server
+	@command -v node >/dev/null || { echo "make bench needs Node.js (node) on PATH" >&2; exit 1; }
+	$(BIN)/python -m pip install --quiet --no-build-isolation '.[bench]'
+	$(BIN)/python bench/run.py --rounds $(or $(ROUNDS),3) --scale $(or $(SCALE),1) $(BENCH_ARGS)

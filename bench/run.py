@@ -1,0 +1,745 @@
+"""The benchmark behind ``make bench``: pubsub (WebSocket JSON) against redis-server (RESP).
+
+For every scenario and round this starts a fresh server on a free 127.0.0.1
+port, runs the Node load generator (``bench/loadgen/coordinator.js``) against
+it, and stops it; the two servers alternate round by round (pubsub first in
+odd rounds, Redis first in even ones).  It then prints, per scenario, the
+median of each figure over the rounds for both servers, the ratio
+pubsub/Redis, and where each target of issue 4 stands; everything (raw runs,
+medians, machine, server logs, profile) goes to ``bench/results/<stamp>/``.
+
+With ``--profile`` (the default) one extra fanout-pipelined run of pubsub is
+sampled with py-spy, and the top functions (self and inclusive time) are
+printed and saved.
+
+Standard library only; the numbers are never asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Self
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+COORDINATOR = BENCH / "loadgen" / "coordinator.js"
+
+PAYLOAD = 64
+
+# Ratios pubsub/Redis (or patterns/no patterns) the issue asks us to report against.
+REFERENCE_REDIS = {
+    "fanout_pipelined": "0.18 us/delivery",
+    "fanout_rate50": "6.5 us/delivery, p99 10 ms",
+    "channels": "8.7 us/delivery",
+    "idle": "10 KB/connection, 9,800 connects/s",
+}
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+def scenarios(scale: float, seconds: float) -> list[dict]:
+    """Every run's load-generator settings; counts times ``scale``, durations times ``seconds``."""
+
+    def n(base: int, least: int = 10) -> int:
+        return max(least, round(base * scale))
+
+    fanout_subs = n(1000)
+    return [
+        {
+            "name": "fanout_pipelined",
+            "scenario": "fanout",
+            "mode": "pipelined",
+            "subscribers": fanout_subs,
+            "durationS": 8 * seconds,
+            "warmupS": 1 * seconds,
+            # Replies outstanding, and deliveries published but not yet received.
+            "pipeline": 64,
+            "window": 200 * fanout_subs,
+            "maxPublishes": 200_000,
+        },
+        {
+            "name": "fanout_rate50",
+            "scenario": "fanout",
+            "mode": "rate",
+            "rate": 50,
+            "subscribers": fanout_subs,
+            "durationS": 12 * seconds,
+            "warmupS": 1 * seconds,
+        },
+        {
+            "name": "channels",
+            "scenario": "channels",
+            "mode": "pipelined",
+            "subscribers": n(10_000),
+            "durationS": 8 * seconds,
+            "warmupS": 1 * seconds,
+            "pipeline": 512,
+            "window": 20_000,
+            "maxPublishes": 5_000_000,
+        },
+        {
+            "name": "patterns",
+            "scenario": "patterns",
+            "mode": "pipelined",
+            "patterns": n(1000),
+            "groups": 10,
+            "durationS": 5 * seconds,
+            "warmupS": 1 * seconds,
+            "pipeline": 512,
+            "window": 20_000,
+            "maxPublishes": 5_000_000,
+        },
+        {
+            "name": "nopatterns",
+            "scenario": "nopatterns",
+            "mode": "pipelined",
+            "patterns": 0,
+            "groups": 10,
+            "durationS": 5 * seconds,
+            "warmupS": 1 * seconds,
+            "pipeline": 512,
+            "window": 20_000,
+            "maxPublishes": 5_000_000,
+        },
+        {
+            "name": "idle",
+            "scenario": "idle",
+            "subscribers": n(10_000),
+            "warmupConnections": 100,
+            "settleMs": 1000,
+        },
+    ]
+
+
+# ------------------------------------------------------------------ servers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, seconds: float) -> None:
+    limit = time.monotonic() + seconds
+    while time.monotonic() < limit:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"server did not listen on {port} within {seconds} s")
+
+
+class Server:
+    """One fresh server process for one run; a context manager that always stops it."""
+
+    def __init__(self, kind: str, args: argparse.Namespace, log: Path, workdir: Path) -> None:
+        self.kind = kind
+        self.port = free_port()
+        if kind == "pubsub":
+            cmd = [
+                args.twistd, "-n", "--pidfile=", "pubsub",
+                "--port", f"tcp:{self.port}:interface=127.0.0.1",
+                # The idle scenario holds 10,000 subscribers plus warm-up ones.
+                "--max-connections", "20000",
+            ]  # fmt: skip
+        else:
+            cmd = [
+                args.redis_server, "--save", "", "--appendonly", "no",
+                "--port", str(self.port), "--bind", "127.0.0.1",
+                "--maxclients", "15000", "--dir", str(workdir), "--daemonize", "no",
+            ]  # fmt: skip
+        self.cmd = cmd
+        self._log = log.open("ab")
+        self.proc = subprocess.Popen(
+            cmd, cwd=workdir, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        try:
+            wait_for_port(self.port, self.proc, 30)
+        except BaseException:
+            self.stop()
+            raise
+        self.pid = self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ----------------------------------------------------------------- one run
+
+
+def run_loadgen(server: Server, spec: dict, args: argparse.Namespace, on_stderr=None) -> dict:
+    cfg = {
+        "server": server.kind,
+        "port": server.port,
+        "serverPid": server.pid,
+        "clkTck": os.sysconf("SC_CLK_TCK"),
+        "workers": args.workers,
+        "payloadLength": PAYLOAD,
+        "progressMs": 5,
+        "connectConcurrency": args.connect_concurrency,
+        "setupTimeoutS": 60,
+        "drainTimeoutS": 30,
+        "maxRunS": 300,
+        **spec,
+    }
+    # stdout (the result) goes to a file and stderr to a reader thread, so
+    # that no one else competes with the thread for stderr's lines.
+    with tempfile.TemporaryFile("w+") as stdout:
+        proc = subprocess.Popen(
+            [args.node, str(COORDINATOR), json.dumps(cfg)],
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        errors: list[str] = []
+
+        def pump_stderr() -> None:
+            for line in proc.stderr:  # type: ignore[union-attr]
+                errors.append(line.rstrip())
+                if on_stderr is not None:
+                    on_stderr(line)
+
+        reader = threading.Thread(target=pump_stderr, daemon=True)
+        reader.start()
+        try:
+            proc.wait(timeout=cfg["maxRunS"] + 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        reader.join(5)
+        stdout.seek(0)
+        out = stdout.read()
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if not lines:
+        return {"error": "no result from the load generator", "stderr": errors[-20:]}
+    result = json.loads(lines[-1])
+    if "error" in result:
+        result["stderr"] = errors[-20:]
+    return result
+
+
+# ------------------------------------------------------------- the figures
+
+# (key, label, unit, format); a key missing from a scenario's results is skipped.
+FIGURES = [
+    ("deliveries_per_s", "deliveries/s", "", "{:,.0f}"),
+    ("publishes_per_s", "publishes/s", "", "{:,.0f}"),
+    ("latency_p50_us", "latency p50", "ms", "ms"),
+    ("latency_p99_us", "latency p99", "ms", "ms"),
+    ("lost", "lost messages", "", "{:,.0f}"),
+    ("server_us_per_delivery", "server CPU/delivery", "us", "{:.3f}"),
+    ("server_us_per_publish", "server CPU/publish", "us", "{:.2f}"),
+    ("server_cpu_pct", "server CPU busy", "%", "{:.0f}"),
+    ("bytes_per_connection", "server memory/connection", "KB", "kb"),
+    ("connects_per_s", "connects/s", "", "{:,.0f}"),
+    ("server_us_per_connect", "server CPU/connect", "us", "{:.1f}"),
+    ("listen_drops", "listen queue drops", "", "{:,.0f}"),
+    ("loadgen_cores", "load generator CPU", "cores", "{:.2f}"),
+    ("loadgen_max_process_pct", "busiest load-gen process", "%", "{:.0f}"),
+]
+
+PER_SCENARIO = {
+    "fanout_pipelined": [
+        "deliveries_per_s", "latency_p50_us", "latency_p99_us", "lost",
+        "server_us_per_delivery", "server_cpu_pct", "loadgen_cores", "loadgen_max_process_pct",
+    ],
+    "fanout_rate50": [
+        "deliveries_per_s", "latency_p50_us", "latency_p99_us", "lost",
+        "server_us_per_delivery", "server_cpu_pct", "loadgen_cores", "loadgen_max_process_pct",
+    ],
+    "channels": [
+        "deliveries_per_s", "latency_p50_us", "latency_p99_us", "lost",
+        "server_us_per_delivery", "server_cpu_pct", "loadgen_cores", "loadgen_max_process_pct",
+    ],
+    "patterns": [
+        "publishes_per_s", "latency_p50_us", "latency_p99_us", "lost",
+        "server_us_per_publish", "server_cpu_pct", "loadgen_cores", "loadgen_max_process_pct",
+    ],
+    "nopatterns": [
+        "publishes_per_s", "latency_p50_us", "latency_p99_us", "lost",
+        "server_us_per_publish", "server_cpu_pct", "loadgen_cores", "loadgen_max_process_pct",
+    ],
+    "idle": [
+        "bytes_per_connection", "connects_per_s", "server_us_per_connect", "listen_drops",
+        "server_cpu_pct", "loadgen_cores", "loadgen_max_process_pct",
+    ],
+}  # fmt: skip
+
+
+def fmt(key: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    style = next(f[3] for f in FIGURES if f[0] == key)
+    if style == "ms":
+        return f"{value / 1000:.2f}"
+    if style == "kb":
+        return f"{value / 1024:.1f}"
+    return style.format(value)
+
+
+def label(key: str) -> str:
+    _, name, unit, _ = next(f for f in FIGURES if f[0] == key)
+    return f"{name} ({unit})" if unit else name
+
+
+def median_of(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None and "error" not in r]
+    return statistics.median(values) if values else None
+
+
+def medians(results: dict) -> dict:
+    """{scenario: {server: {key: median}}}"""
+    out: dict = {}
+    for name, by_server in results.items():
+        out[name] = {}
+        for server, runs in by_server.items():
+            out[name][server] = {key: median_of(runs, key) for key in PER_SCENARIO[name]}
+            out[name][server]["runs_ok"] = sum(1 for r in runs if "error" not in r)
+            out[name][server]["lost_total"] = sum(r.get("lost", 0) or 0 for r in runs)
+    return out
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def targets(med: dict) -> list[tuple[str, str, float | None, str]]:
+    """(target, measured, value, met/missed) for each target of the issue."""
+
+    def get(name: str, server: str, key: str) -> float | None:
+        return med.get(name, {}).get(server, {}).get(key)
+
+    rows = []
+
+    def check(text: str, value: float | None, limit: float, at_most: bool) -> None:
+        if value is None:
+            rows.append((text, "-", None, "not measured"))
+            return
+        ok = value <= limit if at_most else value >= limit
+        if ok:
+            verdict = "met"
+        elif at_most:
+            verdict = f"missed by {value / limit:.1f}x"
+        else:
+            verdict = f"missed by {limit / value:.1f}x"
+        rows.append((text, f"{value:.2f}", value, verdict))
+
+    def r(name: str, key: str) -> float | None:
+        return ratio(get(name, "pubsub", key), get(name, "redis", key))
+
+    for text, name, key, limit in (
+        (
+            "fanout pipelined: CPU/delivery <= 4x Redis",
+            "fanout_pipelined",
+            "server_us_per_delivery",
+            4,
+        ),
+        (
+            "fanout 50 pub/s: CPU/delivery <= 1.5x Redis",
+            "fanout_rate50",
+            "server_us_per_delivery",
+            1.5,
+        ),
+        ("fanout 50 pub/s: p99 <= 2x Redis", "fanout_rate50", "latency_p99_us", 2),
+        ("channels: CPU/delivery <= 3x Redis", "channels", "server_us_per_delivery", 3),
+        ("idle: memory/connection <= Redis", "idle", "bytes_per_connection", 1),
+    ):
+        check(text, r(name, key), limit, True)
+    check("idle: connects/s >= 0.5x Redis", r("idle", "connects_per_s"), 0.5, False)
+    with_patterns = get("patterns", "pubsub", "server_us_per_publish")
+    without = get("nopatterns", "pubsub", "server_us_per_publish")
+    check(
+        "patterns: CPU/publish with 1,000 patterns <= 2x without",
+        ratio(with_patterns, without),
+        2,
+        True,
+    )
+    lost = sum(med[name][server]["lost_total"] for name in med for server in med[name])
+    verdict = "met" if lost == 0 else "missed"
+    rows.append(("lost messages = 0 (all runs, both servers)", f"{lost:,}", lost, verdict))
+    return rows
+
+
+def table(med: dict, servers: list[str]) -> str:
+    lines = []
+    both = "pubsub" in servers and "redis" in servers
+    header = (
+        "| scenario | figure | " + " | ".join(servers) + (" | pubsub/Redis |" if both else " |")
+    )
+    rule = "|---|---|" + "---:|" * len(servers) + ("---:|" if both else "")
+    lines += [header, rule]
+    for name, keys in PER_SCENARIO.items():
+        if name not in med:
+            continue
+        for key in keys:
+            values = [med[name].get(s, {}).get(key) for s in servers]
+            row = f"| {name} | {label(key)} | " + " | ".join(fmt(key, v) for v in values)
+            if both:
+                q = ratio(values[0], values[1])
+                row += " | " + (f"{q:.2f}" if q is not None else "-")
+            lines.append(row + " |")
+    if "patterns" in med and "nopatterns" in med:
+        for s in servers:
+            q = ratio(
+                med["patterns"].get(s, {}).get("server_us_per_publish"),
+                med["nopatterns"].get(s, {}).get("server_us_per_publish"),
+            )
+            qs = f"{q:.2f}" if q is not None else "-"
+            lines.append(f"| patterns/nopatterns | {s}: CPU per publish, ratio | {qs} | | |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ machine
+
+
+def command_output(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(
+            cmd, check=False, capture_output=True, text=True, timeout=20
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+_VERSIONS = (
+    "import sys, importlib.metadata as m; "
+    "print(sys.version.split()[0], m.version('twisted'), m.version('autobahn'))"
+)
+
+
+def machine(args: argparse.Namespace) -> dict:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.MULTILINE)
+    mem = re.search(r"^MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
+    venv_python = Path(args.twistd).with_name("python")
+    versions = command_output(
+        [
+            str(venv_python),
+            "-c",
+            _VERSIONS,
+        ]
+    ).split()
+    commit = command_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = command_output(["git", "-C", str(ROOT), "status", "--porcelain", "--", "pubsub"])
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": os.cpu_count(),
+        "cpu_model": model.group(1).strip() if model else "?",
+        "memory_gib": round(int(mem.group(1)) / 1024 / 1024, 1) if mem else None,
+        "kernel": platform.release(),
+        "python": versions[0] if versions else "?",
+        "twisted": versions[1] if len(versions) > 1 else "?",
+        "autobahn": versions[2] if len(versions) > 2 else "?",
+        "redis": command_output([args.redis_server, "--version"]),
+        "node": command_output([args.node, "--version"]),
+        "commit": commit + (" (pubsub/ modified)" if dirty else ""),
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+        "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+    }
+
+
+def raise_fd_limit(want: int) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        if hard < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return want
+    new = min(max(soft, want), hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    return new
+
+
+# ------------------------------------------------------------------ profile
+
+
+def profile(args: argparse.Namespace, spec: dict, outdir: Path, workdir: Path) -> dict | None:
+    """One fanout-pipelined pubsub run sampled by py-spy over the publishing window."""
+    py_spy = shutil.which("py-spy", path=str(Path(args.twistd).parent)) or shutil.which("py-spy")
+    if not py_spy:
+        print("profile skipped: py-spy not found (pip install py-spy)", file=sys.stderr)
+        return None
+    raw = outdir / f"profile-{spec['name']}.txt"
+    spec = {**spec, "durationS": args.profile_seconds}
+    holder: dict = {}
+    with Server("pubsub", args, outdir / "pubsub-profile.log", workdir) as server:
+
+        def on_stderr(line: str) -> None:
+            if "measure start" in line and "spy" not in holder:
+                holder["spy"] = subprocess.Popen(
+                    [
+                        py_spy, "record", "--pid", str(server.pid), "--rate", "250",
+                        "--duration", str(max(1, int(args.profile_seconds) - 1)),
+                        "--format", "raw", "--output", str(raw), "--nonblocking",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )  # fmt: skip
+
+        result = run_loadgen(server, spec, args, on_stderr=on_stderr)
+        spy = holder.get("spy")
+        if spy is None:
+            print(f"profile failed: the run never started measuring: {result}", file=sys.stderr)
+            return None
+        try:
+            _, err = spy.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            _, err = spy.communicate()
+    if not raw.exists():
+        print(f"profile failed: py-spy wrote nothing: {err.strip()[-500:]}", file=sys.stderr)
+        return None
+    summary = summarize_profile(raw)
+    summary["scenario"] = spec["name"]
+    summary["run"] = {
+        k: result.get(k)
+        for k in (
+            "server_us_per_delivery",
+            "server_us_per_publish",
+            "deliveries_per_s",
+            "server_cpu_pct",
+        )
+    }
+    (outdir / "profile-summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# Where a delivery's time goes, by the functions that mark each stage.
+_LANDMARKS = [
+    ("WebSocketProtocol.processData", "incoming frames: parse, unmask, dispatch (all below)"),
+    ("PubSubServerProtocol.onMessage", "one command: JSON decode, execute, reply"),
+    ("Engine.publish", "the publish: channel lookup and fan-out"),
+    ("PubSubServerProtocol.deliver", "one delivery: state check, outbox append"),
+    ("Flusher.flush", "per reactor turn: each outbox to its transport"),
+    ("FileDescriptor.writeSequence", "Twisted buffers the frames, registers for writing"),
+    ("FileDescriptor.doWrite", "the socket is writable: send()"),
+    ("untilConcludes", "the send() system call itself"),
+    ("EPollReactor.doPoll", "everything run from the event loop"),
+]
+_TRUNK = re.compile(
+    r"\((twistd|twisted/(application|scripts)/.*|twisted/python/(log|context)\.py)\)$"
+    r"|^(ReactorBase\.(run|mainLoop)|_PollLikeMixin\._doReadOrWrite) "
+)
+_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+def _short(frame: str) -> str:
+    m = _FRAME.match(frame.strip())
+    if not m:
+        return frame.strip()
+    file = m.group("file")
+    for marker in ("site-packages/", "lib/python3"):
+        if marker in file:
+            file = file.split(marker, 1)[1]
+    return f"{m.group('func')} ({file})"
+
+
+def summarize_profile(raw: Path, top: int = 15) -> dict:
+    """Self and inclusive sample shares by function from py-spy's collapsed stacks."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [_short(f) for f in stack.split(";")]
+        frames = [f for f in frames if not f.startswith("process ")]
+        total += n
+        if frames:
+            own[frames[-1]] += n
+        for f in set(frames):
+            inclusive[f] += n
+    if not total:
+        return {"samples": 0, "self": [], "inclusive": []}
+    # The reactor's own frames (twistd, run, mainLoop, logging context) sit
+    # under nearly every sample and say nothing.
+    telling = [(f, c) for f, c in inclusive.most_common() if not _TRUNK.search(f)]
+    landmarks = []
+    for name, what in _LANDMARKS:
+        share = max((c for f, c in inclusive.items() if f.startswith(name + " ")), default=0)
+        landmarks.append((f"{name}: {what}", round(100 * share / total, 1)))
+    return {
+        "samples": total,
+        "landmarks": landmarks,
+        "self": [(f, round(100 * c / total, 1)) for f, c in own.most_common(top)],
+        "inclusive": [(f, round(100 * c / total, 1)) for f, c in telling[: top + 5]],
+    }
+
+
+# --------------------------------------------------------------------- main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies every count")
+    parser.add_argument(
+        "--seconds", type=float, default=None,
+        help="multiplies every duration [default: 1, or 0.3 when --scale < 1]",
+    )  # fmt: skip
+    parser.add_argument("--only", default="", help="comma-separated scenario names")
+    parser.add_argument("--servers", default="pubsub,redis")
+    parser.add_argument("--workers", type=int, default=2, help="subscriber processes")
+    parser.add_argument("--connect-concurrency", type=int, default=32)
+    parser.add_argument("--twistd", default=str(ROOT / ".venv" / "bin" / "twistd"))
+    parser.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
+    parser.add_argument("--node", default=shutil.which("node") or "node")
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--profile-seconds", type=float, default=8)
+    parser.add_argument("--profile-scenario", default="fanout_pipelined")
+    parser.add_argument("--out", default=str(BENCH / "results"))
+    args = parser.parse_args()
+    if args.seconds is None:
+        args.seconds = 1.0 if args.scale >= 1 else 0.3
+
+    fd_limit = raise_fd_limit(65536)
+    servers = [s for s in args.servers.split(",") if s]
+    specs = scenarios(args.scale, args.seconds)
+    if args.only:
+        wanted = set(args.only.split(","))
+        specs = [s for s in specs if s["name"] in wanted]
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    outdir = Path(args.out) / stamp
+    outdir.mkdir(parents=True, exist_ok=True)
+    info = machine(args)
+    info["fd_limit"] = fd_limit
+    info["command"] = " ".join([Path(sys.executable).name, "bench/run.py", *sys.argv[1:]])
+    print(f"bench: {json.dumps(info)}", flush=True)
+
+    results: dict = {s["name"]: {srv: [] for srv in servers} for s in specs}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="pubsub-bench-") as tmp:
+        workdir = Path(tmp)
+        for rnd in range(1, args.rounds + 1):
+            order = servers if rnd % 2 else list(reversed(servers))
+            for spec in specs:
+                for kind in order:
+                    t = time.monotonic()
+                    try:
+                        with Server(kind, args, outdir / f"{kind}.log", workdir) as server:
+                            result = run_loadgen(server, spec, args)
+                    except (RuntimeError, OSError) as error:
+                        result = {"error": f"server: {error}"}
+                    result["round"] = rnd
+                    results[spec["name"]][kind].append(result)
+                    brief = {
+                        k: (round(v, 3) if isinstance(v, float) else v)
+                        for k, v in result.items()
+                        if k in PER_SCENARIO[spec["name"]] or k in ("error", "stderr")
+                    }
+                    print(
+                        f"round {rnd} {spec['name']:<17} {kind:<6} "
+                        f"{time.monotonic() - t:5.1f}s {json.dumps(brief)}",
+                        flush=True,
+                    )
+        prof = None
+        if args.profile and "pubsub" in servers:
+            named = {s["name"]: s for s in scenarios(args.scale, args.seconds)}
+            spec = named.get(args.profile_scenario)
+            prof = profile(args, spec, outdir, workdir) if spec else None
+
+    med = medians(results)
+    summary = table(med, servers)
+    checks = targets(med) if set(servers) >= {"pubsub", "redis"} else []
+    machine_line = (
+        f"Machine: {info['nproc']} CPUs ({info['cpu_model']}), {info['memory_gib']} GiB, "
+        f"Linux {info['kernel']}; Python {info['python']} (Twisted {info['twisted']}, "
+        f"Autobahn {info['autobahn']}); {info['redis']}; Node {info['node']}"
+    )
+    run_line = (
+        f"Date: {info['date']}; commit {info['commit']}; rounds {args.rounds}, "
+        f"scale {args.scale}, durations x{args.seconds}; total {time.monotonic() - started:.0f} s"
+    )
+    report = [
+        machine_line,
+        run_line,
+        "",
+        "Medians over the rounds (latency in ms, memory in KB):",
+        "",
+        summary,
+    ]
+    anomalies = Counter()
+    for by_server in results.values():
+        for runs in by_server.values():
+            for r in runs:
+                for key in ("errors", "gaps", "disorder", "closes", "reply_sum_mismatch"):
+                    anomalies[key] += abs(r.get(key) or 0)
+                anomalies["failed runs"] += "error" in r
+    report += [
+        "",
+        "Across all runs: " + ", ".join(f"{k} {v:,}" for k, v in anomalies.items()),
+    ]
+    if checks:
+        report += ["", "| target | measured ratio | status |", "|---|---:|---|"]
+        report += [f"| {t} | {m} | {v} |" for t, m, _, v in checks]
+    if prof:
+        per = prof["run"].get("server_us_per_delivery") or 0
+        title = (
+            f"Profile (py-spy, pubsub {prof['scenario']}, {prof['samples']} samples; the run "
+            f"under the profiler: {per:.2f} us/delivery, "
+            f"{prof['run'].get('server_us_per_publish') or 0:.2f} us/publish, "
+            f"{prof['run'].get('server_cpu_pct') or 0:.0f}% server CPU):"
+        )
+        report += [
+            "",
+            title,
+            "",
+            "self time     us/delivery  function",
+        ]
+        report += [f"  {sh:5.1f}%   {sh * per / 100:8.3f}     {f}" for f, sh in prof["self"]]
+        report += ["", "stages        us/delivery  (inclusive time)"]
+        report += [f"  {sh:5.1f}%   {sh * per / 100:8.3f}     {f}" for f, sh in prof["landmarks"]]
+        report += ["", "inclusive     us/delivery  function"]
+        report += [f"  {sh:5.1f}%   {sh * per / 100:8.3f}     {f}" for f, sh in prof["inclusive"]]
+    text = "\n".join(report)
+    print("\n" + text)
+    (outdir / "summary.md").write_text(text + "\n")
+    (outdir / "results.json").write_text(
+        json.dumps({"machine": info, "args": vars(args), "runs": results, "medians": med}, indent=1)
+    )
+    print(f"\nresults in {outdir}")
+    failed = sum(1 for by in results.values() for runs in by.values() for r in runs if "error" in r)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
