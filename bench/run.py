@@ -273,27 +273,18 @@ FIGURES = [
     ("loadgen_max_process_pct", "busiest load-gen process", "%", "{:.0f}"),
 ]
 
+_LOAD = ["server_cpu_pct", "loadgen_cores", "loadgen_max_process_pct"]
+_PER_DELIVERY = ["deliveries_per_s", "latency_p50_us", "latency_p99_us", "lost",
+                 "server_us_per_delivery", *_LOAD]  # fmt: skip
+_PER_PUBLISH = ["publishes_per_s", "latency_p50_us", "latency_p99_us", "lost",
+                "server_us_per_publish", *_LOAD]  # fmt: skip
+
 PER_SCENARIO = {
-    "fanout_pipelined": [
-        "deliveries_per_s", "latency_p50_us", "latency_p99_us", "lost",
-        "server_us_per_delivery", "server_cpu_pct", "loadgen_cores", "loadgen_max_process_pct",
-    ],
-    "fanout_rate50": [
-        "deliveries_per_s", "latency_p50_us", "latency_p99_us", "lost",
-        "server_us_per_delivery", "server_cpu_pct", "loadgen_cores", "loadgen_max_process_pct",
-    ],
-    "channels": [
-        "deliveries_per_s", "latency_p50_us", "latency_p99_us", "lost",
-        "server_us_per_delivery", "server_cpu_pct", "loadgen_cores", "loadgen_max_process_pct",
-    ],
-    "patterns": [
-        "publishes_per_s", "latency_p50_us", "latency_p99_us", "lost",
-        "server_us_per_publish", "server_cpu_pct", "loadgen_cores", "loadgen_max_process_pct",
-    ],
-    "nopatterns": [
-        "publishes_per_s", "latency_p50_us", "latency_p99_us", "lost",
-        "server_us_per_publish", "server_cpu_pct", "loadgen_cores", "loadgen_max_process_pct",
-    ],
+    "fanout_pipelined": _PER_DELIVERY,
+    "fanout_rate50": _PER_DELIVERY,
+    "channels": _PER_DELIVERY,
+    "patterns": _PER_PUBLISH,
+    "nopatterns": _PER_PUBLISH,
     "idle": [
         "bytes_per_connection", "connects_per_s", "server_us_per_connect", "listen_drops",
         "server_cpu_pct", "loadgen_cores", "loadgen_max_process_pct",
