@@ -63,6 +63,18 @@ def scenarios(scale: float, seconds: float) -> list[dict]:
         return max(least, round(base * scale))
 
     fanout_subs = n(1000)
+    patterns = {
+        "name": "patterns",
+        "scenario": "patterns",
+        "mode": "pipelined",
+        "patterns": n(1000),
+        "groups": 10,
+        "durationS": 5 * seconds,
+        "warmupS": 1 * seconds,
+        "pipeline": 512,
+        "window": 20_000,
+        "maxPublishes": 5_000_000,
+    }
     return [
         {
             "name": "fanout_pipelined",
@@ -96,30 +108,9 @@ def scenarios(scale: float, seconds: float) -> list[dict]:
             "window": 20_000,
             "maxPublishes": 5_000_000,
         },
-        {
-            "name": "patterns",
-            "scenario": "patterns",
-            "mode": "pipelined",
-            "patterns": n(1000),
-            "groups": 10,
-            "durationS": 5 * seconds,
-            "warmupS": 1 * seconds,
-            "pipeline": 512,
-            "window": 20_000,
-            "maxPublishes": 5_000_000,
-        },
-        {
-            "name": "nopatterns",
-            "scenario": "nopatterns",
-            "mode": "pipelined",
-            "patterns": 0,
-            "groups": 10,
-            "durationS": 5 * seconds,
-            "warmupS": 1 * seconds,
-            "pipeline": 512,
-            "window": 20_000,
-            "maxPublishes": 5_000_000,
-        },
+        patterns,
+        # The same publishes with no pattern subscriptions, to price the patterns.
+        {**patterns, "name": "nopatterns", "scenario": "nopatterns", "patterns": 0},
         {
             "name": "idle",
             "scenario": "idle",
