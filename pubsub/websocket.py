@@ -279,24 +279,31 @@ class PubSubServerProtocol(WebSocketServerProtocol):
         self._drop_outbox()
 
     def _slow_consumer(self, reason: str) -> None:
-        # Runs inside a publish: it must not raise. The close frame goes out
-        # behind what the transport already holds; if the peer never reads
-        # it, Autobahn's close handshake timeout drops the connection.
+        # Runs inside a publish: it must not raise, nor touch the engine. The
+        # close frame goes out behind what the transport already holds; if
+        # the peer never reads it, Autobahn's close handshake timeout drops
+        # the connection. The engine forgets this subscriber at the end of
+        # the turn, as Redis frees such a client before its next poll, so
+        # later publishes no longer count it.
         self._outbox = None
         self.factory.slow_consumers += 1
         self._fail_connection(WebSocketProtocol.CLOSE_STATUS_CODE_POLICY_VIOLATION, reason)
+        self.factory.reactor.callLater(0, self._leave_engine)
 
     def _drop_outbox(self) -> None:
         if self._outbox is not None:
             self._outbox.close()
             self._outbox = None
 
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self._drop_outbox()
-        self.factory.connections.discard(self)
+    def _leave_engine(self) -> None:
         if self.session is not None:
             self.factory.engine.unregister(self.session.token)
             self.session = None
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._drop_outbox()
+        self.factory.connections.discard(self)
+        self._leave_engine()
 
 
 class PubSubServerFactory(_ConfiguredFactory):

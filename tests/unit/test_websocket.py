@@ -309,9 +309,13 @@ def test_a_stalled_subscriber_is_cut_off_past_the_hard_limit(make_factory):
     assert wsframes.close_code(payload) == 1008
     assert payload[2:] == b"output buffer over its hard limit of 10000 bytes"
     assert factory.slow_consumers == 1
+    # Counted until the end of the turn that cut it off (publisher.messages
+    # ends it), then forgotten although its close handshake is still open.
     assert publisher.messages() == [["reply", 2]] * 30
-    stalled.protocol.connectionLost(Failure(ConnectionLost()))
     assert publisher.call("PUBLISH", "c", "later") == [["reply", 1]]
+    assert factory.engine.client_count == 2
+    stalled.protocol.connectionLost(Failure(ConnectionLost()))
+    assert factory.engine.client_count == 2
 
 
 def test_a_subscriber_that_resumes_in_time_gets_everything_in_order(make_factory):
