@@ -27,8 +27,9 @@ run: install
 	$(BIN)/twistd -n pubsub --port $(PORT)
 
 # The differential tests compare against a real Redis 7; they start their own.
+# Debian's redis-server brings redis-tools, whose redis-cli the RESP tests drive.
 redis-server:
-	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
+	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server redis-tools; }
 
 lint: install
 	$(BIN)/ruff check $(RUFF_OPTS) --extend-select I,B pubsub tests twisted bench docs/examples

@@ -14,8 +14,9 @@ here knows about sockets or frames.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pubsub.engine import Engine
 
@@ -29,7 +30,10 @@ __all__ = [
     "Reply",
     "Result",
     "Session",
+    "Status",
+    "Verbatim",
     "execute",
+    "resolve",
 ]
 
 
@@ -44,9 +48,21 @@ class Confirm:
 
 @dataclass(frozen=True)
 class Reply:
-    """A command's value: an integer, or a list of byte strings and integers."""
+    """A command's value: None, an integer, bytes, or a list or dict of these.
 
-    value: int | list
+    Bytes are binary-safe strings, unless they are a :class:`Status` or
+    :class:`Verbatim`; transports without those kinds send them as strings.
+    """
+
+    value: int | bytes | list | dict | None
+
+
+class Status(bytes):
+    """A short status text (RESP's ``+OK``), never binary and never a line break."""
+
+
+class Verbatim(bytes):
+    """A text meant for a person, such as INFO's (RESP3's verbatim string)."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,11 @@ class Limits:
     max_subscriptions: int = 10_000
     max_name_length: int = 4096
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> Limits:
+        """The matching fields of :class:`pubsub.config.Settings`."""
+        return cls(settings.max_subscriptions, settings.max_name_length)
+
 
 class Session:
     """One client's view of the engine: its token and the limits it runs under."""
@@ -85,7 +106,7 @@ class Session:
         self.limits = limits
 
 
-Handler = Callable[[Session, Sequence[bytes]], list]
+Handler = Callable[[Any, Sequence[bytes]], list]
 
 
 @dataclass(frozen=True)
@@ -93,12 +114,14 @@ class Command:
     """One table entry.  ``arity`` follows Redis: N exact, -N at least N.
 
     ``payload_index`` is the argument position that carries a message payload
-    (transports may accept binary forms there), or None.
+    (transports may accept binary forms there), or None.  A command with
+    ``subcommands`` has its second argument looked up there, and the
+    subcommand's arity checked, before the handler runs.
     """
 
     name: str
     arity: int
-    handler: Handler
+    handler: Handler | None  # None for a container of subcommands
     payload_index: int | None = None
     subcommands: dict | None = None
 
@@ -233,20 +256,23 @@ def _numpat(session: Session, args: Sequence[bytes]) -> list:
 
 # Redis's own PUBSUB HELP reply, line for line: clients may show or compare it.
 _PUBSUB_HELP = [
-    b"PUBSUB <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
-    b"CHANNELS [<pattern>]",
-    b"    Return the currently active channels matching a <pattern> (default: '*').",
-    b"NUMPAT",
-    b"    Return number of subscriptions to patterns.",
-    b"NUMSUB [<channel> ...]",
-    b"    Return the number of subscribers for the specified channels, excluding",
-    b"    pattern subscriptions(default: no channels).",
-    b"SHARDCHANNELS [<pattern>]",
-    b"    Return the currently active shard level channels matching a <pattern> (default: '*').",
-    b"SHARDNUMSUB [<shardchannel> ...]",
-    b"    Return the number of subscribers for the specified shard level channel(s)",
-    b"HELP",
-    b"    Prints this help.",
+    Status(line)
+    for line in (
+        b"PUBSUB <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
+        b"CHANNELS [<pattern>]",
+        b"    Return the currently active channels matching a <pattern> (default: '*').",
+        b"NUMPAT",
+        b"    Return number of subscriptions to patterns.",
+        b"NUMSUB [<channel> ...]",
+        b"    Return the number of subscribers for the specified channels, excluding",
+        b"    pattern subscriptions(default: no channels).",
+        b"SHARDCHANNELS [<pattern>]",
+        b"    Return the currently active shard level channels matching a <pattern> (default: '*').",
+        b"SHARDNUMSUB [<shardchannel> ...]",
+        b"    Return the number of subscribers for the specified shard level channel(s)",
+        b"HELP",
+        b"    Prints this help.",
+    )
 ]
 
 
@@ -268,15 +294,6 @@ _PUBSUB_SUBCOMMANDS = _table(
 )
 
 
-def _pubsub(session: Session, args: Sequence[bytes]) -> list:
-    sub = _PUBSUB_SUBCOMMANDS.get(args[1].lower().decode("latin-1"))
-    if sub is None:
-        return [Error(f"ERR unknown subcommand '{_text(_quoted(args[1]))}'. Try PUBSUB HELP.")]
-    if not _arity_ok(sub.arity, len(args)):
-        return [_wrong_arity(f"pubsub|{sub.name}")]
-    return sub.handler(session, args)
-
-
 COMMANDS: dict[str, Command] = _table(
     Command("subscribe", -2, _subscriber("channel", "subscribe", "channel name")),
     Command("unsubscribe", -1, _unsubscriber("unsubscribe")),
@@ -286,21 +303,49 @@ COMMANDS: dict[str, Command] = _table(
     Command("sunsubscribe", -1, _unsubscriber("sunsubscribe")),
     Command("publish", 3, _publisher("publish", "channel name"), payload_index=2),
     Command("spublish", 3, _publisher("spublish", "shard channel name"), payload_index=2),
-    Command("pubsub", -2, _pubsub, subcommands=_PUBSUB_SUBCOMMANDS),
+    Command("pubsub", -2, None, subcommands=_PUBSUB_SUBCOMMANDS),
     Command("ping", -1, _ping),
 )
 
 
-def lookup(name: bytes) -> Command | None:
+def lookup(name: bytes, table: Mapping[str, Command] = COMMANDS) -> Command | None:
     """The table entry for a command name given in any case, or None."""
-    return COMMANDS.get(name.lower().decode("latin-1"))
+    return table.get(name.lower().decode("latin-1"))
 
 
-def execute(session: Session, args: Sequence[bytes]) -> list:
-    """Run one command (``args[0]`` is its name); returns its results in order."""
-    command = lookup(args[0])
+def resolve(args: Sequence[bytes], table: Mapping[str, Command] = COMMANDS) -> Command | Error:
+    """The entry that runs ``args`` (a subcommand's for a container command).
+
+    Checks what Redis checks before anything else: that the command and
+    subcommand exist and the arity fits.  A subcommand's entry comes back
+    with its full name, as Redis spells it in errors ("pubsub|channels").
+    """
+    command = lookup(args[0], table)
     if command is None:
-        return [_unknown_command(args)]
+        return _unknown_command(args)
     if not _arity_ok(command.arity, len(args)):
-        return [_wrong_arity(command.name)]
+        return _wrong_arity(command.name)
+    if command.subcommands is None:
+        return command
+    sub = command.subcommands.get(args[1].lower().decode("latin-1"))
+    if sub is None:
+        return Error(
+            f"ERR unknown subcommand '{_text(_quoted(args[1]))}'. Try {command.name.upper()} HELP."
+        )
+    full_name = f"{command.name}|{sub.name}"
+    if not _arity_ok(sub.arity, len(args)):
+        return _wrong_arity(full_name)
+    return Command(full_name, sub.arity, sub.handler, sub.payload_index)
+
+
+def execute(session: Any, args: Sequence[bytes], table: Mapping[str, Command] = COMMANDS) -> list:
+    """Run one command (``args[0]`` is its name); returns its results in order.
+
+    ``session`` is a :class:`Session`, or a transport's richer one for the
+    commands of its own ``table``.
+    """
+    command = resolve(args, table)
+    if isinstance(command, Error):
+        return [command]
+    assert command.handler is not None
     return command.handler(session, args)

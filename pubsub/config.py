@@ -33,12 +33,18 @@ class Settings:
     """Everything the server can be told.  Sizes are bytes, times seconds."""
 
     port: str = _setting("9000", "TCP port number, or a Twisted endpoint string (tcp:..., ssl:...)")
-    interface: str = _setting("127.0.0.1", "Address to bind when port is a bare number")
+    interface: str = _setting(
+        "127.0.0.1", "Address to bind when port or resp_port is a bare number"
+    )
+    resp_port: str = _setting(
+        "", "RESP (Redis protocol) port number or endpoint string; empty: no RESP port"
+    )
     max_message_size: int = _setting(
-        1_048_576, "Largest WebSocket message accepted; a bigger one closes with 1009"
+        1_048_576,
+        "Largest WebSocket message (bigger closes with 1009) or RESP request (protocol error)",
     )
     max_connections: int = _setting(
-        10_000, "Most WebSocket connections at once; more are refused with HTTP 503"
+        10_000, "Most connections at once on each port; more are refused (HTTP 503 or -ERR)"
     )
     max_subscriptions: int = _setting(
         10_000, "Most channels + patterns + shard channels one client may hold"
@@ -153,9 +159,9 @@ def load_settings(
     return replace(Settings(), **values)
 
 
-def endpoint_description(settings: Settings) -> str:
-    """The Twisted server endpoint string for the WebSocket port."""
-    port = settings.port.strip()
+def endpoint_description(settings: Settings, port: str | None = None) -> str:
+    """The Twisted server endpoint string for ``port`` (default: the WebSocket port)."""
+    port = (settings.port if port is None else port).strip()
     if port.isdigit():
         interface = settings.interface.replace(":", "\\:")
         return f"tcp:{port}:interface={interface}"

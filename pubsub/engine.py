@@ -133,6 +133,10 @@ class Engine:
             if self._discard(self._patterns, pattern, token):
                 self._unindex_pattern(pattern)
 
+    def set_encoder(self, token: int, encoder: Encoder) -> None:
+        """Deliver to this client in another format from now on (RESP's HELLO 3)."""
+        self._client(token).encoder = encoder
+
     def _client(self, token: int) -> _Client:
         try:
             return self._clients[token]

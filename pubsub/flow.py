@@ -35,6 +35,15 @@ class OutputLimits:
     soft: int = 1024 * 1024
     soft_seconds: float = 30.0
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> OutputLimits:
+        """The ``output_buffer_*`` fields of :class:`pubsub.config.Settings`."""
+        return cls(
+            settings.output_buffer_hard,
+            settings.output_buffer_soft,
+            settings.output_buffer_soft_seconds,
+        )
+
 
 class Flusher:
     """Writes every outbox that received frames during this reactor turn.
@@ -131,6 +140,14 @@ class Outbox:
     def resume(self) -> None:
         self.paused = False
         self.flush()
+
+    def finish(self) -> None:
+        """Hand everything waiting to the transport, paused or not, and accept
+        nothing more: the last words before a connection is closed."""
+        frames = self._frames
+        self.close()
+        if frames:
+            self._transport.writeSequence(frames)
 
     def close(self) -> None:
         """Drop what is waiting and accept nothing more."""

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import txaio
 from twisted.application import strports
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
@@ -23,6 +23,7 @@ from twisted.web.server import Site
 
 from pubsub.config import ConfigError, Settings, endpoint_description, load_settings
 from pubsub.engine import Engine
+from pubsub.resp import RespFactory
 from pubsub.web import PubSubResource
 from pubsub.websocket import PubSubServerFactory
 
@@ -56,23 +57,52 @@ def build_resource(
 
 
 class PubSubService(MultiService):
-    """The whole server; ``engine`` is there for publishing from application code."""
+    """The whole server; ``engine`` is there for publishing from application code.
 
-    def __init__(self, factory: PubSubServerFactory, settings: Settings, reactor: Any) -> None:
+    ``factory`` serves WebSocket; ``resp_factory`` serves RESP, or is None
+    when no ``resp_port`` is set.
+    """
+
+    def __init__(
+        self,
+        factory: PubSubServerFactory,
+        settings: Settings,
+        reactor: Any,
+        resp_factory: RespFactory | None = None,
+    ) -> None:
         super().__init__()
         self.factory = factory
+        self.resp_factory = resp_factory
         self.engine = factory.engine
         self.settings = settings
         self._reactor = reactor
+        self._endpoints: dict[Service, str] = {}
+
+    def listen(self, setting: str, factory: Any) -> None:
+        """Serve ``factory`` while running, on the port the setting names."""
+        value = getattr(self.settings, setting)
+        description = endpoint_description(self.settings, value)
+        try:
+            # strports raises at start-up when the port cannot be bound, so
+            # twistd stops with the reason instead of running without a port.
+            listener = strports.service(description, factory, reactor=self._reactor)
+        except Exception as error:  # noqa: BLE001 - endpoint parsers raise anything
+            raise ConfigError(f"setting {setting}: cannot use {value!r}: {error}") from None
+        listener.setServiceParent(self)
+        self._endpoints[listener] = description
 
     def privilegedStartService(self) -> None:
-        endpoint = endpoint_description(self.settings)
-        log.info("pubsub starting: WebSocket endpoint {endpoint}", endpoint=endpoint)
-        try:
-            super().privilegedStartService()
-        except CannotListenError as error:
-            # One clear line instead of twistd's traceback, and a non-zero exit.
-            raise SystemExit(f"pubsub: cannot listen on {endpoint}: {error.socketError}") from None
+        Service.privilegedStartService(self)
+        for listener in self:
+            endpoint = self._endpoints.get(listener, "")
+            log.info("pubsub starting: listening on {endpoint}", endpoint=endpoint)
+            try:
+                listener.privilegedStartService()
+            except CannotListenError as error:
+                # One clear line instead of twistd's traceback, and a non-zero exit.
+                raise SystemExit(
+                    f"pubsub: cannot listen on {endpoint}: {error.socketError}"
+                ) from None
 
     def stopService(self) -> Any:
         # SIGTERM and SIGINT are how this server is meant to be stopped: once
@@ -83,8 +113,14 @@ class PubSubService(MultiService):
         # Stop accepting first, then say goodbye (1001) to everyone connected;
         # the reactor stops once every close handshake ended or timed out.
         stopped = defer.maybeDeferred(super().stopService)
-        stopped.addCallback(lambda _: self.factory.close_all())
+        stopped.addCallback(lambda _: self._close_connections())
         return stopped
+
+    def _close_connections(self) -> defer.Deferred:
+        closing = [self.factory.close_all()]
+        if self.resp_factory is not None:
+            closing.append(self.resp_factory.close_all())
+        return defer.DeferredList(closing)
 
 
 def make_service(
@@ -98,18 +134,16 @@ def make_service(
     settings = settings if settings is not None else Settings()
     engine = engine if engine is not None else Engine()
     factory = build_factory(engine, settings)
-    site = Site(
-        PubSubResource(factory, clock=reactor),
-        timeout=settings.open_handshake_timeout or None,
-    )
-    try:
-        # strports raises at start-up when the port cannot be bound, so
-        # twistd stops with the reason instead of running without a port.
-        listener = strports.service(endpoint_description(settings), site, reactor=reactor)
-    except Exception as error:  # noqa: BLE001 - endpoint parsers raise anything
-        raise ConfigError(f"setting port: cannot use {settings.port!r}: {error}") from None
-    service = PubSubService(factory, settings, reactor)
-    listener.setServiceParent(service)
+    resource = PubSubResource(factory, clock=reactor)
+    site = Site(resource, timeout=settings.open_handshake_timeout or None)
+    resp_factory = None
+    if settings.resp_port.strip():
+        resp_factory = RespFactory(engine, settings, reactor)
+        resource.health.factories.append(resp_factory)
+    service = PubSubService(factory, settings, reactor, resp_factory)
+    service.listen("port", site)
+    if resp_factory is not None:
+        service.listen("resp_port", resp_factory)
     return service
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.interfaces import IReactorTime
@@ -56,7 +57,8 @@ class HealthResource(Resource):
 
     def __init__(self, factory: PubSubServerFactory, clock: IReactorTime) -> None:
         super().__init__()
-        self._factory = factory
+        #: Every transport's factory on this engine; their slow consumers add up.
+        self.factories: list[Any] = [factory]
         self._engine = factory.engine
         self._clock = clock
         self._started = clock.seconds()
@@ -69,7 +71,7 @@ class HealthResource(Resource):
             "channels": engine.channel_count,
             "patterns": engine.numpat(),
             "shard_channels": engine.shard_channel_count,
-            "slow_consumers_disconnected": self._factory.slow_consumers,
+            "slow_consumers_disconnected": sum(f.slow_consumers for f in self.factories),
             "uptime": round(self._clock.seconds() - self._started, 3),
         }
         request.setHeader(b"content-type", b"application/json")
@@ -87,7 +89,8 @@ class PubSubResource(Resource):
         self.factory = factory
         self._websocket = _WebSocketUpgrade(factory)
         self._page = resources.files("pubsub").joinpath("static/index.html").read_bytes()
-        self.putChild(b"healthz", HealthResource(factory, clock))
+        self.health = HealthResource(factory, clock)
+        self.putChild(b"healthz", self.health)
         if factory.settings.echo_endpoint:
             self.putChild(b"echo", _WebSocketUpgrade(EchoServerFactory(factory.settings)))
 

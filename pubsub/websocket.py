@@ -321,19 +321,12 @@ class PubSubServerFactory(_ConfiguredFactory):
         super().__init__(settings, url, reactor)
         self.engine = engine if engine is not None else Engine()
         self.flusher = Flusher(self.reactor)
-        self.output_limits = OutputLimits(
-            hard=self.settings.output_buffer_hard,
-            soft=self.settings.output_buffer_soft,
-            soft_seconds=self.settings.output_buffer_soft_seconds,
-        )
+        self.output_limits = OutputLimits.from_settings(self.settings)
         #: Connections cut off by the output buffer limits since start-up.
         self.slow_consumers = 0
         #: Open pub/sub connections.
         self.connections: set[PubSubServerProtocol] = set()
-        self.limits = Limits(
-            max_subscriptions=self.settings.max_subscriptions,
-            max_name_length=self.settings.max_name_length,
-        )
+        self.limits = Limits.from_settings(self.settings)
         self.frames = JsonFrames(self.prepareMessage)
         self._deflate_groups: dict[tuple[int, int], JsonFrames] = {}
 

@@ -114,6 +114,20 @@ def test_unknown_token_raises_unknown_client(world: World) -> None:
     assert issubclass(UnknownClient, KeyError)
 
 
+def test_a_client_can_switch_encoder_and_keep_its_subscriptions(world: World) -> None:
+    other = Encoder("F")
+    token = world.client("c")
+    world.engine.subscribe(token, [b"a"])
+    world.engine.publish(b"a", b"1")
+    world.engine.set_encoder(token, other)
+    world.engine.publish(b"a", b"2")
+    assert world.frames(token) == [message(b"a", b"1"), ("F", "message", b"a", b"2")]
+    assert world.engine.subscription_count(token) == 1
+    world.engine.unregister(token)
+    with pytest.raises(UnknownClient):
+        world.engine.set_encoder(token, other)
+
+
 def test_unregister_unknown_or_twice_is_silent(world: World) -> None:
     token = world.client()
     world.engine.subscribe(token, [b"a"])

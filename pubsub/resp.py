@@ -1,0 +1,715 @@
+"""The Redis wire protocol: RESP2, and RESP3 after ``HELLO 3``, over TCP.
+
+Any Redis client library, and ``redis-cli``, is a client of the engine here,
+and its messages cross to and from WebSocket clients unchanged: payloads are
+bytes end to end.  Requests are parsed by ``hiredis`` (multibulk, as every
+client library sends) or split here as Redis splits inline commands (what a
+person types into ``telnet``).  Commands run through the same table as
+WebSocket's (:mod:`pubsub.commands`), plus the connection commands only this
+transport has: HELLO, AUTH, RESET, QUIT, ECHO, CLIENT, SELECT and INFO.
+
+Redis's rules hold: in RESP2 a client holding subscriptions may only run
+the (P|S)(UN)SUBSCRIBE family, PING, QUIT and RESET; a malformed request gets
+``-ERR Protocol error: ...`` and the connection is closed once that is sent.
+Output goes through the same :class:`~pubsub.flow.Outbox` as WebSocket's, so
+the output buffer limits apply; a subscriber past them is disconnected, as
+Redis disconnects it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from importlib import metadata
+from typing import Any
+
+import hiredis
+from twisted.internet import defer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from pubsub.commands import (
+    COMMANDS,
+    Command,
+    Confirm,
+    Error,
+    Limits,
+    Pong,
+    Reply,
+    Session,
+    Status,
+    Verbatim,
+    resolve,
+)
+from pubsub.config import Settings
+from pubsub.engine import Engine
+from pubsub.flow import Flusher, Outbox, OutputLimits
+
+__all__ = ["REDIS_VERSION", "RespFactory", "RespProtocol"]
+
+#: The Redis release whose Pub/Sub behaviour this server reproduces.  HELLO
+#: and INFO report it, since client libraries choose features by it.
+REDIS_VERSION = "7.0.15"
+
+#: Redis's PROTO_INLINE_MAX_SIZE: the longest inline command line.
+INLINE_MAX = 64 * 1024
+
+_log = Logger()
+
+# Commands a RESP2 client may run while it holds subscriptions (Redis's list).
+_SUBSCRIBED_MODE = frozenset(
+    {"ping", "subscribe", "ssubscribe", "unsubscribe", "sunsubscribe", "psubscribe"}
+    | {"punsubscribe", "quit", "reset"}
+)
+
+# What a request element was instead of a bulk string, by hiredis's type.
+_TYPE_BYTES = {int: ":", list: "*", float: ",", bool: "#", dict: "%", set: "~"}
+
+
+class _Frames:
+    """The message frames of one RESP version, built once per publish."""
+
+    __slots__ = ("_head",)
+
+    def __init__(self, head: bytes) -> None:
+        self._head = head  # b"*" (RESP2 array) or b">" (RESP3 push)
+
+    def message(self, channel: bytes, payload: bytes) -> bytes:
+        return b"%s3\r\n$7\r\nmessage\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+            self._head,
+            len(channel),
+            channel,
+            len(payload),
+            payload,
+        )
+
+    def pmessage(self, pattern: bytes, channel: bytes, payload: bytes) -> bytes:
+        return b"%s4\r\n$8\r\npmessage\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+            self._head,
+            len(pattern),
+            pattern,
+            len(channel),
+            channel,
+            len(payload),
+            payload,
+        )
+
+    def smessage(self, channel: bytes, payload: bytes) -> bytes:
+        return b"%s3\r\n$8\r\nsmessage\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+            self._head,
+            len(channel),
+            channel,
+            len(payload),
+            payload,
+        )
+
+
+RESP2_FRAMES = _Frames(b"*")
+RESP3_FRAMES = _Frames(b">")
+
+
+def encode(value: Any, resp3: bool) -> bytes:
+    """One reply value in RESP2 or RESP3."""
+    kind = type(value)
+    if kind is bytes:
+        return b"$%d\r\n%s\r\n" % (len(value), value)
+    if kind is int:
+        return b":%d\r\n" % value
+    if kind is Status:
+        return b"+%s\r\n" % value
+    if kind is list:
+        return b"*%d\r\n%s" % (len(value), b"".join(encode(item, resp3) for item in value))
+    if kind is dict:
+        body = b"".join(encode(k, resp3) + encode(v, resp3) for k, v in value.items())
+        return (b"%%%d\r\n" if resp3 else b"*%d\r\n") % (len(value) * (1 if resp3 else 2)) + body
+    if kind is Verbatim:
+        if resp3:
+            return b"=%d\r\ntxt:%s\r\n" % (len(value) + 4, value)
+        return b"$%d\r\n%s\r\n" % (len(value), value)
+    if value is None:
+        return b"_\r\n" if resp3 else b"$-1\r\n"
+    raise TypeError(f"no RESP form for {kind.__name__}")
+
+
+def split_inline(line: bytes) -> list[bytes] | None:
+    """An inline command line split into arguments as Redis's sdssplitargs
+    does: blanks separate, "double quotes" take C escapes (\\n, \\xff, ...),
+    'single quotes' take \\' only.  None for unbalanced quotes."""
+    line = line.split(b"\0", 1)[0]  # Redis reads the line as a C string
+    args: list[bytes] = []
+    i, end = 0, len(line)
+    while True:
+        while i < end and line[i] in b" \t\n\v\f\r":
+            i += 1
+        if i == end:
+            return args
+        current = bytearray()
+        quote = 0
+        while True:
+            if i == end:
+                if quote:
+                    return None
+                break
+            c = line[i]
+            if quote == 0x22:  # "
+                if c == 0x5C and line[i + 1 : i + 2] == b"x" and _is_hex(line[i + 2 : i + 4]):
+                    current.append(int(line[i + 2 : i + 4], 16))
+                    i += 3
+                elif c == 0x5C and i + 1 < end:
+                    i += 1
+                    current += _ESCAPES.get(line[i], bytes((line[i],)))
+                elif c == 0x22:
+                    if i + 1 < end and line[i + 1] not in b" \t\n\v\f\r":
+                        return None
+                    i += 1
+                    break
+                else:
+                    current.append(c)
+            elif quote == 0x27:  # '
+                if c == 0x5C and line[i + 1 : i + 2] == b"'":
+                    i += 1
+                    current.append(0x27)
+                elif c == 0x27:
+                    if i + 1 < end and line[i + 1] not in b" \t\n\v\f\r":
+                        return None
+                    i += 1
+                    break
+                else:
+                    current.append(c)
+            elif c in b" \n\r\t":
+                break
+            elif c in b"\"'":
+                quote = c
+            else:
+                current.append(c)
+            i += 1
+        args.append(bytes(current))
+
+
+_ESCAPES = {
+    ord(k): v for k, v in {"n": b"\n", "r": b"\r", "t": b"\t", "b": b"\b", "a": b"\a"}.items()
+}
+
+
+def _is_hex(pair: bytes) -> bool:
+    return len(pair) == 2 and all(c in b"0123456789abcdefABCDEF" for c in pair)
+
+
+class RespSession(Session):
+    """A RESP client's session: the command layer's, plus its connection."""
+
+    __slots__ = ("connection",)
+
+    def __init__(self, engine: Engine, token: int, limits: Limits, connection: RespProtocol):
+        super().__init__(engine, token, limits)
+        self.connection = connection
+
+
+class RespProtocol(Protocol):
+    """One RESP client: parses requests, runs them, writes replies and messages."""
+
+    factory: RespFactory
+
+    def __init__(self) -> None:
+        self.session: RespSession | None = None
+        self.resp3 = False
+        self.encoder: _Frames = RESP2_FRAMES
+        #: CLIENT SETNAME's name and CLIENT SETINFO's attributes.
+        self.name: bytes | None = None
+        self.lib_name: bytes | None = None
+        self.lib_ver: bytes | None = None
+        self._outbox: Outbox | None = None
+        self._reader = hiredis.Reader()
+        self._inline = b""  # an inline command line not yet complete
+        self._unparsed = 0  # bytes received since the last complete request
+        self._closing = False
+        #: Set by QUIT: close once this request's replies are sent.
+        self.quitting = False
+        self.lost: defer.Deferred = defer.Deferred()
+
+    # -- connection life ---------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        limit = factory.settings.max_connections
+        if limit and len(factory.connections) >= limit:
+            self._closing = True
+            self.transport.write(b"-ERR max number of clients reached\r\n")
+            self.transport.loseConnection()
+            return
+        self._outbox = Outbox(
+            self.transport,
+            factory.flusher,
+            factory.output_limits,
+            factory.reactor,
+            self._slow_consumer,
+        )
+        self.transport.registerProducer(self, True)
+        engine = factory.engine
+        self.session = RespSession(engine, engine.register(self), factory.limits, self)
+        factory.connections.add(self)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._closing = True
+        if self._outbox is not None:
+            self._outbox.close()
+            self._outbox = None
+        self.factory.connections.discard(self)
+        self._leave_engine()
+        self.lost.callback(None)
+
+    def _leave_engine(self) -> None:
+        if self.session is not None:
+            self.factory.engine.unregister(self.session.token)
+            self.session = None
+
+    def close_after_reply(self) -> None:
+        """Send what is queued, then close (QUIT, protocol errors, shutdown)."""
+        self._closing = True
+        self._leave_engine()
+        if self._outbox is not None:
+            self._outbox.finish()
+            self._outbox = None
+        self.transport.loseConnection()
+
+    def _slow_consumer(self, reason: str) -> None:
+        # Runs inside a publish: it must not raise, nor touch the engine.
+        # Redis drops such a client without a word, and so do we.
+        self._closing = True
+        self._outbox = None
+        self.factory.slow_consumers += 1
+        _log.info(
+            "disconnecting slow subscriber {peer}: {reason}", peer=self._peer(), reason=reason
+        )
+        self.factory.reactor.callLater(0, self._leave_engine)
+        self.transport.abortConnection()
+
+    def _peer(self) -> str:
+        peer = self.transport.getPeer()
+        return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+
+    # IPushProducer, called by the transport.
+    def pauseProducing(self) -> None:
+        if self._outbox is not None:
+            self._outbox.pause()
+
+    def resumeProducing(self) -> None:
+        if self._outbox is not None:
+            self._outbox.resume()
+
+    def stopProducing(self) -> None:
+        if self._outbox is not None:
+            self._outbox.close()
+            self._outbox = None
+
+    # -- output ------------------------------------------------------------------------
+
+    def deliver(self, frame: bytes) -> None:
+        if self._outbox is not None:
+            self._outbox.append(frame)
+
+    def use_resp(self, version: int) -> None:
+        """Speak RESP2 or RESP3 from the next reply on (HELLO, RESET)."""
+        self.resp3 = version == 3
+        self.encoder = RESP3_FRAMES if self.resp3 else RESP2_FRAMES
+        if self.session is not None:
+            self.factory.engine.set_encoder(self.session.token, self.encoder)
+
+    def _subscribed(self) -> bool:
+        session = self.session
+        return session is not None and session.engine.subscription_count(session.token) > 0
+
+    def _encode_result(self, result: Any) -> bytes:
+        kind = type(result)
+        if kind is Reply:
+            return encode(result.value, self.resp3)
+        if kind is Confirm:
+            name = result.name
+            return b"%s3\r\n$%d\r\n%s\r\n%s:%d\r\n" % (
+                b">" if self.resp3 else b"*",
+                len(result.kind),
+                result.kind.encode("ascii"),
+                encode(name, self.resp3),
+                result.count,
+            )
+        if kind is Error:
+            return b"-%s\r\n" % result.message.encode("utf-8", "surrogateescape")
+        if kind is Pong:
+            if not self.resp3 and self._subscribed():
+                return b"*2\r\n$4\r\npong\r\n" + encode(result.payload or b"", False)
+            if result.payload is None:
+                return b"+PONG\r\n"
+            return encode(result.payload, self.resp3)
+        raise TypeError(f"unknown result {result!r}")
+
+    # -- input -------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            self._receive(data)
+        except Exception:  # noqa: BLE001 - any bug here must cost this client only
+            _log.failure("internal fault handling a request from {peer}", peer=self._peer())
+            self._refuse("ERR internal error")
+
+    def _receive(self, data: bytes) -> None:
+        reader = self._reader
+        self._unparsed += len(data)
+        if reader.has_data() or (not self._inline and data[:1] == b"*"):
+            reader.feed(data)
+        else:
+            self._inline += data
+        limit = self.factory.settings.max_message_size
+        while not self._closing:
+            if reader.has_data():
+                try:
+                    request = reader.gets()
+                except (hiredis.ProtocolError, MemoryError) as error:
+                    self._refuse(_protocol_error_text(error))
+                    return
+                if request is False:
+                    if limit and self._unparsed > limit:
+                        self._refuse(
+                            "ERR Protocol error: request over the max_message_size limit "
+                            f"of {limit} bytes"
+                        )
+                    return
+                self._unparsed = 0
+                self._multibulk(request)
+            elif self._inline:
+                if self._inline[:1] == b"*":
+                    reader.feed(self._inline)
+                    self._inline = b""
+                    continue
+                newline = self._inline.find(b"\n")
+                if newline < 0:
+                    if len(self._inline) > INLINE_MAX:
+                        self._refuse("ERR Protocol error: too big inline request")
+                    return
+                line, self._inline = self._inline[:newline], self._inline[newline + 1 :]
+                self._unparsed = len(self._inline)
+                args = split_inline(line[:-1] if line.endswith(b"\r") else line)
+                if args is None:
+                    self._refuse("ERR Protocol error: unbalanced quotes in request")
+                elif args:
+                    self._run(args)
+            else:
+                return
+
+    def _multibulk(self, request: Any) -> None:
+        if request is None or request == []:
+            return  # *-1 and *0: Redis ignores them
+        if type(request) is not list:
+            self._refuse("ERR Protocol error: invalid multibulk length")
+            return
+        for item in request:
+            if type(item) is not bytes:
+                got = _TYPE_BYTES.get(type(item), "-" if item is not None else "$")
+                if item is None:
+                    self._refuse("ERR Protocol error: invalid bulk length")
+                else:
+                    self._refuse(f"ERR Protocol error: expected '$', got '{got}'")
+                return
+        self._run(request)
+
+    def _run(self, args: Sequence[bytes]) -> None:
+        session = self.session
+        if session is None:
+            return
+        command = resolve(args, RESP_COMMANDS)
+        if isinstance(command, Error):
+            results: list = [command]
+        elif (
+            not self.resp3
+            and command.name.partition("|")[0] not in _SUBSCRIBED_MODE
+            and self._subscribed()
+        ):
+            results = [
+                Error(
+                    f"ERR Can't execute '{command.name}': only (P|S)SUBSCRIBE / "
+                    "(P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+                )
+            ]
+        else:
+            results = command.handler(session, args)
+        outbox = self._outbox
+        if outbox is None:
+            return  # QUIT has closed it, or the output limits have
+        for result in results:
+            outbox.append(self._encode_result(result))
+        if self.quitting:
+            self.close_after_reply()
+
+    def _refuse(self, message: str) -> None:
+        """A protocol error: say so and close, as Redis does."""
+        if self._outbox is not None:
+            self._outbox.append(b"-%s\r\n" % message.encode("utf-8", "surrogateescape"))
+        self.close_after_reply()
+
+
+def _protocol_error_text(error: Exception) -> str:
+    text = str(error)
+    if isinstance(error, MemoryError) or "multi-bulk" in text.lower():
+        return "ERR Protocol error: invalid multibulk length"
+    if "bulk" in text.lower():
+        return "ERR Protocol error: invalid bulk length"
+    got = text.split('"')[1] if text.count('"') >= 2 else "?"
+    return f"ERR Protocol error: expected '$', got '{got}'"
+
+
+# -- the connection commands only RESP has -----------------------------------------------
+
+
+def _valid_attribute(value: bytes) -> bool:
+    """Redis's rule for client names and library attributes: printable, no spaces."""
+    return all(0x21 <= c <= 0x7E for c in value)
+
+
+_BAD_NAME = Error("ERR Client names cannot contain spaces, newlines or special characters.")
+
+
+def _hello(session: RespSession, args: Sequence[bytes]) -> list:
+    connection = session.connection
+    version = 3 if connection.resp3 else 2
+    name: bytes | None = None
+    if len(args) >= 2:
+        try:
+            version = int(args[1])
+        except ValueError:
+            return [Error("ERR Protocol version is not an integer or out of range")]
+        if version not in (2, 3):
+            return [Error("NOPROTO unsupported protocol version")]
+    position = 2
+    while position < len(args):
+        option = args[position].lower()
+        more = len(args) - 1 - position
+        if option == b"auth" and more >= 2:
+            error = _authenticate(args[position + 1], args[position + 2])
+            if error:
+                return [error]
+            position += 3
+        elif option == b"setname" and more >= 1:
+            name = args[position + 1]
+            if not _valid_attribute(name):
+                return [_BAD_NAME]
+            position += 2
+        else:
+            option_text = args[position].decode("utf-8", "surrogateescape")
+            return [Error(f"ERR Syntax error in HELLO option '{option_text}'")]
+    if name is not None:
+        connection.name = name or None
+    connection.use_resp(version)
+    return [
+        Reply(
+            {
+                b"server": b"pubsub",
+                b"version": REDIS_VERSION.encode(),
+                b"proto": version,
+                b"id": session.token,
+                b"mode": b"standalone",
+                b"role": b"master",
+                b"modules": [],
+            }
+        )
+    ]
+
+
+def _authenticate(username: bytes, password: bytes) -> Error | None:
+    # No password is configured (Redis's default user with nopass): any
+    # password is right for "default", and there is no other user.
+    if username == b"default":
+        return None
+    return Error("WRONGPASS invalid username-password pair or user is disabled.")
+
+
+def _auth(session: RespSession, args: Sequence[bytes]) -> list:
+    if len(args) > 3:
+        return [Error("ERR syntax error")]
+    if len(args) == 2:
+        return [
+            Error(
+                "ERR AUTH <password> called without any password configured for the "
+                "default user. Are you sure your configuration is correct?"
+            )
+        ]
+    return [_authenticate(args[1], args[2]) or Reply(Status(b"OK"))]
+
+
+def _reset(session: RespSession, args: Sequence[bytes]) -> list:
+    engine, token = session.engine, session.token
+    engine.unsubscribe(token)  # silently, as Redis does on RESET
+    engine.punsubscribe(token)
+    engine.sunsubscribe(token)
+    connection = session.connection
+    connection.name = connection.lib_name = connection.lib_ver = None
+    connection.use_resp(2)
+    return [Reply(Status(b"RESET"))]
+
+
+def _quit(session: RespSession, args: Sequence[bytes]) -> list:
+    session.connection.quitting = True
+    return [Reply(Status(b"OK"))]
+
+
+def _echo(session: RespSession, args: Sequence[bytes]) -> list:
+    return [Reply(args[1])]
+
+
+def _select(session: RespSession, args: Sequence[bytes]) -> list:
+    # Pub/Sub ignores databases in Redis too; clients select one on connect.
+    try:
+        index = int(args[1])
+    except ValueError:
+        return [Error("ERR value is not an integer or out of range")]
+    if not 0 <= index < 16:
+        return [Error("ERR DB index is out of range")]
+    return [Reply(Status(b"OK"))]
+
+
+def _client_id(session: RespSession, args: Sequence[bytes]) -> list:
+    return [Reply(session.token)]
+
+
+def _client_setname(session: RespSession, args: Sequence[bytes]) -> list:
+    if not _valid_attribute(args[2]):
+        return [_BAD_NAME]
+    session.connection.name = args[2] or None
+    return [Reply(Status(b"OK"))]
+
+
+def _client_getname(session: RespSession, args: Sequence[bytes]) -> list:
+    return [Reply(session.connection.name)]
+
+
+def _client_setinfo(session: RespSession, args: Sequence[bytes]) -> list:
+    attribute = args[2].lower()
+    if attribute not in (b"lib-name", b"lib-ver"):
+        text = args[2].decode("utf-8", "surrogateescape")
+        return [Error(f"ERR Unrecognized option '{text}'")]
+    if not _valid_attribute(args[3]):
+        text = attribute.decode("ascii")
+        return [Error(f"ERR {text} cannot contain spaces, newlines or special characters.")]
+    setattr(session.connection, attribute.decode("ascii").replace("-", "_"), args[3] or None)
+    return [Reply(Status(b"OK"))]
+
+
+_CLIENT_HELP = [
+    Status(line)
+    for line in (
+        b"CLIENT <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
+        b"GETNAME",
+        b"    Return the name of the current connection.",
+        b"ID",
+        b"    Return the ID of the current connection.",
+        b"SETINFO <option> <value>",
+        b"    Set client meta attr. Options are:",
+        b"    * LIB-NAME: the client lib name.",
+        b"    * LIB-VER: the client lib version.",
+        b"SETNAME <name>",
+        b"    Assign the name <name> to the current connection.",
+        b"HELP",
+        b"    Print this help.",
+    )
+]
+
+
+def _client_help(session: RespSession, args: Sequence[bytes]) -> list:
+    return [Reply(list(_CLIENT_HELP))]
+
+
+def _version() -> str:
+    try:
+        return metadata.version("pubsub")
+    except metadata.PackageNotFoundError:  # running from a source tree
+        return "unknown"
+
+
+def _info(session: RespSession, args: Sequence[bytes]) -> list:
+    factory = session.connection.factory
+    engine = session.engine
+    sections = {
+        "server": [
+            ("redis_version", REDIS_VERSION),
+            ("pubsub_version", _version()),
+            ("redis_mode", "standalone"),
+            ("process_id", os.getpid()),
+            ("uptime_in_seconds", int(factory.reactor.seconds() - factory.started)),
+        ],
+        "clients": [("connected_clients", engine.client_count)],
+        "stats": [
+            ("pubsub_channels", engine.channel_count),
+            ("pubsub_patterns", engine.numpat()),
+            ("pubsubshard_channels", engine.shard_channel_count),
+            ("client_output_buffer_limit_disconnections", factory.slow_consumers),
+        ],
+    }
+    wanted = {arg.decode("latin-1").lower() for arg in args[1:]}
+    if not wanted or wanted & {"default", "all", "everything"}:
+        wanted = set(sections)
+    text = "\r\n".join(
+        f"# {name.capitalize()}\r\n" + "".join(f"{key}:{value}\r\n" for key, value in fields)
+        for name, fields in sections.items()
+        if name in wanted
+    )
+    return [Reply(Verbatim(text.encode("ascii")))]
+
+
+def _table(*commands: Command) -> dict[str, Command]:
+    return {command.name: command for command in commands}
+
+
+_CLIENT_SUBCOMMANDS = _table(
+    Command("id", 2, _client_id),
+    Command("setname", 3, _client_setname),
+    Command("getname", 2, _client_getname),
+    Command("setinfo", 4, _client_setinfo),
+    Command("help", 2, _client_help),
+)
+
+#: The shared command table plus the connection commands of RESP.
+RESP_COMMANDS: dict[str, Command] = {
+    **COMMANDS,
+    **_table(
+        Command("hello", -1, _hello),
+        Command("auth", -2, _auth),
+        Command("reset", 1, _reset),
+        Command("quit", -1, _quit),
+        Command("echo", 2, _echo),
+        Command("select", 2, _select),
+        Command("info", -1, _info),
+        Command("client", -2, None, subcommands=_CLIENT_SUBCOMMANDS),
+    ),
+}
+
+
+class RespFactory(Factory):
+    """Builds RESP connections that share one engine, under one set of limits."""
+
+    protocol = RespProtocol
+    noisy = False
+
+    def __init__(
+        self, engine: Engine | None = None, settings: Settings | None = None, reactor: Any = None
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.engine = engine if engine is not None else Engine()
+        self.settings = settings if settings is not None else Settings()
+        self.reactor = reactor
+        self.started = reactor.seconds()
+        self.flusher = Flusher(reactor)
+        self.output_limits = OutputLimits.from_settings(self.settings)
+        self.limits = Limits.from_settings(self.settings)
+        #: Connections cut off by the output buffer limits since start-up.
+        self.slow_consumers = 0
+        #: Open RESP connections.
+        self.connections: set[RespProtocol] = set()
+
+    def close_all(self) -> defer.Deferred:
+        """Close every connection once what is queued for it is sent."""
+        closing = []
+        for connection in list(self.connections):
+            closing.append(connection.lost)
+            connection.close_after_reply()
+        return defer.DeferredList(closing)
