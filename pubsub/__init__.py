@@ -1,4 +1,4 @@
-"""pubsub: Redis Pub/Sub semantics over WebSocket, for Twisted.
+"""pubsub: Redis Pub/Sub semantics over WebSocket and RESP, for Twisted.
 
 The public embedding API, and nothing else::
 
@@ -11,6 +11,7 @@ See docs/embedding.md.
 
 from pubsub.config import ConfigError, Settings, load_settings
 from pubsub.engine import Engine
+from pubsub.resp import RespFactory
 from pubsub.service import build_factory, build_resource, make_service
 from pubsub.web import PubSubResource
 from pubsub.websocket import PubSubServerFactory, PubSubServerProtocol
@@ -21,6 +22,7 @@ __all__ = [
     "PubSubResource",
     "PubSubServerFactory",
     "PubSubServerProtocol",
+    "RespFactory",
     "Settings",
     "build_factory",
     "build_resource",

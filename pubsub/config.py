@@ -51,7 +51,7 @@ class Settings:
     )
     max_name_length: int = _setting(4096, "Longest channel name or pattern accepted, in bytes")
     output_buffer_hard: int = _setting(
-        8 * 1024 * 1024, "Unsent bytes past which a subscriber is disconnected (1008)"
+        8 * 1024 * 1024, "Unsent bytes past which a subscriber is disconnected (1008 on WebSocket)"
     )
     output_buffer_soft: int = _setting(
         1024 * 1024, "Unsent bytes a subscriber may hold for output_buffer_soft_seconds"

@@ -687,7 +687,6 @@ class RespFactory(Factory):
     """Builds RESP connections that share one engine, under one set of limits."""
 
     protocol = RespProtocol
-    noisy = False
 
     def __init__(
         self, engine: Engine | None = None, settings: Settings | None = None, reactor: Any = None

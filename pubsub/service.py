@@ -76,7 +76,7 @@ class PubSubService(MultiService):
         self.engine = factory.engine
         self.settings = settings
         self._reactor = reactor
-        self._endpoints: dict[Service, str] = {}
+        self._endpoints: dict[Service, tuple[str, str]] = {}
 
     def listen(self, setting: str, factory: Any) -> None:
         """Serve ``factory`` while running, on the port the setting names."""
@@ -89,13 +89,13 @@ class PubSubService(MultiService):
         except Exception as error:  # noqa: BLE001 - endpoint parsers raise anything
             raise ConfigError(f"setting {setting}: cannot use {value!r}: {error}") from None
         listener.setServiceParent(self)
-        self._endpoints[listener] = description
+        self._endpoints[listener] = ("RESP" if setting == "resp_port" else "WebSocket", description)
 
     def privilegedStartService(self) -> None:
         Service.privilegedStartService(self)
         for listener in self:
-            endpoint = self._endpoints.get(listener, "")
-            log.info("pubsub starting: listening on {endpoint}", endpoint=endpoint)
+            what, endpoint = self._endpoints[listener]
+            log.info("pubsub starting: {what} on {endpoint}", what=what, endpoint=endpoint)
             try:
                 listener.privilegedStartService()
             except CannotListenError as error:

@@ -12,7 +12,8 @@ from twisted.python import usage
 from pubsub.config import ConfigError, Settings, endpoint_description, load_settings
 from pubsub.service import Options, make_service
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "pubsub.toml"
+ROOT = Path(__file__).resolve().parents[2]
+CONF = ROOT / "conf" / "pubsub.toml"
 
 
 def test_the_conf_file_lists_every_setting_with_its_default():
@@ -30,6 +31,28 @@ def test_the_conf_file_comments_every_setting():
     for index, line in enumerate(lines):
         if line and not line.startswith("#"):
             assert lines[index - 1].startswith("# "), f"no comment above {line!r}"
+
+
+def test_the_operations_guide_lists_every_setting_with_its_default_and_help():
+    rows = {}
+    for line in (ROOT / "docs" / "operations.md").read_text().splitlines():
+        if line.startswith("| `") and "`PUBSUB_" in line:
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            rows[cells[0].strip("`")] = cells
+    assert set(rows) == {f.name for f in fields(Settings)}
+    for f in fields(Settings):
+        name, option, variable, default, meaning = rows[f.name]
+        assert option.startswith(f"`--{f.name.replace('_', '-')}`")
+        assert variable == f"`PUBSUB_{f.name.upper()}`"
+        assert tomllib.loads(f"v = {default.strip('`')}")["v"] == f.default
+        assert meaning == f.metadata["help"]
+
+
+def test_the_resp_port_is_off_by_default_and_bound_like_the_websocket_port():
+    assert Settings().resp_port == ""
+    settings = Settings(resp_port="6380", interface="::1")
+    assert endpoint_description(settings, settings.resp_port) == "tcp:6380:interface=\\:\\:1"
+    assert endpoint_description(settings, "unix:/tmp/r.sock") == "unix:/tmp/r.sock"
 
 
 def test_the_default_bind_address_is_loopback():
@@ -108,8 +131,17 @@ def test_twistd_options_one_per_setting_and_config(tmp_path, monkeypatch):
 
 
 def test_make_service_refuses_an_unusable_endpoint():
-    with pytest.raises(ConfigError, match="setting port"):
+    with pytest.raises(ConfigError, match="setting port: cannot use 'bogus:1'"):
         make_service(Settings(port="bogus:1"))
+    with pytest.raises(ConfigError, match="setting resp_port: cannot use 'bogus:2'"):
+        make_service(Settings(resp_port="bogus:2"))
+
+
+def test_make_service_serves_resp_on_the_same_engine_only_when_asked():
+    assert make_service(Settings()).resp_factory is None
+    service = make_service(Settings(resp_port="6380"))
+    assert service.resp_factory.engine is service.engine is service.factory.engine
+    assert len(list(service)) == 2  # the WebSocket and the RESP listener
 
 
 def test_true_false_settings_are_flag_pairs(tmp_path, monkeypatch):
