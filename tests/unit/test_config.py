@@ -41,7 +41,7 @@ def test_the_operations_guide_lists_every_setting_with_its_default_and_help():
             rows[cells[0].strip("`")] = cells
     assert set(rows) == {f.name for f in fields(Settings)}
     for f in fields(Settings):
-        name, option, variable, default, meaning = rows[f.name]
+        _, option, variable, default, meaning = rows[f.name]
         assert option.startswith(f"`--{f.name.replace('_', '-')}`")
         assert variable == f"`PUBSUB_{f.name.upper()}`"
         assert tomllib.loads(f"v = {default.strip('`')}")["v"] == f.default
