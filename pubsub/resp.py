@@ -245,6 +245,11 @@ class RespProtocol(Protocol):
             self._slow_consumer,
         )
         self.transport.registerProducer(self, True)
+        # As Redis and Autobahn do: a reply written right after a push must
+        # not wait for the client's delayed ACK (Nagle), ~40 ms each time.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         engine = factory.engine
         self.session = RespSession(engine, engine.register(self), factory.limits, self)
         factory.connections.add(self)

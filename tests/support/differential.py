@@ -2,11 +2,18 @@
 
 A *sequence* is a list of :class:`Step` objects, each one command issued by one
 of a few clients, generated from a seed alone (so a failure reproduces from its
-seed).  :class:`RedisSide` runs a step on real Redis over RESP3 and
-:class:`WsSide` on this server over WebSocket; both return, for every client,
-the frames that client received during the step, in the JSON frame model of
-PROTOCOL.md.  :func:`normalize` then removes the two orderings that come from
-Redis's hash tables (see its docstring); everything else must match exactly.
+seed).  A :class:`Side` runs a step on one server for every client and returns
+the frames each client received during the step.  Three pairings are compared:
+
+* this server over WebSocket against Redis over RESP3, both in the JSON frame
+  model of PROTOCOL.md (:func:`json_frame` translates Redis's frames);
+* this server's RESP port against Redis, both in RESP2, and both in RESP3
+  (a :class:`RespSide` each, the same client code on both): every frame
+  byte for byte (:func:`raw_frame`), which includes RESP2's subscribed mode,
+  where Redis refuses most commands and answers PING with ``["pong", ...]``.
+
+:func:`normalize` then removes the orderings that come from Redis's hash
+tables (see its docstring); everything else must match exactly.
 
 How a step is observed, on both sides: the command is sent on the issuing client
 followed by a PING with a unique marker, and everything up to the marker's echo
@@ -21,21 +28,33 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
 
-from tests.support.resp3 import Push, Resp3Client, RespError, SimpleString
+from tests.support import respclient
+from tests.support.resp3 import (
+    Frame,
+    Push,
+    RespError,
+    SimpleString,
+    split_aggregate,
+)
 
 __all__ = [
+    "JSON_FRAMES",
     "KINDS",
-    "RedisSide",
+    "RESP_FRAMES",
+    "RespSide",
+    "Side",
     "Step",
-    "WsSide",
     "closing_steps",
     "generate",
+    "json_frame",
     "normalize",
+    "raw_frame",
     "resp3_frame",
 ]
 
@@ -224,7 +243,7 @@ def closing_steps(start: int, clients: int) -> list[Step]:
     return steps
 
 
-# -- Redis over RESP3 --------------------------------------------------------
+# -- the two sides ------------------------------------------------------------
 
 
 def _plain(value: Any) -> Any:
@@ -252,111 +271,151 @@ def resp3_frame(value: Any, step: Step) -> list:
     raise AssertionError(f"unexpected RESP3 value {value!r} for {step}")
 
 
-class RedisSide:
-    """One Resp3Client per client, all on one redis-server."""
-
-    def __init__(self, port: int, clients: int) -> None:
-        self.conns: list[Resp3Client] = []
-        for _ in range(clients):
-            self.conns.append(Resp3Client("127.0.0.1", port))
-        self._markers = itertools.count(1)
-
-    def close(self) -> None:
-        for conn in self.conns:
-            conn.close()
-
-    def _marker(self) -> bytes:
-        return b"#redis-sync-%d" % next(self._markers)
-
-    @staticmethod
-    def _until(conn: Resp3Client, marker: bytes, step: Step) -> list:
-        frames = []
-        while True:
-            value = conn.read()
-            if value == marker:
-                return frames
-            frames.append(resp3_frame(value, step))
-
-    def run(self, step: Step) -> list[list]:
-        issuer = self.conns[step.client]
-        marker = self._marker()
-        issuer.send(*(arg.encode("utf-8") for arg in step.args))
-        issuer.send(b"PING", marker)
-        observed: list[list] = [[] for _ in self.conns]
-        observed[step.client] = self._until(issuer, marker, step)
-        others = {}
-        for i, conn in enumerate(self.conns):
-            if i != step.client:
-                others[i] = self._marker()
-                conn.send(b"PING", others[i])
-        for i, marker in others.items():
-            observed[i] = self._until(self.conns[i], marker, step)
-        return observed
+def json_frame(frame: Frame, step: Step) -> list:
+    """A RESP3 frame in the JSON model, to compare with WebSocket's frames."""
+    return resp3_frame(frame.value, step)
 
 
-# -- this server over WebSocket ----------------------------------------------
+def raw_frame(frame: Frame, step: Step) -> bytes:
+    """A RESP frame byte for byte, to compare with another RESP server's."""
+    return frame.raw
 
 
-class WsSide:
-    """One FrameClient per client, all on one in-process server."""
+class Side:
+    """One client per client, all on one server.
 
-    def __init__(self, clients: list) -> None:
+    A client is anything with ``call(*args)`` and ``drain()``, both firing
+    with the frames received up to a PING marker: a wsclient.FrameClient or
+    a respclient.RespClient.  ``convert(frame, step)`` turns each frame read
+    into what is compared (by default the frame itself).
+    """
+
+    def __init__(self, clients: list, convert: Callable[[Any, Step], Any] | None = None) -> None:
         self.clients = clients
+        self.convert = convert or (lambda frame, step: frame)
 
     @defer.inlineCallbacks
     def run(self, step: Step):
+        """Fires with, for every client, the frames it received during ``step``."""
+        issuer = self.clients[step.client]
         observed: list[list] = [[] for _ in self.clients]
-        observed[step.client] = yield self.clients[step.client].call(*step.args)
+        observed[step.client] = yield issuer.call(*step.args)
         others = [i for i in range(len(self.clients)) if i != step.client]
         drained = yield defer.gatherResults(
             [self.clients[i].drain() for i in others], consumeErrors=True
         )
         for i, frames in zip(others, drained, strict=True):
             observed[i] = frames
-        return observed
+        return [[self.convert(frame, step) for frame in frames] for frames in observed]
+
+    def close(self) -> defer.Deferred:
+        """Nothing to do here: the test's connect fixture closes WebSocket clients."""
+        return defer.succeed(None)
+
+
+class RespSide(Side):
+    """A Side of respclient.RespClient connections, in RESP2 or RESP3."""
+
+    @classmethod
+    @defer.inlineCallbacks
+    def connect(cls, port: int, clients: int, protocol: int, convert: Callable[[Frame, Step], Any]):
+        conns = yield defer.gatherResults(
+            [respclient.connect(port, protocol) for _ in range(clients)], consumeErrors=True
+        )
+        return cls(conns, convert)
+
+    def close(self) -> defer.Deferred:
+        return defer.gatherResults([conn.close() for conn in self.clients], consumeErrors=True)
 
 
 # -- comparison --------------------------------------------------------------
 
 
-def _name_key(name: str | None) -> tuple[bool, str]:
-    return (name is not None, name or "")
+class _JsonFrames:
+    """What :func:`normalize` needs to know of frames in the JSON model."""
+
+    @staticmethod
+    def confirmation(frame: list, kind: str) -> tuple[Any, Any] | None:
+        """A ``kind`` confirmation's name, and the frame without it; else None."""
+        if isinstance(frame, list) and len(frame) == 3 and frame[0] == kind:
+            return frame[1], [frame[0], frame[2]]
+        return None
+
+    @staticmethod
+    def is_pmessage(frame: list) -> bool:
+        return isinstance(frame, list) and frame[:1] == ["pmessage"]
+
+    @staticmethod
+    def sorted_list(frame: list) -> list | None:
+        """A reply that is a list, with the list sorted; else None."""
+        if frame[:1] == ["reply"] and isinstance(frame[1], list):
+            return ["reply", sorted(frame[1])]
+        return None
 
 
-def normalize(step: Step, client: int, frames: list) -> list:
+def _bulk(text: str) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(text), text.encode("utf-8"))
+
+
+class _RespFrames:
+    """What :func:`normalize` needs to know of RESP frames, kept byte for byte:
+    each name, count and header stays in its exact wire form."""
+
+    @staticmethod
+    def confirmation(frame: bytes, kind: str) -> tuple[Any, Any] | None:
+        parts = split_aggregate(frame)
+        if parts is None or len(parts[1]) != 3 or parts[1][0] != _bulk(kind):
+            return None
+        header, (kind_raw, name, count) = parts
+        return name, header + kind_raw + count
+
+    @staticmethod
+    def is_pmessage(frame: bytes) -> bool:
+        parts = split_aggregate(frame)
+        return parts is not None and len(parts[1]) == 4 and parts[1][0] == _bulk("pmessage")
+
+    @staticmethod
+    def sorted_list(frame: bytes) -> bytes | None:
+        parts = split_aggregate(frame)
+        if parts is None or not frame.startswith(b"*"):
+            return None
+        return parts[0] + b"".join(sorted(parts[1]))
+
+
+#: normalize's models: frames in the JSON model (WebSocket, and Redis's RESP3
+#: translated to it), and RESP frames as received.
+JSON_FRAMES = _JsonFrames()
+RESP_FRAMES = _RespFrames()
+
+
+def normalize(step: Step, client: int, frames: list, model: Any = JSON_FRAMES) -> list:
     """One client's frames for one step, with Redis's hash orders taken out.
 
     * An UNSUBSCRIBE, PUNSUBSCRIBE or SUNSUBSCRIBE without names confirms what
       the client held in hash order: its confirmations become one entry with
-      the sorted names and, separately, the counts in order.
+      the sorted names and, separately, the rest of each frame in order.
     * The pmessage frames of one publish reach a client in pattern hash order:
       each run of consecutive pmessage frames is sorted.
     * PUBSUB CHANNELS and SHARDCHANNELS list names in hash order: sorted.
+
+    ``model`` is :data:`JSON_FRAMES` or :data:`RESP_FRAMES`, as the frames are.
     """
-    if (
-        client == step.client
-        and step.name in _UNSUBSCRIBERS
-        and len(step.args) == 1
-        and frames
-        and all(isinstance(f, list) and len(f) == 3 and f[0] == step.name for f in frames)
-    ):
-        names = sorted((f[1] for f in frames), key=_name_key)
-        return [[f"{step.name} (any order)", names, [f[2] for f in frames]]]
+    if client == step.client and step.name in _UNSUBSCRIBERS and len(step.args) == 1 and frames:
+        parts = [model.confirmation(frame, step.name) for frame in frames]
+        if all(part is not None for part in parts):
+            names = sorted((name for name, _ in parts), key=repr)
+            return [[f"{step.name} (any order)", names, [rest for _, rest in parts]]]
     out: list = []
     run: list = []
     for frame in frames:
-        if isinstance(frame, list) and frame[:1] == ["pmessage"]:
+        if model.is_pmessage(frame):
             run.append(frame)
             continue
         out.extend(sorted(run))
         run = []
-        if (
-            client == step.client
-            and step.subcommand in ("channels", "shardchannels")
-            and frame[:1] == ["reply"]
-            and isinstance(frame[1], list)
-        ):
-            frame = ["reply", sorted(frame[1])]
+        if client == step.client and step.subcommand in ("channels", "shardchannels"):
+            listed = model.sorted_list(frame)
+            frame = frame if listed is None else listed
         out.append(frame)
     out.extend(sorted(run))
     return out
