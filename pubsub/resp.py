@@ -19,6 +19,7 @@ Redis disconnects it.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
@@ -61,9 +62,6 @@ _SUBSCRIBED_MODE = frozenset(
     {"ping", "subscribe", "ssubscribe", "unsubscribe", "sunsubscribe", "psubscribe"}
     | {"punsubscribe", "quit", "reset"}
 )
-
-# What a request element was instead of a bulk string, by hiredis's type.
-_TYPE_BYTES = {int: ":", list: "*", float: ",", bool: "#", dict: "%", set: "~"}
 
 
 class _Frames:
@@ -220,8 +218,9 @@ class RespProtocol(Protocol):
         self.lib_ver: bytes | None = None
         self._outbox: Outbox | None = None
         self._reader = hiredis.Reader()
-        self._inline = b""  # an inline command line not yet complete
-        self._unparsed = 0  # bytes received since the last complete request
+        self._buffer = bytearray()  # received, not yet part of a complete request
+        self._in_multibulk = False  # hiredis holds the start of the next request
+        self._fed = 0  # how much of _buffer hiredis has been given
         self._closing = False
         #: Set by QUIT: close once this request's replies are sent.
         self.quitting = False
@@ -338,7 +337,7 @@ class RespProtocol(Protocol):
                 result.count,
             )
         if kind is Error:
-            return b"-%s\r\n" % result.message.encode("utf-8", "surrogateescape")
+            return _error_line(result.message)
         if kind is Pong:
             if not self.resp3 and self._subscribed():
                 return b"*2\r\n$4\r\npong\r\n" + encode(result.payload or b"", False)
@@ -359,64 +358,123 @@ class RespProtocol(Protocol):
             self._refuse("ERR internal error")
 
     def _receive(self, data: bytes) -> None:
-        reader = self._reader
-        self._unparsed += len(data)
-        if reader.has_data() or (not self._inline and data[:1] == b"*"):
-            reader.feed(data)
-        else:
-            self._inline += data
-        limit = self.factory.settings.max_message_size
-        while not self._closing:
-            if reader.has_data():
-                try:
-                    request = reader.gets()
-                except (hiredis.ProtocolError, MemoryError) as error:
-                    self._refuse(_protocol_error_text(error))
-                    return
-                if request is False:
-                    if limit and self._unparsed > limit:
-                        self._refuse(
-                            "ERR Protocol error: request over the max_message_size limit "
-                            f"of {limit} bytes"
-                        )
-                    return
-                self._unparsed = 0
-                self._multibulk(request)
-            elif self._inline:
-                if self._inline[:1] == b"*":
-                    reader.feed(self._inline)
-                    self._inline = b""
-                    continue
-                newline = self._inline.find(b"\n")
-                if newline < 0:
-                    if len(self._inline) > INLINE_MAX:
-                        self._refuse("ERR Protocol error: too big inline request")
-                    return
-                line, self._inline = self._inline[:newline], self._inline[newline + 1 :]
-                self._unparsed = len(self._inline)
-                args = split_inline(line[:-1] if line.endswith(b"\r") else line)
-                if args is None:
-                    self._refuse("ERR Protocol error: unbalanced quotes in request")
-                elif args:
-                    self._run(args)
-            else:
-                return
+        """Run every complete request in the buffer, as Redis's processInputBuffer.
 
-    def _multibulk(self, request: Any) -> None:
-        if request is None or request == []:
-            return  # *-1 and *0: Redis ignores them
-        if type(request) is not list:
-            self._refuse("ERR Protocol error: invalid multibulk length")
-            return
-        for item in request:
-            if type(item) is not bytes:
-                got = _TYPE_BYTES.get(type(item), "-" if item is not None else "$")
-                if item is None:
-                    self._refuse("ERR Protocol error: invalid bulk length")
+        Each request is multibulk or inline by its first byte.  hiredis parses
+        the multibulk ones; it is fed from the first byte of such a request on
+        and is in step with ``pos`` after each one, because every element is
+        checked to be a bulk string, whose length is then known exactly.
+        """
+        buffer = self._buffer
+        buffer += data
+        pos = 0
+        limit = self.factory.settings.max_message_size
+        try:
+            while pos < len(buffer) and not self._closing:
+                if self._in_multibulk:
+                    end = self._next_multibulk(buffer, pos, limit)
+                    if end < 0:
+                        return
+                    pos = end
+                elif buffer[pos] == 0x2A:  # "*"
+                    pos = self._multibulk_header(buffer, pos)
+                    if pos < 0:
+                        return
                 else:
-                    self._refuse(f"ERR Protocol error: expected '$', got '{got}'")
-                return
+                    end = self._next_inline(buffer, pos, limit)
+                    if end < 0:
+                        return
+                    pos = end
+        finally:
+            if pos > 0:
+                del buffer[:pos]
+                self._fed = max(self._fed - pos, 0)
+
+    def _next_multibulk(self, buffer: bytearray, pos: int, limit: int) -> int:
+        """Run the multibulk request at ``pos``; where it ends, or -1."""
+        if self._fed < len(buffer):
+            self._reader.feed(buffer, self._fed)
+            self._fed = len(buffer)
+        try:
+            request = self._reader.gets()
+        except (hiredis.ProtocolError, MemoryError):
+            self._refuse(_what_is_wrong(buffer, pos))
+            return -1
+        if request is False:
+            if limit and len(buffer) - pos > limit:
+                self._refuse_size(limit)
+            return -1
+        self._in_multibulk = False
+        end = self._request_end(request, buffer, pos)
+        if end < 0:
+            return -1
+        if limit and end - pos > limit:
+            self._refuse_size(limit)
+            return -1
         self._run(request)
+        return end
+
+    def _next_inline(self, buffer: bytearray, pos: int, limit: int) -> int:
+        """Run the inline command at ``pos``; where its line ends, or -1."""
+        newline = buffer.find(b"\n", pos)
+        if newline < 0:
+            if len(buffer) - pos > INLINE_MAX:
+                self._refuse("ERR Protocol error: too big inline request")
+            elif limit and len(buffer) - pos > limit:
+                self._refuse_size(limit)
+            return -1
+        end = newline - 1 if newline > pos and buffer[newline - 1] == 0x0D else newline
+        if limit and end - pos > limit:
+            self._refuse_size(limit)
+            return -1
+        args = split_inline(bytes(buffer[pos:end]))
+        if args is None:
+            self._refuse("ERR Protocol error: unbalanced quotes in request")
+            return -1
+        if args:
+            self._run(args)
+        return newline + 1
+
+    def _multibulk_header(self, buffer: bytearray, pos: int) -> int:
+        """Check a ``*N`` line as Redis does; where the request's body starts
+        (hiredis reads the header again), or -1 when waiting or refused."""
+        cr = buffer.find(b"\r", pos)
+        if cr < 0 or cr + 1 >= len(buffer):
+            if len(buffer) - pos > INLINE_MAX:
+                self._refuse("ERR Protocol error: too big mbulk count string")
+            return -1
+        count = redis_int(bytes(buffer[pos + 1 : cr]))
+        if count is None or count > 2**31 - 1:
+            self._refuse("ERR Protocol error: invalid multibulk length")
+            return -1
+        if count <= 0:
+            return cr + 2  # Redis skips an empty or negative count
+        # hiredis starts afresh on this request unless it already holds it.
+        if self._fed != pos:
+            self._reader = hiredis.Reader()
+            self._fed = pos
+        self._in_multibulk = True
+        return pos
+
+    def _request_end(self, request: Any, buffer: bytearray, pos: int) -> int:
+        """Where a parsed request ends, or -1 (refused) unless every element
+        is a bulk string, as Redis requires ("expected '$'")."""
+        pos += len(b"*%d\r\n" % len(request))
+        for item in request:
+            if buffer[pos] != 0x24:  # "$"
+                got = bytes((buffer[pos],)).decode("utf-8", "surrogateescape")
+                self._refuse(f"ERR Protocol error: expected '$', got '{got}'")
+                return -1
+            if item is None:
+                self._refuse("ERR Protocol error: invalid bulk length")
+                return -1
+            pos += len(b"$%d\r\n" % len(item)) + len(item) + 2
+        return pos
+
+    def _refuse_size(self, limit: int) -> None:
+        self._refuse(
+            f"ERR Protocol error: request over the max_message_size limit of {limit} bytes"
+        )
 
     def _run(self, args: Sequence[bytes]) -> None:
         session = self.session
@@ -449,18 +507,46 @@ class RespProtocol(Protocol):
     def _refuse(self, message: str) -> None:
         """A protocol error: say so and close, as Redis does."""
         if self._outbox is not None:
-            self._outbox.append(b"-%s\r\n" % message.encode("utf-8", "surrogateescape"))
+            self._outbox.append(_error_line(message))
         self.close_after_reply()
 
 
-def _protocol_error_text(error: Exception) -> str:
-    text = str(error)
-    if isinstance(error, MemoryError) or "multi-bulk" in text.lower():
-        return "ERR Protocol error: invalid multibulk length"
-    if "bulk" in text.lower():
-        return "ERR Protocol error: invalid bulk length"
-    got = text.split('"')[1] if text.count('"') >= 2 else "?"
-    return f"ERR Protocol error: expected '$', got '{got}'"
+def _error_line(message: str) -> bytes:
+    """An error reply; as Redis, line breaks inside become spaces (the text
+    may quote a client's bytes, kept as they were by surrogateescape)."""
+    line = message.encode("utf-8", "surrogateescape")
+    return b"-%s\r\n" % line.replace(b"\r", b" ").replace(b"\n", b" ")
+
+
+def _what_is_wrong(buffer: bytearray, pos: int) -> str:
+    """Redis's words for a request hiredis refused: the first element that
+    is not a ``$`` bulk string, or the first bad bulk length."""
+    start = buffer.find(b"\r", pos) + 2  # after the "*N" line, already checked
+    count = redis_int(bytes(buffer[pos + 1 : start - 2])) or 0
+    for _ in range(count):
+        if start >= len(buffer):
+            break
+        if buffer[start] != 0x24:  # "$"
+            got = bytes((buffer[start],)).decode("utf-8", "surrogateescape")
+            return f"ERR Protocol error: expected '$', got '{got}'"
+        cr = buffer.find(b"\r", start)
+        length = redis_int(bytes(buffer[start + 1 : cr])) if cr > 0 else None
+        if length is None or length < 0:
+            break
+        start = cr + 2 + length + 2
+    return "ERR Protocol error: invalid bulk length"
+
+
+_INTEGER = re.compile(rb"0|-?[1-9][0-9]*")
+
+
+def redis_int(text: bytes) -> int | None:
+    """An integer as Redis's string2ll reads one: no sign but "-", no leading
+    zeros or blanks, within 64 bits; None otherwise."""
+    if len(text) > 20 or not _INTEGER.fullmatch(text):
+        return None
+    value = int(text)
+    return value if -(2**63) <= value < 2**63 else None
 
 
 # -- the connection commands only RESP has -----------------------------------------------
@@ -479,10 +565,10 @@ def _hello(session: RespSession, args: Sequence[bytes]) -> list:
     version = 3 if connection.resp3 else 2
     name: bytes | None = None
     if len(args) >= 2:
-        try:
-            version = int(args[1])
-        except ValueError:
+        parsed = redis_int(args[1])
+        if parsed is None:
             return [Error("ERR Protocol version is not an integer or out of range")]
+        version = parsed
         if version not in (2, 3):
             return [Error("NOPROTO unsupported protocol version")]
     position = 2
@@ -563,9 +649,8 @@ def _echo(session: RespSession, args: Sequence[bytes]) -> list:
 
 def _select(session: RespSession, args: Sequence[bytes]) -> list:
     # Pub/Sub ignores databases in Redis too; clients select one on connect.
-    try:
-        index = int(args[1])
-    except ValueError:
+    index = redis_int(args[1])
+    if index is None or not -(2**31) <= index < 2**31:
         return [Error("ERR value is not an integer or out of range")]
     if not 0 <= index < 16:
         return [Error("ERR DB index is out of range")]
@@ -614,7 +699,7 @@ _CLIENT_HELP = [
         b"SETNAME <name>",
         b"    Assign the name <name> to the current connection.",
         b"HELP",
-        b"    Print this help.",
+        b"    Prints this help.",
     )
 ]
 
