@@ -221,6 +221,7 @@ class RespProtocol(Protocol):
         self._buffer = bytearray()  # received, not yet part of a complete request
         self._in_multibulk = False  # hiredis holds the start of the next request
         self._fed = 0  # how much of _buffer hiredis has been given
+        self._parsed = 0  # where hiredis's unread bytes start, when it is in step
         self._closing = False
         #: Set by QUIT: close once this request's replies are sent.
         self.quitting = False
@@ -389,6 +390,7 @@ class RespProtocol(Protocol):
             if pos > 0:
                 del buffer[:pos]
                 self._fed = max(self._fed - pos, 0)
+                self._parsed -= pos
 
     def _next_multibulk(self, buffer: bytearray, pos: int, limit: int) -> int:
         """Run the multibulk request at ``pos``; where it ends, or -1."""
@@ -408,6 +410,7 @@ class RespProtocol(Protocol):
         end = self._request_end(request, buffer, pos)
         if end < 0:
             return -1
+        self._parsed = end
         if limit and end - pos > limit:
             self._refuse_size(limit)
             return -1
@@ -449,10 +452,11 @@ class RespProtocol(Protocol):
             return -1
         if count <= 0:
             return cr + 2  # Redis skips an empty or negative count
-        # hiredis starts afresh on this request unless it already holds it.
-        if self._fed != pos:
+        # hiredis goes on from the previous multibulk request when this one
+        # follows it directly; after inline or skipped input it starts afresh.
+        if self._parsed != pos:
             self._reader = hiredis.Reader()
-            self._fed = pos
+            self._fed = self._parsed = pos
         self._in_multibulk = True
         return pos
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -12,8 +13,10 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.error import ConnectionDone
 
 from pubsub.config import Settings
+from tests.conftest import CLOSED, Status
 from tests.support.processes import ServerProcess
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
@@ -101,4 +104,90 @@ def test_twistd_stops_with_a_clear_message_when_the_port_is_taken(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 1
     assert f"pubsub: cannot listen on tcp:{port}:interface=127.0.0.1" in output
+    assert "Traceback" not in output
+
+
+class ServerWithResp(ServerProcess):
+    """``listening`` fires with (WebSocket port, RESP port) once both are bound."""
+
+    def __init__(self) -> None:
+        super().__init__(rb"RespFactory starting on (\d+)")
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        site = re.search(rb"Site starting on (\d+)", self.output)
+        resp = re.search(rb"RespFactory starting on (\d+)", self.output)
+        if site and resp and not self.listening.called:
+            self.listening.callback((int(site.group(1)), int(resp.group(1))))
+
+    errReceived = outReceived
+
+
+@pytest_twisted.inlineCallbacks
+def test_twistd_serves_resp_and_sigterm_closes_resp_clients(tmp_path, connect, resp_connect):
+    process = ServerWithResp()
+    local = "tcp:0:interface=127.0.0.1"
+    args = [TWISTD, "-n", "--pidfile=", "pubsub", "--port", local, "--resp-port", local]
+    transport = reactor.spawnProcess(
+        process, TWISTD, args, env=clean_environment(), path=str(tmp_path)
+    )
+    try:
+        port, resp_port = yield process.listening.addTimeout(30, reactor)
+        resp_subscriber = yield resp_connect(resp_port)
+        resp_publisher = yield resp_connect(resp_port)
+        ws = yield connect(port)
+        assert (yield resp_publisher.call("PING")) == [Status("PONG")]
+        assert (yield resp_subscriber.call("SUBSCRIBE", "news")) == [[b"subscribe", b"news", 1]]
+        assert (yield ws.call("SUBSCRIBE", "news")) == [["subscribe", "news", 1]]
+        # RESP to both transports, bytes that are not UTF-8 included.
+        assert (yield resp_publisher.call("PUBLISH", "news", b"\x00\xff")) == [2]
+        assert (yield ws.drain()) == [["message", "news", {"base64": "AP8="}]]
+        # WebSocket to both.
+        assert (yield ws.call("PUBLISH", "news", "from the web")) == [
+            ["message", "news", "from the web"],
+            ["reply", 2],
+        ]
+        assert (yield resp_subscriber.drain()) == [
+            [b"message", b"news", b"\x00\xff"],
+            [b"message", b"news", b"from the web"],
+        ]
+    finally:
+        if not process.ended.called:
+            transport.signalProcess("TERM")
+    # Every RESP client is closed cleanly, the WebSocket one told 1001.
+    for client in (resp_subscriber, resp_publisher):
+        reason = yield client.closed.addTimeout(30, reactor)
+        assert isinstance(reason, ConnectionDone), reason
+        assert (yield client.next_value()) is CLOSED
+    _, code, reason = yield ws.closed.addTimeout(30, reactor)
+    assert (code, reason) == (1001, "server shutting down")
+    exit_code = yield process.ended.addTimeout(30, reactor)
+    output = process.output.decode(errors="replace")
+    assert exit_code == 0, output
+    assert "Traceback" not in output
+    assert "Server Shut Down" in output
+
+
+def test_twistd_stops_with_a_clear_message_when_the_resp_port_is_taken(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_twistd(
+            tmp_path, "--port", "tcp:0:interface=127.0.0.1", "--resp-port", str(port)
+        )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    lines = [line for line in output.splitlines() if "cannot listen" in line]
+    assert len(lines) == 1, output
+    assert f"pubsub: cannot listen on tcp:{port}:interface=127.0.0.1: " in lines[0]
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("resp_port", ["tcp:notaport", "nosuchendpoint:1"])
+def test_twistd_rejects_a_bad_resp_port(tmp_path, resp_port):
+    result = run_twistd(tmp_path, "--port", "tcp:0:interface=127.0.0.1", "--resp-port", resp_port)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert f"pubsub: setting resp_port: cannot use '{resp_port}'" in output
     assert "Traceback" not in output
