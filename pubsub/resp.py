@@ -55,6 +55,9 @@ REDIS_VERSION = "7.0.15"
 #: Redis's PROTO_INLINE_MAX_SIZE: the longest inline command line.
 INLINE_MAX = 64 * 1024
 
+# Redis's default proto-max-bulk-len, the bound when max_message_size is 0.
+_PROTO_MAX_BULK_LEN = 512 * 1024 * 1024
+
 _log = Logger()
 
 # Commands a RESP2 client may run while it holds subscriptions (Redis's list).
@@ -222,6 +225,10 @@ class RespProtocol(Protocol):
         self._in_multibulk = False  # hiredis holds the start of the next request
         self._fed = 0  # how much of _buffer hiredis has been given
         self._parsed = 0  # where hiredis's unread bytes start, when it is in step
+        # The unfinished multibulk request's next element header not yet
+        # checked, and how many elements are left to check.
+        self._scan = 0
+        self._left = 0
         self._closing = False
         #: Set by QUIT: close once this request's replies are sent.
         self.quitting = False
@@ -391,6 +398,7 @@ class RespProtocol(Protocol):
                 del buffer[:pos]
                 self._fed = max(self._fed - pos, 0)
                 self._parsed -= pos
+                self._scan -= pos
 
     def _next_multibulk(self, buffer: bytearray, pos: int, limit: int) -> int:
         """Run the multibulk request at ``pos``; where it ends, or -1."""
@@ -400,11 +408,17 @@ class RespProtocol(Protocol):
         try:
             request = self._reader.gets()
         except (hiredis.ProtocolError, MemoryError):
-            self._refuse(_what_is_wrong(buffer, pos))
+            self._refuse(
+                self._check_headers(buffer, limit) or "ERR Protocol error: invalid bulk length"
+            )
             return -1
         if request is False:
-            if limit and len(buffer) - pos > limit:
-                self._refuse_size(limit)
+            # Refuse what cannot become a valid request as soon as it shows.
+            error = self._check_headers(buffer, limit)
+            if error is None and limit and len(buffer) - pos > limit:
+                error = _size_error(limit)
+            if error is not None:
+                self._refuse(error)
             return -1
         self._in_multibulk = False
         end = self._request_end(request, buffer, pos)
@@ -412,7 +426,7 @@ class RespProtocol(Protocol):
             return -1
         self._parsed = end
         if limit and end - pos > limit:
-            self._refuse_size(limit)
+            self._refuse(_size_error(limit))
             return -1
         self._run(request)
         return end
@@ -424,11 +438,11 @@ class RespProtocol(Protocol):
             if len(buffer) - pos > INLINE_MAX:
                 self._refuse("ERR Protocol error: too big inline request")
             elif limit and len(buffer) - pos > limit:
-                self._refuse_size(limit)
+                self._refuse(_size_error(limit))
             return -1
         end = newline - 1 if newline > pos and buffer[newline - 1] == 0x0D else newline
         if limit and end - pos > limit:
-            self._refuse_size(limit)
+            self._refuse(_size_error(limit))
             return -1
         args = split_inline(bytes(buffer[pos:end]))
         if args is None:
@@ -458,7 +472,33 @@ class RespProtocol(Protocol):
             self._reader = hiredis.Reader()
             self._fed = self._parsed = pos
         self._in_multibulk = True
+        self._scan, self._left = cr + 2, count
         return pos
+
+    def _check_headers(self, buffer: bytearray, limit: int) -> str | None:
+        """Check the element headers of the unfinished request that have
+        arrived since the last check, as Redis checks each on arrival; the
+        error, or None."""
+        scan, left = self._scan, self._left
+        try:
+            while left and scan < len(buffer):
+                if buffer[scan] != 0x24:  # "$"
+                    got = bytes((buffer[scan],)).decode("utf-8", "surrogateescape")
+                    return f"ERR Protocol error: expected '$', got '{got}'"
+                cr = buffer.find(b"\r", scan)
+                if cr < 0 or cr + 1 >= len(buffer):
+                    if len(buffer) - scan > INLINE_MAX:
+                        return "ERR Protocol error: too big bulk count string"
+                    return None
+                length = redis_int(bytes(buffer[scan + 1 : cr]))
+                if length is None or not 0 <= length <= _PROTO_MAX_BULK_LEN:
+                    return "ERR Protocol error: invalid bulk length"
+                if limit and length > limit:
+                    return _size_error(limit)
+                scan, left = cr + 2 + length + 2, left - 1
+            return None
+        finally:
+            self._scan, self._left = scan, left
 
     def _request_end(self, request: Any, buffer: bytearray, pos: int) -> int:
         """Where a parsed request ends, or -1 (refused) unless every element
@@ -474,11 +514,6 @@ class RespProtocol(Protocol):
                 return -1
             pos += len(b"$%d\r\n" % len(item)) + len(item) + 2
         return pos
-
-    def _refuse_size(self, limit: int) -> None:
-        self._refuse(
-            f"ERR Protocol error: request over the max_message_size limit of {limit} bytes"
-        )
 
     def _run(self, args: Sequence[bytes]) -> None:
         session = self.session
@@ -522,23 +557,8 @@ def _error_line(message: str) -> bytes:
     return b"-%s\r\n" % line.replace(b"\r", b" ").replace(b"\n", b" ")
 
 
-def _what_is_wrong(buffer: bytearray, pos: int) -> str:
-    """Redis's words for a request hiredis refused: the first element that
-    is not a ``$`` bulk string, or the first bad bulk length."""
-    start = buffer.find(b"\r", pos) + 2  # after the "*N" line, already checked
-    count = redis_int(bytes(buffer[pos + 1 : start - 2])) or 0
-    for _ in range(count):
-        if start >= len(buffer):
-            break
-        if buffer[start] != 0x24:  # "$"
-            got = bytes((buffer[start],)).decode("utf-8", "surrogateescape")
-            return f"ERR Protocol error: expected '$', got '{got}'"
-        cr = buffer.find(b"\r", start)
-        length = redis_int(bytes(buffer[start + 1 : cr])) if cr > 0 else None
-        if length is None or length < 0:
-            break
-        start = cr + 2 + length + 2
-    return "ERR Protocol error: invalid bulk length"
+def _size_error(limit: int) -> str:
+    return f"ERR Protocol error: request over the max_message_size limit of {limit} bytes"
 
 
 _INTEGER = re.compile(rb"0|-?[1-9][0-9]*")

@@ -98,11 +98,11 @@ class PubSubService(MultiService):
             log.info("pubsub starting: {what} on {endpoint}", what=what, endpoint=endpoint)
             try:
                 listener.privilegedStartService()
-            except CannotListenError as error:
-                # One clear line instead of twistd's traceback, and a non-zero exit.
-                raise SystemExit(
-                    f"pubsub: cannot listen on {endpoint}: {error.socketError}"
-                ) from None
+            except (CannotListenError, OSError) as error:
+                # One clear line instead of twistd's traceback, and a non-zero
+                # exit; a UNIX socket path fails with a plain OSError.
+                reason = getattr(error, "socketError", None) or error
+                raise SystemExit(f"pubsub: cannot listen on {endpoint}: {reason}") from None
 
     def stopService(self) -> Any:
         # SIGTERM and SIGINT are how this server is meant to be stopped: once

@@ -16,8 +16,9 @@ from twisted.internet import reactor
 from twisted.internet.error import ConnectionDone
 
 from pubsub.config import Settings
-from tests.conftest import CLOSED, Status
 from tests.support.processes import ServerProcess
+from tests.support.resp3 import SimpleString
+from tests.support.respclient import CLOSED
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 
@@ -136,7 +137,7 @@ def test_twistd_serves_resp_and_sigterm_closes_resp_clients(tmp_path, connect, r
         resp_subscriber = yield resp_connect(resp_port)
         resp_publisher = yield resp_connect(resp_port)
         ws = yield connect(port)
-        assert (yield resp_publisher.call("PING")) == [Status("PONG")]
+        assert (yield resp_publisher.call("PING")) == [SimpleString("PONG")]
         assert (yield resp_subscriber.call("SUBSCRIBE", "news")) == [[b"subscribe", b"news", 1]]
         assert (yield ws.call("SUBSCRIBE", "news")) == [["subscribe", "news", 1]]
         # RESP to both transports, bytes that are not UTF-8 included.
@@ -190,4 +191,16 @@ def test_twistd_rejects_a_bad_resp_port(tmp_path, resp_port):
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     assert f"pubsub: setting resp_port: cannot use '{resp_port}'" in output
+    assert "Traceback" not in output
+
+
+def test_twistd_stops_with_a_clear_message_when_a_unix_socket_cannot_be_made(tmp_path):
+    # Listening on a UNIX socket fails with a plain OSError, not CannotListenError.
+    path = tmp_path / "no" / "such" / "dir" / "resp.sock"
+    result = run_twistd(
+        tmp_path, "--port", "tcp:0:interface=127.0.0.1", "--resp-port", f"unix:{path}"
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert f"pubsub: cannot listen on unix:{path}: " in output
     assert "Traceback" not in output

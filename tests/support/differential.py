@@ -285,9 +285,10 @@ class Side:
     """One client per client, all on one server.
 
     A client is anything with ``call(*args)`` and ``drain()``, both firing
-    with the frames received up to a PING marker: a wsclient.FrameClient or
-    a respclient.RespClient.  ``convert(frame, step)`` turns each frame read
-    into what is compared (by default the frame itself).
+    with the frames received up to a PING marker, as a wsclient.FrameClient
+    does (:class:`RespSide` reads whole RESP frames instead).
+    ``convert(frame, step)`` turns each frame read into what is compared (by
+    default the frame itself).
     """
 
     def __init__(self, clients: list, convert: Callable[[Any, Step], Any] | None = None) -> None:
@@ -299,14 +300,24 @@ class Side:
         """Fires with, for every client, the frames it received during ``step``."""
         issuer = self.clients[step.client]
         observed: list[list] = [[] for _ in self.clients]
-        observed[step.client] = yield issuer.call(*step.args)
+        observed[step.client] = yield self.call(issuer, step.args)
         others = [i for i in range(len(self.clients)) if i != step.client]
         drained = yield defer.gatherResults(
-            [self.clients[i].drain() for i in others], consumeErrors=True
+            [self.drain(self.clients[i]) for i in others], consumeErrors=True
         )
         for i, frames in zip(others, drained, strict=True):
             observed[i] = frames
         return [[self.convert(frame, step) for frame in frames] for frames in observed]
+
+    @staticmethod
+    def call(client: Any, args: tuple[str, ...]) -> defer.Deferred:
+        """Send one command on ``client``; fires with the frames it produced."""
+        return client.call(*args)
+
+    @staticmethod
+    def drain(client: Any) -> defer.Deferred:
+        """Fires with the frames ``client`` received and has not read yet."""
+        return client.drain()
 
     def close(self) -> defer.Deferred:
         """Nothing to do here: the test's connect fixture closes WebSocket clients."""
@@ -314,7 +325,16 @@ class Side:
 
 
 class RespSide(Side):
-    """A Side of respclient.RespClient connections, in RESP2 or RESP3."""
+    """A Side of respclient.RespClient connections, in RESP2 or RESP3, whose
+    frames are :class:`~tests.support.resp3.Frame` objects: value and exact bytes."""
+
+    @staticmethod
+    def call(client: respclient.RespClient, args: tuple[str, ...]) -> defer.Deferred:
+        return client.call_frames(*args)
+
+    @staticmethod
+    def drain(client: respclient.RespClient) -> defer.Deferred:
+        return client.drain_frames()
 
     @classmethod
     @defer.inlineCallbacks

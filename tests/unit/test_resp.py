@@ -696,25 +696,60 @@ def test_a_protocol_error_leaves_the_engine_at_once(connect):
 LIMIT_ERROR = error("ERR Protocol error: request over the max_message_size limit of 1000 bytes")
 
 
-def test_a_request_over_max_message_size_is_refused_before_it_has_all_arrived(make_factory):
+def test_a_bulk_longer_than_max_message_size_is_refused_at_its_header(make_factory):
+    # As Redis refuses a length over proto-max-bulk-len before the bytes come.
     client = Client(make_factory(max_message_size=1000))
-    client.send(b"*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$100000000\r\n")
-    assert client.output() == b""
-    client.send(b"x" * 2000)
+    client.send(b"*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$1001\r\n")
     assert client.output() == LIMIT_ERROR
     assert client.closing
     client.send(b"x" * 2000)
     assert client.output() == b""
 
 
-def test_the_size_limit_triggers_as_soon_as_the_unread_bytes_pass_it(make_factory):
+def test_a_bulk_header_arriving_in_pieces_is_checked_once_whole(make_factory):
     client = Client(make_factory(max_message_size=1000))
-    header = b"*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$5000\r\n"
-    client.send(header)
-    client.send(b"x" * (1000 - len(header)))
+    client.send(b"*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$10")
+    assert client.output() == b""
+    client.send(b"00\r")
+    assert client.output() == b""
+    client.send(b"\n")
+    assert client.output() == b""  # a 1000-byte bulk fits the limit on its own
+    client.send(b"x" * 969)
+    assert client.output() == b""  # 1000 bytes received
+    client.send(b"x")
+    assert client.output() == LIMIT_ERROR  # 1001: the request cannot fit any more
+    assert client.closing
+
+
+@pytest.mark.parametrize(
+    "header, reply",
+    [
+        (b"$-1\r\n", "ERR Protocol error: invalid bulk length"),
+        (b"$x\r\n", "ERR Protocol error: invalid bulk length"),
+        (b":1\r\n", "ERR Protocol error: expected '$', got ':'"),
+    ],
+)
+def test_a_bad_element_is_refused_before_the_request_is_whole(make_factory, header, reply):
+    client = Client(make_factory())
+    client.send(b"*3\r\n$7\r\nPUBLISH\r\n" + header)
+    assert client.output() == error(reply)
+    assert client.closing
+
+
+def test_without_a_size_limit_redis_bulk_length_bound_holds(make_factory):
+    client = Client(make_factory(max_message_size=0))
+    client.send(b"*2\r\n$4\r\nECHO\r\n$%d\r\n" % (512 * 1024 * 1024 + 1))
+    assert client.output() == error("ERR Protocol error: invalid bulk length")
+
+
+def test_the_size_limit_triggers_as_soon_as_the_unread_bytes_pass_it(make_factory):
+    # Many small arguments: no single header is over the limit, their sum is.
+    client = Client(make_factory(max_message_size=1000))
+    client.send(b"*1000\r\n$7\r\nPUBLISH\r\n")
+    client.send(b"$1\r\nx\r\n" * ((1000 - 17) // 7))
     assert client.output() == b""
     assert not client.closing
-    client.send(b"x")
+    client.send(b"$1\r\nx\r\n")
     assert client.output() == LIMIT_ERROR
 
 
