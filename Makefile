@@ -6,7 +6,7 @@ PORT ?= 9000
 RUFF_OPTS := --line-length 100 --target-version py311
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint install redis-server conformance bench
+.PHONY: run test lint install redis-server node-clients conformance bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ run: install
 redis-server:
 	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server redis-tools; }
 
+# ioredis and node-redis, which the RESP tests drive (tests/clients/package.json).
+node-clients:
+	@command -v npm >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nodejs npm; }
+	npm ci --silent --no-audit --no-fund --prefix tests/clients
+
 lint: install
 	$(BIN)/ruff check $(RUFF_OPTS) --extend-select I,B pubsub tests twisted bench docs/examples
 	$(BIN)/ruff format --check $(RUFF_OPTS) pubsub tests twisted bench docs/examples
@@ -41,7 +46,7 @@ conformance: install
 	$(BIN)/python tests/conformance/run_conformance.py --reports reports/conformance
 
 # pytest last, so its summary is the closing line.
-test: install redis-server lint conformance
+test: install redis-server node-clients lint conformance
 	PUBSUB_REQUIRE_REDIS=1 $(BIN)/python -m pytest
 
 # pubsub against a real redis-server, same machine, same run; see docs/benchmarks.md.
