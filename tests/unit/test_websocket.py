@@ -342,3 +342,54 @@ def test_a_fault_while_opening_closes_with_1011_and_is_logged(factory, monkeypat
     assert opcode == CLOSE and wsframes.close_code(payload) == 1011
     assert any(event.get("log_failure") is not None for event in events)
     assert factory.engine.client_count == 0
+
+
+# -- the lean reading path (whole text frames taken without Autobahn's frame machine) --
+
+
+def test_pipelined_commands_split_at_every_byte_are_all_answered_in_order(factory):
+    connection = Connection(factory)
+    stream = b"".join(command("PING", str(n)) for n in range(5)) + command("PING", "x" * 300)
+    for index in range(len(stream)):
+        connection.send(stream[index : index + 1])
+    assert connection.messages() == [["pong", str(n)] for n in range(5)] + [["pong", "x" * 300]]
+
+
+def test_control_frames_between_text_frames_keep_their_place(factory):
+    connection = Connection(factory)
+    connection.send(
+        command("PING", "a")
+        + client_frame(b"hb", opcode=wsframes.PING)
+        + command("PING", "b")
+        + client_frame(json.dumps(["PING", "c"]).encode()[:5], fin=False)
+        + client_frame(json.dumps(["PING", "c"]).encode()[5:], opcode=0)
+        + command("PING", "d")
+    )
+    frames = connection.frames()
+    assert [(opcode, payload) for opcode, payload in frames] == [
+        (TEXT, b'["pong","a"]'),
+        (wsframes.PONG, b"hb"),
+        (TEXT, b'["pong","b"]'),
+        (TEXT, b'["pong","c"]'),
+        (TEXT, b'["pong","d"]'),
+    ]
+
+
+def test_invalid_utf8_fails_as_soon_as_it_arrives_not_once_the_frame_is_whole(factory):
+    connection = Connection(factory)
+    frame = client_frame(b'["PING", "' + b"\xff" + b'"]' + b" " * 100)
+    connection.send(frame[:20])  # the header, the mask and the bad byte, not the rest
+    [(opcode, payload)] = connection.frames()
+    assert opcode == CLOSE and wsframes.close_code(payload) == 1007
+
+
+def test_frames_the_lean_path_leaves_to_autobahn_are_judged_by_it(make_factory):
+    factory = make_factory(max_message_size=100)
+    too_big = Connection(factory)
+    too_big.send(command("PING", "x" * 200))
+    [(opcode, payload)] = too_big.frames()
+    assert opcode == CLOSE and wsframes.close_code(payload) == 1009
+    not_minimal = Connection(factory)  # a 5-byte payload with a 16-bit length
+    not_minimal.send(b"\x81\xfe\x00\x05" + b"\x00" * 4 + b"[1,2]")
+    [(opcode, payload)] = not_minimal.frames()
+    assert opcode == CLOSE and wsframes.close_code(payload) == 1002
