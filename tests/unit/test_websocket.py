@@ -194,7 +194,7 @@ def test_a_publish_frames_its_message_once_for_all_subscribers(factory, monkeypa
         subscriber.call("SUBSCRIBE", "news")
         subscriber.call("PSUBSCRIBE", "n*")
     prepared = []
-    original = factory.prepareMessage
+    original = websocket.text_frame
 
     def counting_prepare(payload, *args, **kwargs):
         prepared.append(payload)
@@ -393,3 +393,14 @@ def test_frames_the_lean_path_leaves_to_autobahn_are_judged_by_it(make_factory):
     not_minimal.send(b"\x81\xfe\x00\x05" + b"\x00" * 4 + b"[1,2]")
     [(opcode, payload)] = not_minimal.frames()
     assert opcode == CLOSE and wsframes.close_code(payload) == 1002
+
+
+def test_frames_are_utf8_json_and_undecodable_bytes_in_an_error_become_question_marks(factory):
+    connection = Connection(factory)
+    [error] = connection.call("NO\u00e9PE", "\u2028")
+    assert error == [
+        "error",
+        "ERR unknown command 'NO\u00e9PE', with args beginning with: '\u2028' ",
+    ]
+    # Error texts keep a client's undecodable bytes as lone surrogates.
+    assert websocket.json_codec._frame(["error", "bad \udcff byte"]) == b'["error","bad ? byte"]'
