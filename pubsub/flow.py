@@ -45,6 +45,37 @@ class OutputLimits:
         )
 
 
+def _write(transport: Any, frames: list[bytes]) -> None:
+    """``transport.writeSequence(frames)``, sending at once when it can.
+
+    Twisted's TCP transport buffers every write, registers for writability
+    (an ``epoll_ctl``) and sends on the next poll, two system calls and a
+    wake-up per connection. When its buffer is empty, as it is for a reader
+    that keeps up, the bytes go straight to the socket as Redis sends them;
+    whatever the socket does not take is handed to the transport as usual, so
+    flow control and error handling stay Twisted's. Transports without that
+    buffer (TLS, tests) just get ``writeSequence``.
+    """
+    sock = getattr(transport, "socket", None)
+    if (
+        sock is None
+        or getattr(transport, "_tempDataBuffer", True)
+        or len(getattr(transport, "dataBuffer", b"x")) > getattr(transport, "offset", 0)
+        or not transport.connected
+        or transport.disconnecting
+        or getattr(transport, "_writeDisconnected", False)
+    ):
+        transport.writeSequence(frames)
+        return
+    data = frames[0] if len(frames) == 1 else b"".join(frames)
+    try:
+        sent = sock.send(data)
+    except OSError:  # EAGAIN, or a broken connection Twisted will notice and report
+        sent = 0
+    if sent < len(data):
+        transport.write(data[sent:])
+
+
 class Flusher:
     """Writes every outbox that received frames during this reactor turn.
 
@@ -132,7 +163,7 @@ class Outbox:
         frames, self._frames = self._frames, []
         self.size = 0
         self._cancel_soft_timer()
-        self._transport.writeSequence(frames)
+        _write(self._transport, frames)
 
     def pause(self) -> None:
         self.paused = True

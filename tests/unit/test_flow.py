@@ -113,3 +113,68 @@ def test_soft_seconds_zero_cuts_off_at_once(clock):
     outbox.pause()
     outbox.append(b"x" * 11)
     assert breaches == ["output buffer over its soft limit of 10 bytes for 0 s"]
+
+
+class Socket:
+    def __init__(self, takes: int | None = None, error: OSError | None = None) -> None:
+        self.takes, self.error, self.sent = takes, error, []
+
+    def send(self, data: bytes) -> int:
+        if self.error:
+            raise self.error
+        taken = data[: self.takes] if self.takes is not None else data
+        self.sent.append(taken)
+        return len(taken)
+
+
+class TcpTransport(Transport):
+    """The parts of Twisted's TCP transport the outbox looks at."""
+
+    def __init__(self, sock: Socket, buffered: bytes = b"") -> None:
+        super().__init__()
+        self.socket, self.connected, self.disconnecting = sock, True, False
+        self.dataBuffer, self.offset, self._tempDataBuffer = buffered, 0, []
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+def flush_to(transport, clock):
+    outbox = Outbox(transport, Flusher(clock), OutputLimits(), clock, lambda reason: None)
+    outbox.append(b"one ")
+    outbox.append(b"two")
+    clock.advance(0)
+
+
+def test_frames_go_straight_to_the_socket_when_the_transport_holds_nothing(clock):
+    transport = TcpTransport(Socket())
+    flush_to(transport, clock)
+    assert transport.socket.sent == [b"one two"]
+    assert transport.writes == [] and transport.written == []
+
+
+def test_what_the_socket_does_not_take_is_left_to_the_transport(clock):
+    transport = TcpTransport(Socket(takes=5))
+    flush_to(transport, clock)
+    assert transport.socket.sent == [b"one t"] and transport.written == [b"wo"]
+    blocked = TcpTransport(Socket(error=BlockingIOError()))
+    flush_to(blocked, clock)
+    assert blocked.written == [b"one two"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda t: setattr(t, "dataBuffer", b"waiting"),
+        lambda t: t._tempDataBuffer.append(b"waiting"),
+        lambda t: setattr(t, "disconnecting", True),
+        lambda t: setattr(t, "connected", False),
+        lambda t: setattr(t, "_writeDisconnected", True),
+    ],
+)
+def test_the_transport_queues_it_when_it_already_has_something_or_is_closing(clock, change):
+    transport = TcpTransport(Socket())
+    change(transport)
+    flush_to(transport, clock)
+    assert transport.socket.sent == [] and transport.writes == [[b"one ", b"two"]]
