@@ -754,3 +754,19 @@ def test_unregistered_client_gets_nothing_more(world: World) -> None:
         pmessage(b"c*", b"ch", b"x"),
         smessage(b"ch", b"y"),
     ]
+
+
+def test_a_name_with_one_subscriber_holds_a_tuple_and_more_a_sorted_set(world: World) -> None:
+    first, second = world.client("1"), world.client("2")
+    engine = world.engine
+    engine.subscribe(second, [b"a"])
+    assert engine._channels[b"a"] == (second,)
+    engine.subscribe(first, [b"a"])
+    assert list(engine._channels[b"a"]) == [first, second]  # token order, not arrival
+    engine.publish(b"a", b"x")
+    assert [name for name, _ in world.log] == ["1", "2"]
+    engine.unsubscribe(second, [b"a"])
+    assert engine._channels[b"a"] == (first,)
+    assert engine.numsub([b"a"]) == [(b"a", 1)]
+    engine.unregister(first)
+    assert b"a" not in engine._channels
