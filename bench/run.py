@@ -525,14 +525,14 @@ def profile(args: argparse.Namespace, spec: dict, outdir: Path, workdir: Path) -
 
 # Where a delivery's time goes, by the functions that mark each stage.
 _LANDMARKS = [
-    ("WebSocketProtocol.processData", "incoming frames: parse, unmask, dispatch (all below)"),
-    ("PubSubServerProtocol.onMessage", "one command: JSON decode, execute, reply"),
+    ("_LeanReader.dataReceived", "incoming frames: parse, unmask, dispatch (all below)"),
+    ("WebSocketProtocol.processData", "frames left to Autobahn (control, fragments, ...)"),
+    ("PubSubServerProtocol._handle", "one command: JSON decode, execute, reply"),
     ("Engine.publish", "the publish: channel lookup and fan-out"),
     ("PubSubServerProtocol.deliver", "one delivery: state check, outbox append"),
-    ("Flusher.flush", "per reactor turn: each outbox to its transport"),
-    ("FileDescriptor.writeSequence", "Twisted buffers the frames, registers for writing"),
-    ("FileDescriptor.doWrite", "the socket is writable: send()"),
-    ("untilConcludes", "the send() system call itself"),
+    ("Flusher.flush", "per reactor turn: each outbox to its socket"),
+    ("_write", "the send() system call, or Twisted's buffer when busy"),
+    ("FileDescriptor.doWrite", "the socket became writable: Twisted sends what it held"),
     ("EPollReactor.doPoll", "everything run from the event loop"),
 ]
 _TRUNK = re.compile(

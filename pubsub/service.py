@@ -24,7 +24,7 @@ from twisted.web.server import Site
 from pubsub.config import ConfigError, Settings, endpoint_description, load_settings
 from pubsub.engine import Engine
 from pubsub.resp import RespFactory
-from pubsub.web import PubSubResource
+from pubsub.web import FrontFactory, PubSubResource
 from pubsub.websocket import PubSubServerFactory
 
 __all__ = [
@@ -141,7 +141,7 @@ def make_service(
         resp_factory = RespFactory(engine, settings, reactor)
         resource.health.factories.append(resp_factory)
     service = PubSubService(factory, settings, reactor, resp_factory)
-    service.listen("port", site)
+    service.listen("port", FrontFactory(site, reactor))
     if resp_factory is not None:
         service.listen("resp_port", resp_factory)
     return service

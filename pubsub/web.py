@@ -19,13 +19,15 @@ from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request
+from twisted.web.server import Request, Site
 
 from pubsub.websocket import EchoServerFactory, PubSubServerFactory
 
-__all__ = ["HealthResource", "PubSubResource"]
+__all__ = ["FrontFactory", "HealthResource", "PubSubResource"]
 
 
 #: Paths that never become a pub/sub connection, whether or not they exist yet.
@@ -91,8 +93,11 @@ class PubSubResource(Resource):
         self._page = resources.files("pubsub").joinpath("static/index.html").read_bytes()
         self.health = HealthResource(factory, clock)
         self.putChild(b"healthz", self.health)
+        #: The /echo endpoint's factory, when the echo_endpoint setting is on.
+        self.echo_factory: EchoServerFactory | None = None
         if factory.settings.echo_endpoint:
-            self.putChild(b"echo", _WebSocketUpgrade(EchoServerFactory(factory.settings)))
+            self.echo_factory = EchoServerFactory(factory.settings)
+            self.putChild(b"echo", _WebSocketUpgrade(self.echo_factory))
 
     def getChild(self, path: bytes, request: Request) -> IResource:
         if path in _RESERVED:
@@ -113,3 +118,114 @@ class PubSubResource(Resource):
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"content-length", b"%d" % len(self._page))
         return b""
+
+
+class _Front(Protocol):
+    """Reads a request's head, then gives the connection to Autobahn or twisted.web.
+
+    A WebSocket upgrade on a pub/sub path (or /echo) goes straight to the
+    Autobahn protocol, which parses the head itself: twisted.web would parse
+    it first, build a Request, walk the resources and serialize the head
+    again for Autobahn, about a third of what opening a connection costs.
+    Everything else, and anything unusual, goes to twisted.web's channel
+    with every byte received, where :class:`PubSubResource` serves it as it
+    would anyway.
+    """
+
+    def __init__(self, front: FrontFactory) -> None:
+        self._front = front
+        self._head = b""
+        self._timeout: Any = None
+
+    def connectionMade(self) -> None:
+        seconds = getattr(self._front.site, "timeOut", None)
+        if seconds:
+            self._timeout = self._front.clock.callLater(seconds, self.transport.abortConnection)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._cancel_timeout()
+
+    def _cancel_timeout(self) -> None:
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._timeout = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0 and len(self._head) <= _HEAD_MAX:
+            return
+        self._cancel_timeout()
+        factory = self._front.route(self._head[:end]) if end >= 0 else None
+        if factory is None:
+            factory = self._front.site
+        protocol = factory.buildProtocol(self.transport.getPeer())
+        if protocol is None:
+            self.transport.loseConnection()
+            return
+        if factory is not self._front.site:
+            # The whole head is here and this front timed its arrival;
+            # Autobahn answers it at once, so its own timer would only be
+            # set and cancelled.
+            protocol.openHandshakeTimeout = 0
+        transport = self.transport
+        if isinstance(transport, ProtocolWrapper):  # TLS wraps this protocol
+            transport.wrappedProtocol = protocol
+        else:
+            transport.protocol = protocol
+        protocol.makeConnection(transport)
+        protocol.dataReceived(self._head)
+
+
+#: Past this many bytes without the end of the head, twisted.web decides.
+_HEAD_MAX = 16 * 1024
+
+
+class FrontFactory(Factory):
+    """The factory to listen with for ``site``, whose resource is a
+    :class:`PubSubResource` at the root: upgrades skip twisted.web."""
+
+    noisy = False
+
+    def __init__(self, site: Site, clock: IReactorTime | None = None) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self.site = site
+        self.clock = clock
+        self.resource: PubSubResource = site.resource
+
+    def buildProtocol(self, addr: Any) -> _Front:
+        return _Front(self)
+
+    def logPrefix(self) -> str:
+        # The port logs "Site starting on 9000", as it did without this front.
+        return type(self.site).__name__
+
+    def doStart(self) -> None:
+        self.site.doStart()
+
+    def doStop(self) -> None:
+        self.site.doStop()
+
+    def route(self, head: bytes) -> Any:
+        """The WebSocket factory for a request head, or None for twisted.web."""
+        line, _, fields = head.partition(b"\r\n")
+        parts = line.split(b" ")
+        if len(parts) != 3 or parts[0] != b"GET" or not parts[1].startswith(b"/"):
+            return None
+        path = parts[1].split(b"?", 1)[0]
+        if b"%" in path:
+            return None  # twisted.web unquotes before it routes
+        wanted = False
+        for field in fields.split(b"\r\n"):
+            name, _, value = field.partition(b":")
+            if name.strip().lower() == b"upgrade" and b"websocket" in value.lower():
+                wanted = True
+        if not wanted:
+            return None
+        first = path[1:].split(b"/", 1)[0]
+        if first == b"echo":
+            return self.resource.echo_factory
+        if first in _RESERVED:
+            return None
+        return self.resource.factory

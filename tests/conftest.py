@@ -16,6 +16,7 @@ from pubsub.config import Settings
 from pubsub.engine import Engine
 from pubsub.resp import RespFactory
 from pubsub.service import build_resource
+from pubsub.web import FrontFactory
 from tests.support import respclient, wsclient
 
 
@@ -50,7 +51,8 @@ class RunningServer:
     @defer.inlineCallbacks
     def start(self):
         endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
-        self.listening = yield endpoint.listen(Site(self.resource))
+        # As make_service serves it: upgrades go straight to Autobahn.
+        self.listening = yield endpoint.listen(FrontFactory(Site(self.resource)))
         if self.resp_factory is not None:
             endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
             self.resp_listening = yield endpoint.listen(self.resp_factory)

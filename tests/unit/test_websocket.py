@@ -18,7 +18,7 @@ from txaio._common import _BatchedTimer
 from pubsub import websocket
 from pubsub.config import Settings
 from pubsub.engine import Engine
-from pubsub.websocket import PubSubServerFactory
+from pubsub.websocket import PubSubServerFactory, PubSubServerProtocol
 from tests.support import wsframes
 from tests.support.wsframes import BINARY, CLOSE, TEXT, client_frame, command
 
@@ -404,3 +404,16 @@ def test_frames_are_utf8_json_and_undecodable_bytes_in_an_error_become_question_
     ]
     # Error texts keep a client's undecodable bytes as lone surrogates.
     assert websocket.json_codec._frame(["error", "bad \udcff byte"]) == b'["error","bad ? byte"]'
+
+
+def test_protocol_options_are_read_from_the_class_not_copied_into_each_connection(factory):
+    connection = Connection(factory)
+    copied = set(vars(connection.protocol)) & set(PubSubServerProtocol.CONFIG_ATTRS)
+    assert copied == set()
+    assert connection.protocol.maxMessagePayloadSize == factory.settings.max_message_size
+    factory.setProtocolOptions(maxMessagePayloadSize=10)
+    later = Connection(factory)
+    assert later.protocol.maxMessagePayloadSize == 10
+    later.send(command("PING", "x" * 20))
+    [(opcode, payload)] = later.frames()
+    assert opcode == CLOSE and wsframes.close_code(payload) == 1009
