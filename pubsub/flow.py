@@ -56,11 +56,15 @@ def _write(transport: Any, frames: list[bytes]) -> None:
     flow control and error handling stay Twisted's. Transports without that
     buffer (TLS, tests) just get ``writeSequence``.
     """
-    sock = getattr(transport, "socket", None)
+    # The transport's own attributes only: a wrapper such as TLS passes
+    # attribute lookups through to the TCP transport under it, whose socket
+    # must never see unencrypted bytes.
+    own = vars(transport)
+    sock = own.get("socket")
     if (
         sock is None
-        or getattr(transport, "_tempDataBuffer", True)
-        or len(getattr(transport, "dataBuffer", b"x")) > getattr(transport, "offset", 0)
+        or own.get("_tempDataBuffer", True)
+        or len(own.get("dataBuffer", b"x")) > own.get("offset", 0)
         or not transport.connected
         or transport.disconnecting
         or getattr(transport, "_writeDisconnected", False)

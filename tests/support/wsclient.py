@@ -13,7 +13,7 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 
 _markers = itertools.count(1)
 
@@ -64,12 +64,22 @@ class FrameClient(WebSocketClientProtocol):
 
 
 def connect(
-    port: int, path: str = "/", protocols: list[str] | None = None, **options: Any
+    port: int,
+    path: str = "/",
+    protocols: list[str] | None = None,
+    tls: Any = None,
+    **options: Any,
 ) -> defer.Deferred:
-    """Open a WebSocket to 127.0.0.1:port; fires with the open FrameClient."""
-    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}", protocols=protocols or [])
+    """Open a WebSocket to 127.0.0.1:port (``wss`` when ``tls`` is a client TLS
+    options object); fires with the open FrameClient."""
+    scheme = "wss" if tls is not None else "ws"
+    factory = WebSocketClientFactory(
+        f"{scheme}://127.0.0.1:{port}{path}", protocols=protocols or []
+    )
     factory.protocol = FrameClient
     if options:
         factory.setProtocolOptions(**options)
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=10)
+    endpoint: Any = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=10)
+    if tls is not None:
+        endpoint = wrapClientTLS(tls, endpoint)
     return endpoint.connect(factory).addCallback(lambda client: client.opened)

@@ -178,3 +178,23 @@ def test_the_transport_queues_it_when_it_already_has_something_or_is_closing(clo
     change(transport)
     flush_to(transport, clock)
     assert transport.socket.sent == [] and transport.writes == [[b"one ", b"two"]]
+
+
+class Wrapper(Transport):
+    """Like Twisted's TLS wrapper: attribute lookups fall through to the TCP
+    transport under it."""
+
+    def __init__(self, under: TcpTransport) -> None:
+        super().__init__()
+        self._under = under
+
+    def __getattr__(self, name: str):
+        return getattr(self._under, name)
+
+
+def test_a_wrapping_transport_such_as_tls_always_gets_write_sequence(clock):
+    under = TcpTransport(Socket())
+    wrapper = Wrapper(under)
+    flush_to(wrapper, clock)
+    assert under.socket.sent == []  # never unencrypted bytes on a TLS socket
+    assert wrapper.writes == [[b"one ", b"two"]]
