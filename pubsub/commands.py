@@ -254,30 +254,33 @@ def _numpat(session: Session, args: Sequence[bytes]) -> list:
     return [Reply(session.engine.numpat())]
 
 
+def help_reply(*lines: bytes) -> list:
+    """A HELP command's handler: its lines as status texts, as Redis sends them."""
+    reply = Reply([Status(line) for line in lines])
+
+    def handler(session: Any, args: Sequence[bytes]) -> list:
+        return [reply]
+
+    return handler
+
+
 # Redis's own PUBSUB HELP reply, line for line: clients may show or compare it.
-_PUBSUB_HELP = [
-    Status(line)
-    for line in (
-        b"PUBSUB <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
-        b"CHANNELS [<pattern>]",
-        b"    Return the currently active channels matching a <pattern> (default: '*').",
-        b"NUMPAT",
-        b"    Return number of subscriptions to patterns.",
-        b"NUMSUB [<channel> ...]",
-        b"    Return the number of subscribers for the specified channels, excluding",
-        b"    pattern subscriptions(default: no channels).",
-        b"SHARDCHANNELS [<pattern>]",
-        b"    Return the currently active shard level channels matching a <pattern> (default: '*').",
-        b"SHARDNUMSUB [<shardchannel> ...]",
-        b"    Return the number of subscribers for the specified shard level channel(s)",
-        b"HELP",
-        b"    Prints this help.",
-    )
-]
-
-
-def _pubsub_help(session: Session, args: Sequence[bytes]) -> list:
-    return [Reply(list(_PUBSUB_HELP))]
+_pubsub_help = help_reply(
+    b"PUBSUB <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
+    b"CHANNELS [<pattern>]",
+    b"    Return the currently active channels matching a <pattern> (default: '*').",
+    b"NUMPAT",
+    b"    Return number of subscriptions to patterns.",
+    b"NUMSUB [<channel> ...]",
+    b"    Return the number of subscribers for the specified channels, excluding",
+    b"    pattern subscriptions(default: no channels).",
+    b"SHARDCHANNELS [<pattern>]",
+    b"    Return the currently active shard level channels matching a <pattern> (default: '*').",
+    b"SHARDNUMSUB [<shardchannel> ...]",
+    b"    Return the number of subscribers for the specified shard level channel(s)",
+    b"HELP",
+    b"    Prints this help.",
+)
 
 
 def _table(*commands: Command) -> dict:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Flusher", "Outbox", "OutputLimits"]
+__all__ = ["Flusher", "Outbox", "OutboxProducer", "OutputLimits"]
 
 
 @dataclass(frozen=True)
@@ -218,3 +218,39 @@ class Outbox:
     def _cut_off(self, reason: str) -> None:
         self.close()
         self._breach(reason)
+
+
+class OutboxProducer:
+    """The streaming producer of a connection whose writes go through its
+    ``_outbox``: the transport's flow-control signals pause, resume or drop it."""
+
+    _outbox: Outbox | None = None
+    transport: Any
+
+    def _start_outbox(self, factory: Any, on_breach: Callable[[str], None]) -> None:
+        """Put an outbox (the factory's flusher and limits) between this
+        connection and its transport, and become the transport's producer,
+        taking over from whoever was (twisted.web's HTTP channel, say)."""
+        transport = self.transport
+        self._outbox = Outbox(
+            transport, factory.flusher, factory.output_limits, factory.reactor, on_breach
+        )
+        if getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()
+        transport.registerProducer(self, True)
+
+    def pauseProducing(self) -> None:
+        if self._outbox is not None:
+            self._outbox.pause()
+
+    def resumeProducing(self) -> None:
+        if self._outbox is not None:
+            self._outbox.resume()
+
+    def stopProducing(self) -> None:
+        self._drop_outbox()
+
+    def _drop_outbox(self) -> None:
+        if self._outbox is not None:
+            self._outbox.close()
+            self._outbox = None

@@ -40,11 +40,12 @@ from pubsub.commands import (
     Session,
     Status,
     Verbatim,
+    help_reply,
     resolve,
 )
 from pubsub.config import Settings
 from pubsub.engine import Engine
-from pubsub.flow import Flusher, Outbox, OutputLimits
+from pubsub.flow import Flusher, Outbox, OutboxProducer, OutputLimits
 
 __all__ = ["REDIS_VERSION", "RespFactory", "RespProtocol"]
 
@@ -206,7 +207,7 @@ class RespSession(Session):
         self.connection = connection
 
 
-class RespProtocol(Protocol):
+class RespProtocol(OutboxProducer, Protocol):
     """One RESP client: parses requests, runs them, writes replies and messages."""
 
     factory: RespFactory
@@ -244,14 +245,7 @@ class RespProtocol(Protocol):
             self.transport.write(b"-ERR max number of clients reached\r\n")
             self.transport.loseConnection()
             return
-        self._outbox = Outbox(
-            self.transport,
-            factory.flusher,
-            factory.output_limits,
-            factory.reactor,
-            self._slow_consumer,
-        )
-        self.transport.registerProducer(self, True)
+        self._start_outbox(factory, self._slow_consumer)
         # As Redis and Autobahn do: a reply written right after a push must
         # not wait for the client's delayed ACK (Nagle), ~40 ms each time.
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
@@ -263,9 +257,7 @@ class RespProtocol(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self._closing = True
-        if self._outbox is not None:
-            self._outbox.close()
-            self._outbox = None
+        self._drop_outbox()
         self.factory.connections.discard(self)
         self._leave_engine()
         self.lost.callback(None)
@@ -299,20 +291,6 @@ class RespProtocol(Protocol):
     def _peer(self) -> str:
         peer = self.transport.getPeer()
         return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
-
-    # IPushProducer, called by the transport.
-    def pauseProducing(self) -> None:
-        if self._outbox is not None:
-            self._outbox.pause()
-
-    def resumeProducing(self) -> None:
-        if self._outbox is not None:
-            self._outbox.resume()
-
-    def stopProducing(self) -> None:
-        if self._outbox is not None:
-            self._outbox.close()
-            self._outbox = None
 
     # -- output ------------------------------------------------------------------------
 
@@ -708,28 +686,21 @@ def _client_setinfo(session: RespSession, args: Sequence[bytes]) -> list:
     return [Reply(Status(b"OK"))]
 
 
-_CLIENT_HELP = [
-    Status(line)
-    for line in (
-        b"CLIENT <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
-        b"GETNAME",
-        b"    Return the name of the current connection.",
-        b"ID",
-        b"    Return the ID of the current connection.",
-        b"SETINFO <option> <value>",
-        b"    Set client meta attr. Options are:",
-        b"    * LIB-NAME: the client lib name.",
-        b"    * LIB-VER: the client lib version.",
-        b"SETNAME <name>",
-        b"    Assign the name <name> to the current connection.",
-        b"HELP",
-        b"    Prints this help.",
-    )
-]
-
-
-def _client_help(session: RespSession, args: Sequence[bytes]) -> list:
-    return [Reply(list(_CLIENT_HELP))]
+_client_help = help_reply(
+    b"CLIENT <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
+    b"GETNAME",
+    b"    Return the name of the current connection.",
+    b"ID",
+    b"    Return the ID of the current connection.",
+    b"SETINFO <option> <value>",
+    b"    Set client meta attr. Options are:",
+    b"    * LIB-NAME: the client lib name.",
+    b"    * LIB-VER: the client lib version.",
+    b"SETNAME <name>",
+    b"    Assign the name <name> to the current connection.",
+    b"HELP",
+    b"    Prints this help.",
+)
 
 
 def _version() -> str:

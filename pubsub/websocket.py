@@ -49,7 +49,7 @@ from pubsub import json_codec
 from pubsub.commands import Error, Limits, Session, execute
 from pubsub.config import Settings
 from pubsub.engine import Engine
-from pubsub.flow import Flusher, Outbox, OutputLimits
+from pubsub.flow import Flusher, OutboxProducer, OutputLimits
 
 __all__ = [
     "SUBPROTOCOL",
@@ -291,7 +291,7 @@ class _LeanReader(WebSocketServerProtocol):
         raise NotImplementedError
 
 
-class PubSubServerProtocol(_LeanReader):
+class PubSubServerProtocol(OutboxProducer, _LeanReader):
     """One client connection: a subscriber of the factory's engine.
 
     It is also the streaming producer of its transport: once the transport
@@ -302,7 +302,6 @@ class PubSubServerProtocol(_LeanReader):
     factory: PubSubServerFactory
     session: Session | None = None
     encoder: JsonFrames
-    _outbox: Outbox | None = None
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         if not request.protocols:
@@ -328,17 +327,7 @@ class PubSubServerProtocol(_LeanReader):
     def _open(self) -> None:
         factory = self.factory
         self.encoder = factory.encoder_for(self._perMessageCompress)
-        self._outbox = Outbox(
-            self.transport,
-            factory.flusher,
-            factory.output_limits,
-            factory.reactor,
-            self._slow_consumer,
-        )
-        # Under twisted.web the HTTP channel is still the transport's
-        # producer; the flow-control signals are ours now.
-        self.transport.unregisterProducer()
-        self.transport.registerProducer(self, True)
+        self._start_outbox(factory, self._slow_consumer)
         engine = factory.engine
         self.session = Session(engine, engine.register(self), factory.limits)
         factory.connections.add(self)
@@ -402,18 +391,6 @@ class PubSubServerProtocol(_LeanReader):
             self._outbox.flush()
         super().dropConnection(abort)
 
-    # IPushProducer, called by the transport.
-    def pauseProducing(self) -> None:
-        if self._outbox is not None:
-            self._outbox.pause()
-
-    def resumeProducing(self) -> None:
-        if self._outbox is not None:
-            self._outbox.resume()
-
-    def stopProducing(self) -> None:
-        self._drop_outbox()
-
     def _slow_consumer(self, reason: str) -> None:
         # Runs inside a publish: it must not raise, nor touch the engine. The
         # close frame goes out behind what the transport already holds; if
@@ -425,11 +402,6 @@ class PubSubServerProtocol(_LeanReader):
         self.factory.slow_consumers += 1
         self._fail_connection(WebSocketProtocol.CLOSE_STATUS_CODE_POLICY_VIOLATION, reason)
         self.factory.reactor.callLater(0, self._leave_engine)
-
-    def _drop_outbox(self) -> None:
-        if self._outbox is not None:
-            self._outbox.close()
-            self._outbox = None
 
     def _leave_engine(self) -> None:
         if self.session is not None:
