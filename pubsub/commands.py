@@ -32,7 +32,9 @@ __all__ = [
     "Session",
     "Status",
     "Verbatim",
+    "error_kind",
     "execute",
+    "help_reply",
     "resolve",
 ]
 
@@ -80,6 +82,28 @@ class Error:
 
 
 Result = Confirm | Reply | Pong | Error
+
+_ERROR_KINDS = (
+    ("Protocol error", "protocol"),
+    ("ERR unknown command", "unknown_command"),
+    ("ERR unknown subcommand", "unknown_command"),
+    ("wrong number of arguments", "wrong_arity"),
+    ("Can't execute", "subscribed_mode"),
+    ("limit", "limit"),
+    ("max number of clients", "limit"),
+    ("WRONGPASS", "auth"),
+    ("NOPERM", "auth"),
+    ("NOAUTH", "auth"),
+)
+
+
+def error_kind(message: str) -> str:
+    """What an error reply was about, for the metrics: protocol,
+    unknown_command, wrong_arity, subscribed_mode, limit, auth or other."""
+    for marker, kind in _ERROR_KINDS:
+        if marker in message:
+            return kind
+    return "other"
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,9 @@ class Engine:
         self._shard_channels: dict[bytes, Tokens] = {}
         self._patterns: dict[bytes, Tokens] = {}
         self._pattern_index: dict[int, dict[bytes, dict[bytes, Matcher]]] = {}
+        #: PUBLISH and SPUBLISH calls, and the deliveries they made, since start.
+        self.publishes = 0
+        self.deliveries = 0
 
     # -- clients -----------------------------------------------------------
 
@@ -314,15 +317,20 @@ class Engine:
                 receivers += self._fan_out(
                     self._patterns[pattern], "pmessage", pattern, channel, payload
                 )
+        self.publishes += 1
+        self.deliveries += receivers
         return receivers
 
     def spublish(self, channel: bytes | str, payload: bytes | str) -> int:
         """SPUBLISH: deliver to the shard channel's subscribers."""
         channel = _as_bytes(channel)
+        self.publishes += 1
         tokens = self._shard_channels.get(channel)
         if not tokens:
             return 0
-        return self._fan_out(tokens, "smessage", channel, _as_bytes(payload))
+        receivers = self._fan_out(tokens, "smessage", channel, _as_bytes(payload))
+        self.deliveries += receivers
+        return receivers
 
     def _matching_patterns(self, channel: bytes) -> list[bytes]:
         matched = []
@@ -380,6 +388,15 @@ class Engine:
     @property
     def client_count(self) -> int:
         return len(self._clients)
+
+    @property
+    def subscription_total(self) -> int:
+        """Channel, pattern and shard channel subscriptions of every client."""
+        return sum(
+            len(tokens)
+            for registry in (self._channels, self._patterns, self._shard_channels)
+            for tokens in registry.values()
+        )
 
     @property
     def channel_count(self) -> int:

@@ -91,6 +91,8 @@ class Flusher:
         self._clock = clock
         self._pending: list[Outbox] = []
         self._call: Any = None
+        #: Bytes handed to transports by the outboxes of this flusher.
+        self.bytes_out = 0
 
     def schedule(self, outbox: Outbox) -> None:
         self._pending.append(outbox)
@@ -165,6 +167,7 @@ class Outbox:
         if self.paused or self.closed or not self._frames:
             return
         frames, self._frames = self._frames, []
+        self._flusher.bytes_out += self.size
         self.size = 0
         self._cancel_soft_timer()
         _write(self._transport, frames)
@@ -180,6 +183,7 @@ class Outbox:
         """Hand everything waiting to the transport, paused or not, and accept
         nothing more: the last words before a connection is closed."""
         frames = self._frames
+        self._flusher.bytes_out += self.size
         self.close()
         if frames:
             self._transport.writeSequence(frames)

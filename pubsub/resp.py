@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
@@ -40,6 +41,7 @@ from pubsub.commands import (
     Session,
     Status,
     Verbatim,
+    error_kind,
     help_reply,
     resolve,
 )
@@ -517,12 +519,15 @@ class RespProtocol(OutboxProducer, Protocol):
         if outbox is None:
             return  # QUIT has closed it, or the output limits have
         for result in results:
+            if type(result) is Error:
+                self.factory.errors[error_kind(result.message)] += 1
             outbox.append(self._encode_result(result))
         if self.quitting:
             self.close_after_reply()
 
     def _refuse(self, message: str) -> None:
         """A protocol error: say so and close, as Redis does."""
+        self.factory.errors[error_kind(message)] += 1
         if self._outbox is not None:
             self._outbox.append(_error_line(message))
         self.close_after_reply()
@@ -772,6 +777,8 @@ class RespFactory(Factory):
     """Builds RESP connections that share one engine, under one set of limits."""
 
     protocol = RespProtocol
+    #: This transport's label in the metrics.
+    transport_name = "resp"
 
     def __init__(
         self, engine: Engine | None = None, settings: Settings | None = None, reactor: Any = None
@@ -787,6 +794,8 @@ class RespFactory(Factory):
         self.limits = Limits.from_settings(self.settings)
         #: Connections cut off by the output buffer limits since start-up.
         self.slow_consumers = 0
+        #: Error replies sent since start-up, by error_kind.
+        self.errors: Counter[str] = Counter()
         #: Open RESP connections.
         self.connections: set[RespProtocol] = set()
 

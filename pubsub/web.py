@@ -1,4 +1,4 @@
-"""The twisted.web side of the WebSocket port: upgrade, info page, health check.
+"""The twisted.web side of the WebSocket port: upgrade, info page, health, metrics.
 
 :class:`PubSubResource` is what both the twistd service and embedders mount:
 
@@ -7,17 +7,25 @@
 * ``GET`` without an upgrade at its root shows a short page on how to connect;
 * ``/healthz`` answers JSON: status, connections, channels, patterns, shard
   channels and uptime;
+* ``/metrics`` answers the same figures and counters in Prometheus's format;
 * ``/echo``, only when the ``echo_endpoint`` setting is on, echoes every
   WebSocket message under the same protocol options (conformance testing).
+
+:class:`FrontFactory` is what the service listens with: it hands WebSocket
+upgrades straight to Autobahn and everything else to a ``Site`` around
+:class:`PubSubResource`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from importlib import resources
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.policies import ProtocolWrapper
@@ -27,7 +35,7 @@ from twisted.web.server import Request, Site
 
 from pubsub.websocket import EchoServerFactory, PubSubServerFactory
 
-__all__ = ["FrontFactory", "HealthResource", "PubSubResource"]
+__all__ = ["FrontFactory", "HealthResource", "MetricsResource", "PubSubResource"]
 
 
 #: Paths that never become a pub/sub connection, whether or not they exist yet.
@@ -81,6 +89,103 @@ class HealthResource(Resource):
         return json.dumps(body).encode("utf-8") + b"\n"
 
 
+class _Figures:
+    """A prometheus_client collector that reads the server's own counters at
+    scrape time, so counting costs the hot paths nothing but an addition."""
+
+    def __init__(self, factories: list[Any], clock: IReactorTime) -> None:
+        self._factories = factories
+        self._clock = clock
+        self._started = clock.seconds()
+
+    def collect(self) -> Iterator[Any]:
+        factories = self._factories
+        engine = factories[0].engine
+
+        def per_transport(kind: Any, name: str, doc: str, value: Callable[[Any], float]) -> Any:
+            family = kind(name, doc, labels=["transport"])
+            for factory in factories:
+                family.add_metric([factory.transport_name], value(factory))
+            return family
+
+        yield per_transport(
+            GaugeMetricFamily,
+            "pubsub_connections",
+            "Open pub/sub connections",
+            lambda f: len(f.connections),
+        )
+        yield GaugeMetricFamily(
+            "pubsub_subscriptions",
+            "Channel, pattern and shard channel subscriptions held by all clients",
+            value=engine.subscription_total,
+        )
+        yield GaugeMetricFamily(
+            "pubsub_channels", "Channels with at least one subscriber", value=engine.channel_count
+        )
+        yield GaugeMetricFamily(
+            "pubsub_patterns",
+            "Distinct patterns with at least one subscriber",
+            value=engine.numpat(),
+        )
+        yield GaugeMetricFamily(
+            "pubsub_shard_channels",
+            "Shard channels with at least one subscriber",
+            value=engine.shard_channel_count,
+        )
+        yield CounterMetricFamily(
+            "pubsub_publishes",
+            "PUBLISH and SPUBLISH commands, from every transport and the API",
+            value=engine.publishes,
+        )
+        yield CounterMetricFamily(
+            "pubsub_deliveries", "Messages delivered to subscribers", value=engine.deliveries
+        )
+        yield per_transport(
+            CounterMetricFamily,
+            "pubsub_bytes_out",
+            "Bytes of frames and replies handed to the network",
+            lambda f: f.flusher.bytes_out,
+        )
+        errors = CounterMetricFamily(
+            "pubsub_errors", "Error replies sent, by kind", labels=["transport", "kind"]
+        )
+        for factory in factories:
+            for kind, count in sorted(factory.errors.items()):
+                errors.add_metric([factory.transport_name, kind], count)
+        yield errors
+        yield per_transport(
+            CounterMetricFamily,
+            "pubsub_slow_consumer_disconnects",
+            "Subscribers cut off by the output buffer limits",
+            lambda f: f.slow_consumers,
+        )
+        yield GaugeMetricFamily(
+            "pubsub_uptime_seconds",
+            "Seconds since start-up",
+            value=self._clock.seconds() - self._started,
+        )
+
+
+# The text format generate_latest writes; every Prometheus version reads it.
+_TEXT_FORMAT = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+class MetricsResource(Resource):
+    """``/metrics``: the server's figures in Prometheus's text format."""
+
+    isLeaf = True
+
+    def __init__(self, factories: list[Any], clock: IReactorTime) -> None:
+        super().__init__()
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(_Figures(factories, clock))  # type: ignore[arg-type]
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", _TEXT_FORMAT)
+        request.setHeader(b"cache-control", b"no-store")
+        return generate_latest(self._registry)
+
+
 class PubSubResource(Resource):
     """The pub/sub endpoint as a twisted.web resource; mount it anywhere."""
 
@@ -93,6 +198,7 @@ class PubSubResource(Resource):
         self._page = resources.files("pubsub").joinpath("static/index.html").read_bytes()
         self.health = HealthResource(factory, clock)
         self.putChild(b"healthz", self.health)
+        self.putChild(b"metrics", MetricsResource(self.health.factories, clock))
         #: The /echo endpoint's factory, when the echo_endpoint setting is on.
         self.echo_factory: EchoServerFactory | None = None
         if factory.settings.echo_endpoint:

@@ -31,6 +31,7 @@ import codecs
 import struct
 import types
 import zlib
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -46,7 +47,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pubsub import json_codec
-from pubsub.commands import Error, Limits, Session, execute
+from pubsub.commands import Error, Limits, Session, error_kind, execute
 from pubsub.config import Settings
 from pubsub.engine import Engine
 from pubsub.flow import Flusher, OutboxProducer, OutputLimits
@@ -363,6 +364,8 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
     def _reply(self, results: list[Any]) -> None:
         compressing = self._perMessageCompress is not None
         for result in results:
+            if type(result) is Error:
+                self.factory.errors[error_kind(result.message)] += 1
             data = json_codec.encode_result(result)
             if compressing:
                 self.sendMessage(data, doNotCompress=not self.factory.should_compress(len(data)))
@@ -418,6 +421,8 @@ class PubSubServerFactory(_ConfiguredFactory):
     """Builds connections that share one engine, under one set of limits."""
 
     protocol = PubSubServerProtocol
+    #: This transport's label in the metrics.
+    transport_name = "websocket"
 
     def __init__(
         self,
@@ -432,6 +437,8 @@ class PubSubServerFactory(_ConfiguredFactory):
         self.output_limits = OutputLimits.from_settings(self.settings)
         #: Connections cut off by the output buffer limits since start-up.
         self.slow_consumers = 0
+        #: Error replies sent since start-up, by error_kind.
+        self.errors: Counter[str] = Counter()
         #: Open pub/sub connections.
         self.connections: set[PubSubServerProtocol] = set()
         self.limits = Limits.from_settings(self.settings)

@@ -97,8 +97,10 @@ def test_everything_else_is_served_by_twisted_web_with_every_byte(make_front):
     assert status.startswith(b"HTTP/1.1 200") and json.loads(body)["status"] == "ok"
     missing = connect(front, upgrade("/healthz/x").replace(b"GET /healthz/x", b"GET /nope"))
     assert missing.value().startswith(b"HTTP/1.1 101")  # any other path upgrades
-    refused = connect(front, upgrade("/metrics"))
+    refused = connect(front, upgrade("/pubsub.js"))
     assert refused.value().startswith(b"HTTP/1.1 404")
+    metrics = connect(front, upgrade("/metrics"))  # reserved: never upgrades
+    assert metrics.value().startswith(b"HTTP/1.1 200")
 
 
 def test_a_head_that_never_ends_is_left_to_twisted_web(make_front):
