@@ -89,6 +89,47 @@ class HealthResource(Resource):
         return json.dumps(body).encode("utf-8") + b"\n"
 
 
+#: Figures of the engine as a whole: (kind, name, help, how to read it).
+_ENGINE_FIGURES: tuple[tuple[Any, str, str, Callable[[Any], float]], ...] = (
+    (
+        GaugeMetricFamily,
+        "pubsub_subscriptions",
+        "Channel, pattern and shard channel subscriptions held by all clients",
+        lambda engine: engine.subscription_total,
+    ),
+    (
+        GaugeMetricFamily,
+        "pubsub_channels",
+        "Channels with at least one subscriber",
+        lambda engine: engine.channel_count,
+    ),
+    (
+        GaugeMetricFamily,
+        "pubsub_patterns",
+        "Distinct patterns with at least one subscriber",
+        lambda engine: engine.numpat(),
+    ),
+    (
+        GaugeMetricFamily,
+        "pubsub_shard_channels",
+        "Shard channels with at least one subscriber",
+        lambda engine: engine.shard_channel_count,
+    ),
+    (
+        CounterMetricFamily,
+        "pubsub_publishes",
+        "PUBLISH and SPUBLISH commands, from every transport and the API",
+        lambda engine: engine.publishes,
+    ),
+    (
+        CounterMetricFamily,
+        "pubsub_deliveries",
+        "Messages delivered to subscribers",
+        lambda engine: engine.deliveries,
+    ),
+)
+
+
 class _Figures:
     """A prometheus_client collector that reads the server's own counters at
     scrape time, so counting costs the hot paths nothing but an addition."""
@@ -114,32 +155,8 @@ class _Figures:
             "Open pub/sub connections",
             lambda f: len(f.connections),
         )
-        yield GaugeMetricFamily(
-            "pubsub_subscriptions",
-            "Channel, pattern and shard channel subscriptions held by all clients",
-            value=engine.subscription_total,
-        )
-        yield GaugeMetricFamily(
-            "pubsub_channels", "Channels with at least one subscriber", value=engine.channel_count
-        )
-        yield GaugeMetricFamily(
-            "pubsub_patterns",
-            "Distinct patterns with at least one subscriber",
-            value=engine.numpat(),
-        )
-        yield GaugeMetricFamily(
-            "pubsub_shard_channels",
-            "Shard channels with at least one subscriber",
-            value=engine.shard_channel_count,
-        )
-        yield CounterMetricFamily(
-            "pubsub_publishes",
-            "PUBLISH and SPUBLISH commands, from every transport and the API",
-            value=engine.publishes,
-        )
-        yield CounterMetricFamily(
-            "pubsub_deliveries", "Messages delivered to subscribers", value=engine.deliveries
-        )
+        for kind, name, doc, value in _ENGINE_FIGURES:
+            yield kind(name, doc, value=value(engine))
         yield per_transport(
             CounterMetricFamily,
             "pubsub_bytes_out",
