@@ -73,6 +73,10 @@ class HealthResource(Resource):
         self._clock = clock
         self._started = clock.seconds()
 
+    def uptime(self) -> float:
+        """Seconds since this server's resource was made (its start-up)."""
+        return float(self._clock.seconds() - self._started)
+
     def render_GET(self, request: Request) -> bytes:
         engine = self._engine
         body = {
@@ -82,7 +86,7 @@ class HealthResource(Resource):
             "patterns": engine.numpat(),
             "shard_channels": engine.shard_channel_count,
             "slow_consumers_disconnected": sum(f.slow_consumers for f in self.factories),
-            "uptime": round(self._clock.seconds() - self._started, 3),
+            "uptime": round(self.uptime(), 3),
         }
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
@@ -134,10 +138,9 @@ class _Figures:
     """A prometheus_client collector that reads the server's own counters at
     scrape time, so counting costs the hot paths nothing but an addition."""
 
-    def __init__(self, factories: list[Any], clock: IReactorTime) -> None:
-        self._factories = factories
-        self._clock = clock
-        self._started = clock.seconds()
+    def __init__(self, health: HealthResource) -> None:
+        self._factories = health.factories
+        self._uptime = health.uptime
 
     def collect(self) -> Iterator[Any]:
         factories = self._factories
@@ -179,7 +182,7 @@ class _Figures:
         yield GaugeMetricFamily(
             "pubsub_uptime_seconds",
             "Seconds since start-up",
-            value=self._clock.seconds() - self._started,
+            value=self._uptime(),
         )
 
 
@@ -192,10 +195,11 @@ class MetricsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, factories: list[Any], clock: IReactorTime) -> None:
+    def __init__(self, health: HealthResource) -> None:
         super().__init__()
+        # The same factories and start time as /healthz.
         self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(_Figures(factories, clock))  # type: ignore[arg-type]
+        self._registry.register(_Figures(health))  # type: ignore[arg-type]
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", _TEXT_FORMAT)
@@ -215,7 +219,7 @@ class PubSubResource(Resource):
         self._page = resources.files("pubsub").joinpath("static/index.html").read_bytes()
         self.health = HealthResource(factory, clock)
         self.putChild(b"healthz", self.health)
-        self.putChild(b"metrics", MetricsResource(self.health.factories, clock))
+        self.putChild(b"metrics", MetricsResource(self.health))
         #: The /echo endpoint's factory, when the echo_endpoint setting is on.
         self.echo_factory: EchoServerFactory | None = None
         if factory.settings.echo_endpoint:

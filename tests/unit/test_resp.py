@@ -1542,6 +1542,9 @@ LIVE_CASES = [
         False,
         command("HELLO", "3", "a\r\nb") + command("NO\nPE", "x\ry") + b"*1\r\n\n",
     ),
+    # Like Redis, whatever two bytes follow a bulk string are taken as its CRLF.
+    ("bulk-end-skipped", False, b"*2\r\n$4\r\nECHO\r\n$3\r\nabcde*1\r\n$4\r\nPING\r\n"),
+    ("bulk-end-then-inline", False, b"*2\r\n$4\r\nECHO\r\n$3\r\nabcdef\r\n"),
     ("nested-aggregate", False, command("PING") + b"*2\r\n$1\r\na\r\n*x\r\n"),
     ("bad-bulk-length-after-a-good-one", False, b"*3\r\n$1\r\na\r\n$x\r\n"),
     (
