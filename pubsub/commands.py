@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pubsub.auth import AuthError
 from pubsub.engine import Engine
 
 __all__ = [
@@ -32,9 +33,11 @@ __all__ = [
     "Session",
     "Status",
     "Verbatim",
+    "authenticate",
     "error_kind",
     "execute",
     "help_reply",
+    "refused",
     "resolve",
 ]
 
@@ -120,14 +123,18 @@ class Limits:
 
 
 class Session:
-    """One client's view of the engine: its token and the limits it runs under."""
+    """One client's view of the engine: its token, the limits it runs under,
+    and its :class:`pubsub.auth.Guard` when tokens are in use (else None)."""
 
-    __slots__ = ("engine", "limits", "token")
+    __slots__ = ("engine", "guard", "limits", "token")
 
-    def __init__(self, engine: Engine, token: int, limits: Limits = Limits()) -> None:
+    def __init__(
+        self, engine: Engine, token: int, limits: Limits = Limits(), guard: Any = None
+    ) -> None:
         self.engine = engine
         self.token = token
         self.limits = limits
+        self.guard = guard
 
 
 Handler = Callable[[Any, Sequence[bytes]], list]
@@ -278,6 +285,37 @@ def _numpat(session: Session, args: Sequence[bytes]) -> list:
     return [Reply(session.engine.numpat())]
 
 
+def authenticate(session: Session, username: bytes | None, token: bytes) -> Error | None:
+    """AUTH's work, shared with RESP's HELLO: None when the client is now
+    authenticated, else the error to send."""
+    guard = session.guard
+    if guard is None:
+        # No tokens in use: Redis's default user with nopass, for whom any
+        # password is right, and no other user exists.
+        if username in (None, b"default"):
+            return None
+        return Error("WRONGPASS invalid username-password pair or user is disabled.")
+    try:
+        guard.login(token, username, session)
+    except AuthError as error:
+        return Error(f"WRONGPASS {error}")
+    return None
+
+
+def _auth(session: Session, args: Sequence[bytes]) -> list:
+    if len(args) > 3:
+        return [Error("ERR syntax error")]
+    if len(args) == 2 and session.guard is None:
+        return [
+            Error(
+                "ERR AUTH <password> called without any password configured for the "
+                "default user. Are you sure your configuration is correct?"
+            )
+        ]
+    username = args[1] if len(args) == 3 else None
+    return [authenticate(session, username, args[-1]) or Reply(Status(b"OK"))]
+
+
 def help_reply(*lines: bytes) -> list:
     """A HELP command's handler: its lines as status texts, as Redis sends them."""
     reply = Reply([Status(line) for line in lines])
@@ -332,6 +370,7 @@ COMMANDS: dict[str, Command] = _table(
     Command("spublish", 3, _publisher("spublish", "shard channel name"), payload_index=2),
     Command("pubsub", -2, None, subcommands=_PUBSUB_SUBCOMMANDS),
     Command("ping", -1, _ping),
+    Command("auth", -2, _auth),
 )
 
 
@@ -374,5 +413,19 @@ def execute(session: Any, args: Sequence[bytes], table: Mapping[str, Command] = 
     command = resolve(args, table)
     if isinstance(command, Error):
         return [command]
+    refusal = refused(session, command, args)
+    if refusal is not None:
+        return [refusal]
     assert command.handler is not None
     return command.handler(session, args)
+
+
+def refused(session: Any, command: Command, args: Sequence[bytes]) -> Error | None:
+    """The policies' answer to a resolved command: an error when the client
+    may not run it (authentication, permissions), else None.  Redis checks
+    these after the command's name and arity, before anything else."""
+    guard = session.guard
+    if guard is None:
+        return None
+    refusal = guard.check(command.name.partition("|")[0], args)
+    return None if refusal is None else Error(refusal)

@@ -71,6 +71,18 @@ class Settings:
     open_handshake_timeout: float = _setting(
         10.0, "Seconds a client has to finish the HTTP and WebSocket handshake"
     )
+    jwt_secret: str = _setting(
+        "",
+        "Shared secret for HS256 tokens (JWT); empty: no HS256. Prefer PUBSUB_JWT_SECRET to the command line",
+    )
+    jwt_public_key: str = _setting(
+        "", "PEM public key file for RS256 (RSA) or ES256 (P-256) tokens; empty: none"
+    )
+    jwt_audience: str = _setting("", "When set, a token's aud claim must name it")
+    jwt_issuer: str = _setting("", "When set, a token's iss claim must be it")
+    anonymous: str = _setting(
+        "", "allow or deny clients without a token; empty: deny when a JWT key is set, else allow"
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -169,6 +169,18 @@ class Engine:
         }[kind]
         return len({name for name in names if name not in held})
 
+    def held(self, token: int, kind: str) -> list[bytes]:
+        """The names the client holds as ``kind`` ("channel", "pattern" or
+        "shard"), in the order it subscribed to them."""
+        client = self._client(token)
+        return list(
+            {
+                "channel": client.channels,
+                "pattern": client.patterns,
+                "shard": client.shard_channels,
+            }[kind]
+        )
+
     # -- subscribing -------------------------------------------------------
 
     def subscribe(self, token: int, channels: Iterable[bytes]) -> list[Confirmation]:

@@ -112,6 +112,8 @@ def encode_result(result: Result) -> bytes:
             return b'["reply",%d]' % value
         if isinstance(value, list):
             value = [_wire_item(item) for item in value]
+        elif isinstance(value, bytes):  # AUTH's OK, say
+            value = wire_value(value)
         return _frame(["reply", value])
     if isinstance(result, Pong):
         return _frame(["pong", wire_value(result.payload) if result.payload is not None else ""])

@@ -30,6 +30,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from pubsub.auth import Authenticator, Guard
 from pubsub.commands import (
     COMMANDS,
     Command,
@@ -41,8 +42,10 @@ from pubsub.commands import (
     Session,
     Status,
     Verbatim,
+    authenticate,
     error_kind,
     help_reply,
+    refused,
     resolve,
 )
 from pubsub.config import Settings
@@ -68,6 +71,9 @@ _SUBSCRIBED_MODE = frozenset(
     {"ping", "subscribe", "ssubscribe", "unsubscribe", "sunsubscribe", "psubscribe"}
     | {"punsubscribe", "quit", "reset"}
 )
+#: With tokens in use a RESP2 subscriber may also renew its token, which
+#: Redis (whose passwords do not expire) never needs.
+_SUBSCRIBED_MODE_WITH_TOKENS = _SUBSCRIBED_MODE | {"auth"}
 
 
 class _Frames:
@@ -204,8 +210,15 @@ class RespSession(Session):
 
     __slots__ = ("connection",)
 
-    def __init__(self, engine: Engine, token: int, limits: Limits, connection: RespProtocol):
-        super().__init__(engine, token, limits)
+    def __init__(
+        self,
+        engine: Engine,
+        token: int,
+        limits: Limits,
+        connection: RespProtocol,
+        guard: Guard | None = None,
+    ):
+        super().__init__(engine, token, limits, guard)
         self.connection = connection
 
 
@@ -254,10 +267,16 @@ class RespProtocol(OutboxProducer, Protocol):
         if set_no_delay is not None:
             set_no_delay(True)
         engine = factory.engine
-        self.session = RespSession(engine, engine.register(self), factory.limits, self)
+        guard = None
+        if factory.authenticator is not None:
+            guard = Guard(factory.authenticator, factory.reactor, self._revoke)
+            guard.expect_login(factory.settings.open_handshake_timeout)
+        self.session = RespSession(engine, engine.register(self), factory.limits, self, guard)
         factory.connections.add(self)
 
     def connectionLost(self, reason: Any = None) -> None:
+        if self.session is not None and self.session.guard is not None:
+            self.session.guard.close()
         self._closing = True
         self._drop_outbox()
         self.factory.connections.discard(self)
@@ -277,6 +296,11 @@ class RespProtocol(OutboxProducer, Protocol):
             self._outbox.finish()
             self._outbox = None
         self.transport.loseConnection()
+
+    def _revoke(self, reason: str) -> None:
+        # Redis has no way to tell a client why it is cut off; it closes.
+        _log.info("disconnecting {peer}: {reason}", peer=self._peer(), reason=reason)
+        self.close_after_reply()
 
     def _slow_consumer(self, reason: str) -> None:
         # Runs inside a publish: it must not raise, nor touch the engine.
@@ -502,9 +526,12 @@ class RespProtocol(OutboxProducer, Protocol):
         command = resolve(args, RESP_COMMANDS)
         if isinstance(command, Error):
             results: list = [command]
+        elif (refusal := refused(session, command, args)) is not None:
+            results = [refusal]
         elif (
             not self.resp3
-            and command.name.partition("|")[0] not in _SUBSCRIBED_MODE
+            and command.name.partition("|")[0]
+            not in (_SUBSCRIBED_MODE if session.guard is None else _SUBSCRIBED_MODE_WITH_TOKENS)
             and self._subscribed()
         ):
             results = [
@@ -583,7 +610,7 @@ def _hello(session: RespSession, args: Sequence[bytes]) -> list:
         option = args[position].lower()
         more = len(args) - 1 - position
         if option == b"auth" and more >= 2:
-            error = _authenticate(args[position + 1], args[position + 2])
+            error = authenticate(session, args[position + 1], args[position + 2])
             if error:
                 return [error]
             position += 3
@@ -595,6 +622,15 @@ def _hello(session: RespSession, args: Sequence[bytes]) -> list:
         else:
             option_text = args[position].decode("utf-8", "surrogateescape")
             return [Error(f"ERR Syntax error in HELLO option '{option_text}'")]
+    guard = session.guard
+    if guard is not None and not guard.authenticated:
+        return [
+            Error(
+                "NOAUTH HELLO must be called with the client already authenticated, "
+                "otherwise the HELLO <proto> AUTH <user> <pass> option can be used to "
+                "authenticate the client and select the RESP protocol version at the same time"
+            )
+        ]
     if name is not None:
         connection.name = name or None
     connection.use_resp(version)
@@ -613,27 +649,6 @@ def _hello(session: RespSession, args: Sequence[bytes]) -> list:
     ]
 
 
-def _authenticate(username: bytes, password: bytes) -> Error | None:
-    # No password is configured (Redis's default user with nopass): any
-    # password is right for "default", and there is no other user.
-    if username == b"default":
-        return None
-    return Error("WRONGPASS invalid username-password pair or user is disabled.")
-
-
-def _auth(session: RespSession, args: Sequence[bytes]) -> list:
-    if len(args) > 3:
-        return [Error("ERR syntax error")]
-    if len(args) == 2:
-        return [
-            Error(
-                "ERR AUTH <password> called without any password configured for the "
-                "default user. Are you sure your configuration is correct?"
-            )
-        ]
-    return [_authenticate(args[1], args[2]) or Reply(Status(b"OK"))]
-
-
 def _reset(session: RespSession, args: Sequence[bytes]) -> list:
     engine, token = session.engine, session.token
     engine.unsubscribe(token)  # silently, as Redis does on RESET
@@ -642,6 +657,8 @@ def _reset(session: RespSession, args: Sequence[bytes]) -> list:
     connection = session.connection
     connection.name = connection.lib_name = connection.lib_ver = None
     connection.use_resp(2)
+    if session.guard is not None:
+        session.guard.logout()  # back to the default user, as Redis's RESET
     return [Reply(Status(b"RESET"))]
 
 
@@ -762,7 +779,6 @@ RESP_COMMANDS: dict[str, Command] = {
     **COMMANDS,
     **_table(
         Command("hello", -1, _hello),
-        Command("auth", -2, _auth),
         Command("reset", 1, _reset),
         Command("quit", -1, _quit),
         Command("echo", 2, _echo),
@@ -792,6 +808,8 @@ class RespFactory(Factory):
         self.flusher = Flusher(reactor)
         self.output_limits = OutputLimits.from_settings(self.settings)
         self.limits = Limits.from_settings(self.settings)
+        #: Checks tokens when authentication is configured, else None.
+        self.authenticator = Authenticator.from_settings(self.settings)
         #: Connections cut off by the output buffer limits since start-up.
         self.slow_consumers = 0
         #: Error replies sent since start-up, by error_kind.

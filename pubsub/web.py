@@ -175,6 +175,12 @@ class _Figures:
         yield errors
         yield per_transport(
             CounterMetricFamily,
+            "pubsub_auth_failures",
+            "Tokens refused: bad, expired, or not allowing what a client holds",
+            lambda f: f.authenticator.failures if f.authenticator is not None else 0,
+        )
+        yield per_transport(
+            CounterMetricFamily,
             "pubsub_slow_consumer_disconnects",
             "Subscribers cut off by the output buffer limits",
             lambda f: f.slow_consumers,

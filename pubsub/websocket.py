@@ -47,6 +47,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pubsub import json_codec
+from pubsub.auth import Authenticator, AuthError, Guard
 from pubsub.commands import Error, Limits, Session, error_kind, execute
 from pubsub.config import Settings
 from pubsub.engine import Engine
@@ -102,6 +103,11 @@ def _frame_header(first: int, size: int) -> bytes:
     if size <= 0xFFFF:
         return struct.pack("!BBH", first, 126, size)
     return struct.pack("!BBQ", first, 127, size)
+
+
+def close_reason(text: str) -> str:
+    """``text`` cut to fit a close frame: at most 123 bytes of UTF-8."""
+    return text.encode("utf-8")[:123].decode("utf-8", "ignore")
 
 
 def _utf8_so_far(prefix: bytes) -> bool:
@@ -303,8 +309,13 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
     factory: PubSubServerFactory
     session: Session | None = None
     encoder: JsonFrames
+    _guard: Guard | None = None
+    _token: str | None = None  # the handshake's ?token=, checked once open
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
+        tokens = request.params.get("token")
+        if tokens:
+            self._token = tokens[0]
         if not request.protocols:
             return None
         if SUBPROTOCOL in request.protocols:
@@ -330,8 +341,32 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
         self.encoder = factory.encoder_for(self._perMessageCompress)
         self._start_outbox(factory, self._slow_consumer)
         engine = factory.engine
-        self.session = Session(engine, engine.register(self), factory.limits)
+        authenticator = factory.authenticator
+        if authenticator is not None:
+            self._guard = Guard(authenticator, factory.reactor, self._revoke)
+        self.session = Session(engine, engine.register(self), factory.limits, self._guard)
         factory.connections.add(self)
+        if self._guard is not None:
+            self._check_in(self._guard)
+
+    def _check_in(self, guard: Guard) -> None:
+        """Take the handshake's token, if any; a bad one closes with 1008."""
+        token, self._token = self._token, None
+        if token is not None:
+            try:
+                guard.login(token)
+            except AuthError as error:
+                self._revoke(str(error))
+                return
+        guard.expect_login(self.factory.settings.open_handshake_timeout)
+
+    def _revoke(self, reason: str) -> None:
+        """Authentication ended or failed: close with 1008 and say why
+        (Autobahn logs the close and its reason)."""
+        self._fail_connection(
+            WebSocketProtocol.CLOSE_STATUS_CODE_POLICY_VIOLATION, close_reason(reason)
+        )
+        self._leave_engine()
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
@@ -412,6 +447,8 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
             self.session = None
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._guard is not None:
+            self._guard.close()
         self._drop_outbox()
         self.factory.connections.discard(self)
         self._leave_engine()
@@ -442,6 +479,8 @@ class PubSubServerFactory(_ConfiguredFactory):
         #: Open pub/sub connections.
         self.connections: set[PubSubServerProtocol] = set()
         self.limits = Limits.from_settings(self.settings)
+        #: Checks tokens when authentication is configured, else None.
+        self.authenticator = Authenticator.from_settings(self.settings)
         self.frames = JsonFrames(text_frame)
         self._deflate_groups: dict[tuple[int, int], JsonFrames] = {}
 

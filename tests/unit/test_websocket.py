@@ -34,12 +34,16 @@ class Connection:
     """One protocol instance on a StringTransport, past its opening handshake."""
 
     def __init__(
-        self, factory: PubSubServerFactory, protocols: list[str] | None = None, extra: str = ""
+        self,
+        factory: PubSubServerFactory,
+        protocols: list[str] | None = None,
+        extra: str = "",
+        path: str = "/",
     ) -> None:
         self.protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
         self.transport = Transport()
         self.protocol.makeConnection(self.transport)
-        self.protocol.dataReceived(wsframes.handshake(protocols=protocols, extra=extra))
+        self.protocol.dataReceived(wsframes.handshake(path, protocols, extra))
         self.response, rest = wsframes.split_response(self.transport.value())
         self.transport.clear()
         self.transport.write(rest)  # frames sent right after the handshake, if any
