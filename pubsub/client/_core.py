@@ -33,17 +33,16 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 __all__ = [
     "CHANNEL",
-    "Handler",
     "CLOSED",
     "CONNECTED",
     "CONNECTING",
     "DISCONNECTED",
-    "Address",
     "PATTERN",
     "SHARD",
-    "StateCallback",
+    "Address",
     "Backoff",
     "ClientCore",
+    "Handler",
     "Message",
     "Name",
     "ProtocolViolation",
@@ -51,6 +50,7 @@ __all__ = [
     "ReplyError",
     "Request",
     "Resolved",
+    "StateCallback",
     "Target",
     "numsub",
     "parse_url",
@@ -185,7 +185,7 @@ class ClientCore:
         frames = []
         for namespace, names in self.held.items():
             if names:
-                request, frame = self._subscribe(namespace, tuple(names), internal=True)
+                _, frame = self._subscribe(namespace, tuple(names), internal=True)
                 frames.append(frame)
         return frames
 

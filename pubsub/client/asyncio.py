@@ -23,7 +23,7 @@ import inspect
 import logging
 import ssl as _ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as _ws_connect
@@ -143,10 +143,10 @@ class PubSubClient:
         self._handler_tasks: set[asyncio.Task[Any]] = set()
         self.state = CONNECTING
 
-    async def __aenter__(self) -> PubSubClient:
+    async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, *exc_info: Any) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     # -- state --------------------------------------------------------------------------
@@ -161,7 +161,7 @@ class PubSubClient:
         for callback in list(self._state_callbacks):
             try:
                 callback(state, reason)
-            except Exception:
+            except Exception:  # noqa: BLE001 - a caller's bug must not stop the client
                 _log.exception("state callback failed on %s", state)
 
     # -- connections --------------------------------------------------------------------
@@ -286,7 +286,9 @@ class PubSubClient:
                 if not done:
                     future.set_exception(event.error)
                 elif event.request.internal:
-                    _log.error("resubscribing to %s was refused: %s", event.request.names, event.error)
+                    _log.error(
+                        "resubscribing to %s was refused: %s", event.request.names, event.error
+                    )
 
     def _dispatch(self, message: Message) -> None:
         for handler in self._core.handlers_for(message):
@@ -296,7 +298,7 @@ class PubSubClient:
                     task = asyncio.ensure_future(result)
                     self._handler_tasks.add(task)
                     task.add_done_callback(self._handler_tasks.discard)
-            except Exception:
+            except Exception:  # noqa: BLE001 - one bad handler must not starve the others
                 _log.exception("message handler failed on %r", message.channel)
         for stream in self._streams:
             stream._queue.put_nowait(message)

@@ -35,13 +35,13 @@ from pubsub.client._core import (
     PATTERN,
     SHARD,
     Backoff,
-    StateCallback,
     ClientCore,
     Handler,
     Message,
     ProtocolViolation,
     Rejected,
     Resolved,
+    StateCallback,
     numsub,
     parse_url,
     url_with_token,
@@ -147,7 +147,7 @@ class PubSubClient:
         for callback in list(self._state_callbacks):
             try:
                 callback(state, reason)
-            except Exception:
+            except Exception:  # noqa: BLE001 - a caller's bug must not stop the client
                 _log.failure("state callback failed on {state}", state=state)
 
     # -- connections --------------------------------------------------------------------
@@ -291,7 +291,7 @@ class PubSubClient:
         for handler in self._core.handlers_for(message):
             try:
                 handler(message)
-            except Exception:
+            except Exception:  # noqa: BLE001 - one bad handler must not starve the others
                 _log.failure("message handler failed on {channel!r}", channel=message.channel)
 
     # -- commands -----------------------------------------------------------------------

@@ -75,7 +75,7 @@ def test_unsubscribe_everything_is_closed_by_the_pong_of_a_ping_behind_it(core):
 
 
 def test_unsubscribe_everything_refused_still_waits_for_its_closing_frame(core):
-    request, _ = core.unsubscribe(PATTERN, [])
+    core.unsubscribe(PATTERN, [])
     assert core.receive(frame("error", "NOAUTH Authentication required.")) == []
     [event] = core.receive(frame("error", "NOAUTH Authentication required."))
     assert isinstance(event, Rejected) and event.error.code == "NOAUTH"
