@@ -134,7 +134,7 @@ def _report_states(client: PubSubClient) -> None:
         nonlocal lost
         if state == DISCONNECTED:
             lost = True
-            _note(f"{reason}; reconnecting")
+            _note(f"disconnected ({reason}); reconnecting")
         elif state == CONNECTED and lost:
             lost = False
             _note(f"reconnected to {client.url}, subscribing again")

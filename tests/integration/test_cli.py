@@ -100,7 +100,7 @@ def test_sub_keeps_its_subscription_through_a_server_drop(server, connect):
     status, out, err = yield sub.ended
     assert status == 0, err
     assert out.splitlines()[1:] == ["news: back"]
-    assert "server shutting down; reconnecting" in err
+    assert "disconnected (1001 server shutting down); reconnecting" in err
     assert f"reconnected to {url(server)}" in err
 
 

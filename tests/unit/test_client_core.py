@@ -203,3 +203,24 @@ def test_urls_and_tokens():
     assert parse_url("ws://127.0.0.1:9000/").port == 9000
     with pytest.raises(ValueError, match="ws://"):
         parse_url("http://example.org/")
+
+
+def test_the_core_imports_no_event_loop_nor_websocket_library():
+    import ast
+    from pathlib import Path
+
+    import pubsub.client._core as core_module
+
+    tree = ast.parse(Path(core_module.__file__).read_text())
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    } | {
+        node.module.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert imported.isdisjoint({"twisted", "asyncio", "autobahn", "websockets", "txaio"})
+    assert "json" in imported  # the walk saw the imports
