@@ -1,0 +1,432 @@
+"""The client's sans-I/O core: commands to frames, frames to replies and messages.
+
+Both hosts (``pubsub.client.twisted`` and ``pubsub.client.asyncio``) own a
+:class:`ClientCore` and do only I/O around it: they send the text frames it
+returns, feed it every text frame received, and turn the :class:`Resolved` and
+:class:`Rejected` events it returns into their own Deferreds or futures.
+
+What lives here:
+
+- matching answers to requests in order (a SUBSCRIBE of n channels is answered
+  by n confirmation frames; an UNSUBSCRIBE of everything, whose answer has no
+  known length, is followed by a PING whose pong closes it);
+- ``["error", text]`` as :class:`ReplyError` carrying the Redis-style code;
+- payloads: ``{"base64": ...}`` arrives as bytes, bytes are published as base64;
+- the subscriptions held (confirmed and not given up), replayed on reconnect;
+- message handlers per channel, pattern and shard channel, and catch-alls;
+- the reconnect backoff and the connection URL with its token.
+
+Nothing here imports Twisted, asyncio or a WebSocket library, and nothing here
+does I/O or keeps time.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+__all__ = [
+    "CHANNEL",
+    "CLOSED",
+    "CONNECTED",
+    "CONNECTING",
+    "DISCONNECTED",
+    "PATTERN",
+    "SHARD",
+    "Address",
+    "Backoff",
+    "ClientCore",
+    "Handler",
+    "Message",
+    "Name",
+    "ProtocolViolation",
+    "Rejected",
+    "ReplyError",
+    "Request",
+    "Resolved",
+    "StateCallback",
+    "Target",
+    "numsub",
+    "parse_url",
+    "url_with_token",
+]
+
+#: A channel name or payload as received: text when UTF-8, else bytes.
+Name = str | bytes
+
+#: A client's states: opening a connection, open, lost and about to retry, finished.
+CONNECTING, CONNECTED, DISCONNECTED, CLOSED = "connecting", "connected", "disconnected", "closed"
+
+#: The three namespaces a subscription lives in.
+CHANNEL, PATTERN, SHARD = "channel", "pattern", "shard"
+
+_SUBSCRIBE = {CHANNEL: "SUBSCRIBE", PATTERN: "PSUBSCRIBE", SHARD: "SSUBSCRIBE"}
+_UNSUBSCRIBE = {CHANNEL: "UNSUBSCRIBE", PATTERN: "PUNSUBSCRIBE", SHARD: "SUNSUBSCRIBE"}
+_PUSH_NAMESPACE = {"message": CHANNEL, "pmessage": PATTERN, "smessage": SHARD}
+
+
+class ReplyError(Exception):
+    """The server refused a command: ``code`` is the Redis-style code
+    (``ERR``, ``NOPERM``, ``NOAUTH``, ``WRONGPASS``, ...), ``str()`` the whole text."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.code = text.split(" ", 1)[0]
+
+
+class ProtocolViolation(Exception):
+    """A server frame that breaks PROTOCOL.md; the connection cannot be trusted."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """One delivery. ``kind`` is "message", "pmessage" (``pattern`` is set) or
+    "smessage"; ``data`` is ``str`` when the payload is UTF-8, else ``bytes``."""
+
+    kind: str
+    channel: Name
+    data: Name
+    pattern: Name | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """A command waiting for its answer. ``internal`` ones (resubscriptions)
+    have no caller waiting."""
+
+    command: str
+    answer: str  # the frame kind that answers it: "reply", "pong" or a confirmation
+    expected: int | None  # confirmations still due; None: until the closing pong
+    namespace: str | None = None
+    names: tuple[str, ...] = ()
+    internal: bool = False
+    values: list[Any] = field(default_factory=list)
+    error: ReplyError | None = None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    request: Request
+    value: Any
+
+
+@dataclass(frozen=True)
+class Rejected:
+    request: Request
+    error: Exception
+
+
+Event = Resolved | Rejected | Message
+Handler = Callable[[Message], object]
+#: ``callback(state, reason)``; reason says why a connection ended, else None.
+StateCallback = Callable[[str, "str | None"], object]
+#: A handler's key: (namespace, name).
+Target = tuple[str, str]
+
+
+def _name(value: Any) -> str:
+    """A channel or pattern as the protocol takes it: text (bytes must be UTF-8)."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"channel names and patterns must be UTF-8 over WebSocket: {value!r}"
+            ) from None
+    if isinstance(value, str):
+        return value
+    raise TypeError(f"a channel name or pattern is str or bytes, not {type(value).__name__}")
+
+
+def _payload(value: Any) -> Any:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"base64": base64.b64encode(bytes(value)).decode("ascii")}
+    raise TypeError(f"a message is str or bytes, not {type(value).__name__}")
+
+
+def _received(value: Any) -> Name:
+    """A wire string or ``{"base64": ...}`` object as str or bytes."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("base64"), str):
+        return base64.b64decode(value["base64"])
+    raise ProtocolViolation(f"expected a string or a base64 object, got {value!r}")
+
+
+def encode(*args: Any) -> str:
+    """One command as the text of one frame."""
+    return json.dumps(list(args), ensure_ascii=False, separators=(",", ":"))
+
+
+class ClientCore:
+    """One client's protocol state, across every connection it makes."""
+
+    def __init__(self) -> None:
+        self.connected = False
+        #: Subscriptions held, per namespace, in the order they were confirmed.
+        self.held: dict[str, dict[str, None]] = {CHANNEL: {}, PATTERN: {}, SHARD: {}}
+        self._pending: deque[Request] = deque()
+        self._handlers: dict[Target, Handler] = {}
+        self._catch_all: list[Handler] = []
+
+    # -- connection ---------------------------------------------------------------------
+
+    def opened(self) -> list[str]:
+        """The connection is open: the frames that subscribe again to all held."""
+        self.connected = True
+        frames = []
+        for namespace, names in self.held.items():
+            if names:
+                _, frame = self._subscribe(namespace, tuple(names), internal=True)
+                frames.append(frame)
+        return frames
+
+    def lost(self, reason: str) -> list[Event]:
+        """The connection is gone: every request waiting fails with ConnectionError."""
+        self.connected = False
+        events: list[Event] = []
+        while self._pending:
+            request = self._pending.popleft()
+            events.append(Rejected(request, ConnectionError(reason)))
+        return events
+
+    # -- commands -----------------------------------------------------------------------
+
+    def _send(self, request: Request) -> None:
+        if not self.connected:
+            raise ConnectionError("not connected")
+        self._pending.append(request)
+
+    def subscribe(
+        self, namespace: str, names: Sequence[Any], handler: Handler | None = None
+    ) -> tuple[Request, list[str]]:
+        """SUBSCRIBE, PSUBSCRIBE or SSUBSCRIBE; ``handler`` gets these names' messages."""
+        if not names:
+            raise ValueError(f"{_SUBSCRIBE[namespace]} needs at least one name")
+        request, frame = self._subscribe(namespace, tuple(_name(n) for n in names))
+        if handler is not None:
+            for name in request.names:
+                self._handlers[namespace, name] = handler
+        return request, [frame]
+
+    def _subscribe(
+        self, namespace: str, names: tuple[str, ...], internal: bool = False
+    ) -> tuple[Request, str]:
+        command = _SUBSCRIBE[namespace]
+        request = Request(command, command.lower(), len(names), namespace, names, internal)
+        self._send(request)
+        return request, encode(command, *names)
+
+    def unsubscribe(self, namespace: str, names: Sequence[Any]) -> tuple[Request, list[str]]:
+        """(P|S)UNSUBSCRIBE; no names gives up every one held in the namespace.
+
+        The names stop being held at once, so a reconnect before the answer
+        does not bring them back."""
+        command = _UNSUBSCRIBE[namespace]
+        wanted = tuple(_name(n) for n in names)
+        expected = len(wanted) if wanted else None
+        request = Request(command, command.lower(), expected, namespace, wanted)
+        self._send(request)
+        dropped = wanted or tuple(self.held[namespace])
+        for name in dropped:
+            self.held[namespace].pop(name, None)
+            self._handlers.pop((namespace, name), None)
+        if wanted:
+            return request, [encode(command, *wanted)]
+        # How many confirmations come depends on what the server holds; the
+        # pong of a PING sent right behind closes the answer.
+        return request, [encode(command), encode("PING")]
+
+    def publish(self, channel: Any, message: Any, shard: bool = False) -> tuple[Request, list[str]]:
+        """PUBLISH (SPUBLISH with ``shard``); resolves to the receiver count."""
+        command = "SPUBLISH" if shard else "PUBLISH"
+        return self.command(command, _name(channel), _payload(message))
+
+    def command(self, *args: Any) -> tuple[Request, list[str]]:
+        """Any command answered by one ``reply`` frame (PUBSUB, AUTH, ...)."""
+        request = Request(str(args[0]).upper(), "reply", 1)
+        self._send(request)
+        return request, [encode(*args)]
+
+    def ping(self, text: str | None = None) -> tuple[Request, list[str]]:
+        request = Request("PING", "pong", 1)
+        self._send(request)
+        return request, [encode("PING") if text is None else encode("PING", text)]
+
+    # -- frames in ----------------------------------------------------------------------
+
+    def receive(self, text: str | bytes) -> list[Event]:
+        """One text frame from the server; raises ProtocolViolation on nonsense."""
+        try:
+            frame = json.loads(text)
+        except ValueError:
+            raise ProtocolViolation(f"a frame that is not JSON: {text[:80]!r}") from None
+        if not isinstance(frame, list) or not frame or not isinstance(frame[0], str):
+            raise ProtocolViolation(f"a frame that is not a tagged array: {frame!r}")
+        kind = frame[0]
+        if kind in _PUSH_NAMESPACE:
+            return [self._message(frame)]
+        if not self._pending:
+            raise ProtocolViolation(f"an answer nobody asked for: {frame!r}")
+        request = self._pending[0]
+        if kind == "error" and len(frame) == 2 and isinstance(frame[1], str):
+            return self._error(request, ReplyError(frame[1]))
+        if request.expected is None and kind == "pong":
+            return self._finish(request)
+        if kind != request.answer:
+            raise ProtocolViolation(f"{frame!r} in answer to {request.command}")
+        if kind in ("reply", "pong"):
+            request.values.append(self._value(request, frame))
+            return self._finish(request)
+        return self._confirmation(request, frame)
+
+    def _message(self, frame: list) -> Message:
+        kind = frame[0]
+        if kind == "pmessage" and len(frame) == 4:
+            return Message(kind, _received(frame[2]), _received(frame[3]), _received(frame[1]))
+        if kind != "pmessage" and len(frame) == 3:
+            return Message(kind, _received(frame[1]), _received(frame[2]))
+        raise ProtocolViolation(f"a malformed {kind} frame: {frame!r}")
+
+    def _error(self, request: Request, error: ReplyError) -> list[Event]:
+        if request.expected is None and request.error is None:
+            request.error = error  # the closing pong (or its own error) is still due
+            return []
+        request.error = request.error or error
+        return self._finish(request)
+
+    def _confirmation(self, request: Request, frame: list) -> list[Event]:
+        if len(frame) != 3 or not isinstance(frame[2], int):
+            raise ProtocolViolation(f"a malformed confirmation: {frame!r}")
+        name = None if frame[1] is None else _received(frame[1])
+        namespace = request.namespace
+        assert namespace is not None
+        if isinstance(name, str):
+            if request.answer.endswith("unsubscribe"):
+                self.held[namespace].pop(name, None)
+            else:
+                self.held[namespace][name] = None
+        request.values.append(frame[2])
+        if request.expected is not None:
+            request.expected -= 1
+            if request.expected == 0:
+                return self._finish(request)
+        return []
+
+    def _value(self, request: Request, frame: list) -> Any:
+        if len(frame) != 2:
+            raise ProtocolViolation(f"a malformed answer: {frame!r}")
+        value = frame[1]
+        if request.answer == "pong":
+            return _received(value)
+        if isinstance(value, list):
+            return [item if isinstance(item, int) else _received(item) for item in value]
+        return value
+
+    def _finish(self, request: Request) -> list[Event]:
+        self._pending.popleft()
+        if request.error is not None:
+            self._forget_refused(request)
+            return [Rejected(request, request.error)]
+        # A (un)subscribe answers the count after its last confirmation.
+        value = request.values[-1] if request.values else None
+        return [Resolved(request, value)]
+
+    def _forget_refused(self, request: Request) -> None:
+        """A refused subscription is not held, and its handlers go."""
+        namespace = request.namespace
+        if namespace is None or request.answer.endswith("unsubscribe"):
+            return
+        for name in request.names:
+            if request.internal:
+                self.held[namespace].pop(name, None)
+            if name not in self.held[namespace]:
+                self._handlers.pop((namespace, name), None)
+
+    # -- handlers -----------------------------------------------------------------------
+
+    def add_catch_all(self, handler: Handler) -> None:
+        """``handler`` gets every message."""
+        self._catch_all.append(handler)
+
+    def remove_catch_all(self, handler: Handler) -> None:
+        if handler in self._catch_all:
+            self._catch_all.remove(handler)
+
+    def handlers_for(self, message: Message) -> list[Handler]:
+        """The handler of the message's channel or pattern, then the catch-alls."""
+        namespace = _PUSH_NAMESPACE[message.kind]
+        key = message.pattern if namespace == PATTERN else message.channel
+        handler = self._handlers.get((namespace, key)) if isinstance(key, str) else None
+        return ([handler] if handler is not None else []) + list(self._catch_all)
+
+
+def numsub(flat: list) -> dict[Name, int]:
+    """PUBSUB NUMSUB's flat ``[name, count, ...]`` as an ordered dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+class Backoff:
+    """Jittered exponential delays: the n-th retry waits a random time in
+    [d/2, d], d = min(max_delay, min_delay * 2**n), so clients that lost
+    one server together do not all come back in the same instant."""
+
+    def __init__(
+        self,
+        min_delay: float = 0.5,
+        max_delay: float = 30.0,
+        random: Callable[[], float] = random.random,
+    ) -> None:
+        if min_delay <= 0 or max_delay < min_delay:
+            raise ValueError("backoff needs 0 < min_delay <= max_delay")
+        self.min_delay, self.max_delay = min_delay, max_delay
+        self._random = random
+        self.attempts = 0
+
+    def next(self) -> float:
+        """The delay before the next attempt."""
+        ceiling = min(self.max_delay, self.min_delay * 2 ** min(self.attempts, 64))
+        self.attempts += 1
+        return ceiling / 2 + ceiling / 2 * self._random()
+
+    def reset(self) -> None:
+        """A connection opened: the next loss starts from the shortest delay."""
+        self.attempts = 0
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+    secure: bool
+
+
+def parse_url(url: str) -> Address:
+    """Host, port and TLS of a ``ws://`` or ``wss://`` URL; ValueError otherwise."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
+    secure = parts.scheme == "wss"
+    try:
+        port = parts.port or (443 if secure else 80)
+    except ValueError:
+        raise ValueError(f"bad port in URL: {url!r}") from None
+    return Address(parts.hostname, port, secure)
+
+
+def url_with_token(url: str, token: str | None) -> str:
+    """``url`` with ``?token=`` set (replacing one already there) when there is a token."""
+    if not token:
+        return url
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "token"]
+    query.append(("token", token))
+    return urlunsplit(parts._replace(query=urlencode(query)))

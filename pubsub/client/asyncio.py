@@ -1,0 +1,379 @@
+"""The Python client on asyncio: coroutines over the ``websockets`` library.
+
+A thin host around :class:`pubsub.client._core.ClientCore`, like
+``pubsub.client.twisted``: same commands, same reconnect and resubscribe, and
+messages either through handlers or as an async iterator::
+
+    async with await connect("ws://127.0.0.1:9000/") as client:
+        await client.subscribe("news")
+        async for message in client.messages():
+            print(message.channel, message.data)
+
+Why ``websockets`` and not Autobahn's asyncio flavour: Autobahn picks its
+event loop once per process (through txaio), and importing ``pubsub`` at all
+loads Autobahn's Twisted flavour for the server, after which Autobahn's
+asyncio module refuses to load. ``websockets`` has no such switch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import ssl as _ssl
+from collections.abc import Callable
+from typing import Any, Self
+
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as _ws_connect
+from websockets.exceptions import ConnectionClosed
+
+from pubsub.client._core import (
+    CHANNEL,
+    CLOSED,
+    CONNECTED,
+    CONNECTING,
+    DISCONNECTED,
+    PATTERN,
+    SHARD,
+    Backoff,
+    ClientCore,
+    Handler,
+    Message,
+    ProtocolViolation,
+    Rejected,
+    Resolved,
+    StateCallback,
+    numsub,
+    parse_url,
+    url_with_token,
+)
+
+__all__ = ["MessageStream", "PubSubClient", "connect"]
+
+# The standard library's logging: an asyncio program has no Twisted log observer.
+_log = logging.getLogger(__name__)
+
+#: A token, or a function returning one (or an awaitable of one).
+TokenSource = str | Callable[[], Any] | None
+
+
+async def connect(
+    url: str = "ws://127.0.0.1:9000/",
+    token: TokenSource = None,
+    *,
+    reconnect: bool = True,
+    min_delay: float = 0.5,
+    max_delay: float = 30.0,
+    timeout: float = 10.0,
+    ssl: _ssl.SSLContext | None = None,
+) -> PubSubClient:
+    """Open a client once connected; ConnectionError if the first attempt fails.
+
+    As ``pubsub.client.twisted.connect``: the first connection is not retried,
+    later losses are (unless ``reconnect=False``), with jittered delays
+    between ``min_delay`` and ``max_delay`` seconds; a ``token`` function is
+    called on every (re)connect. ``ssl`` is the context for ``wss://``
+    (default: the platform's trust roots, host name checked).
+    """
+    client = PubSubClient(url, token, reconnect, min_delay, max_delay, timeout, ssl)
+    await client._open()
+    return client
+
+
+class MessageStream:
+    """Every message from the moment it was made; ends when the client closes."""
+
+    _END = object()
+
+    def __init__(self, client: PubSubClient) -> None:
+        self._client = client
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        client._streams.append(self)
+        if client.state == CLOSED:
+            self._queue.put_nowait(self._END)
+
+    def __aiter__(self) -> MessageStream:
+        return self
+
+    async def __anext__(self) -> Message:
+        item = await self._queue.get()
+        if item is self._END:
+            self._queue.put_nowait(item)
+            self.close()
+            raise StopAsyncIteration
+        return item
+
+    def close(self) -> None:
+        """Stop collecting messages."""
+        if self in self._client._streams:
+            self._client._streams.remove(self)
+
+
+class PubSubClient:
+    """A pub/sub client that stays connected; build it with :func:`connect`."""
+
+    def __init__(
+        self,
+        url: str,
+        token: TokenSource,
+        reconnect: bool,
+        min_delay: float,
+        max_delay: float,
+        timeout: float,
+        ssl: _ssl.SSLContext | None,
+    ) -> None:
+        self.url = url
+        self._address = parse_url(url)
+        self._token = token
+        self._reconnect = reconnect
+        self._backoff = Backoff(min_delay, max_delay)
+        self._timeout = timeout
+        self._ssl = ssl
+        self._core = ClientCore()
+        self._waiting: dict[Any, asyncio.Future[Any]] = {}
+        self._ws: ClientConnection | None = None
+        # Requests must reach the core in the order their frames are sent.
+        self._send_lock = asyncio.Lock()
+        self._runner: asyncio.Task[None] | None = None
+        self._closing = False
+        self._streams: list[MessageStream] = []
+        self._state_callbacks: list[StateCallback] = []
+        self._handler_tasks: set[asyncio.Task[Any]] = set()
+        self.state = CONNECTING
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- state --------------------------------------------------------------------------
+
+    def on_state(self, callback: StateCallback) -> Callable[[], None]:
+        """``callback(state, reason)`` on every change of :attr:`state`; returns a remover."""
+        self._state_callbacks.append(callback)
+        return lambda: self._state_callbacks.remove(callback)
+
+    def _set_state(self, state: str, reason: str | None = None) -> None:
+        self.state = state
+        for callback in list(self._state_callbacks):
+            try:
+                callback(state, reason)
+            except Exception:  # noqa: BLE001 - a caller's bug must not stop the client
+                _log.exception("state callback failed on %s", state)
+
+    # -- connections --------------------------------------------------------------------
+
+    async def _fetch_token(self) -> str | None:
+        token = self._token
+        if callable(token):
+            token = token()
+            if inspect.isawaitable(token):
+                token = await token
+        return token
+
+    async def _attempt(self) -> ClientConnection:
+        self._set_state(CONNECTING)
+        token = await self._fetch_token()
+        try:
+            return await _ws_connect(
+                url_with_token(self.url, token),
+                subprotocols=["pubsub.json"],
+                open_timeout=self._timeout,
+                ssl=(self._ssl or True) if self._address.secure else None,
+                # The server bounds message sizes; a delivery is never refused here.
+                max_size=None,
+                compression=None,
+                proxy=None,
+            )
+        except Exception as error:  # refused, DNS, timeout, TLS, HTTP: one message for all
+            reason = str(error).strip() or type(error).__name__
+            raise ConnectionError(f"cannot connect to {self.url}: {reason}") from error
+
+    async def _open(self) -> None:
+        try:
+            ws = await self._attempt()
+        except ConnectionError as error:
+            self._set_state(CLOSED, str(error))
+            raise
+        await self._opened(ws)
+        self._runner = asyncio.get_running_loop().create_task(self._run(ws))
+
+    async def _opened(self, ws: ClientConnection) -> None:
+        async with self._send_lock:
+            self._backoff.reset()
+            for frame in self._core.opened():
+                with contextlib.suppress(ConnectionClosed):  # the reader notices
+                    await ws.send(frame)
+            self._ws = ws
+        self._set_state(CONNECTED)
+
+    async def _run(self, ws: ClientConnection) -> None:
+        """Read until the connection ends; reconnect while wanted."""
+        try:
+            while True:
+                why = await self._read(ws)
+                self._ws = None
+                self._settle(self._core.lost(f"connection to {self.url} lost: {why}"))
+                if self._closing or not self._reconnect:
+                    self._set_state(CLOSED, why)
+                    return
+                self._set_state(DISCONNECTED, why)
+                ws = await self._reconnect_with_backoff()
+                await self._opened(ws)
+        except asyncio.CancelledError:
+            self._ws = None
+            self._settle(self._core.lost(f"client for {self.url} closed"))
+            self._set_state(CLOSED)
+        finally:
+            for stream in list(self._streams):
+                stream._queue.put_nowait(MessageStream._END)
+
+    async def _reconnect_with_backoff(self) -> ClientConnection:
+        while True:
+            await asyncio.sleep(self._backoff.next())
+            try:
+                return await self._attempt()
+            except ConnectionError as error:
+                self._set_state(DISCONNECTED, str(error))
+
+    async def _read(self, ws: ClientConnection) -> str:
+        """Feed the core every frame; returns why the connection ended."""
+        try:
+            async for text in ws:
+                if isinstance(text, bytes):
+                    raise ProtocolViolation("a binary frame")
+                self._settle(self._core.receive(text))
+        except ConnectionClosed:
+            pass
+        except ProtocolViolation as error:
+            _log.error("dropping %s: %s", self.url, error)
+            await ws.close(1002, "protocol violation")
+        code, reason = ws.close_code, ws.close_reason
+        return f"{code} {reason}" if reason else f"code {code}"
+
+    async def close(self) -> None:
+        """Stop reconnecting and close the connection; returns once closed."""
+        self._closing = True
+        runner = self._runner
+        if runner is None or runner.done():
+            if self.state != CLOSED:
+                self._set_state(CLOSED)
+            return
+        ws = self._ws
+        if ws is not None:
+            await ws.close()
+        else:
+            runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+
+    # -- frames -------------------------------------------------------------------------
+
+    def _settle(self, events: list[Any]) -> None:
+        for event in events:
+            if isinstance(event, Message):
+                self._dispatch(event)
+                continue
+            future = self._waiting.pop(event.request, None)
+            done = future is None or future.done()
+            if isinstance(event, Resolved):
+                if not done:
+                    future.set_result(event.value)
+            elif isinstance(event, Rejected):
+                if not done:
+                    future.set_exception(event.error)
+                elif event.request.internal:
+                    _log.error(
+                        "resubscribing to %s was refused: %s", event.request.names, event.error
+                    )
+
+    def _dispatch(self, message: Message) -> None:
+        for handler in self._core.handlers_for(message):
+            try:
+                result = handler(message)
+                if inspect.isawaitable(result):  # an async handler runs as a task
+                    task = asyncio.ensure_future(result)
+                    self._handler_tasks.add(task)
+                    task.add_done_callback(self._handler_tasks.discard)
+            except Exception:  # noqa: BLE001 - one bad handler must not starve the others
+                _log.exception("message handler failed on %r", message.channel)
+        for stream in self._streams:
+            stream._queue.put_nowait(message)
+
+    # -- commands -----------------------------------------------------------------------
+
+    async def _call(self, build: Callable[..., Any], *args: Any) -> Any:
+        async with self._send_lock:
+            ws = self._ws
+            if ws is None:
+                raise ConnectionError(f"not connected to {self.url} ({self.state})")
+            request, frames = build(*args)
+            future = asyncio.get_running_loop().create_future()
+            self._waiting[request] = future
+            for frame in frames:
+                with contextlib.suppress(ConnectionClosed):  # the reader fails the request
+                    await ws.send(frame)
+        return await future
+
+    def messages(self) -> MessageStream:
+        """An async iterator of every message from now on, ending when the
+        client closes. It buffers what you have not read yet."""
+        return MessageStream(self)
+
+    def on_message(self, handler: Handler) -> Callable[[], None]:
+        """``handler(message)`` for every message (a coroutine function runs
+        as a task); returns a remover."""
+        self._core.add_catch_all(handler)
+        return lambda: self._core.remove_catch_all(handler)
+
+    async def subscribe(self, *channels: str, handler: Handler | None = None) -> int:
+        """SUBSCRIBE; returns the count of channels and patterns held after it."""
+        return await self._call(self._core.subscribe, CHANNEL, channels, handler)
+
+    async def psubscribe(self, *patterns: str, handler: Handler | None = None) -> int:
+        return await self._call(self._core.subscribe, PATTERN, patterns, handler)
+
+    async def ssubscribe(self, *channels: str, handler: Handler | None = None) -> int:
+        return await self._call(self._core.subscribe, SHARD, channels, handler)
+
+    async def unsubscribe(self, *channels: str) -> int:
+        """UNSUBSCRIBE these channels (none: all); returns the count left."""
+        return await self._call(self._core.unsubscribe, CHANNEL, channels)
+
+    async def punsubscribe(self, *patterns: str) -> int:
+        return await self._call(self._core.unsubscribe, PATTERN, patterns)
+
+    async def sunsubscribe(self, *channels: str) -> int:
+        return await self._call(self._core.unsubscribe, SHARD, channels)
+
+    async def publish(self, channel: str, message: str | bytes) -> int:
+        """PUBLISH; returns the receiver count. Bytes travel as base64."""
+        return await self._call(self._core.publish, channel, message)
+
+    async def spublish(self, channel: str, message: str | bytes) -> int:
+        return await self._call(self._core.publish, channel, message, True)
+
+    async def pubsub_channels(self, pattern: str | None = None) -> list:
+        args = ("PUBSUB", "CHANNELS") + ((pattern,) if pattern is not None else ())
+        return await self._call(self._core.command, *args)
+
+    async def pubsub_numsub(self, *channels: str) -> dict:
+        """PUBSUB NUMSUB as ``{channel: subscribers}`` in the order asked."""
+        return numsub(await self._call(self._core.command, "PUBSUB", "NUMSUB", *channels))
+
+    async def pubsub_numpat(self) -> int:
+        return await self._call(self._core.command, "PUBSUB", "NUMPAT")
+
+    async def ping(self, text: str | None = None) -> str | bytes:
+        """PING; returns the text echoed ("" without one)."""
+        return await self._call(self._core.ping, text)
+
+    async def auth(self, token: str) -> None:
+        """AUTH with a (new) token; a plain-string token is replaced by it for
+        later reconnects."""
+        await self._call(self._core.command, "AUTH", token)
+        if not callable(self._token):
+            self._token = token

@@ -1,0 +1,169 @@
+"""The installed ``pubsub-cli`` as a user runs it, against the test's server.
+
+The script runs as a child process on the reactor, so the in-process server
+keeps serving while it runs; ``sub`` says when it has subscribed, and the
+test publishes only then.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor
+
+from tests.integration.test_twistd import clean_environment
+
+CLI = str(Path(sys.executable).with_name("pubsub-cli"))
+WAIT = 60  # seconds; a bound on hangs, never a delay
+
+
+class Cli(protocol.ProcessProtocol):
+    """stdout line by line in ``lines``; ``ended`` fires with (status, stdout, stderr)."""
+
+    def __init__(self) -> None:
+        self.lines: defer.DeferredQueue = defer.DeferredQueue()
+        self.ended: defer.Deferred = defer.Deferred()
+        self.out = b""
+        self.err = b""
+        self._partial = b""
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+        *whole, self._partial = (self._partial + data).split(b"\n")
+        for line in whole:
+            self.lines.put(line.decode())
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason) -> None:
+        self.ended.callback((reason.value.exitCode, self.out.decode(), self.err.decode()))
+
+
+def start(*args: str, env: dict[str, str] | None = None) -> Cli:
+    cli = Cli()
+    reactor.spawnProcess(cli, CLI, [CLI, *args], env=env or clean_environment())
+    cli.ended.addTimeout(WAIT, reactor)
+    return cli
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> defer.Deferred:
+    """Fires with (exit status, stdout, stderr)."""
+    return start(*args, env=env).ended
+
+
+def url(server) -> str:
+    return f"ws://127.0.0.1:{server.port}/"
+
+
+@pytest_twisted.inlineCallbacks
+def test_sub_json_prints_each_message_and_exits_after_count(server, connect):
+    sub = start("--url", url(server), "sub", "news", "sport", "--count", "2", "--json")
+    confirmation = json.loads((yield sub.lines.get().addTimeout(WAIT, reactor)))
+    assert confirmation == {"type": "subscribe", "names": ["news", "sport"], "count": 2}
+    publisher = yield connect(server.port)
+    assert (yield publisher.call("PUBLISH", "news", "hello")) == [["reply", 1]]
+    assert (yield publisher.call("PUBLISH", "sport", {"base64": "AP8="})) == [["reply", 1]]
+    status, out, err = yield sub.ended
+    assert status == 0, err
+    assert [json.loads(line) for line in out.splitlines()[1:]] == [
+        {"type": "message", "channel": "news", "data": "hello"},
+        {"type": "message", "channel": "sport", "data": {"base64": "AP8="}},
+    ]
+
+
+@pytest_twisted.inlineCallbacks
+def test_psub_prints_lines_for_people(server, connect):
+    sub = start("psub", "news.*", "--count", "1", "--url", url(server))
+    assert (yield sub.lines.get().addTimeout(WAIT, reactor)) == "psubscribed to news.*"
+    publisher = yield connect(server.port)
+    assert (yield publisher.call("PUBLISH", "news.uk", "tea")) == [["reply", 1]]
+    status, out, err = yield sub.ended
+    assert status == 0, err
+    assert out.splitlines()[1:] == ["news.uk (news.*): tea"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_sub_keeps_its_subscription_through_a_server_drop(server, connect):
+    sub = start("--url", url(server), "sub", "news", "--count", "1")
+    assert (yield sub.lines.get().addTimeout(WAIT, reactor)) == "subscribed to news"
+    yield server.factory.close_all()
+    publisher = yield connect(server.port)
+    # The CLI is back once its resubscription counts; ask until it does.
+    while (yield publisher.call("PUBSUB", "NUMSUB", "news")) != [["reply", ["news", 1]]]:
+        yield publisher.call("PING")
+    assert (yield publisher.call("PUBLISH", "news", "back")) == [["reply", 1]]
+    status, out, err = yield sub.ended
+    assert status == 0, err
+    assert out.splitlines()[1:] == ["news: back"]
+    assert "disconnected (1001 server shutting down); reconnecting" in err
+    assert f"reconnected to {url(server)}" in err
+
+
+@pytest_twisted.inlineCallbacks
+def test_pub_prints_the_receiver_count(server, connect):
+    subscriber = yield connect(server.port)
+    yield subscriber.call("SUBSCRIBE", "news")
+    status, out, err = yield run("--url", url(server), "pub", "news", "hello")
+    assert (status, out, err) == (0, "1 receiver\n", "")
+    assert (yield subscriber.next_frame()) == ["message", "news", "hello"]
+    status, out, _ = yield run("--url", url(server), "--json", "pub", "empty", "x")
+    assert (status, json.loads(out)) == (0, {"type": "published", "receivers": 0})
+
+
+@pytest_twisted.inlineCallbacks
+def test_stats_lists_channels_numsub_and_numpat(server, connect):
+    alice = yield connect(server.port)
+    bob = yield connect(server.port)
+    yield alice.call("SUBSCRIBE", "news", "sport")
+    yield bob.call("SUBSCRIBE", "news")
+    yield bob.call("PSUBSCRIBE", "n*")
+    status, out, err = yield run("--url", url(server), "stats", "--json")
+    assert status == 0, err
+    assert json.loads(out) == {"type": "stats", "channels": {"news": 2, "sport": 1}, "numpat": 1}
+    status, out, err = yield run("--url", url(server), "stats", "s*")
+    assert (status, out) == (0, "sport: 1\npatterns: 1\n")
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_unreachable_server_is_one_line_and_status_1():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        target = f"ws://127.0.0.1:{s.getsockname()[1]}/"
+    for args in (("pub", "news", "x"), ("sub", "news"), ("stats",)):
+        status, out, err = yield run("--url", target, *args)
+        assert status == 1
+        assert out == ""
+        assert err.startswith(f"pubsub-cli: cannot connect to {target}: ")
+        assert len(err.splitlines()) == 1, err
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_server_error_is_reported_with_status_1(make_server):
+    server = yield make_server(max_name_length=4)
+    status, out, err = yield run("--url", url(server), "pub", "too-long", "x")
+    assert (status, out) == (1, "")
+    assert err == "pubsub-cli: server error: ERR channel name is longer than the limit of 4 bytes\n"
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_token_comes_from_the_environment(server, monkeypatch):
+    # The server keeps the URL it was asked for: the token reaches it as ?token=.
+    seen = []
+    original = server.factory.protocol.onConnect
+
+    def remember(protocol, request):
+        seen.append(request.params.get("token"))
+        return original(protocol, request)
+
+    monkeypatch.setattr(server.factory.protocol, "onConnect", remember)
+    env = {**clean_environment(), "PUBSUB_TOKEN": "from-env"}
+    status, _, err = yield run("--url", url(server), "pub", "a", "x", env=env)
+    assert status == 0, err
+    status, _, err = yield run("--url", url(server), "--token", "given", "pub", "a", "x")
+    assert status == 0, err
+    assert seen == [["from-env"], ["given"]]
