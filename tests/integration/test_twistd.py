@@ -204,3 +204,20 @@ def test_twistd_stops_with_a_clear_message_when_a_unix_socket_cannot_be_made(tmp
     assert result.returncode == 1, output
     assert f"pubsub: cannot listen on unix:{path}: " in output
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--jwt-secret", "short"], "setting jwt_secret must be at least 32 bytes long"),
+        (["--jwt-public-key", "absent.pem"], "setting jwt_public_key: cannot read absent.pem"),
+        (["--anonymous", "deny"], "setting anonymous is deny but no jwt_secret"),
+        (["--anonymous", "sometimes"], "setting anonymous must be allow, deny or empty"),
+    ],
+)
+def test_twistd_stops_with_a_clear_message_on_bad_auth_settings(tmp_path, options, message):
+    result = run_twistd(tmp_path, "--port", "0", *options)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert f"pubsub: {message}" in output
+    assert "Traceback" not in output
