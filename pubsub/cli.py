@@ -29,7 +29,9 @@ _SUB_HELP = (
     "messages. When the connection drops, the client reconnects with growing, "
     "jittered delays and subscribes again, saying so on stderr; messages "
     "published while it was away are lost, as in Redis. With --no-reconnect a "
-    "lost connection ends the command with status 1."
+    "lost connection ends the command with status 1, and so does a token the "
+    "server refuses or lets expire (close 1008): the token is fixed, so "
+    "reconnecting with it would be refused again."
 )
 
 

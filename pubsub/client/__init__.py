@@ -19,6 +19,7 @@ from pubsub.client._core import (
     Message,
     ProtocolViolation,
     ReplyError,
+    TokenRefused,
 )
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "Message",
     "ProtocolViolation",
     "ReplyError",
+    "TokenRefused",
 ]

@@ -14,7 +14,10 @@ What lives here:
 - payloads: ``{"base64": ...}`` arrives as bytes, bytes are published as base64;
 - the subscriptions held (confirmed and not given up), replayed on reconnect;
 - message handlers per channel, pattern and shard channel, and catch-alls;
-- the reconnect backoff and the connection URL with its token.
+- the reconnect backoff and the connection URL with its token;
+- telling a close over the token (1008 with one of the server's token
+  reasons) from any other, and stopping for good when the token is a fixed
+  string that the server will only refuse again.
 
 Nothing here imports Twisted, asyncio or a WebSocket library, and nothing here
 does I/O or keeps time.
@@ -52,6 +55,8 @@ __all__ = [
     "Resolved",
     "StateCallback",
     "Target",
+    "TokenRefused",
+    "is_token_close",
     "numsub",
     "parse_url",
     "url_with_token",
@@ -82,6 +87,44 @@ class ReplyError(Exception):
 
 class ProtocolViolation(Exception):
     """A server frame that breaks PROTOCOL.md; the connection cannot be trusted."""
+
+
+class TokenRefused(ConnectionError):
+    """The server closed the connection over the client's token (bad, expired,
+    or never given in time) and the token cannot be renewed, as it is a fixed
+    string: the client has stopped. ``reason`` is the server's close reason."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(
+            f"{url} closed the connection: {reason} (1008); the token is fixed, "
+            "so the client will not reconnect with it"
+        )
+        self.url = url
+        self.reason = reason
+
+
+#: The close code the server uses for a token it will not take (and for other
+#: policy closes, such as a full output buffer: the reason tells them apart).
+TOKEN_CLOSE_CODE = 1008
+
+#: How the server's token close reasons begin (pubsub/auth.py: Guard's own
+#: reasons, then the AuthError texts a handshake token can fail with). A new
+#: reason in the server must be added here, or a fixed token is retried.
+TOKEN_CLOSE_REASONS = (
+    "authentication required",  # no AUTH within open_handshake_timeout
+    "token expired",  # exp passed without a renewing AUTH
+    "token does not allow ",  # a renewing token dropped a held channel
+    "token has expired",  # the handshake's token was already past exp
+    "token signed with ",  # wrong algorithm for the configured keys
+    "invalid token",  # signature, audience, issuer, missing claims, not a JWT
+    "claim ",  # a claim of the wrong type
+    "no token can be checked",  # the server has no key
+)
+
+
+def is_token_close(code: int | None, reason: str | None) -> bool:
+    """Whether a close frame is the server refusing the connection's token."""
+    return code == TOKEN_CLOSE_CODE and bool(reason) and reason.startswith(TOKEN_CLOSE_REASONS)
 
 
 @dataclass(frozen=True)
@@ -171,6 +214,9 @@ class ClientCore:
 
     def __init__(self) -> None:
         self.connected = False
+        #: Set when the client has stopped for good over its token; every
+        #: later command fails with a copy (see :meth:`refusal`).
+        self.stopped: TokenRefused | None = None
         #: Subscriptions held, per namespace, in the order they were confirmed.
         self.held: dict[str, dict[str, None]] = {CHANNEL: {}, PATTERN: {}, SHARD: {}}
         self._pending: deque[Request] = deque()
@@ -190,17 +236,41 @@ class ClientCore:
         return frames
 
     def lost(self, reason: str) -> list[Event]:
-        """The connection is gone: every request waiting fails with ConnectionError."""
+        """The connection is gone: every request waiting fails with ConnectionError
+        (with :attr:`stopped` once the client has stopped over its token)."""
         self.connected = False
         events: list[Event] = []
         while self._pending:
             request = self._pending.popleft()
-            events.append(Rejected(request, ConnectionError(reason)))
+            events.append(Rejected(request, self.refusal() or ConnectionError(reason)))
         return events
+
+    def refusal(self) -> TokenRefused | None:
+        """A fresh :class:`TokenRefused` when the client has stopped over its
+        token (one per failed call, so tracebacks do not pile up), else None."""
+        stopped = self.stopped
+        return None if stopped is None else TokenRefused(stopped.url, stopped.reason)
+
+    def closed(
+        self, url: str, code: int | None, reason: str | None, renewable: bool
+    ) -> list[Event]:
+        """The server closed the connection with ``code`` and ``reason``: the
+        requests waiting fail, and a token close of a token that cannot be
+        renewed (not ``renewable``: a fixed string, or none) stops the client
+        (:attr:`stopped`), as reconnecting would only be refused again. A
+        token function can return a fresh token, so it goes on."""
+        if not renewable and is_token_close(code, reason):
+            assert reason is not None
+            self.stopped = TokenRefused(url, reason)
+        why = f"{code} {reason}" if reason else f"code {code}"
+        return self.lost(f"connection to {url} lost: {why}")
 
     # -- commands -----------------------------------------------------------------------
 
     def _send(self, request: Request) -> None:
+        refusal = self.refusal()
+        if refusal is not None:
+            raise refusal
         if not self.connected:
             raise ConnectionError("not connected")
         self._pending.append(request)

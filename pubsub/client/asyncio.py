@@ -2,7 +2,8 @@
 
 A thin host around :class:`pubsub.client._core.ClientCore`, like
 ``pubsub.client.twisted``: same commands, same reconnect and resubscribe, and
-messages either through handlers or as an async iterator::
+the same stop when the server refuses a fixed token, and messages either
+through handlers or as an async iterator::
 
     async with await connect("ws://127.0.0.1:9000/") as client:
         await client.subscribe("news")
@@ -74,7 +75,8 @@ async def connect(
     As ``pubsub.client.twisted.connect``: the first connection is not retried,
     later losses are (unless ``reconnect=False``), with jittered delays
     between ``min_delay`` and ``max_delay`` seconds; a ``token`` function is
-    called on every (re)connect. ``ssl`` is the context for ``wss://``
+    called on every (re)connect, while a fixed string that the server refuses
+    or lets expire stops the client (:class:`TokenRefused`). ``ssl`` is the context for ``wss://``
     (default: the platform's trust roots, host name checked).
     """
     client = PubSubClient(url, token, reconnect, min_delay, max_delay, timeout, ssl)
@@ -214,13 +216,21 @@ class PubSubClient:
         """Read until the connection ends; reconnect while wanted."""
         try:
             while True:
-                why = await self._read(ws)
+                code, reason = await self._read(ws)
                 self._ws = None
-                self._settle(self._core.lost(f"connection to {self.url} lost: {why}"))
+                # The state changes before the calls waiting fail, so they see it.
+                events = self._core.closed(self.url, code, reason, callable(self._token))
+                why = f"{code} {reason}" if reason else f"code {code}"
+                if self._core.stopped is not None and not self._closing:
+                    # The server refused a token that cannot change: retrying is futile.
+                    self._closing = True
+                    why = str(self._core.stopped)
                 if self._closing or not self._reconnect:
                     self._set_state(CLOSED, why)
+                    self._settle(events)
                     return
                 self._set_state(DISCONNECTED, why)
+                self._settle(events)
                 ws = await self._reconnect_with_backoff()
                 await self._opened(ws)
         except asyncio.CancelledError:
@@ -239,8 +249,8 @@ class PubSubClient:
             except ConnectionError as error:
                 self._set_state(DISCONNECTED, str(error))
 
-    async def _read(self, ws: ClientConnection) -> str:
-        """Feed the core every frame; returns why the connection ended."""
+    async def _read(self, ws: ClientConnection) -> tuple[int | None, str]:
+        """Feed the core every frame; returns the close code and reason."""
         try:
             async for text in ws:
                 if isinstance(text, bytes):
@@ -251,8 +261,7 @@ class PubSubClient:
         except ProtocolViolation as error:
             _log.error("dropping %s: %s", self.url, error)
             await ws.close(1002, "protocol violation")
-        code, reason = ws.close_code, ws.close_reason
-        return f"{code} {reason}" if reason else f"code {code}"
+        return ws.close_code, ws.close_reason or ""
 
     async def close(self) -> None:
         """Stop reconnecting and close the connection; returns once closed."""
@@ -309,7 +318,9 @@ class PubSubClient:
         async with self._send_lock:
             ws = self._ws
             if ws is None:
-                raise ConnectionError(f"not connected to {self.url} ({self.state})")
+                raise self._core.refusal() or ConnectionError(
+                    f"not connected to {self.url} ({self.state})"
+                )
             request, frames = build(*args)
             future = asyncio.get_running_loop().create_future()
             self._waiting[request] = future

@@ -6,6 +6,9 @@ frames the core returns, feeds it what arrives, and fires Deferreds from the
 core's events. When a connection drops it reconnects with jittered exponential
 backoff, and the core subscribes again to everything held. Commands given
 while there is no connection fail at once with :class:`ConnectionError`.
+When the server closes over the token (1008) and the token is a fixed string,
+the client stops instead: state closed, and every call fails with
+:class:`pubsub.client.TokenRefused` naming the server's reason.
 
 Usage::
 
@@ -71,7 +74,8 @@ def connect(
     The first connection is not retried: a wrong URL fails fast. After that,
     a lost connection is retried (unless ``reconnect=False``) with delays
     between ``min_delay`` and ``max_delay`` seconds. ``token`` is called
-    again on every (re)connect when it is a function. ``tls`` is a client TLS
+    again on every (re)connect when it is a function; a fixed string that the
+    server refuses or lets expire stops the client (:class:`TokenRefused`). ``tls`` is a client TLS
     options object (``twisted.internet.ssl.optionsForClientTLS``) for
     ``wss://``; by default the platform's trust roots check the host name.
     """
@@ -213,17 +217,26 @@ class PubSubClient:
                 connection.opened.errback(ConnectionError(f"cannot connect to {self.url}: {why}"))
             return
         self._connection = None
-        self._settle(self._core.lost(f"connection to {self.url} lost: {why}"))
+        # The state changes before the calls waiting fail, so their errbacks see it.
+        events = self._core.closed(self.url, code, reason, callable(self._token))
         if self._closing:
             self._set_state(CLOSED, why)
+            self._settle(events)
             closed, self._closed = self._closed, []
             for d in closed:
                 d.callback(None)
+        elif self._core.stopped is not None:
+            # The server refused a token that cannot change: retrying is futile.
+            self._closing = True
+            self._set_state(CLOSED, str(self._core.stopped))
+            self._settle(events)
         elif self._reconnect:
             self._set_state(DISCONNECTED, why)
+            self._settle(events)
             self._schedule_retry()
         else:
             self._set_state(CLOSED, why)
+            self._settle(events)
 
     def _schedule_retry(self) -> None:
         self._retry = self._reactor.callLater(self._backoff.next(), self._retry_now)
@@ -299,7 +312,10 @@ class PubSubClient:
     def _call(self, build: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         connection = self._connection
         if connection is None:
-            return defer.fail(ConnectionError(f"not connected to {self.url} ({self.state})"))
+            error = self._core.refusal()
+            if error is None:
+                error = ConnectionError(f"not connected to {self.url} ({self.state})")
+            return defer.fail(error)
         try:
             request, frames = build(*args)
         except (ValueError, TypeError) as error:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 
+from tests.integration.test_auth import SECRET, token
 from tests.integration.test_twistd import clean_environment
 
 CLI = str(Path(sys.executable).with_name("pubsub-cli"))
@@ -167,3 +168,27 @@ def test_the_token_comes_from_the_environment(server, monkeypatch):
     status, _, err = yield run("--url", url(server), "--token", "given", "pub", "a", "x")
     assert status == 0, err
     assert seen == [["from-env"], ["given"]]
+
+
+@pytest_twisted.inlineCallbacks
+def test_sub_exits_1_naming_the_reason_when_its_token_expires(make_server):
+    server = yield make_server(jwt_secret=SECRET)
+    short = token(subscribe=["news"], lifetime=1.5)
+    sub = start("--url", url(server), "--token", short, "sub", "news")
+    assert (yield sub.lines.get().addTimeout(WAIT, reactor)) == "subscribed to news"
+    status, out, err = yield sub.ended  # the server closes it when the token expires
+    assert (status, out) == (1, "subscribed to news\n")
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("pubsub-cli: ")
+    assert "token expired (1008)" in err
+    assert "reconnecting" not in err
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_refused_token_is_one_line_and_status_1(make_server):
+    server = yield make_server(jwt_secret=SECRET)
+    for args in (("sub", "news"), ("pub", "news", "x")):
+        status, out, err = yield run("--url", url(server), "--token", "forged", *args)
+        assert (status, out) == (1, "")
+        assert len(err.splitlines()) == 1, err
+        assert "invalid token" in err

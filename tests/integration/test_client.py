@@ -3,6 +3,8 @@ the asyncio host on a loop of its own in a worker thread.
 
 Reconnects are forced by the server: ``close_all`` (every connection told
 1001), or by stopping the listener and listening again on the same port.
+Tokens are real JWTs checked by a server with ``jwt_secret``; expiring ones
+live 1.5 s, and the tests wait for the close that ends them.
 """
 
 from __future__ import annotations
@@ -16,16 +18,18 @@ from twisted.internet import defer, reactor, ssl, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.web.server import Site
 
-from pubsub.client import CLOSED, CONNECTED, DISCONNECTED, Message, ReplyError
+from pubsub.client import CLOSED, CONNECTED, DISCONNECTED, Message, ReplyError, TokenRefused
 from pubsub.client import asyncio as aio
 from pubsub.client.twisted import connect
 from pubsub.config import Settings
 from pubsub.engine import Engine
 from pubsub.service import build_resource
 from pubsub.web import FrontFactory
+from tests.integration.test_auth import SECRET, token
 from tests.integration.test_tls import make_certificate
 
 WAIT = 30  # seconds; a bound on hangs, never a delay
+SHORT = 1.5  # seconds: the lifetime of a token meant to expire during a test
 
 
 def url(server) -> str:
@@ -220,6 +224,121 @@ def test_a_token_function_is_called_on_every_connect(server, open_client):
     assert calls == [0, 1]
 
 
+# -- tokens ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def auth_server(make_server):
+    return pytest_twisted.blockon(make_server(jwt_secret=SECRET))
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_token_string_or_function_grants_its_channels_and_nothing_else(auth_server, open_client):
+    reader = yield open_client(url(auth_server), token=token("reader", subscribe=["news.*"]))
+    writer = yield open_client(url(auth_server), token=lambda: token("writer", publish=["news.*"]))
+    received = defer.DeferredQueue()
+    assert (yield reader.subscribe("news.uk", handler=received.put)) == 1
+    assert (yield writer.publish("news.uk", "tea")) == 1
+    assert (yield received.get()) == Message("message", "news.uk", "tea")
+    with pytest.raises(ReplyError, match="'news.uk' channel") as refused:
+        yield reader.publish("news.uk", "x")
+    assert refused.value.code == "NOPERM"
+    with pytest.raises(ReplyError) as refused:
+        yield writer.subscribe("news.uk")
+    assert refused.value.code == "NOPERM"
+    # A refusal costs nothing else: both go on.
+    assert (yield reader.psubscribe("news.*")) == 2
+    assert (yield writer.publish("news.fr", "vin")) == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_without_a_token_commands_fail_with_noauth_until_auth(auth_server, open_client):
+    client = yield open_client(url(auth_server))
+    with pytest.raises(ReplyError) as refused:
+        yield client.subscribe("news")
+    assert refused.value.code == "NOAUTH"
+    with pytest.raises(ReplyError) as refused:
+        yield client.auth("forged")
+    assert refused.value.code == "WRONGPASS"
+    assert "invalid token" in str(refused.value)
+    yield client.auth(token(subscribe=["news"], publish=["news"]))
+    assert (yield client.subscribe("news")) == 1
+    assert (yield client.publish("news", "x")) == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_reconnect_after_a_drop_presents_a_new_token_that_the_server_checks(
+    auth_server, open_client
+):
+    calls = []
+
+    def fresh():
+        calls.append(None)
+        return token(subscribe=["news"])
+
+    client = yield open_client(url(auth_server), token=fresh)
+    yield client.subscribe("news")
+    back = state_reached(client, CONNECTED)
+    yield auth_server.factory.close_all()
+    yield back
+    yield client.ping()  # behind the resubscription, which the new token allowed
+    assert len(calls) == 2
+    assert auth_server.engine.numsub([b"news"]) == [(b"news", 1)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_expired_token_from_a_function_is_replaced_on_reconnect(auth_server, open_client):
+    lifetimes = [SHORT, 3600]
+
+    def fresh():
+        return token(subscribe=["news"], publish=["news"], lifetime=lifetimes.pop(0))
+
+    client = yield open_client(url(auth_server), token=fresh)
+    received = defer.DeferredQueue()
+    yield client.subscribe("news", handler=received.put)
+    lost, back = state_reached(client, DISCONNECTED), state_reached(client, CONNECTED)
+    assert (yield lost) == "1008 token expired"
+    yield back
+    yield client.ping()
+    assert lifetimes == []
+    assert (yield client.publish("news", "renewed")) == 1
+    assert (yield received.get()) == Message("message", "news", "renewed")
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_expired_fixed_token_stops_the_client_with_the_reason(auth_server, open_client):
+    client = yield open_client(url(auth_server), token=token(subscribe=["news"], lifetime=SHORT))
+    retried = []
+    client.on_state(lambda state, _: retried.append(state))
+    yield client.subscribe("news")
+    reason = yield state_reached(client, CLOSED)
+    assert "token expired (1008)" in reason
+    assert retried == [CLOSED]  # no attempt to reconnect with the dead token
+    with pytest.raises(TokenRefused, match="token expired") as later:
+        yield client.ping()
+    assert later.value.reason == "token expired"
+    assert auth_server.engine.numsub([b"news"]) == [(b"news", 0)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_bad_fixed_token_fails_the_call_waiting_and_stops(auth_server, open_client):
+    client = yield open_client(url(auth_server), token="forged")
+    # The server opens, then closes at once: this PING is waiting or too late.
+    with pytest.raises(TokenRefused, match="invalid token") as refused:
+        yield client.ping()
+    assert isinstance(refused.value, ConnectionError)
+    assert client.state == CLOSED
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_bad_token_from_a_function_keeps_the_client_trying(auth_server, open_client):
+    tokens = ["forged", token(publish=["news"])]
+    client = yield open_client(url(auth_server), token=lambda: tokens.pop(0))
+    yield state_reached(client, CONNECTED)  # the second token's connection
+    assert (yield client.publish("news", "x")) == 0
+    assert tokens == []
+
+
 # -- asyncio --------------------------------------------------------------------------------
 
 
@@ -306,3 +425,117 @@ def test_asyncio_unreachable_server():
     target = f"ws://127.0.0.1:{free_port()}/"
     text = yield in_own_loop(_unreachable, target)
     assert text.startswith(f"cannot connect to {target}: ")
+
+
+async def _asyncio_tokens(address: str):
+    reader = await aio.connect(address, token=token("reader", subscribe=["news.*"]))
+    stranger = await aio.connect(address)
+    try:
+        assert await reader.subscribe("news.uk") == 1
+        with pytest.raises(ReplyError) as noperm:
+            await reader.publish("news.uk", "x")
+        with pytest.raises(ReplyError) as noauth:
+            await stranger.publish("news.uk", "x")
+        with pytest.raises(ReplyError) as wrongpass:
+            await stranger.auth("forged")
+        await stranger.auth(token("writer", publish=["news.*"]))
+        receivers = await stranger.publish("news.uk", "tea")
+        return noperm.value.code, noauth.value.code, wrongpass.value.code, receivers
+    finally:
+        await reader.close()
+        await stranger.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_asyncio_tokens_grant_refuse_and_authenticate(auth_server):
+    codes = yield in_own_loop(_asyncio_tokens, url(auth_server))
+    assert codes == ("NOPERM", "NOAUTH", "WRONGPASS", 1)
+
+
+async def _asyncio_token_function_through_drop_and_expiry(address: str, drop_everyone):
+    lifetimes = [3600, SHORT, 3600]
+
+    def fresh():
+        return token(subscribe=["news"], publish=["news"], lifetime=lifetimes.pop(0))
+
+    client = await aio.connect(address, token=fresh, min_delay=0.01, max_delay=0.05)
+    reasons = []
+    back = asyncio.Event()
+
+    def changed(state, reason):
+        if state == DISCONNECTED:
+            reasons.append(reason)
+        elif state == CONNECTED:
+            back.set()
+
+    client.on_state(changed)
+    stream = client.messages()
+    await client.subscribe("news")
+    drop_everyone()  # the second token comes with the reconnect, and expires
+    await back.wait()
+    back.clear()
+    await back.wait()  # the third token's connection
+    await client.ping()  # behind the resubscription
+    receivers = await client.publish("news", "renewed")
+    message = await anext(stream)
+    await client.close()
+    return reasons, lifetimes, receivers, message
+
+
+@pytest_twisted.inlineCallbacks
+def test_asyncio_token_function_is_asked_again_on_drop_and_on_expiry(auth_server):
+    def drop_everyone():
+        reactor.callFromThread(auth_server.factory.close_all)
+
+    reasons, lifetimes, receivers, message = yield in_own_loop(
+        _asyncio_token_function_through_drop_and_expiry, url(auth_server), drop_everyone
+    )
+    assert reasons == ["1001 server shutting down", "1008 token expired"]
+    assert lifetimes == []
+    assert receivers == 1
+    assert message == Message("message", "news", "renewed")
+
+
+async def _asyncio_fixed_token_expires(address: str):
+    client = await aio.connect(address, token=token(subscribe=["news"], lifetime=SHORT))
+    states = []
+    closed = asyncio.Event()
+
+    def changed(state, reason):
+        states.append((state, reason))
+        if state == CLOSED:
+            closed.set()
+
+    client.on_state(changed)
+    stream = client.messages()
+    await client.subscribe("news")
+    await closed.wait()
+    remaining = [m async for m in stream]  # the stream ends with the client
+    with pytest.raises(TokenRefused) as later:
+        await client.ping()
+    await client.close()  # closing a stopped client is harmless
+    return states, remaining, later.value.reason
+
+
+@pytest_twisted.inlineCallbacks
+def test_asyncio_fixed_token_expiry_stops_the_client(auth_server):
+    states, remaining, reason = yield in_own_loop(_asyncio_fixed_token_expires, url(auth_server))
+    [(state, why)] = states  # closed at once: no reconnect attempt
+    assert state == CLOSED and "token expired (1008)" in why
+    assert remaining == []
+    assert reason == "token expired"
+
+
+async def _asyncio_bad_fixed_token(address: str):
+    client = await aio.connect(address, token="forged")
+    with pytest.raises(TokenRefused) as refused:
+        await client.ping()
+    await client.close()
+    return client.state, refused.value.reason
+
+
+@pytest_twisted.inlineCallbacks
+def test_asyncio_bad_fixed_token_fails_calls_and_stops(auth_server):
+    state, reason = yield in_own_loop(_asyncio_bad_fixed_token, url(auth_server))
+    assert state == CLOSED
+    assert reason.startswith("invalid token")

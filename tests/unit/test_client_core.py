@@ -17,6 +17,8 @@ from pubsub.client._core import (
     Rejected,
     ReplyError,
     Resolved,
+    TokenRefused,
+    is_token_close,
     numsub,
     parse_url,
     url_with_token,
@@ -131,6 +133,75 @@ def test_a_lost_connection_fails_every_waiting_request_and_refuses_new_ones(core
     assert "code 1006" in str(events[0].error)
     with pytest.raises(ConnectionError):
         core.ping()
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "token expired",
+        "authentication required",
+        "token has expired",
+        "invalid token: Signature verification failed",
+        "token signed with HS512, expected HS256",
+        "claim exp must be a number",
+        "token does not allow channel 'x'",
+        "no token can be checked: the server has no JWT key configured",
+    ],
+)
+def test_the_server_s_token_reasons_with_1008_are_token_closes(reason):
+    assert is_token_close(1008, reason)
+    assert not is_token_close(1001, reason)
+
+
+@pytest.mark.parametrize(
+    "code, reason",
+    [
+        (1008, "output buffer over its hard limit of 8388608 bytes"),
+        (1008, ""),
+        (1008, None),
+        (1001, "server shutting down"),
+        (None, None),
+    ],
+)
+def test_other_closes_are_not_token_closes(code, reason):
+    assert not is_token_close(code, reason)
+
+
+def test_a_token_close_stops_a_client_whose_token_cannot_be_renewed(core):
+    waiting, _ = core.subscribe(CHANNEL, ["news"])
+    events = core.closed("ws://h/", 1008, "token expired", renewable=False)
+    [event] = events
+    assert event.request is waiting
+    assert isinstance(event.error, TokenRefused)
+    assert event.error.reason == "token expired"
+    assert str(event.error).startswith("ws://h/ closed the connection: token expired (1008)")
+    assert core.stopped is not None
+    # Later calls, even on a new connection, fail with a fresh error naming the reason.
+    core.opened()
+    with pytest.raises(TokenRefused, match="token expired") as later:
+        core.ping()
+    assert later.value is not event.error
+    assert core.refusal() is not None and core.refusal() is not core.refusal()
+
+
+def test_a_token_close_leaves_a_renewable_client_free_to_reconnect(core):
+    core.subscribe(CHANNEL, ["news"])
+    core.receive(frame("subscribe", "news", 1))
+    assert core.closed("ws://h/", 1008, "token expired", renewable=True) == []
+    assert core.stopped is None and core.refusal() is None
+    assert [json.loads(f) for f in core.opened()] == [["SUBSCRIBE", "news"]]
+
+
+def test_other_closes_never_stop_the_client(core):
+    waiting, _ = core.ping()
+    [event] = core.closed("ws://h/", 1008, "output buffer over its hard limit", renewable=False)
+    assert event.request is waiting
+    assert type(event.error) is ConnectionError
+    assert "lost: 1008 output buffer" in str(event.error)
+    assert core.closed("ws://h/", 1006, None, renewable=False) == []
+    assert core.stopped is None
+    core.opened()
+    core.ping()
 
 
 def test_a_new_connection_subscribes_again_to_everything_held(core):
