@@ -48,6 +48,7 @@ from pubsub.commands import (
 from pubsub.config import Settings
 from pubsub.engine import Engine
 from pubsub.flow import Flusher, Outbox, OutboxProducer, OutputLimits
+from pubsub.policy import IdleTimer, PeerCounter, PublishLimit, TokenBucket, peer_host
 
 __all__ = ["REDIS_VERSION", "RespFactory", "RespProtocol"]
 
@@ -236,6 +237,10 @@ class RespProtocol(OutboxProducer, Protocol):
         #: Set by QUIT: close once this request's replies are sent.
         self.quitting = False
         self.lost: defer.Deferred = defer.Deferred()
+        #: This client's publish rate bucket (None: publishing is not limited).
+        self.bucket: TokenBucket | None = None
+        self._idle: IdleTimer | None = None
+        self._counted_as: str | None = None  # the address max_connections_per_ip counts
 
     # -- connection life ---------------------------------------------------------------
 
@@ -247,6 +252,13 @@ class RespProtocol(OutboxProducer, Protocol):
             self.transport.write(b"-ERR max number of clients reached\r\n")
             self.transport.loseConnection()
             return
+        host = peer_host(self.transport.getPeer())
+        if not factory.peers.acquire(host):
+            self._closing = True
+            self.transport.write(b"-ERR max number of clients reached for this address\r\n")
+            self.transport.loseConnection()
+            return
+        self._counted_as = host
         self._start_outbox(factory, self._slow_consumer)
         # As Redis and Autobahn do: a reply written right after a push must
         # not wait for the client's delayed ACK (Nagle), ~40 ms each time.
@@ -256,8 +268,22 @@ class RespProtocol(OutboxProducer, Protocol):
         engine = factory.engine
         self.session = RespSession(engine, engine.register(self), factory.limits, self)
         factory.connections.add(self)
+        self.bucket = factory.publish_limit.bucket()
+        idle_timeout = factory.settings.idle_timeout
+        if idle_timeout:
+            self._idle = IdleTimer(factory.reactor, idle_timeout, self._subscribed, self._idled)
+
+    def _idled(self) -> None:
+        # As Redis's timeout: the client is closed without a word.
+        self.factory.idle_disconnects += 1
+        self.close_after_reply()
 
     def connectionLost(self, reason: Any = None) -> None:
+        if self._counted_as is not None:
+            self.factory.peers.release(self._counted_as)
+            self._counted_as = None
+        if self._idle is not None:
+            self._idle.cancel()
         self._closing = True
         self._drop_outbox()
         self.factory.connections.discard(self)
@@ -499,6 +525,8 @@ class RespProtocol(OutboxProducer, Protocol):
         session = self.session
         if session is None:
             return
+        if self._idle is not None:
+            self._idle.touch()
         command = resolve(args, RESP_COMMANDS)
         if isinstance(command, Error):
             results: list = [command]
@@ -514,7 +542,8 @@ class RespProtocol(OutboxProducer, Protocol):
                 )
             ]
         else:
-            results = command.handler(session, args)
+            refusal = self.factory.publish_limit.refusal(self.bucket, args)
+            results = [refusal] if refusal is not None else command.handler(session, args)
         outbox = self._outbox
         if outbox is None:
             return  # QUIT has closed it, or the output limits have
@@ -798,6 +827,10 @@ class RespFactory(Factory):
         self.errors: Counter[str] = Counter()
         #: Open RESP connections.
         self.connections: set[RespProtocol] = set()
+        self.peers = PeerCounter(self.settings.max_connections_per_ip)
+        self.publish_limit = PublishLimit.from_settings(self.settings, reactor)
+        #: Connections closed by idle_timeout since start-up.
+        self.idle_disconnects = 0
 
     def close_all(self) -> defer.Deferred:
         """Close every connection once what is queued for it is sent."""

@@ -51,6 +51,7 @@ from pubsub.commands import Error, Limits, Session, error_kind, execute
 from pubsub.config import Settings
 from pubsub.engine import Engine
 from pubsub.flow import Flusher, OutboxProducer, OutputLimits
+from pubsub.policy import IdleTimer, OriginPolicy, PeerCounter, PublishLimit, TokenBucket
 
 __all__ = [
     "SUBPROTOCOL",
@@ -69,6 +70,9 @@ _BINARY_REFUSED = Error(
 )
 
 _log = Logger()
+
+#: The longest close reason a close frame can carry, in bytes.
+_MAX_REASON = 123
 
 #: Turns a JSON text into the bytes of the frame that carries it.
 Framer = Callable[[bytes], bytes]
@@ -167,6 +171,9 @@ class _ConfiguredFactory(WebSocketServerFactory):
             "maxFramePayloadSize": self.settings.max_message_size,
             "maxConnections": self.settings.max_connections,
             "openHandshakeTimeout": self.settings.open_handshake_timeout,
+            # Keepalive: proxies see traffic on quiet connections, dead peers go.
+            "autoPingInterval": self.settings.ping_interval,
+            "autoPingTimeout": self.settings.ping_timeout,
             # Fail with a close frame that says why (1009, 1011, ...), not a bare drop.
             "failByDrop": False,
         }
@@ -283,6 +290,10 @@ class _LeanReader(WebSocketServerProtocol):
             except UnicodeDecodeError:
                 return data[pos:]  # Autobahn closes with 1007
             pos = start + size
+            if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+                # As Autobahn does for every data frame it reads itself: a
+                # client that is sending is alive, whatever became of a pong.
+                self._cancelAutoPingTimeoutCall()
             self._on_text(text)
         self._partial = data[pos:]
         return None
@@ -303,8 +314,15 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
     factory: PubSubServerFactory
     session: Session | None = None
     encoder: JsonFrames
+    #: This client's publish rate bucket (None: publishing is not limited).
+    bucket: TokenBucket | None = None
+    _idle: IdleTimer | None = None
+    _refused_origin: str | None = None  # set by onConnect, refused in onOpen
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
+        # Autobahn gives "" when the header is missing: not a browser.
+        if not self.factory.origins.allows(request.origin or None):
+            self._refused_origin = request.origin
         if not request.protocols:
             return None
         if SUBPROTOCOL in request.protocols:
@@ -317,6 +335,9 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
         )
 
     def onOpen(self) -> None:
+        if self._refused_origin is not None:
+            self._refuse_origin(self._refused_origin)
+            return
         try:
             self._open()
         except Exception:  # noqa: BLE001 - Autobahn would swallow it and leave the client hanging
@@ -332,6 +353,45 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
         engine = factory.engine
         self.session = Session(engine, engine.register(self), factory.limits)
         factory.connections.add(self)
+        self.bucket = factory.publish_limit.bucket()
+        idle_timeout = factory.settings.idle_timeout
+        if idle_timeout:
+            self._idle = IdleTimer(factory.reactor, idle_timeout, self._subscribed, self._idled)
+
+    def _refuse_origin(self, origin: str) -> None:
+        # The handshake was accepted so that a browser sees the code and the
+        # reason; an HTTP 403 would reach its script as a bare failure.
+        self.factory.origin_refusals += 1
+        reason = f"origin not allowed: {origin}".encode()[:_MAX_REASON]
+        self._close_for_policy(reason.decode("utf-8", "ignore").encode())
+
+    def _subscribed(self) -> bool:
+        session = self.session
+        return session is not None and session.engine.subscription_count(session.token) > 0
+
+    def _idled(self) -> None:
+        self.factory.idle_disconnects += 1
+        seconds = self.factory.settings.idle_timeout
+        self._close_for_policy(f"idle for {seconds:g} s (idle_timeout)".encode())
+
+    def _close_for_policy(self, reason: bytes) -> None:
+        # A close handshake with 1008 (sendClose takes only application
+        # codes), without the warning line per connection that failing it
+        # would log: the metrics count these.
+        self.sendCloseFrame(
+            code=WebSocketProtocol.CLOSE_STATUS_CODE_POLICY_VIOLATION, reasonUtf8=reason
+        )
+
+    def onPing(self, payload: bytes) -> None:
+        # A client's own keepalive is activity, as Redis counts its PING;
+        # the pongs answering our pings are not, or nobody would ever idle.
+        if self._idle is not None:
+            self._idle.touch()
+        super().onPing(payload)
+
+    def onAutoPingTimeout(self) -> None:
+        self.factory.ping_timeouts += 1
+        super().onAutoPingTimeout()
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
@@ -347,13 +407,16 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
         """One text message: a command, answered with its results."""
         if self.session is None:
             return
+        if self._idle is not None:
+            self._idle.touch()
         try:
             try:
                 args = json_codec.decode_command(text)
             except json_codec.ProtocolError as error:
                 results: list[Any] = [Error(str(error))]
             else:
-                results = execute(self.session, args)
+                refusal = self.factory.publish_limit.refusal(self.bucket, args)
+                results = [refusal] if refusal is not None else execute(self.session, args)
             self._reply(results)
         except Exception:  # noqa: BLE001 - any bug here must cost this client only
             _log.failure("internal fault handling a message from {peer}", peer=self.peer)
@@ -412,6 +475,8 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
             self.session = None
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
         self._drop_outbox()
         self.factory.connections.discard(self)
         self._leave_engine()
@@ -442,6 +507,15 @@ class PubSubServerFactory(_ConfiguredFactory):
         #: Open pub/sub connections.
         self.connections: set[PubSubServerProtocol] = set()
         self.limits = Limits.from_settings(self.settings)
+        self.origins = OriginPolicy(self.settings.allowed_origins)
+        #: Connections per address on this port; the front door counts them.
+        self.peers = PeerCounter(self.settings.max_connections_per_ip)
+        self.publish_limit = PublishLimit.from_settings(self.settings, self.reactor)
+        #: Handshakes closed with 1008 for their Origin since start-up.
+        self.origin_refusals = 0
+        #: Connections closed by idle_timeout, or dropped for a missing pong.
+        self.idle_disconnects = 0
+        self.ping_timeouts = 0
         self.frames = JsonFrames(text_frame)
         self._deflate_groups: dict[tuple[int, int], JsonFrames] = {}
 
