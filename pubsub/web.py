@@ -58,7 +58,21 @@ class _WebSocketUpgrade(WebSocketResource):
 
     def render(self, request: Request) -> object:
         request.channel.setTimeout(None)
-        return super().render(request)
+        transport = request.channel.transport
+        front = _protocol_of(transport) if transport is not None else None
+        result = super().render(request)
+        if isinstance(front, _Front):
+            # Autobahn put its protocol where the front was; the front must
+            # stay in between to count the connection's end.
+            front.take_back(transport)
+        return result
+
+
+def _protocol_of(transport: Any) -> Any:
+    """The protocol a transport delivers to (TLS wraps it)."""
+    if isinstance(transport, ProtocolWrapper):
+        return transport.wrappedProtocol
+    return getattr(transport, "protocol", None)
 
 
 class HealthResource(Resource):
@@ -319,6 +333,17 @@ class _Front(Protocol):
             self._counted_as = None
         if self._inner is not None:
             self._inner.connectionLost(reason)
+
+    def take_back(self, transport: Any) -> None:
+        """Sit between ``transport`` and the protocol someone else gave it."""
+        protocol = _protocol_of(transport)
+        if protocol is self:
+            return
+        self._inner = protocol
+        if isinstance(transport, ProtocolWrapper):
+            transport.wrappedProtocol = self
+        else:
+            transport.protocol = self
 
     def _cancel_timeout(self) -> None:
         if self._timeout is not None and self._timeout.active():

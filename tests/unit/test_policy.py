@@ -297,6 +297,24 @@ def test_the_front_refuses_connections_past_the_per_address_limit(make_factory, 
     assert factory.engine.client_count == 1  # "other" only
 
 
+def test_an_upgrade_that_twisted_web_serves_still_gives_its_slot_back(make_factory, clock):
+    # A percent-encoded path goes through twisted.web, where Autobahn's
+    # resource takes the transport over from the HTTP channel.
+    factory = make_factory(max_connections_per_ip=5)
+    front = front_for(factory, clock)
+    transport = connect_from(front, "10.0.0.1", wsframes.handshake("/%70ubsub"))
+    assert transport.value().startswith(b"HTTP/1.1 101")
+    assert factory.engine.client_count == 1
+    assert factory.peers.open_from("10.0.0.1") == 1
+    transport.clear()
+    transport.protocol.dataReceived(command("PING"))
+    clock.advance(0)
+    assert wsframes.parse_frames(transport.value()) == [(TEXT, b'["pong",""]')]
+    transport.protocol.connectionLost(Failure(ConnectionDone()))
+    assert factory.peers.open_from("10.0.0.1") == 0
+    assert factory.engine.client_count == 0
+
+
 def test_without_a_per_address_limit_the_front_steps_aside(make_factory, clock):
     front = front_for(make_factory(), clock)
     transport = connect_from(front, "10.0.0.1", wsframes.handshake())
