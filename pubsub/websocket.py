@@ -396,6 +396,8 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
             if self.session is not None:
+                if self._idle is not None:
+                    self._idle.touch()
                 self._reply([_BINARY_REFUSED])
         else:
             self._handle(payload)

@@ -372,3 +372,15 @@ def test_resp_idle_clients_are_closed_silently_but_subscribers_stay(make_resp, c
     subscriber.lose()
     clock.advance(60)  # no timer is left behind
     assert not clock.getDelayedCalls()
+
+
+def test_a_refused_binary_frame_still_counts_as_activity(make_factory, clock):
+    factory = make_factory(idle_timeout=10, ping_interval=0)
+    client = Connection(factory)
+    clock.advance(6)
+    client.send(client_frame(b"\x00", opcode=wsframes.BINARY))
+    assert client.messages()[0][0] == "error"
+    clock.advance(6)
+    assert closes(client) == []
+    clock.advance(4)
+    assert closes(client) == [(1008, "idle for 10 s (idle_timeout)")]
