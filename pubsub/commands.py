@@ -126,15 +126,22 @@ class Session:
     """One client's view of the engine: its token, the limits it runs under,
     and its :class:`pubsub.auth.Guard` when tokens are in use (else None)."""
 
-    __slots__ = ("engine", "guard", "limits", "token")
+    __slots__ = ("bucket", "engine", "guard", "limits", "token")
 
     def __init__(
-        self, engine: Engine, token: int, limits: Limits = Limits(), guard: Any = None
+        self,
+        engine: Engine,
+        token: int,
+        limits: Limits = Limits(),
+        guard: Any = None,
+        bucket: Any = None,
     ) -> None:
         self.engine = engine
         self.token = token
         self.limits = limits
         self.guard = guard
+        #: The client's publish rate :class:`pubsub.policy.TokenBucket`, or None.
+        self.bucket = bucket
 
 
 Handler = Callable[[Any, Sequence[bytes]], list]
@@ -422,10 +429,16 @@ def execute(session: Any, args: Sequence[bytes], table: Mapping[str, Command] = 
 
 def refused(session: Any, command: Command, args: Sequence[bytes]) -> Error | None:
     """The policies' answer to a resolved command: an error when the client
-    may not run it (authentication, permissions), else None.  Redis checks
-    these after the command's name and arity, before anything else."""
+    may not run it (authentication, permissions, the publish rate), else
+    None.  Redis checks its own after the command's name and arity, before
+    anything else."""
+    name = command.name.partition("|")[0]
     guard = session.guard
-    if guard is None:
-        return None
-    refusal = guard.check(command.name.partition("|")[0], args)
-    return None if refusal is None else Error(refusal)
+    if guard is not None:
+        refusal = guard.check(name, args)
+        if refusal is not None:
+            return Error(refusal)
+    bucket = session.bucket
+    if bucket is not None:
+        return bucket.limit.refusal(bucket, name)
+    return None

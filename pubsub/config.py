@@ -19,6 +19,9 @@ __all__ = ["ConfigError", "Settings", "endpoint_description", "load_settings"]
 
 DEFAULT_CONFIG = Path("conf") / "pubsub.toml"
 
+#: The values of the log_format setting.
+LOG_FORMATS = ("text", "json")
+
 
 class ConfigError(ValueError):
     """A settings file, variable or option that cannot be used; says which."""
@@ -83,6 +86,31 @@ class Settings:
     anonymous: str = _setting(
         "", "allow or deny clients without a token; empty: deny when a JWT key is set, else allow"
     )
+    allowed_origins: str = _setting(
+        "", "Comma-separated Origin wildcards (https://*.example.com); others close with 1008"
+    )
+    max_connections_per_ip: int = _setting(
+        0, "Most connections at once from one IP address on each port; 0: no limit"
+    )
+    publish_rate: float = _setting(
+        0.0, "PUBLISH and SPUBLISH per second one client may send on average; 0: no limit"
+    )
+    publish_burst: int = _setting(
+        0, "Publishes a client may send at once above publish_rate; 0: one second's worth"
+    )
+    ping_interval: float = _setting(
+        30.0, "Seconds between WebSocket pings the server sends to each client; 0: none"
+    )
+    ping_timeout: float = _setting(
+        30.0, "Seconds a client has to answer a ping before it is dropped; 0: wait forever"
+    )
+    idle_timeout: float = _setting(
+        0.0, "Close a client that sends no command for this many seconds (not subscribers)"
+    )
+    shutdown_timeout: float = _setting(
+        5.0, "Seconds to wait on shutdown for clients to close before they are cut off"
+    )
+    log_format: str = _setting("text", "twistd's log: text (human-readable) or json (JSON lines)")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -91,6 +119,11 @@ class Settings:
                 raise ConfigError(f"setting {f.name} must not be negative, got {value}")
         if not str(self.port).strip():
             raise ConfigError("setting port must not be empty")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(
+                f"setting log_format must be one of {', '.join(LOG_FORMATS)}, "
+                f"got {self.log_format!r}"
+            )
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:

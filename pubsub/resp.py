@@ -51,6 +51,7 @@ from pubsub.commands import (
 from pubsub.config import Settings
 from pubsub.engine import Engine
 from pubsub.flow import Flusher, Outbox, OutboxProducer, OutputLimits
+from pubsub.policy import IdleTimer, PeerCounter, PublishLimit, TokenBucket, peer_host
 
 __all__ = ["REDIS_VERSION", "RespFactory", "RespProtocol"]
 
@@ -217,8 +218,9 @@ class RespSession(Session):
         limits: Limits,
         connection: RespProtocol,
         guard: Guard | None = None,
+        bucket: TokenBucket | None = None,
     ):
-        super().__init__(engine, token, limits, guard)
+        super().__init__(engine, token, limits, guard, bucket)
         self.connection = connection
 
 
@@ -249,6 +251,8 @@ class RespProtocol(OutboxProducer, Protocol):
         #: Set by QUIT: close once this request's replies are sent.
         self.quitting = False
         self.lost: defer.Deferred = defer.Deferred()
+        self._idle: IdleTimer | None = None
+        self._counted_as: str | None = None  # the address max_connections_per_ip counts
 
     # -- connection life ---------------------------------------------------------------
 
@@ -260,6 +264,13 @@ class RespProtocol(OutboxProducer, Protocol):
             self.transport.write(b"-ERR max number of clients reached\r\n")
             self.transport.loseConnection()
             return
+        host = peer_host(self.transport.getPeer())
+        if not factory.peers.acquire(host):
+            self._closing = True
+            self.transport.write(b"-ERR max number of clients reached for this address\r\n")
+            self.transport.loseConnection()
+            return
+        self._counted_as = host
         self._start_outbox(factory, self._slow_consumer)
         # As Redis and Autobahn do: a reply written right after a push must
         # not wait for the client's delayed ACK (Nagle), ~40 ms each time.
@@ -271,12 +282,32 @@ class RespProtocol(OutboxProducer, Protocol):
         if factory.authenticator is not None:
             guard = Guard(factory.authenticator, factory.reactor, self._revoke)
             guard.expect_login(factory.settings.open_handshake_timeout)
-        self.session = RespSession(engine, engine.register(self), factory.limits, self, guard)
+        self.session = RespSession(
+            engine,
+            engine.register(self),
+            factory.limits,
+            self,
+            guard,
+            factory.publish_limit.bucket(),
+        )
         factory.connections.add(self)
+        idle_timeout = factory.settings.idle_timeout
+        if idle_timeout:
+            self._idle = IdleTimer(factory.reactor, idle_timeout, self._subscribed, self._idled)
+
+    def _idled(self) -> None:
+        # As Redis's timeout: the client is closed without a word.
+        self.factory.idle_disconnects += 1
+        self.close_after_reply()
 
     def connectionLost(self, reason: Any = None) -> None:
         if self.session is not None and self.session.guard is not None:
             self.session.guard.close()
+        if self._counted_as is not None:
+            self.factory.peers.release(self._counted_as)
+            self._counted_as = None
+        if self._idle is not None:
+            self._idle.cancel()
         self._closing = True
         self._drop_outbox()
         self.factory.connections.discard(self)
@@ -523,6 +554,8 @@ class RespProtocol(OutboxProducer, Protocol):
         session = self.session
         if session is None:
             return
+        if self._idle is not None:
+            self._idle.touch()
         command = resolve(args, RESP_COMMANDS)
         if isinstance(command, Error):
             results: list = [command]
@@ -816,6 +849,10 @@ class RespFactory(Factory):
         self.errors: Counter[str] = Counter()
         #: Open RESP connections.
         self.connections: set[RespProtocol] = set()
+        self.peers = PeerCounter(self.settings.max_connections_per_ip)
+        self.publish_limit = PublishLimit.from_settings(self.settings, reactor)
+        #: Connections closed by idle_timeout since start-up.
+        self.idle_disconnects = 0
 
     def close_all(self) -> defer.Deferred:
         """Close every connection once what is queued for it is sent."""

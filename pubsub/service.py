@@ -9,6 +9,7 @@ plugin module itself holds no logic.
 from __future__ import annotations
 
 import signal
+import sys
 from dataclasses import MISSING, fields
 from typing import Any, ClassVar
 
@@ -17,8 +18,9 @@ from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger, jsonFileLogObserver
 from twisted.python import usage
+from twisted.python.logfile import LogFile
 from twisted.web.server import Site
 
 from pubsub.config import ConfigError, Settings, endpoint_description, load_settings
@@ -77,6 +79,15 @@ class PubSubService(MultiService):
         self.settings = settings
         self._reactor = reactor
         self._endpoints: dict[Service, tuple[str, str]] = {}
+        #: The log observer twistd should use instead of its own (log_format = json).
+        self.log_observer: Any = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd makes the application, then starts logging to the observer
+        # the application names, if any: the one way a plugin chooses it.
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
 
     def listen(self, setting: str, factory: Any) -> None:
         """Serve ``factory`` while running, on the port the setting names."""
@@ -120,7 +131,32 @@ class PubSubService(MultiService):
         closing = [self.factory.close_all()]
         if self.resp_factory is not None:
             closing.append(self.resp_factory.close_all())
-        return defer.DeferredList(closing)
+        done = defer.DeferredList(closing)
+        if self.settings.shutdown_timeout:
+            # A client that never reads keeps its close frame (or the rest of
+            # its RESP output) unsent: past the timeout it is cut off.
+            cut_off = self._reactor.callLater(self.settings.shutdown_timeout, self._cut_off)
+            done.addBoth(_cancelling, cut_off)
+        return done
+
+    def _cut_off(self) -> None:
+        left = list(self.factory.connections)
+        if self.resp_factory is not None:
+            left += list(self.resp_factory.connections)
+        log.info(
+            "shutdown_timeout of {seconds} s passed: cutting off {count} connections",
+            seconds=self.settings.shutdown_timeout,
+            count=len(left),
+        )
+        for connection in left:
+            connection.transport.abortConnection()
+
+
+def _cancelling(result: Any, call: Any) -> Any:
+    """Pass ``result`` on, once the delayed ``call`` is no longer wanted."""
+    if call.active():
+        call.cancel()
+    return result
 
 
 def make_service(
@@ -211,8 +247,23 @@ class Options(usage.Options):
 def makeService(options: Options) -> PubSubService:
     """twistd's entry point (``IServiceMaker.makeService``)."""
     try:
-        return make_service(options.settings)
+        service = make_service(options.settings)
     except ConfigError as error:
         # Past option parsing twistd shows a UsageError as a traceback; a
         # SystemExit is one line and status 1.
         raise SystemExit(f"pubsub: {error}") from None
+    if options.settings.log_format == "json":
+        service.log_observer = json_log_observer(getattr(options, "parent", None) or {})
+    return service
+
+
+def json_log_observer(twistd_options: Any) -> Any:
+    """JSON lines (one event each, no record separator) to where twistd would
+    write its text log: standard output with ``-n`` or ``--logfile -``, else
+    ``--logfile`` or ``twistd.log``."""
+    logfile = twistd_options.get("logfile") or ""
+    if logfile == "-" or (not logfile and twistd_options.get("nodaemon")):
+        stream: Any = sys.stdout
+    else:
+        stream = LogFile.fromFullPath(logfile or "twistd.log")
+    return jsonFileLogObserver(stream, recordSeparator="")

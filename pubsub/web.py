@@ -33,6 +33,7 @@ from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
+from pubsub.policy import PeerCounter, peer_host
 from pubsub.websocket import EchoServerFactory, PubSubServerFactory
 
 __all__ = ["FrontFactory", "HealthResource", "MetricsResource", "PubSubResource"]
@@ -57,7 +58,21 @@ class _WebSocketUpgrade(WebSocketResource):
 
     def render(self, request: Request) -> object:
         request.channel.setTimeout(None)
-        return super().render(request)
+        transport = request.channel.transport
+        front = _protocol_of(transport) if transport is not None else None
+        result = super().render(request)
+        if isinstance(front, _Front):
+            # Autobahn put its protocol where the front was; the front must
+            # stay in between to count the connection's end.
+            front.take_back(transport)
+        return result
+
+
+def _protocol_of(transport: Any) -> Any:
+    """The protocol a transport delivers to (TLS wraps it)."""
+    if isinstance(transport, ProtocolWrapper):
+        return transport.wrappedProtocol
+    return getattr(transport, "protocol", None)
 
 
 class HealthResource(Resource):
@@ -134,6 +149,42 @@ _ENGINE_FIGURES: tuple[tuple[Any, str, str, Callable[[Any], float]], ...] = (
 )
 
 
+def _policy_figures(factories: list[Any]) -> Iterator[Any]:
+    """The counters of :mod:`pubsub.policy`'s limits, per transport."""
+    for name, doc, value in (
+        (
+            "pubsub_connections_refused_per_ip",
+            "Connections refused at max_connections_per_ip",
+            lambda f: f.peers.refused,
+        ),
+        (
+            "pubsub_publishes_rate_limited",
+            "Publishes refused by the publish_rate limit, not delivered",
+            lambda f: f.publish_limit.refused,
+        ),
+        (
+            "pubsub_idle_disconnects",
+            "Clients closed by idle_timeout",
+            lambda f: f.idle_disconnects,
+        ),
+    ):
+        family = CounterMetricFamily(name, doc, labels=["transport"])
+        for factory in factories:
+            family.add_metric([factory.transport_name], value(factory))
+        yield family
+    websocket = factories[0]
+    yield CounterMetricFamily(
+        "pubsub_ping_timeouts",
+        "WebSocket clients dropped for not answering a ping within ping_timeout",
+        value=websocket.ping_timeouts,
+    )
+    yield CounterMetricFamily(
+        "pubsub_origin_refusals",
+        "WebSocket handshakes closed with 1008 because allowed_origins refuses their Origin",
+        value=websocket.origin_refusals,
+    )
+
+
 class _Figures:
     """A prometheus_client collector that reads the server's own counters at
     scrape time, so counting costs the hot paths nothing but an addition."""
@@ -185,6 +236,7 @@ class _Figures:
             "Subscribers cut off by the output buffer limits",
             lambda f: f.slow_consumers,
         )
+        yield from _policy_figures(factories)
         yield GaugeMetricFamily(
             "pubsub_uptime_seconds",
             "Seconds since start-up",
@@ -265,10 +317,15 @@ class _Front(Protocol):
     would anyway.
     """
 
-    def __init__(self, front: FrontFactory) -> None:
+    def __init__(self, front: FrontFactory, counted_as: str | None = None) -> None:
         self._front = front
         self._head = b""
         self._timeout: Any = None
+        # With max_connections_per_ip, the address this connection counts
+        # against; the front then stays between the transport and the
+        # protocol it chose (``_inner``), to see the connection end.
+        self._counted_as = counted_as
+        self._inner: Any = None
 
     def connectionMade(self) -> None:
         seconds = getattr(self._front.site, "timeOut", None)
@@ -277,6 +334,22 @@ class _Front(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self._cancel_timeout()
+        if self._counted_as is not None:
+            self._front.peers.release(self._counted_as)
+            self._counted_as = None
+        if self._inner is not None:
+            self._inner.connectionLost(reason)
+
+    def take_back(self, transport: Any) -> None:
+        """Sit between ``transport`` and the protocol someone else gave it."""
+        protocol = _protocol_of(transport)
+        if protocol is self:
+            return
+        self._inner = protocol
+        if isinstance(transport, ProtocolWrapper):
+            transport.wrappedProtocol = self
+        else:
+            transport.protocol = self
 
     def _cancel_timeout(self) -> None:
         if self._timeout is not None and self._timeout.active():
@@ -284,6 +357,9 @@ class _Front(Protocol):
         self._timeout = None
 
     def dataReceived(self, data: bytes) -> None:
+        if self._inner is not None:
+            self._inner.dataReceived(data)
+            return
         self._head += data
         end = self._head.find(b"\r\n\r\n")
         if end < 0 and len(self._head) <= _HEAD_MAX:
@@ -302,7 +378,9 @@ class _Front(Protocol):
             # set and cancelled.
             protocol.openHandshakeTimeout = 0
         transport = self.transport
-        if isinstance(transport, ProtocolWrapper):  # TLS wraps this protocol
+        if self._counted_as is not None:
+            self._inner = protocol
+        elif isinstance(transport, ProtocolWrapper):  # TLS wraps this protocol
             transport.wrappedProtocol = protocol
         else:
             transport.protocol = protocol
@@ -312,6 +390,23 @@ class _Front(Protocol):
 
 #: Past this many bytes without the end of the head, twisted.web decides.
 _HEAD_MAX = 16 * 1024
+
+_TOO_MANY_BODY = b"too many connections from your address\n"
+_TOO_MANY = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\n"
+    b"Connection: close\r\n\r\n%s" % (len(_TOO_MANY_BODY), _TOO_MANY_BODY)
+)
+
+
+class _TooMany(Protocol):
+    """A connection over ``max_connections_per_ip``: refused before any of its
+    request is read, so a flood from one address costs one write each."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(_TOO_MANY)
+        self.transport.loseConnection()
 
 
 class FrontFactory(Factory):
@@ -326,9 +421,16 @@ class FrontFactory(Factory):
         self.site = site
         self.clock = clock
         self.resource: PubSubResource = site.resource
+        #: Connections per address: the pub/sub factory's count, for its metrics.
+        self.peers: PeerCounter = self.resource.factory.peers
 
-    def buildProtocol(self, addr: Any) -> _Front:
-        return _Front(self)
+    def buildProtocol(self, addr: Any) -> Protocol:
+        if not self.peers.limit:
+            return _Front(self)
+        host = peer_host(addr)
+        if not self.peers.acquire(host):
+            return _TooMany()
+        return _Front(self, host)
 
     def logPrefix(self) -> str:
         # The port logs "Site starting on 9000", as it did without this front.

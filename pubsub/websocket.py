@@ -52,6 +52,7 @@ from pubsub.commands import Error, Limits, Session, error_kind, execute
 from pubsub.config import Settings
 from pubsub.engine import Engine
 from pubsub.flow import Flusher, OutboxProducer, OutputLimits
+from pubsub.policy import IdleTimer, OriginPolicy, PeerCounter, PublishLimit
 
 __all__ = [
     "SUBPROTOCOL",
@@ -173,6 +174,9 @@ class _ConfiguredFactory(WebSocketServerFactory):
             "maxFramePayloadSize": self.settings.max_message_size,
             "maxConnections": self.settings.max_connections,
             "openHandshakeTimeout": self.settings.open_handshake_timeout,
+            # Keepalive: proxies see traffic on quiet connections, dead peers go.
+            "autoPingInterval": self.settings.ping_interval,
+            "autoPingTimeout": self.settings.ping_timeout,
             # Fail with a close frame that says why (1009, 1011, ...), not a bare drop.
             "failByDrop": False,
         }
@@ -289,6 +293,10 @@ class _LeanReader(WebSocketServerProtocol):
             except UnicodeDecodeError:
                 return data[pos:]  # Autobahn closes with 1007
             pos = start + size
+            if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+                # As Autobahn does for every data frame it reads itself: a
+                # client that is sending is alive, whatever became of a pong.
+                self._cancelAutoPingTimeoutCall()
             self._on_text(text)
         self._partial = data[pos:]
         return None
@@ -309,10 +317,15 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
     factory: PubSubServerFactory
     session: Session | None = None
     encoder: JsonFrames
+    _idle: IdleTimer | None = None
+    _refused_origin: str | None = None  # set by onConnect, refused in onOpen
     _guard: Guard | None = None
     _token: str | None = None  # the handshake's ?token=, checked once open
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
+        # Autobahn gives "" when the header is missing: not a browser.
+        if not self.factory.origins.allows(request.origin or None):
+            self._refused_origin = request.origin
         tokens = request.params.get("token")
         if tokens:
             self._token = tokens[0]
@@ -328,6 +341,9 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
         )
 
     def onOpen(self) -> None:
+        if self._refused_origin is not None:
+            self._refuse_origin(self._refused_origin)
+            return
         try:
             self._open()
         except Exception:  # noqa: BLE001 - Autobahn would swallow it and leave the client hanging
@@ -344,8 +360,17 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
         authenticator = factory.authenticator
         if authenticator is not None:
             self._guard = Guard(authenticator, factory.reactor, self._revoke)
-        self.session = Session(engine, engine.register(self), factory.limits, self._guard)
+        self.session = Session(
+            engine,
+            engine.register(self),
+            factory.limits,
+            self._guard,
+            factory.publish_limit.bucket(),
+        )
         factory.connections.add(self)
+        idle_timeout = factory.settings.idle_timeout
+        if idle_timeout:
+            self._idle = IdleTimer(factory.reactor, idle_timeout, self._subscribed, self._idled)
         if self._guard is not None:
             self._check_in(self._guard)
 
@@ -361,16 +386,50 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
         guard.expect_login(self.factory.settings.open_handshake_timeout)
 
     def _revoke(self, reason: str) -> None:
-        """Authentication ended or failed: close with 1008 and say why
-        (Autobahn logs the close and its reason)."""
-        self._fail_connection(
-            WebSocketProtocol.CLOSE_STATUS_CODE_POLICY_VIOLATION, close_reason(reason)
-        )
+        """Authentication ended or failed: close with 1008 and say why."""
+        self._close_for_policy(reason)
         self._leave_engine()
+
+    def _refuse_origin(self, origin: str) -> None:
+        # The handshake was accepted so that a browser sees the code and the
+        # reason; an HTTP 403 would reach its script as a bare failure.
+        self.factory.origin_refusals += 1
+        self._close_for_policy(f"origin not allowed: {origin}")
+
+    def _subscribed(self) -> bool:
+        session = self.session
+        return session is not None and session.engine.subscription_count(session.token) > 0
+
+    def _idled(self) -> None:
+        self.factory.idle_disconnects += 1
+        seconds = self.factory.settings.idle_timeout
+        self._close_for_policy(f"idle for {seconds:g} s (idle_timeout)")
+
+    def _close_for_policy(self, reason: str) -> None:
+        # A close handshake with 1008 (sendClose takes only application
+        # codes), without the warning line per connection that failing it
+        # would log: the metrics count these.
+        self.sendCloseFrame(
+            code=WebSocketProtocol.CLOSE_STATUS_CODE_POLICY_VIOLATION,
+            reasonUtf8=close_reason(reason).encode("utf-8"),
+        )
+
+    def onPing(self, payload: bytes) -> None:
+        # A client's own keepalive is activity, as Redis counts its PING;
+        # the pongs answering our pings are not, or nobody would ever idle.
+        if self._idle is not None:
+            self._idle.touch()
+        super().onPing(payload)
+
+    def onAutoPingTimeout(self) -> None:
+        self.factory.ping_timeouts += 1
+        super().onAutoPingTimeout()
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
             if self.session is not None:
+                if self._idle is not None:
+                    self._idle.touch()
                 self._reply([_BINARY_REFUSED])
         else:
             self._handle(payload)
@@ -382,6 +441,8 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
         """One text message: a command, answered with its results."""
         if self.session is None:
             return
+        if self._idle is not None:
+            self._idle.touch()
         try:
             try:
                 args = json_codec.decode_command(text)
@@ -449,6 +510,8 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._guard is not None:
             self._guard.close()
+        if self._idle is not None:
+            self._idle.cancel()
         self._drop_outbox()
         self.factory.connections.discard(self)
         self._leave_engine()
@@ -481,6 +544,15 @@ class PubSubServerFactory(_ConfiguredFactory):
         self.limits = Limits.from_settings(self.settings)
         #: Checks tokens when authentication is configured, else None.
         self.authenticator = Authenticator.from_settings(self.settings)
+        self.origins = OriginPolicy(self.settings.allowed_origins)
+        #: Connections per address on this port; the front door counts them.
+        self.peers = PeerCounter(self.settings.max_connections_per_ip)
+        self.publish_limit = PublishLimit.from_settings(self.settings, self.reactor)
+        #: Handshakes closed with 1008 for their Origin since start-up.
+        self.origin_refusals = 0
+        #: Connections closed by idle_timeout, or dropped for a missing pong.
+        self.idle_disconnects = 0
+        self.ping_timeouts = 0
         self.frames = JsonFrames(text_frame)
         self._deflate_groups: dict[tuple[int, int], JsonFrames] = {}
 

@@ -52,7 +52,8 @@ class RunningServer:
     def start(self):
         endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
         # As make_service serves it: upgrades go straight to Autobahn.
-        self.listening = yield endpoint.listen(FrontFactory(Site(self.resource)))
+        site = Site(self.resource, timeout=self.settings.open_handshake_timeout or None)
+        self.listening = yield endpoint.listen(FrontFactory(site))
         if self.resp_factory is not None:
             endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
             self.resp_listening = yield endpoint.listen(self.resp_factory)

@@ -173,3 +173,20 @@ def test_a_true_false_setting_refuses_anything_else(tmp_path):
     conf.write_text("compression = 1\n")
     with pytest.raises(ConfigError, match="compression must be true or false"):
         load_settings(conf, environ={})
+
+
+def test_log_format_is_text_or_json():
+    assert Settings().log_format == "text"
+    assert load_settings(environ={"PUBSUB_LOG_FORMAT": "json"}).log_format == "json"
+    with pytest.raises(ConfigError, match="log_format must be one of text, json, got 'xml'"):
+        Settings(log_format="xml")
+
+
+def test_the_new_limits_are_off_or_generous_by_default():
+    defaults = Settings()
+    assert defaults.allowed_origins == ""
+    assert defaults.max_connections_per_ip == 0
+    assert defaults.publish_rate == 0 and defaults.idle_timeout == 0
+    # Pings keep proxied connections alive under nginx's 60 s read timeout.
+    assert 0 < defaults.ping_interval < 60
+    assert defaults.shutdown_timeout > 0

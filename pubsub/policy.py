@@ -1,0 +1,243 @@
+"""Connection policies both transports apply around the command table.
+
+What lives here decides whether a client may connect, publish or stay, and
+nothing else: the origin allow-list (WebSocket), connections per IP address,
+the publish rate limit (a token bucket per client) and the idle timeout.  Each
+is built from :class:`~pubsub.config.Settings`, keeps its time through an
+injected clock (``IReactorTime``: the reactor, or a ``Clock`` in tests), and
+knows nothing about frames or sockets.  The engine and the command table know
+nothing about any of it: a transport asks these objects before it hands a
+command to :func:`pubsub.commands.execute`, or before it accepts a connection.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from autobahn.util import wildcards2patterns
+
+from pubsub.commands import Error
+
+__all__ = [
+    "IdleTimer",
+    "OriginPolicy",
+    "PeerCounter",
+    "PublishLimit",
+    "TokenBucket",
+]
+
+
+# -- origins ----------------------------------------------------------------------------
+
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def _with_port(wildcard: str) -> str:
+    """An allow-list entry as Autobahn matches it, ``scheme://host:port``: an entry
+    without a port means the scheme's default one (any port for other schemes)."""
+    scheme, separator, rest = wildcard.partition("://")
+    if not separator or rest.rsplit("]", 1)[-1].find(":") >= 0:
+        return wildcard
+    return f"{wildcard}:{_DEFAULT_PORTS.get(scheme.lower(), '*')}"
+
+
+class OriginPolicy:
+    """The ``allowed_origins`` setting: which browser origins may connect.
+
+    Entries are Autobahn's wildcards (``*`` matches anything) compiled by
+    Autobahn's own :func:`~autobahn.util.wildcards2patterns`, and matched as
+    Autobahn matches them, against ``scheme://host:port``.  ``null`` (pages
+    from files, sandboxed frames) is allowed only when listed.  An empty
+    list allows every origin.
+    """
+
+    def __init__(self, setting: str) -> None:
+        entries = [entry.strip() for entry in setting.split(",") if entry.strip()]
+        self.allow_all = not entries
+        self.allow_null = "null" in entries
+        self._patterns = wildcards2patterns([_with_port(e) for e in entries if e != "null"])
+
+    def allows(self, origin: str | None) -> bool:
+        """Whether a handshake with this ``Origin`` header may open.
+
+        No header at all is a client that is not a browser, which an origin
+        check cannot protect against anyway: it is let in.
+        """
+        if self.allow_all or origin is None:
+            return True
+        if origin.strip().lower() == "null":
+            return self.allow_null
+        try:
+            parts = urlsplit(origin.strip())
+            port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
+        except ValueError:
+            return False
+        if not parts.hostname:
+            return False
+        normal = f"{parts.scheme.lower()}://{parts.hostname}:{port}"
+        return any(pattern.match(normal) for pattern in self._patterns)
+
+
+# -- connections per address --------------------------------------------------------------
+
+
+class PeerCounter:
+    """Open connections per IP address, under the ``max_connections_per_ip`` limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: Counter[str] = Counter()
+        #: Connections refused at the limit since start-up.
+        self.refused = 0
+
+    def acquire(self, host: str) -> bool:
+        """Count a new connection from ``host``; False (not counted) at the limit."""
+        if self.limit and self._open[host] >= self.limit:
+            self.refused += 1
+            return False
+        self._open[host] += 1
+        return True
+
+    def release(self, host: str) -> None:
+        """A connection counted by :meth:`acquire` has closed."""
+        left = self._open[host] - 1
+        if left > 0:
+            self._open[host] = left
+        else:
+            del self._open[host]
+
+    def open_from(self, host: str) -> int:
+        """How many connections from ``host`` are open."""
+        return self._open.get(host, 0)
+
+
+def peer_host(address: Any) -> str:
+    """The IP address (or UNIX path) a connection comes from, as counted."""
+    host = getattr(address, "host", None)
+    return str(host if host is not None else getattr(address, "name", address))
+
+
+# -- publish rate ---------------------------------------------------------------------------
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved up; starts full."""
+
+    __slots__ = ("_clock", "_last", "_tokens", "burst", "limit", "rate")
+
+    def __init__(
+        self, rate: float, burst: float, clock: Any, limit: PublishLimit | None = None
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        #: The settings it was made under, which refuse and count for it.
+        self.limit = limit
+        self._clock = clock
+        self._tokens = float(burst)
+        self._last = clock.seconds()
+
+    def take(self) -> bool:
+        """Spend one token if there is one."""
+        now = self._clock.seconds()
+        tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        if tokens < 1.0:
+            self._tokens = tokens
+            return False
+        self._tokens = tokens - 1.0
+        return True
+
+
+_PUBLISHERS = frozenset(("publish", "spublish"))
+
+
+class PublishLimit:
+    """The ``publish_rate`` / ``publish_burst`` settings: one bucket per client.
+
+    :meth:`refusal` is the whole policy for both transports: the command
+    layer's ``refused()`` calls it with a client's bucket and a command that
+    passed lookup and arity, before the command runs.
+    """
+
+    def __init__(self, rate: float, burst: int, clock: Any) -> None:
+        self.rate = rate
+        self.burst = burst or max(1, int(rate))
+        self._clock = clock
+        self._error = Error(
+            f"ERR publish rate limit exceeded: at most {rate:g} publishes per second "
+            f"(burst {self.burst}); the message was not delivered"
+        )
+        #: Publishes refused since start-up.
+        self.refused = 0
+
+    @classmethod
+    def from_settings(cls, settings: Any, clock: Any) -> PublishLimit:
+        return cls(settings.publish_rate, settings.publish_burst, clock)
+
+    def bucket(self) -> TokenBucket | None:
+        """A new client's bucket, or None when publishing is not limited."""
+        if not self.rate:
+            return None
+        return TokenBucket(self.rate, self.burst, self._clock, self)
+
+    def refusal(self, bucket: TokenBucket | None, name: str) -> Error | None:
+        """The error for a publish over the limit, or None to run the command
+        called ``name``; only PUBLISH and SPUBLISH spend a token."""
+        if bucket is None or name not in _PUBLISHERS:
+            return None
+        if bucket.take():
+            return None
+        self.refused += 1
+        return self._error
+
+
+# -- idle clients -----------------------------------------------------------------------------
+
+
+class IdleTimer:
+    """Calls ``expire`` once a client has sent no command for ``seconds``,
+    unless ``exempt()`` says otherwise when the time comes (subscribers, as
+    Redis never times out a Pub/Sub client); then it waits another period.
+
+    The hot path only stores a time (:meth:`touch`); the timer itself wakes
+    once per period at most.
+    """
+
+    def __init__(
+        self,
+        clock: Any,
+        seconds: float,
+        exempt: Callable[[], bool],
+        expire: Callable[[], None],
+    ) -> None:
+        self._clock = clock
+        self._seconds = seconds
+        self._exempt = exempt
+        self._expire = expire
+        self.last = clock.seconds()
+        self._call = clock.callLater(seconds, self._check)
+
+    def touch(self) -> None:
+        """The client has just sent something that counts as activity."""
+        self.last = self._clock.seconds()
+
+    def _check(self) -> None:
+        now = self._clock.seconds()
+        due = self.last + self._seconds
+        if now < due:
+            self._call = self._clock.callLater(due - now, self._check)
+        elif self._exempt():
+            self.last = now
+            self._call = self._clock.callLater(self._seconds, self._check)
+        else:
+            self._call = None
+            self._expire()
+
+    def cancel(self) -> None:
+        """The connection has ended: stop watching it."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
