@@ -205,6 +205,7 @@ def clock():
 @pytest.fixture
 def ws_factory(clock):
     def make(**settings):
+        settings = {"ping_interval": 0, **settings}  # the tests advance the clock by minutes
         factory = PubSubServerFactory(
             Engine(), Settings(jwt_secret=SECRET, **settings), reactor=clock
         )
