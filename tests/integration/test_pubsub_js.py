@@ -1,9 +1,11 @@
-"""The browser client, pubsub/static/pubsub.js, run in Node against a real server.
+"""The browser client, pubsub/static/pubsub.js, run in Node.
 
-tests/clients/pubsub_js.mjs uses the module as an application would, with the
-``ws`` package as its WebSocket, and prints what it saw. When it prints DROP,
-this test drops every connection from the server side, so reconnecting and
-resubscribing are tested against what a server really does. `make test`
+tests/clients/pubsub_js.mjs uses the module against a real server as an
+application would, with the ``ws`` package as its WebSocket, and prints what
+it saw. When it prints DROP, this test drops every connection from the server
+side, so reconnecting and resubscribing are tested against what a server
+really does. tests/clients/pubsub_js_unit.mjs (node's test runner) plays the
+server itself with mocked timers, for the backoff and keep-alive rules. `make test`
 installs ``ws`` (npm ci in tests/clients); without node or the package the
 test skips, and under PUBSUB_REQUIRE_REDIS (set by `make test`) it fails.
 """
@@ -12,12 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.utils import getProcessOutputAndValue
 
 CLIENTS = Path(__file__).resolve().parents[1] / "clients"
 
@@ -132,3 +136,18 @@ def test_pubsub_js_in_node(make_server, monkeypatch):
     assert {path for path, _ in requests} == {"/live"}
     assert len(requests) == 5
     assert server.engine.client_count == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_pubsub_js_rules_against_a_scripted_server():
+    node = _node()
+    out, err, code = yield getProcessOutputAndValue(
+        node,
+        ["--test", str(CLIENTS / "pubsub_js_unit.mjs")],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        path=str(CLIENTS),
+    )
+    report = out.decode(errors="replace")
+    assert code == 0, report + err.decode(errors="replace")
+    total = int(re.search(r"^# tests (\d+)$", report, re.M).group(1))
+    assert total > 0 and f"# pass {total}\n" in report
