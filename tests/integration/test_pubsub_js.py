@@ -149,5 +149,5 @@ def test_pubsub_js_rules_against_a_scripted_server():
     )
     report = out.decode(errors="replace")
     assert code == 0, report + err.decode(errors="replace")
-    total = int(re.search(r"^# tests (\d+)$", report, re.M).group(1))
+    total = int(re.search(r"^# tests (\d+)$", report, re.MULTILINE).group(1))
     assert total > 0 and f"# pass {total}\n" in report
