@@ -6,7 +6,7 @@ PORT ?= 9000
 RUFF_OPTS := --line-length 100 --target-version py311
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint install redis-server node-clients conformance bench
+.PHONY: run test lint install redis-server node-clients browser screenshot conformance bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,17 +36,26 @@ node-clients:
 	@command -v npm >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nodejs npm; }
 	npm ci --silent --no-audit --no-fund --prefix tests/clients
 
+# Debian's Chromium, which the browser tests drive through Playwright for Python
+# (tests/browser); Playwright's own browser downloads are never used.
+browser:
+	@[ -x /usr/bin/chromium ] || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+
 lint: install
 	$(BIN)/ruff check $(RUFF_OPTS) --extend-select I,B pubsub tests twisted bench docs/examples
 	$(BIN)/ruff format --check $(RUFF_OPTS) pubsub tests twisted bench docs/examples
 	$(BIN)/mypy --strict --follow-imports=silent pubsub/engine.py pubsub/glob.py
+
+# docs/demo.png: the demo page after two pages exchanged a few messages.
+screenshot: install browser
+	$(BIN)/python -m tests.browser.demo docs/demo.png
 
 # The Autobahn TestSuite against /echo and /; reports in reports/conformance.
 conformance: install
 	$(BIN)/python tests/conformance/run_conformance.py --reports reports/conformance
 
 # pytest last, so its summary is the closing line.
-test: install redis-server node-clients lint conformance
+test: install redis-server node-clients browser lint conformance
 	PUBSUB_REQUIRE_REDIS=1 $(BIN)/python -m pytest
 
 # pubsub against a real redis-server, same machine, same run; see docs/benchmarks.md.

@@ -1,10 +1,12 @@
-"""The twisted.web side of the WebSocket port: upgrade, info page, health, metrics.
+"""The twisted.web side of the WebSocket port: upgrade, demo page, client, health, metrics.
 
 :class:`PubSubResource` is what both the twistd service and embedders mount:
 
 * a request with ``Upgrade: websocket`` on any path below it (but the reserved
   ones) becomes a pub/sub WebSocket connection;
-* ``GET`` without an upgrade at its root shows a short page on how to connect;
+* ``GET`` without an upgrade at its root shows the browser demo page
+  (``pubsub/static/index.html``);
+* ``/pubsub.js`` serves the browser client (``pubsub/static/pubsub.js``);
 * ``/healthz`` answers JSON: status, connections, channels, patterns, shard
   channels and uptime;
 * ``/metrics`` answers the same figures and counters in Prometheus's format;
@@ -18,6 +20,7 @@ upgrades straight to Autobahn and everything else to a ``Site`` around
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from importlib import resources
@@ -29,6 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.policies import ProtocolWrapper
+from twisted.web import http
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
@@ -36,7 +40,7 @@ from twisted.web.server import Request, Site
 from pubsub.policy import PeerCounter, peer_host
 from pubsub.websocket import EchoServerFactory, PubSubServerFactory
 
-__all__ = ["FrontFactory", "HealthResource", "MetricsResource", "PubSubResource"]
+__all__ = ["FrontFactory", "HealthResource", "MetricsResource", "PubSubResource", "StaticFile"]
 
 
 #: Paths that never become a pub/sub connection, whether or not they exist yet.
@@ -73,6 +77,37 @@ def _protocol_of(transport: Any) -> Any:
     if isinstance(transport, ProtocolWrapper):
         return transport.wrappedProtocol
     return getattr(transport, "protocol", None)
+
+
+class StaticFile(Resource):
+    """A file of ``pubsub/static``, read once at start-up, with an ETag.
+
+    Browsers revalidate with ``If-None-Match`` and get a bodiless 304 while
+    the file is unchanged, so a new release is picked up at once and an
+    unchanged file costs no body.
+    """
+
+    isLeaf = True
+
+    def __init__(self, name: str, content_type: bytes, cache_control: bytes) -> None:
+        super().__init__()
+        self.body = resources.files("pubsub").joinpath("static", name).read_bytes()
+        self.etag = b'"%s"' % hashlib.sha256(self.body).hexdigest()[:32].encode("ascii")
+        self._content_type = content_type
+        self._cache_control = cache_control
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", self._content_type)
+        request.setHeader(b"cache-control", self._cache_control)
+        if request.setETag(self.etag) is http.CACHED:
+            return b""
+        if request.method == b"HEAD":
+            # twisted.web would drop a body itself, but log a warning for it.
+            request.setHeader(b"content-length", b"%d" % len(self.body))
+            return b""
+        return self.body
+
+    render_HEAD = render_GET
 
 
 class HealthResource(Resource):
@@ -274,7 +309,12 @@ class PubSubResource(Resource):
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.factory = factory
         self._websocket = _WebSocketUpgrade(factory)
-        self._page = resources.files("pubsub").joinpath("static/index.html").read_bytes()
+        # "no-cache": browsers revalidate (a 304 while the file is the same),
+        # so after an upgrade the page and the client never come from two releases.
+        self._page = StaticFile("index.html", b"text/html; charset=utf-8", b"no-cache")
+        self.putChild(
+            b"pubsub.js", StaticFile("pubsub.js", b"text/javascript; charset=utf-8", b"no-cache")
+        )
         self.health = HealthResource(factory, clock)
         self.putChild(b"healthz", self.health)
         self.putChild(b"metrics", MetricsResource(self.health))
@@ -296,13 +336,10 @@ class PubSubResource(Resource):
     def render_GET(self, request: Request) -> object:
         if _wants_websocket(request):
             return self._websocket.render(request)
-        request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        return self._page
+        return self._page.render_GET(request)
 
     def render_HEAD(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        request.setHeader(b"content-length", b"%d" % len(self._page))
-        return b""
+        return self._page.render_HEAD(request)
 
 
 class _Front(Protocol):

@@ -200,7 +200,7 @@ def test_healthz_and_the_info_page(server, connect):
     assert health["uptime"] >= 0
     response = yield agent.request(b"GET", b"http://127.0.0.1:%d/" % server.port)
     page = yield readBody(response)
-    assert response.code == 200 and b"new WebSocket" in page
+    assert response.code == 200 and b"PubSubClient" in page
     response = yield agent.request(b"GET", b"http://127.0.0.1:%d/missing" % server.port)
     yield readBody(response)
     assert response.code == 404

@@ -1,8 +1,15 @@
-"""Run a server as a child process on the reactor and learn the port it bound."""
+"""Run a server as a child process (on the reactor, or plainly) and learn the port it bound."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
 
 from twisted.internet import defer, protocol
 
@@ -31,3 +38,77 @@ class ServerProcess(protocol.ProcessProtocol):
         if not self.listening.called:
             self.listening.errback(RuntimeError(self.output.decode(errors="replace")))
         self.ended.callback(reason.value.exitCode)
+
+
+class ChildServer:
+    """A server as a plain child process, for tests that run no reactor of
+    their own (the browser tests drive Playwright's sync API).
+
+    ``command(port)`` gives the arguments for a listening endpoint or port;
+    ``start()`` returns the port bound, read from the first output line that
+    ``ready`` matches. A thread keeps reading the output, so the child never
+    blocks on a full pipe.
+    """
+
+    def __init__(self, command: Callable[[str], list[str]], ready: str) -> None:
+        self.command = command
+        self.ready = re.compile(ready)
+        self.output: list[str] = []
+        self._process: subprocess.Popen | None = None
+
+    def start(self, port: str = "0", timeout: float = 60) -> int:
+        # Only the installed package, as a user would run it.
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env = {k: v for k, v in env.items() if not k.startswith("PUBSUB_")}
+        self._process = subprocess.Popen(
+            self.command(port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=tempfile.gettempdir(),
+        )
+        ready = threading.Event()
+        found: list[int] = []
+
+        def read(stream) -> None:
+            for line in stream:
+                self.output.append(line)
+                match = self.ready.search(line)
+                if match and not found:
+                    found.append(int(match.group(1)))
+                    ready.set()
+            ready.set()  # the process ended
+
+        threading.Thread(target=read, args=(self._process.stdout,), daemon=True).start()
+        if not ready.wait(timeout) or not found:
+            self.stop()
+            raise RuntimeError("the server did not start:\n" + "".join(self.output))
+        return found[0]
+
+    def kill(self) -> None:
+        """SIGKILL: the server vanishes without closing its connections."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait(timeout=30)
+
+    def stop(self) -> None:
+        """SIGTERM, as an operator stops it."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def twistd_process(*options: str) -> ChildServer:
+    """The installed ``twistd pubsub`` with ``options``; ``start(port)`` takes
+    an endpoint (default: a free loopback port)."""
+    twistd = str(Path(sys.executable).with_name("twistd"))
+
+    def command(port: str) -> list[str]:
+        endpoint = "tcp:0:interface=127.0.0.1" if port == "0" else port
+        return [twistd, "-n", "--pidfile=", "pubsub", "--port", endpoint, *options]
+
+    return ChildServer(command, r"Site starting on (\d+)")

@@ -1,0 +1,153 @@
+"""The browser client, pubsub/static/pubsub.js, run in Node.
+
+tests/clients/pubsub_js.mjs uses the module against a real server as an
+application would, with the ``ws`` package as its WebSocket, and prints what
+it saw. When it prints DROP, this test drops every connection from the server
+side, so reconnecting and resubscribing are tested against what a server
+really does. tests/clients/pubsub_js_unit.mjs (node's test runner) plays the
+server itself with mocked timers, for the backoff and keep-alive rules. `make test`
+installs ``ws`` (npm ci in tests/clients); without node or the package the
+test skips, and under PUBSUB_REQUIRE_REDIS (set by `make test`) it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.utils import getProcessOutputAndValue
+
+CLIENTS = Path(__file__).resolve().parents[1] / "clients"
+
+
+def _node() -> str:
+    node = shutil.which("node")
+    missing = None
+    if node is None:
+        missing = "node is not installed"
+    elif not (CLIENTS / "node_modules" / "ws").is_dir():
+        missing = "the ws package is not installed (make test runs npm ci in tests/clients)"
+    if missing:
+        if os.environ.get("PUBSUB_REQUIRE_REDIS"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+    return node
+
+
+class NodeScript(protocol.ProcessProtocol):
+    """Runs the script; each DROP line it prints aborts every server connection."""
+
+    def __init__(self, server) -> None:
+        self.server = server
+        self.out = b""
+        self.err = b""
+        self.drops = 0
+        self.ended: defer.Deferred = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        before = self.out.count(b"DROP\n")
+        self.out += data
+        for _ in range(self.out.count(b"DROP\n") - before):
+            self.drops += 1
+            for connection in list(self.server.factory.connections):
+                connection.transport.abortConnection()
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason) -> None:
+        self.ended.callback(reason.value.exitCode)
+
+
+@pytest_twisted.inlineCallbacks
+def test_pubsub_js_in_node(make_server, monkeypatch):
+    node = _node()
+    server = yield make_server(max_subscriptions=4)
+    requests: list[tuple[str, str | None]] = []
+    protocol_class = server.factory.protocol
+    original = protocol_class.onConnect
+
+    def remember(self, request):
+        requests.append((request.path, (request.params.get("token") or [None])[0]))
+        return original(self, request)
+
+    monkeypatch.setattr(protocol_class, "onConnect", remember)
+    script = NodeScript(server)
+    reactor.spawnProcess(
+        script,
+        node,
+        [node, str(CLIENTS / "pubsub_js.mjs"), f"ws://127.0.0.1:{server.port}/live"],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        path=str(CLIENTS),
+    )
+    code = yield script.ended
+    assert code == 0, (script.out, script.err)
+    assert script.drops == 2
+    seen = json.loads(script.out.decode().strip().splitlines()[-1])
+    refused = {"name": "PubSubError", "code": "ERR", "isPubSubError": True}
+    assert seen == {
+        "subscribe": 2,
+        "psubscribe": 3,
+        "publish": 2,
+        "message": ["hello", "news"],
+        "pmessage": ["n*", "news", "hello"],
+        "publish_unicode": 1,
+        "message_unicode": "héllo ✓",
+        "publish_bytes": 1,
+        "bytes": {"isUint8Array": True, "values": [0, 255, 10, 13]},
+        "numsub": ["news", 1, "nobody", 0],
+        "numpat": 1,
+        "ping": ["", "hi"],
+        "unknown_subcommand": refused,
+        "over_the_limit": refused,
+        "channels_after_refusal": ["news", "sport"],
+        "after_errors": "still here",
+        "unsubscribe": 2,
+        "handlers_called": [
+            ["news", "hello"],
+            ["sport", "héllo ✓"],
+            ["sport", "bytes"],
+            ["news", "again"],
+        ],
+        "lost_code": 1006,
+        "resubscribed": {"channels": ["news"], "patterns": ["n*"], "shardChannels": []},
+        "queued": "queued while away",
+        "publish_after_reconnect": 2,
+        "message_after_reconnect": ["again", "news"],
+        "unsubscribe_all": 1,
+        "punsubscribe_all": 0,
+        "held_at_the_end": [[], []],
+        "states": ["reconnecting", "connecting", "open", "closed"],
+        "after_close": {"name": "PubSubError", "code": "CLOSED", "isPubSubError": True},
+        "publish_after_close": 0,
+        "no_reconnect": ["closed", 1006],
+        "bad_url": {"name": "TypeError", "isPubSubError": False},
+    }
+    # The token function was called again for the reconnect, and each token
+    # reached the server in the URL; bob and the last client sent none.
+    tokens = [token for _, token in requests if token is not None]
+    assert tokens == ["token-1", "token-2"]
+    assert {path for path, _ in requests} == {"/live"}
+    assert len(requests) == 5
+    assert server.engine.client_count == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_pubsub_js_rules_against_a_scripted_server():
+    node = _node()
+    out, err, code = yield getProcessOutputAndValue(
+        node,
+        ["--test", str(CLIENTS / "pubsub_js_unit.mjs")],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        path=str(CLIENTS),
+    )
+    report = out.decode(errors="replace")
+    assert code == 0, report + err.decode(errors="replace")
+    total = int(re.search(r"^# tests (\d+)$", report, re.MULTILINE).group(1))
+    assert total > 0 and f"# pass {total}\n" in report
