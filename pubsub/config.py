@@ -71,6 +71,15 @@ class Settings:
     open_handshake_timeout: float = _setting(
         10.0, "Seconds a client has to finish the HTTP and WebSocket handshake"
     )
+    backplane: str = _setting(
+        "", "Redis URL joining several nodes into one broker (redis://host:port/); empty: one node"
+    )
+    backplane_prefix: str = _setting(
+        "pubsub:", "Prefix of this deployment's channel names in the backplane's Redis"
+    )
+    backplane_max_delay: float = _setting(
+        5.0, "Longest wait in seconds between attempts to reconnect to the backplane"
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
