@@ -117,8 +117,8 @@ def backoff(
     seconds, each delay scaled by 0.5..1.0 so nodes that lost Redis together
     do not all come back in the same instant."""
 
-    def policy(attempt: int) -> float:
-        delay = min(max_delay, initial * 2 ** min(attempt, 32))
+    def policy(failed_attempts: int) -> float:
+        delay = min(max_delay, initial * 2 ** min(max(failed_attempts - 1, 0), 32))
         return delay * (0.5 + jitter() / 2)
 
     return policy
