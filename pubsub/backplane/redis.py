@@ -150,6 +150,9 @@ class _Connection(Protocol):
         self.bridge = bridge
         self.role = role  # "subscriber" or "publisher"
         self._reader = hiredis.Reader()
+        #: Error replies on this connection; only the first is logged, since
+        #: a refusing Redis (NOAUTH, ...) answers every publish with one.
+        self.errors = 0
 
     def connectionMade(self) -> None:
         # Publishes are small writes that should leave at once; Nagle would
@@ -315,12 +318,15 @@ class RedisBackplane(Service):
 
     def reply_received(self, connection: _Connection, reply: Any) -> None:
         if isinstance(reply, hiredis.ReplyError):
-            _log.error(
-                "backplane: Redis at {url} answered {role}: {error}",
-                url=self.url,
-                role=connection.role,
-                error=str(reply),
-            )
+            connection.errors += 1
+            if connection.errors == 1:
+                _log.error(
+                    "backplane: Redis at {url} answered the {role}: {error} "
+                    "(further errors on this connection are not logged)",
+                    url=self.url,
+                    role=connection.role,
+                    error=str(reply),
+                )
             return
         if connection.role != "subscriber" or connection is not self._subscriber:
             return  # PUBLISH counts: node-local counts are what clients get

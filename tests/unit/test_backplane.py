@@ -374,3 +374,25 @@ def test_the_service_retries_with_backoff_until_redis_answers():
     bridge._subscriber.dataReceived(b"+PONG\r\n")
     assert bridge.state == "connected"
     bridge.stopService()
+
+
+def test_redis_refusing_everything_keeps_the_node_down_and_logs_once():
+    from twisted.logger import globalLogPublisher
+
+    logged: list = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        node = Node(password="wrong")
+        node.connect("publisher")
+        subscriber = node.connect("subscriber")
+        refusal = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+        subscriber.dataReceived(refusal + b"-NOAUTH Authentication required.\r\n")
+        node.publisher.dataReceived(refusal + b"-NOAUTH Authentication required.\r\n" * 3)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert node.bridge.state == "connecting"  # the PING after the subscribes never passed
+    errors = [event for event in logged if event.get("log_namespace") == "pubsub.backplane.redis"]
+    assert [(e["role"], e["error"]) for e in errors] == [
+        ("subscriber", "WRONGPASS invalid username-password pair or user is disabled."),
+        ("publisher", "WRONGPASS invalid username-password pair or user is disabled."),
+    ]
