@@ -196,7 +196,11 @@ class _Figures:
 #: The backplane's counters: (name, help, attribute).
 _BACKPLANE_COUNTERS = (
     ("pubsub_backplane_sent", "Publishes sent to the backplane for other nodes", "sent"),
-    ("pubsub_backplane_received", "Messages from other nodes delivered here", "received"),
+    (
+        "pubsub_backplane_received",
+        "Messages from other nodes (message, pmessage, smessage) delivered here",
+        "received",
+    ),
     (
         "pubsub_backplane_failed",
         "Publishes answered with the BACKPLANE error: delivered on this node only",

@@ -196,6 +196,13 @@ def test_three_nodes_act_as_one_broker(redis, nodes, resp_connect, connect):
             0,
         ]
         assert (yield health(ws_a))["backplane"]["state"] == "connected"
+        response = yield Agent(reactor).request(b"GET", b"http://127.0.0.1:%d/metrics" % ws_a)
+        metrics = (yield readBody(response)).decode()
+        assert 'pubsub_backplane_state{state="connected"} 1.0' in metrics
+        assert "pubsub_backplane_sent_total 1.0" in metrics  # "local"
+        # One per message, pmessage and smessage from Redis: hello twice (channel
+        # and pattern), the shard message, 0-49 twice.
+        assert "pubsub_backplane_received_total 103.0" in metrics
     finally:
         yield watcher.abort()
 
