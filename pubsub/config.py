@@ -80,6 +80,10 @@ class Settings:
     backplane_max_delay: float = _setting(
         5.0, "Longest wait in seconds between attempts to reconnect to the backplane"
     )
+    backplane_buffer: int = _setting(
+        8 * 1024 * 1024,
+        "Bytes of publishes a node may queue for a slow backplane Redis; past it PUBLISH errs",
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -162,6 +162,7 @@ def _backplane(engine: Engine, settings: Settings, reactor: Any) -> RedisBackpla
             prefix=settings.backplane_prefix.encode("utf-8"),
             clock=reactor,
             max_delay=settings.backplane_max_delay,
+            buffer_limit=settings.backplane_buffer,
         )
     except ValueError as error:
         raise ConfigError(f"setting backplane: {error}") from None

@@ -21,7 +21,8 @@ What a node does, in Redis's own terms:
 * When Redis goes away, local delivery goes on; a publish while the
   backplane is not connected still reaches local subscribers, and
   :meth:`RedisBackplane.refusal` gives the error the client is answered
-  with (``BACKPLANE <url> is down: ...``).  Both connections reconnect with
+  with (``BACKPLANE <url> is down: ...``).  So does a publish while Redis
+  reads so slowly that ``buffer_limit`` bytes wait for it ("is behind").  Both connections reconnect with
   jittered exponential backoff; the subscriber connection resubscribes
   everything in batches and is "ready" once Redis answered a PING sent
   after them.
@@ -153,6 +154,9 @@ class _Connection(Protocol):
         #: Error replies on this connection; only the first is logged, since
         #: a refusing Redis (NOAUTH, ...) answers every publish with one.
         self.errors = 0
+        #: Bytes written since the transport asked us to pause (its buffer
+        #: is full: Redis reads slower than we publish); None while it flows.
+        self.backlog: int | None = None
 
     def connectionMade(self) -> None:
         # Publishes are small writes that should leave at once; Nagle would
@@ -160,6 +164,8 @@ class _Connection(Protocol):
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
             set_nodelay(True)
+        if self.role == "publisher":
+            self.transport.registerProducer(self, True)
         target = self.bridge.target
         if target.password is not None:
             auth = [target.username.encode()] if target.username else []
@@ -182,6 +188,18 @@ class _Connection(Protocol):
     def send(self, *args: bytes) -> None:
         self.transport.write(command(*args))
 
+    # The publisher is the transport's producer, only to hear when its
+    # buffer fills and drains again; publishes are pushed by clients.
+    def pauseProducing(self) -> None:
+        if self.backlog is None:
+            self.backlog = 0
+
+    def resumeProducing(self) -> None:
+        self.backlog = None
+
+    def stopProducing(self) -> None:
+        self.backlog = None
+
 
 class _ConnectionFactory(Factory):
     noisy = False
@@ -198,6 +216,9 @@ class RedisBackplane(Service):
     """This node's side of the backplane; the engine's :class:`~pubsub.engine.Relay`.
 
     ``endpoint`` is where to connect (default: the URL's host and port).
+    ``buffer_limit`` bounds the publishes queued past the transport's own
+    buffer when Redis reads slower than this node publishes; past it a
+    publish is refused as "behind".
     Counters for /metrics: ``sent`` (publishes sent to Redis), ``received``
     (delivered from another node), ``failed`` (publishes answered with the
     backplane error), ``reconnects``.
@@ -212,6 +233,7 @@ class RedisBackplane(Service):
         max_delay: float = 5.0,
         node_id: bytes | None = None,
         endpoint: Any = None,
+        buffer_limit: int = 8 * 1024 * 1024,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -240,6 +262,9 @@ class RedisBackplane(Service):
         self.state = "connecting"
         self.since = clock.seconds()
         self._endpoint = endpoint
+        #: Bytes of publishes queued for a Redis that does not keep up (0: no limit).
+        self.buffer_limit = buffer_limit
+        self._refused: str | None = None  # why the last publish went no further
         self.sent = 0
         self.received = 0
         self.failed = 0
@@ -380,26 +405,35 @@ class RedisBackplane(Service):
         publisher = self._publisher
         if publisher is None or self.state != "connected":
             self.failed += 1
+            self._refused = self.state
             return
-        self.sent += 1
         channel = self.prefix + channel
-        publisher.transport.write(
-            b"%s$%d\r\n%s\r\n$%d\r\n%s%s\r\n"
-            % (
-                _PUBLISH[kind],
-                len(channel),
-                channel,
-                NODE_ID_SIZE + 1 + len(payload),
-                self._envelope_head,
-                payload,
-            )
+        data = b"%s$%d\r\n%s\r\n$%d\r\n%s%s\r\n" % (
+            _PUBLISH[kind],
+            len(channel),
+            channel,
+            NODE_ID_SIZE + 1 + len(payload),
+            self._envelope_head,
+            payload,
         )
+        if publisher.backlog is not None:
+            # Redis is not keeping up: queue up to the limit, then refuse,
+            # so a stalled Redis costs a bounded amount of memory.
+            if self.buffer_limit and publisher.backlog + len(data) > self.buffer_limit:
+                self.failed += 1
+                self._refused = "behind"
+                return
+            publisher.backlog += len(data)
+        self._refused = None
+        self.sent += 1
+        publisher.transport.write(data)
 
     def refusal(self, receivers: int) -> str | None:
-        if self.state == "connected":
+        reason = self._refused
+        if reason is None:
             return None
         noun = "subscriber" if receivers == 1 else "subscribers"
-        return f"BACKPLANE {self.url} is {self.state}: delivered to {receivers} local {noun} only"
+        return f"BACKPLANE {self.url} is {reason}: delivered to {receivers} local {noun} only"
 
     # -- figures --------------------------------------------------------------
 

@@ -396,3 +396,24 @@ def test_redis_refusing_everything_keeps_the_node_down_and_logs_once():
         ("subscriber", "WRONGPASS invalid username-password pair or user is disabled."),
         ("publisher", "WRONGPASS invalid username-password pair or user is disabled."),
     ]
+
+
+def test_a_redis_that_falls_behind_gets_a_bounded_queue_then_refusals():
+    node = Node()
+    node.bridge.buffer_limit = 200
+    node.connect_both()
+    alice, bob = Client(node.engine), Client(node.engine)
+    alice.run("SUBSCRIBE", "news")
+    publisher = node.publisher
+    assert publisher.transport.producer is publisher
+    publisher.pauseProducing()  # the transport's buffer is full
+    assert bob.run("PUBLISH", "news", "x" * 100) == [Reply(1)]  # 136 bytes queued
+    [error] = bob.run("PUBLISH", "news", "y" * 100)
+    assert error == Error(
+        "BACKPLANE redis://redis.example:6390/ is behind: delivered to 1 local subscriber only"
+    )
+    assert [frame[2][:1] for frame in alice.frames] == [b"x", b"y"]
+    assert (node.bridge.sent, node.bridge.failed) == (1, 1)
+    publisher.resumeProducing()  # drained
+    assert bob.run("PUBLISH", "news", "z" * 100) == [Reply(1)]
+    assert node.bridge.sent == 2
