@@ -233,8 +233,8 @@ def _publisher(method_name: str, what: str) -> Handler:
             return [error]
         engine = session.engine
         receivers = getattr(engine, method_name)(args[1], args[2])
-        # With a backplane that is down the publish reached this node only:
-        # say so instead of a count that looks like success.
+        # When a backplane could not carry the publish on (down, behind) it
+        # reached this node only: say so instead of a count that looks like success.
         refusal = engine.relay.refusal(receivers) if engine.relay is not None else None
         return [Error(refusal) if refusal else Reply(receivers)]
 

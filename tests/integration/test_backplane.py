@@ -21,7 +21,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 from twisted.web.client import Agent, readBody
 
-from tests.integration.test_twistd import TWISTD, clean_environment
+from tests.integration.test_twistd import TWISTD, clean_environment, run_twistd
 from tests.support.processes import ServerProcess
 from tests.support.redis_server import RedisServer
 from tests.support.resp3 import RespError
@@ -311,3 +311,14 @@ def test_cluster_refuses_to_run_workers_without_a_backplane(tmp_path):
     )
     assert result.returncode == 1
     assert "pubsub-cluster: workers need a backplane" in result.stderr
+
+
+def test_twistd_refuses_a_bad_backplane_url_with_a_clear_message(tmp_path):
+    result = run_twistd(tmp_path, "--port", LOCAL, "--backplane", "http://127.0.0.1:6379/")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert (
+        "pubsub: setting backplane: backplane URL must start with redis://, "
+        "got 'http://127.0.0.1:6379/'" in output
+    )
+    assert "Traceback" not in output
