@@ -147,7 +147,26 @@ class Server:
     def __init__(self, kind: str, args: argparse.Namespace, log: Path, workdir: Path) -> None:
         self.kind = kind
         self.port = free_port()
-        if kind == "pubsub":
+        self.backplane: subprocess.Popen | None = None
+        workers = int(kind.removeprefix("workers")) if kind.startswith("workers") else 0
+        if workers:
+            # pubsub-cluster's N workers, joined by a redis-server of their own.
+            redis_port = free_port()
+            self.backplane = subprocess.Popen(
+                [
+                    args.redis_server, "--save", "", "--appendonly", "no",
+                    "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(workdir),
+                ],
+                cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            wait_for_port(redis_port, self.backplane, 30)
+            cmd = [
+                args.cluster, "--workers", str(workers),
+                "--port", f"tcp:{self.port}:interface=127.0.0.1",
+                "--max-connections", "20000",
+                "--backplane", f"redis://127.0.0.1:{redis_port}/",
+            ]  # fmt: skip
+        elif kind == "pubsub":
             cmd = [
                 args.twistd, "-n", "--pidfile=", "pubsub",
                 "--port", f"tcp:{self.port}:interface=127.0.0.1",
@@ -167,10 +186,27 @@ class Server:
         )
         try:
             wait_for_port(self.port, self.proc, 30)
+            if workers:
+                self._wait_for_workers(log, workers)
         except BaseException:
             self.stop()
             raise
         self.pid = self.proc.pid
+
+    def _wait_for_workers(self, log: Path, workers: int) -> None:
+        """The parent listens at once; wait until every worker joined the backplane."""
+        start = log.stat().st_size if log.exists() else 0
+        limit = time.monotonic() + 60
+        while time.monotonic() < limit:
+            self._log.flush()
+            with log.open("rb") as stream:
+                stream.seek(start)
+                if stream.read().count(b"backplane: connected to") >= workers:
+                    return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"pubsub-cluster exited with {self.proc.returncode}")
+            time.sleep(0.05)
+        raise RuntimeError(f"{workers} workers did not join the backplane within 60 s")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -180,6 +216,9 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        if self.backplane is not None and self.backplane.poll() is None:
+            self.backplane.terminate()
+            self.backplane.wait(15)
         self._log.close()
 
     def __enter__(self) -> Self:
@@ -194,7 +233,8 @@ class Server:
 
 def run_loadgen(server: Server, spec: dict, args: argparse.Namespace, on_stderr=None) -> dict:
     cfg = {
-        "server": server.kind,
+        # What the load generator speaks: RESP to Redis, WebSocket JSON to the rest.
+        "server": "redis" if server.kind == "redis" else "pubsub",
         "port": server.port,
         "serverPid": server.pid,
         "clkTck": os.sysconf("SC_CLK_TCK"),
@@ -599,10 +639,14 @@ def main() -> int:
         help="multiplies every duration [default: 1, or 0.3 when --scale < 1]",
     )  # fmt: skip
     parser.add_argument("--only", default="", help="comma-separated scenario names")
-    parser.add_argument("--servers", default="pubsub,redis")
+    parser.add_argument(
+        "--servers", default="pubsub,redis",
+        help="pubsub, redis, and workersN: pubsub-cluster --workers N with a backplane",
+    )  # fmt: skip
     parser.add_argument("--workers", type=int, default=2, help="subscriber processes")
     parser.add_argument("--connect-concurrency", type=int, default=32)
     parser.add_argument("--twistd", default=str(ROOT / ".venv" / "bin" / "twistd"))
+    parser.add_argument("--cluster", default=str(ROOT / ".venv" / "bin" / "pubsub-cluster"))
     parser.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
     parser.add_argument("--node", default=shutil.which("node") or "node")
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)

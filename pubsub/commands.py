@@ -97,12 +97,13 @@ _ERROR_KINDS = (
     ("WRONGPASS", "auth"),
     ("NOPERM", "auth"),
     ("NOAUTH", "auth"),
+    ("BACKPLANE", "backplane"),
 )
 
 
 def error_kind(message: str) -> str:
     """What an error reply was about, for the metrics: protocol,
-    unknown_command, wrong_arity, subscribed_mode, limit, auth or other."""
+    unknown_command, wrong_arity, subscribed_mode, limit, auth, backplane or other."""
     for marker, kind in _ERROR_KINDS:
         if marker in message:
             return kind
@@ -244,7 +245,12 @@ def _publisher(method_name: str, what: str) -> Handler:
         error = _name_too_long(session, args[1:2], what)
         if error:
             return [error]
-        return [Reply(getattr(session.engine, method_name)(args[1], args[2]))]
+        engine = session.engine
+        receivers = getattr(engine, method_name)(args[1], args[2])
+        # When a backplane could not carry the publish on (down, behind) it
+        # reached this node only: say so instead of a count that looks like success.
+        refusal = engine.relay.refusal(receivers) if engine.relay is not None else None
+        return [Error(refusal) if refusal else Reply(receivers)]
 
     return handler
 

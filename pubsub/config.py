@@ -111,6 +111,19 @@ class Settings:
         5.0, "Seconds to wait on shutdown for clients to close before they are cut off"
     )
     log_format: str = _setting("text", "twistd's log: text (human-readable) or json (JSON lines)")
+    backplane: str = _setting(
+        "", "Redis URL joining several nodes into one broker (redis://host:port/); empty: one node"
+    )
+    backplane_prefix: str = _setting(
+        "pubsub:", "Prefix of this deployment's channel names in the backplane's Redis"
+    )
+    backplane_max_delay: float = _setting(
+        5.0, "Longest wait in seconds between attempts to reconnect to the backplane"
+    )
+    backplane_buffer: int = _setting(
+        8 * 1024 * 1024,
+        "Bytes of publishes a node may queue for a slow backplane Redis; past it PUBLISH errs",
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -22,6 +22,13 @@ Data, all keyed by bytes exactly as Redis keys them:
 A publish encodes its message once per encoder (one per transport kind), not
 once per receiver, and hands the same frame to each receiver's ``deliver``.
 
+Two small hooks let a host carry Pub/Sub beyond this process without the
+engine knowing how: an optional :class:`Relay` is told when a channel,
+pattern or shard channel gets its first subscriber or loses its last, and of
+every publish; and ``deliver_message``, ``deliver_pmessage`` and
+``deliver_smessage`` hand a message that arrived from elsewhere to the local
+subscribers of one channel, one pattern or one shard channel only.
+
 Nothing here may import Twisted, Autobahn or a codec.
 """
 
@@ -35,7 +42,7 @@ from sortedcontainers import SortedSet  # type: ignore[import-untyped]
 
 from pubsub.glob import Matcher, compile_pattern, literal_prefix
 
-__all__ = ["Encoder", "Engine", "Subscriber", "UnknownClient"]
+__all__ = ["Encoder", "Engine", "Relay", "Subscriber", "UnknownClient"]
 
 #: The subscribers of one name, in token order: a 1-tuple or a SortedSet.
 Tokens: TypeAlias = "tuple[int] | SortedSet"
@@ -71,6 +78,26 @@ class Subscriber(Protocol):
     encoder: Encoder
 
     def deliver(self, frame: Any) -> None: ...
+
+
+class Relay(Protocol):
+    """Carries this engine's interest and publishes elsewhere (another node).
+
+    ``kind`` is "channel", "pattern" or "shard".  The engine calls these
+    synchronously, after its own state changed; they must not raise and must
+    not call back into the engine.  ``refusal`` is for hosts, not the engine:
+    after a publish that reached ``receivers`` local subscribers, the error to
+    answer instead of the count when the publish could not be carried on, or
+    None when it was.
+    """
+
+    def interest_gained(self, kind: str, name: bytes) -> None: ...
+
+    def interest_lost(self, kind: str, name: bytes) -> None: ...
+
+    def published(self, kind: str, channel: bytes, payload: bytes) -> None: ...
+
+    def refusal(self, receivers: int) -> str | None: ...
 
 
 class UnknownClient(KeyError):
@@ -114,6 +141,8 @@ class Engine:
         #: PUBLISH and SPUBLISH calls, and the deliveries they made, since start.
         self.publishes = 0
         self.deliveries = 0
+        #: Told of first/last subscribers and of every publish; None: this node only.
+        self.relay: Relay | None = None
 
     # -- clients -----------------------------------------------------------
 
@@ -133,12 +162,14 @@ class Engine:
         if client is None:
             return
         for channel in client.channels:
-            self._discard(self._channels, channel, token)
+            if self._discard(self._channels, channel, token):
+                self._lost("channel", channel)
         for channel in client.shard_channels:
-            self._discard(self._shard_channels, channel, token)
+            if self._discard(self._shard_channels, channel, token):
+                self._lost("shard", channel)
         for pattern in client.patterns:
             if self._discard(self._patterns, pattern, token):
-                self._unindex_pattern(pattern)
+                self._lost("pattern", pattern)
 
     def set_encoder(self, token: int, encoder: Encoder) -> None:
         """Deliver to this client in another format from now on (RESP's HELLO 3)."""
@@ -186,67 +217,77 @@ class Engine:
     def subscribe(self, token: int, channels: Iterable[bytes]) -> list[Confirmation]:
         """SUBSCRIBE: one confirmation per name given, duplicates included."""
         client = self._client(token)
-        return self._join(token, client.channels, self._channels, channels, client.count)
+        return self._join(token, "channel", client.channels, self._channels, channels, client.count)
 
     def unsubscribe(self, token: int, channels: Iterable[bytes] = ()) -> list[Confirmation]:
         """UNSUBSCRIBE: the names given, or every channel held when none are."""
         client = self._client(token)
-        return self._leave(token, client.channels, self._channels, channels, client.count)
+        return self._leave(
+            token, "channel", client.channels, self._channels, channels, client.count
+        )
 
     def psubscribe(self, token: int, patterns: Iterable[bytes]) -> list[Confirmation]:
         """PSUBSCRIBE: one confirmation per pattern given."""
         client = self._client(token)
-        return self._join(
-            token, client.patterns, self._patterns, patterns, client.count, self._index_pattern
-        )
+        return self._join(token, "pattern", client.patterns, self._patterns, patterns, client.count)
 
     def punsubscribe(self, token: int, patterns: Iterable[bytes] = ()) -> list[Confirmation]:
         """PUNSUBSCRIBE: the patterns given, or every pattern held."""
         client = self._client(token)
         return self._leave(
-            token, client.patterns, self._patterns, patterns, client.count, self._unindex_pattern
+            token, "pattern", client.patterns, self._patterns, patterns, client.count
         )
 
     def ssubscribe(self, token: int, channels: Iterable[bytes]) -> list[Confirmation]:
         """SSUBSCRIBE: counts only shard channels, as Redis does."""
         client = self._client(token)
         return self._join(
-            token, client.shard_channels, self._shard_channels, channels, client.shard_count
+            token,
+            "shard",
+            client.shard_channels,
+            self._shard_channels,
+            channels,
+            client.shard_count,
         )
 
     def sunsubscribe(self, token: int, channels: Iterable[bytes] = ()) -> list[Confirmation]:
         """SUNSUBSCRIBE: the shard channels given, or every one held."""
         client = self._client(token)
         return self._leave(
-            token, client.shard_channels, self._shard_channels, channels, client.shard_count
+            token,
+            "shard",
+            client.shard_channels,
+            self._shard_channels,
+            channels,
+            client.shard_count,
         )
 
     def _join(
         self,
         token: int,
+        kind: str,
         held: dict[bytes, None],
         registry: dict[bytes, Tokens],
         names: Iterable[bytes],
         count: Callable[[], int],
-        on_first: Callable[[bytes], None] | None = None,
     ) -> list[Confirmation]:
         replies: list[Confirmation] = []
         for name in names:
             if name not in held:
                 held[name] = None
-                if self._add(registry, name, token) and on_first is not None:
-                    on_first(name)
+                if self._add(registry, name, token):
+                    self._gained(kind, name)
             replies.append((name, count()))
         return replies
 
     def _leave(
         self,
         token: int,
+        kind: str,
         held: dict[bytes, None],
         registry: dict[bytes, Tokens],
         names: Iterable[bytes],
         count: Callable[[], int],
-        on_last: Callable[[bytes], None] | None = None,
     ) -> list[Confirmation]:
         names = list(names)
         if not names:
@@ -257,10 +298,24 @@ class Engine:
         for name in names:
             if name in held:
                 del held[name]
-                if self._discard(registry, name, token) and on_last is not None:
-                    on_last(name)
+                if self._discard(registry, name, token):
+                    self._lost(kind, name)
             replies.append((name, count()))
         return replies
+
+    def _gained(self, kind: str, name: bytes) -> None:
+        """``name`` has its first subscriber of ``kind``."""
+        if kind == "pattern":
+            self._index_pattern(name)
+        if self.relay is not None:
+            self.relay.interest_gained(kind, name)
+
+    def _lost(self, kind: str, name: bytes) -> None:
+        """``name`` lost its last subscriber of ``kind``."""
+        if kind == "pattern":
+            self._unindex_pattern(name)
+        if self.relay is not None:
+            self.relay.interest_lost(kind, name)
 
     @staticmethod
     def _add(registry: dict[bytes, Tokens], name: bytes, token: int) -> bool:
@@ -331,16 +386,56 @@ class Engine:
                 )
         self.publishes += 1
         self.deliveries += receivers
+        if self.relay is not None:
+            self.relay.published("channel", channel, payload)
         return receivers
 
     def spublish(self, channel: bytes | str, payload: bytes | str) -> int:
         """SPUBLISH: deliver to the shard channel's subscribers."""
         channel = _as_bytes(channel)
+        payload = _as_bytes(payload)
         self.publishes += 1
+        if self.relay is not None:
+            self.relay.published("shard", channel, payload)
         tokens = self._shard_channels.get(channel)
         if not tokens:
             return 0
-        receivers = self._fan_out(tokens, "smessage", channel, _as_bytes(payload))
+        receivers = self._fan_out(tokens, "smessage", channel, payload)
+        self.deliveries += receivers
+        return receivers
+
+    # -- messages from elsewhere (a relay's other nodes) ------------------
+
+    def deliver_message(self, channel: bytes, payload: bytes) -> int:
+        """A message published elsewhere, to this channel's own subscribers only.
+
+        Pattern subscribers are not tried: the relay hears of the same
+        publish once per matching pattern, see :meth:`deliver_pmessage`.
+        Returns the deliveries made; ``publishes`` does not count it.
+        """
+        tokens = self._channels.get(channel)
+        if not tokens:
+            return 0
+        receivers = self._fan_out(tokens, "message", channel, payload)
+        self.deliveries += receivers
+        return receivers
+
+    def deliver_pmessage(self, pattern: bytes, channel: bytes, payload: bytes) -> int:
+        """A message published elsewhere on ``channel``, to the subscribers of
+        ``pattern`` only (the relay already knows that it matches)."""
+        tokens = self._patterns.get(pattern)
+        if not tokens:
+            return 0
+        receivers = self._fan_out(tokens, "pmessage", pattern, channel, payload)
+        self.deliveries += receivers
+        return receivers
+
+    def deliver_smessage(self, channel: bytes, payload: bytes) -> int:
+        """A shard message published elsewhere, to this shard channel's subscribers."""
+        tokens = self._shard_channels.get(channel)
+        if not tokens:
+            return 0
+        receivers = self._fan_out(tokens, "smessage", channel, payload)
         self.deliveries += receivers
         return receivers
 
@@ -382,6 +477,10 @@ class Engine:
             return sorted(registry)
         matcher = compile_pattern(pattern)
         return sorted(name for name in registry if matcher(name) is not None)
+
+    def patterns(self) -> list[bytes]:
+        """Patterns with at least one subscriber, sorted."""
+        return sorted(self._patterns)
 
     def numsub(self, channels: Iterable[bytes]) -> list[tuple[bytes, int]]:
         """PUBSUB NUMSUB: subscriber count per channel (patterns not counted)."""

@@ -23,6 +23,7 @@ from twisted.python import usage
 from twisted.python.logfile import LogFile
 from twisted.web.server import Site
 
+from pubsub.backplane import RedisBackplane
 from pubsub.config import ConfigError, Settings, endpoint_description, load_settings
 from pubsub.engine import Engine
 from pubsub.resp import RespFactory
@@ -62,7 +63,8 @@ class PubSubService(MultiService):
     """The whole server; ``engine`` is there for publishing from application code.
 
     ``factory`` serves WebSocket; ``resp_factory`` serves RESP, or is None
-    when no ``resp_port`` is set.
+    when no ``resp_port`` is set; ``backplane`` joins other nodes, or is None
+    when no ``backplane`` is set.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class PubSubService(MultiService):
         self.settings = settings
         self._reactor = reactor
         self._endpoints: dict[Service, tuple[str, str]] = {}
+        self.backplane: RedisBackplane | None = None
         #: The log observer twistd should use instead of its own (log_format = json).
         self.log_observer: Any = None
 
@@ -104,7 +107,7 @@ class PubSubService(MultiService):
 
     def privilegedStartService(self) -> None:
         Service.privilegedStartService(self)
-        for listener in self:
+        for listener in self._endpoints:
             what, endpoint = self._endpoints[listener]
             log.info("pubsub starting: {what} on {endpoint}", what=what, endpoint=endpoint)
             try:
@@ -180,7 +183,25 @@ def make_service(
     service.listen("port", FrontFactory(site, reactor))
     if resp_factory is not None:
         service.listen("resp_port", resp_factory)
+    if settings.backplane.strip():
+        service.backplane = _backplane(engine, settings, reactor)
+        service.backplane.setServiceParent(service)
+        resource.health.backplane = service.backplane
     return service
+
+
+def _backplane(engine: Engine, settings: Settings, reactor: Any) -> RedisBackplane:
+    try:
+        return RedisBackplane(
+            engine,
+            settings.backplane,
+            prefix=settings.backplane_prefix.encode("utf-8"),
+            clock=reactor,
+            max_delay=settings.backplane_max_delay,
+            buffer_limit=settings.backplane_buffer,
+        )
+    except ValueError as error:
+        raise ConfigError(f"setting backplane: {error}") from None
 
 
 def _option_help(name: str) -> str:

@@ -122,6 +122,8 @@ class HealthResource(Resource):
         self._engine = factory.engine
         self._clock = clock
         self._started = clock.seconds()
+        #: The node's RedisBackplane, when the backplane setting is on.
+        self.backplane: Any = None
 
     def uptime(self) -> float:
         """Seconds since this server's resource was made (its start-up)."""
@@ -138,6 +140,8 @@ class HealthResource(Resource):
             "slow_consumers_disconnected": sum(f.slow_consumers for f in self.factories),
             "uptime": round(self.uptime(), 3),
         }
+        if self.backplane is not None:
+            body["backplane"] = self.backplane.health()
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps(body).encode("utf-8") + b"\n"
@@ -227,6 +231,7 @@ class _Figures:
     def __init__(self, health: HealthResource) -> None:
         self._factories = health.factories
         self._uptime = health.uptime
+        self._health = health
 
     def collect(self) -> Iterator[Any]:
         factories = self._factories
@@ -277,6 +282,36 @@ class _Figures:
             "Seconds since start-up",
             value=self._uptime(),
         )
+        if self._health.backplane is not None:
+            yield from _backplane_figures(self._health.backplane)
+
+
+#: The backplane's counters: (name, help, attribute).
+_BACKPLANE_COUNTERS = (
+    ("pubsub_backplane_sent", "Publishes sent to the backplane for other nodes", "sent"),
+    (
+        "pubsub_backplane_received",
+        "Messages from other nodes (message, pmessage, smessage) delivered here",
+        "received",
+    ),
+    (
+        "pubsub_backplane_failed",
+        "Publishes answered with the BACKPLANE error: delivered on this node only",
+        "failed",
+    ),
+    ("pubsub_backplane_reconnects", "Times the backplane came back after being down", "reconnects"),
+)
+
+
+def _backplane_figures(backplane: Any) -> Iterator[Any]:
+    state = GaugeMetricFamily(
+        "pubsub_backplane_state", "1 for the backplane's current state", labels=["state"]
+    )
+    for name in ("connecting", "connected", "down"):
+        state.add_metric([name], 1 if backplane.state == name else 0)
+    yield state
+    for name, doc, attribute in _BACKPLANE_COUNTERS:
+        yield CounterMetricFamily(name, doc, value=getattr(backplane, attribute))
 
 
 # The text format generate_latest writes; every Prometheus version reads it.

@@ -34,9 +34,7 @@ def _ready(port: int) -> bool:
         return False
 
 
-@contextmanager
-def redis_server() -> Iterator[int]:
-    """Run redis-server for the duration of the block; yields its port."""
+def _binary() -> str:
     binary = shutil.which("redis-server")
     if binary is None:
         message = (
@@ -45,13 +43,25 @@ def redis_server() -> Iterator[int]:
         if os.environ.get("PUBSUB_REQUIRE_REDIS"):
             pytest.fail(message)
         pytest.skip(message)
-    with tempfile.TemporaryDirectory() as workdir:
-        port = _free_port()
-        process = subprocess.Popen(
+    return binary
+
+
+class RedisServer:
+    """A redis-server on a free loopback port that a test may kill and start
+    again on the same port (the backplane tests)."""
+
+    def __init__(self, workdir: str) -> None:
+        self.binary = _binary()
+        self.workdir = workdir
+        self.port = _free_port()
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
             [
-                binary,
+                self.binary,
                 "--port",
-                str(port),
+                str(self.port),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -59,20 +69,38 @@ def redis_server() -> Iterator[int]:
                 "--appendonly",
                 "no",
                 "--dir",
-                workdir,
+                self.workdir,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
         )
+        # Polling a child process's socket until it answers: bounded, and
+        # this is test set-up, not a test waiting on the code under test.
+        deadline = time.monotonic() + 10
+        while not _ready(self.port):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"redis-server did not start on port {self.port}")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: no goodbye to its clients but the kernel's RST/FIN."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+@contextmanager
+def redis_server() -> Iterator[int]:
+    """Run redis-server for the duration of the block; yields its port."""
+    with tempfile.TemporaryDirectory() as workdir:
+        server = RedisServer(workdir)
+        server.start()
         try:
-            # Polling a child process's socket until it answers: bounded, and
-            # this is test set-up, not a test waiting on the code under test.
-            deadline = time.monotonic() + 10
-            while not _ready(port):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"redis-server did not start on port {port}")
-                time.sleep(0.02)
-            yield port
+            yield server.port
         finally:
-            process.terminate()
-            process.wait(timeout=10)
+            server.stop()

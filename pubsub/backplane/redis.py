@@ -1,0 +1,450 @@
+"""The bridge between this node's engine and a real Redis: scale-out over Redis Pub/Sub.
+
+What a node does, in Redis's own terms:
+
+* It subscribes in Redis to exactly the channels, patterns and shard channels
+  its own clients hold: the engine tells the bridge (a
+  :class:`pubsub.engine.Relay`) when a name gets its first local subscriber
+  or loses its last, and the bridge sends (P|S)SUBSCRIBE or
+  (P|S)UNSUBSCRIBE.  Redis traffic follows interest, not every message.
+* Every local publish is delivered to local subscribers at once by the
+  engine (the count in the reply is node-local, as in Redis Cluster) and is
+  also published to Redis, in an envelope that names this node.  Every node
+  drops the messages it sent itself when Redis hands them back, and
+  delivers the others: each subscriber gets each publish exactly once.  One
+  node writes to Redis over one connection, so a publisher's messages keep
+  their order.
+* A ``message`` from Redis goes to the local subscribers of that channel
+  only, a ``pmessage`` to those of that one pattern only, an ``smessage``
+  to the shard channel's: a node holding ``a`` and ``a*`` gets both for
+  one publish and each reaches the subscribers the local publish would have.
+* When Redis goes away, local delivery goes on; a publish while the
+  backplane is not connected still reaches local subscribers, and
+  :meth:`RedisBackplane.refusal` gives the error the client is answered
+  with (``BACKPLANE <url> is down: ...``).  So does a publish while Redis
+  reads so slowly that ``buffer_limit`` bytes wait for it ("is behind").  Both connections reconnect with
+  jittered exponential backoff; the subscriber connection resubscribes
+  everything in batches and is "ready" once Redis answered a PING sent
+  after them.
+
+Redis channel names carry ``prefix`` so several deployments can share one
+Redis; in patterns the prefix is escaped, so its own ``*?[]\\`` are literal.
+
+The client is this module's own: two RESP2 connections (a subscriber in
+subscribed mode, a publisher for PUBLISH/SPUBLISH), replies parsed by
+hiredis, the C parser the RESP port already uses.  docs/architecture.md says
+why not txredisapi.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import hiredis
+from twisted.application.internet import ClientService
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from pubsub.engine import Engine
+
+__all__ = ["STATES", "RedisBackplane", "RedisTarget", "backoff", "parse_url"]
+
+_log = Logger()
+
+#: What /healthz and /metrics report: before the first connection, connected,
+#: and down (lost, reconnecting).
+STATES = ("connecting", "connected", "down")
+
+#: Names per (P|S)SUBSCRIBE when resubscribing after a reconnect: small
+#: enough that Redis answers each promptly, big enough to be few commands.
+RESUBSCRIBE_BATCH = 500
+
+_SUBSCRIBE = {"channel": b"SUBSCRIBE", "pattern": b"PSUBSCRIBE", "shard": b"SSUBSCRIBE"}
+_UNSUBSCRIBE = {"channel": b"UNSUBSCRIBE", "pattern": b"PUNSUBSCRIBE", "shard": b"SUNSUBSCRIBE"}
+_PUBLISH = {"channel": b"*3\r\n$7\r\nPUBLISH\r\n", "shard": b"*3\r\n$8\r\nSPUBLISH\r\n"}
+
+#: Bytes of the node id that starts every envelope; a space follows it.
+NODE_ID_SIZE = 16
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where the backplane's Redis is, from ``redis://[user[:password]@]host[:port][/db]``."""
+
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def display(self) -> str:
+        """The URL without the password: what logs, errors and /healthz show."""
+        user = f"{self.username}@" if self.username else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"redis://{user}{host}:{self.port}/"
+
+
+def parse_url(url: str) -> RedisTarget:
+    """The target of a ``redis://`` URL; ValueError says what is wrong with it.
+
+    The database number is accepted and ignored: Pub/Sub is not per database.
+    """
+    parts = urlsplit(url.strip())
+    if parts.scheme != "redis":
+        raise ValueError(f"backplane URL must start with redis://, got {url!r}")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError(f"backplane URL has a bad port: {url!r}") from None
+    if not parts.hostname:
+        raise ValueError(f"backplane URL has no host: {url!r}")
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    return RedisTarget(parts.hostname, port, username, password)
+
+
+def backoff(
+    max_delay: float, initial: float = 0.1, jitter: Callable[[], float] = random.random
+) -> Callable[[int], float]:
+    """A ClientService retry policy: doubling from ``initial`` up to ``max_delay``
+    seconds, each delay scaled by 0.5..1.0 so nodes that lost Redis together
+    do not all come back in the same instant."""
+
+    def policy(failed_attempts: int) -> float:
+        delay = min(max_delay, initial * 2 ** min(max(failed_attempts - 1, 0), 32))
+        return delay * (0.5 + jitter() / 2)
+
+    return policy
+
+
+def _bulk(data: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def command(*args: bytes) -> bytes:
+    """One RESP multibulk command."""
+    return b"*%d\r\n" % len(args) + b"".join(_bulk(arg) for arg in args)
+
+
+def escape_glob(text: bytes) -> bytes:
+    """``text`` as a glob pattern that matches exactly ``text``."""
+    out = bytearray()
+    for byte in text:
+        if byte in b"*?[]\\":
+            out.append(0x5C)
+        out.append(byte)
+    return bytes(out)
+
+
+class _Connection(Protocol):
+    """One RESP2 connection to Redis; every reply goes to the bridge."""
+
+    def __init__(self, bridge: RedisBackplane, role: str) -> None:
+        self.bridge = bridge
+        self.role = role  # "subscriber" or "publisher"
+        self._reader = hiredis.Reader()
+        #: Error replies on this connection; only the first is logged, since
+        #: a refusing Redis (NOAUTH, ...) answers every publish with one.
+        self.errors = 0
+        #: Bytes written since the transport asked us to pause (its buffer
+        #: is full: Redis reads slower than we publish); None while it flows.
+        self.backlog: int | None = None
+
+    def connectionMade(self) -> None:
+        # Publishes are small writes that should leave at once; Nagle would
+        # hold each behind the previous one's ACK.
+        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            set_nodelay(True)
+        if self.role == "publisher":
+            self.transport.registerProducer(self, True)
+        target = self.bridge.target
+        if target.password is not None:
+            auth = [target.username.encode()] if target.username else []
+            self.send(b"AUTH", *auth, target.password.encode())
+        self.bridge.connection_made(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        try:
+            while (reply := reader.gets()) is not False:
+                self.bridge.reply_received(self, reply)
+        except hiredis.ProtocolError as error:
+            _log.error("backplane: bad reply from Redis: {error}", error=error)
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.bridge.connection_lost(self)
+
+    def send(self, *args: bytes) -> None:
+        self.transport.write(command(*args))
+
+    # The publisher is the transport's producer, only to hear when its
+    # buffer fills and drains again; publishes are pushed by clients.
+    def pauseProducing(self) -> None:
+        if self.backlog is None:
+            self.backlog = 0
+
+    def resumeProducing(self) -> None:
+        self.backlog = None
+
+    def stopProducing(self) -> None:
+        self.backlog = None
+
+
+class _ConnectionFactory(Factory):
+    noisy = False
+
+    def __init__(self, bridge: RedisBackplane, role: str) -> None:
+        self.bridge = bridge
+        self.role = role
+
+    def buildProtocol(self, addr: Any) -> _Connection:
+        return _Connection(self.bridge, self.role)
+
+
+class RedisBackplane(Service):
+    """This node's side of the backplane; the engine's :class:`~pubsub.engine.Relay`.
+
+    ``endpoint`` is where to connect (default: the URL's host and port).
+    ``buffer_limit`` bounds the publishes queued past the transport's own
+    buffer when Redis reads slower than this node publishes; past it a
+    publish is refused as "behind".
+    Counters for /metrics: ``sent`` (publishes sent to Redis), ``received``
+    (delivered from another node), ``failed`` (publishes answered with the
+    backplane error), ``reconnects``.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        url: str,
+        prefix: bytes = b"pubsub:",
+        clock: Any = None,
+        max_delay: float = 5.0,
+        node_id: bytes | None = None,
+        endpoint: Any = None,
+        buffer_limit: int = 8 * 1024 * 1024,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.engine = engine
+        self.target = parse_url(url)
+        self.url = self.target.display
+        self.prefix = prefix
+        self._pattern_prefix = escape_glob(prefix)
+        self.clock = clock
+        self.max_delay = max_delay
+        self.node_id = (
+            node_id if node_id is not None else os.urandom(NODE_ID_SIZE // 2).hex().encode()
+        )
+        if len(self.node_id) != NODE_ID_SIZE:
+            raise ValueError(f"node id must be {NODE_ID_SIZE} bytes")
+        self._envelope_head = self.node_id + b" "
+        #: Names this node's clients hold, by kind: what Redis must know.
+        self.interest: dict[str, set[bytes]] = {
+            "channel": set(engine.channels()),
+            "pattern": set(engine.patterns()),
+            "shard": set(engine.shard_channels()),
+        }
+        self._subscriber: _Connection | None = None
+        self._publisher: _Connection | None = None
+        self._subscriber_ready = False
+        self.state = "connecting"
+        self.since = clock.seconds()
+        self._endpoint = endpoint
+        #: Bytes of publishes queued for a Redis that does not keep up (0: no limit).
+        self.buffer_limit = buffer_limit
+        self._refused: str | None = None  # why the last publish went no further
+        self.sent = 0
+        self.received = 0
+        self.failed = 0
+        self.reconnects = 0
+        self._services: list[ClientService] = []
+        engine.relay = self
+
+    # -- the service: two connections that come back -------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        _log.info("backplane: connecting to {url}", url=self.url)
+        endpoint = self._endpoint
+        if endpoint is None:
+            from twisted.internet import reactor
+
+            endpoint = HostnameEndpoint(reactor, self.target.host, self.target.port, timeout=5)
+        for role in ("subscriber", "publisher"):
+            service = ClientService(
+                endpoint,
+                _ConnectionFactory(self, role),
+                retryPolicy=backoff(self.max_delay),
+                clock=self.clock,
+            )
+            service.startService()
+            self._services.append(service)
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        services, self._services = self._services, []
+        return defer.DeferredList([service.stopService() for service in services])
+
+    # -- what the connections report -----------------------------------------
+
+    def connection_made(self, connection: _Connection) -> None:
+        if connection.role == "publisher":
+            self._publisher = connection
+        else:
+            self._subscriber = connection
+            self._subscriber_ready = False
+            self._resubscribe(connection)
+        self._update_state()
+
+    def connection_lost(self, connection: _Connection) -> None:
+        if connection is self._publisher:
+            self._publisher = None
+        elif connection is self._subscriber:
+            self._subscriber = None
+            self._subscriber_ready = False
+        else:
+            return
+        self._update_state()
+
+    def _resubscribe(self, connection: _Connection) -> None:
+        """Everything this node needs, in batches, then a PING whose answer
+        says Redis has taken all of it."""
+        for kind, names in self.interest.items():
+            wire = [self._wire_name(kind, name) for name in names]
+            for start in range(0, len(wire), RESUBSCRIBE_BATCH):
+                connection.send(_SUBSCRIBE[kind], *wire[start : start + RESUBSCRIBE_BATCH])
+        connection.send(b"PING")
+
+    def _update_state(self) -> None:
+        up = self._publisher is not None and self._subscriber_ready
+        state = "connected" if up else ("down" if self.state != "connecting" else "connecting")
+        if state == self.state:
+            return
+        if state == "connected" and self.state == "down":
+            self.reconnects += 1
+        self.state = state
+        self.since = self.clock.seconds()
+        if state == "connected":
+            _log.info("backplane: connected to {url}", url=self.url)
+        elif self.running:
+            _log.warn("backplane: lost {url}; reconnecting", url=self.url)
+
+    def reply_received(self, connection: _Connection, reply: Any) -> None:
+        if isinstance(reply, hiredis.ReplyError):
+            connection.errors += 1
+            if connection.errors == 1:
+                _log.error(
+                    "backplane: Redis at {url} answered the {role}: {error} "
+                    "(further errors on this connection are not logged)",
+                    url=self.url,
+                    role=connection.role,
+                    error=str(reply),
+                )
+            return
+        if connection.role != "subscriber" or connection is not self._subscriber:
+            return  # PUBLISH counts: node-local counts are what clients get
+        if isinstance(reply, list) and reply:
+            kind = reply[0]
+            if kind == b"message" and len(reply) == 3:
+                self._deliver(self.engine.deliver_message, reply[2], self._local(reply[1]))
+            elif kind == b"pmessage" and len(reply) == 4:
+                pattern = reply[1][len(self._pattern_prefix) :]
+                self._deliver(
+                    self.engine.deliver_pmessage, reply[3], pattern, self._local(reply[2])
+                )
+            elif kind == b"smessage" and len(reply) == 3:
+                self._deliver(self.engine.deliver_smessage, reply[2], self._local(reply[1]))
+            elif kind == b"pong":
+                self._ready()
+        elif reply == b"PONG":
+            self._ready()
+
+    def _ready(self) -> None:
+        if not self._subscriber_ready:
+            self._subscriber_ready = True
+            self._update_state()
+
+    def _local(self, name: bytes) -> bytes:
+        return name[len(self.prefix) :]
+
+    def _deliver(self, deliver: Callable[..., int], data: bytes, *names: bytes) -> None:
+        """Deliver a message from Redis unless this node sent it itself."""
+        if data[:NODE_ID_SIZE] == self.node_id or data[NODE_ID_SIZE : NODE_ID_SIZE + 1] != b" ":
+            return  # our own, already delivered here; or not from a node
+        self.received += 1
+        deliver(*names, data[NODE_ID_SIZE + 1 :])
+
+    # -- the engine's Relay ---------------------------------------------------
+
+    def _wire_name(self, kind: str, name: bytes) -> bytes:
+        return (self._pattern_prefix if kind == "pattern" else self.prefix) + name
+
+    def interest_gained(self, kind: str, name: bytes) -> None:
+        self.interest[kind].add(name)
+        if self._subscriber is not None:
+            self._subscriber.send(_SUBSCRIBE[kind], self._wire_name(kind, name))
+
+    def interest_lost(self, kind: str, name: bytes) -> None:
+        self.interest[kind].discard(name)
+        if self._subscriber is not None:
+            self._subscriber.send(_UNSUBSCRIBE[kind], self._wire_name(kind, name))
+
+    def published(self, kind: str, channel: bytes, payload: bytes) -> None:
+        publisher = self._publisher
+        if publisher is None or self.state != "connected":
+            self.failed += 1
+            self._refused = self.state
+            return
+        channel = self.prefix + channel
+        data = b"%s$%d\r\n%s\r\n$%d\r\n%s%s\r\n" % (
+            _PUBLISH[kind],
+            len(channel),
+            channel,
+            NODE_ID_SIZE + 1 + len(payload),
+            self._envelope_head,
+            payload,
+        )
+        if publisher.backlog is not None:
+            # Redis is not keeping up: queue up to the limit, then refuse,
+            # so a stalled Redis costs a bounded amount of memory.
+            if self.buffer_limit and publisher.backlog + len(data) > self.buffer_limit:
+                self.failed += 1
+                self._refused = "behind"
+                return
+            publisher.backlog += len(data)
+        self._refused = None
+        self.sent += 1
+        publisher.transport.write(data)
+
+    def refusal(self, receivers: int) -> str | None:
+        reason = self._refused
+        if reason is None:
+            return None
+        noun = "subscriber" if receivers == 1 else "subscribers"
+        return f"BACKPLANE {self.url} is {reason}: delivered to {receivers} local {noun} only"
+
+    # -- figures --------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """What /healthz shows of the backplane."""
+        return {
+            "url": self.url,
+            "state": self.state,
+            "since": round(float(self.since), 3),
+            "node": self.node_id.decode(),
+            "channels": len(self.interest["channel"]),
+            "patterns": len(self.interest["pattern"]),
+            "shard_channels": len(self.interest["shard"]),
+        }

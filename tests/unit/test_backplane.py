@@ -1,0 +1,419 @@
+"""The backplane bridge and the engine hooks it uses, without Redis.
+
+The bridge's two connections are driven with StringTransport: what it writes
+is compared with RESP bytes, what Redis would answer is fed back.  Reconnect
+backoff runs on a Clock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from pubsub.backplane.redis import (
+    RESUBSCRIBE_BATCH,
+    RedisBackplane,
+    _Connection,
+    backoff,
+    command,
+    escape_glob,
+    parse_url,
+)
+from pubsub.commands import Error, Reply, Session, error_kind, execute
+from pubsub.engine import Engine
+
+NODE = b"0123456789abcdef"
+OTHER = b"fedcba9876543210"
+
+
+class Frames:
+    """An encoder whose frames are tuples, so deliveries are easy to compare."""
+
+    def message(self, channel: bytes, payload: bytes) -> Any:
+        return ("message", channel, payload)
+
+    def pmessage(self, pattern: bytes, channel: bytes, payload: bytes) -> Any:
+        return ("pmessage", pattern, channel, payload)
+
+    def smessage(self, channel: bytes, payload: bytes) -> Any:
+        return ("smessage", channel, payload)
+
+
+class Client:
+    encoder = Frames()
+
+    def __init__(self, engine: Engine) -> None:
+        self.frames: list = []
+        self.token = engine.register(self)
+        self.session = Session(engine, self.token)
+
+    def deliver(self, frame: Any) -> None:
+        self.frames.append(frame)
+
+    def run(self, *args: bytes | str) -> list:
+        return execute(self.session, [a.encode() if isinstance(a, str) else a for a in args])
+
+
+class Interest:
+    """A relay that only records what the engine tells it."""
+
+    def __init__(self) -> None:
+        self.events: list = []
+
+    def interest_gained(self, kind: str, name: bytes) -> None:
+        self.events.append(("+", kind, name))
+
+    def interest_lost(self, kind: str, name: bytes) -> None:
+        self.events.append(("-", kind, name))
+
+    def published(self, kind: str, channel: bytes, payload: bytes) -> None:
+        self.events.append(("publish", kind, channel, payload))
+
+    def refusal(self, receivers: int) -> str | None:
+        return None
+
+
+# -- the engine's hooks -------------------------------------------------------------------
+
+
+def test_the_relay_hears_of_first_and_last_subscribers_only():
+    engine = Engine()
+    relay = engine.relay = Interest()
+    alice, bob = Client(engine), Client(engine)
+    alice.run("SUBSCRIBE", "a", "b")
+    bob.run("SUBSCRIBE", "a")
+    alice.run("PSUBSCRIBE", "a*")
+    bob.run("SSUBSCRIBE", "s")
+    alice.run("UNSUBSCRIBE", "a")  # bob still holds it
+    engine.unregister(bob.token)
+    alice.run("PUNSUBSCRIBE")
+    assert relay.events == [
+        ("+", "channel", b"a"),
+        ("+", "channel", b"b"),
+        ("+", "pattern", b"a*"),
+        ("+", "shard", b"s"),
+        ("-", "channel", b"a"),
+        ("-", "shard", b"s"),
+        ("-", "pattern", b"a*"),
+    ]
+
+
+def test_the_relay_hears_of_every_publish_with_bytes():
+    engine = Engine()
+    relay = engine.relay = Interest()
+    engine.publish("news", "héllo")
+    engine.spublish(b"s", b"x")
+    assert relay.events == [
+        ("publish", "channel", b"news", "héllo".encode()),
+        ("publish", "shard", b"s", b"x"),
+    ]
+
+
+def test_messages_from_elsewhere_reach_only_the_named_subscribers():
+    engine = Engine()
+    channel, pattern, other_pattern, shard = (Client(engine) for _ in range(4))
+    channel.run("SUBSCRIBE", "a")
+    pattern.run("PSUBSCRIBE", "a*")
+    other_pattern.run("PSUBSCRIBE", "?")
+    shard.run("SSUBSCRIBE", "a")
+    assert engine.deliver_message(b"a", b"m") == 1
+    assert engine.deliver_pmessage(b"a*", b"a", b"p") == 1
+    assert engine.deliver_smessage(b"a", b"s") == 1
+    assert engine.deliver_message(b"nobody", b"m") == 0
+    assert engine.deliver_pmessage(b"gone*", b"gone", b"m") == 0
+    assert channel.frames == [("message", b"a", b"m")]
+    assert pattern.frames == [("pmessage", b"a*", b"a", b"p")]
+    assert other_pattern.frames == []
+    assert shard.frames == [("smessage", b"a", b"s")]
+    assert (engine.publishes, engine.deliveries) == (0, 3)
+
+
+# -- the bridge ---------------------------------------------------------------------------
+
+
+class Node:
+    """An engine with a bridge whose connections are StringTransports."""
+
+    def __init__(self, prefix: bytes = b"pubsub:", password: str = "") -> None:
+        self.clock = Clock()
+        self.engine = Engine()
+        auth = f":{password}@" if password else ""
+        self.bridge = RedisBackplane(
+            self.engine, f"redis://{auth}redis.example:6390/0", prefix, self.clock, node_id=NODE
+        )
+        self.subscriber: _Connection | None = None
+        self.publisher: _Connection | None = None
+
+    def connect(self, role: str) -> _Connection:
+        connection = _Connection(self.bridge, role)
+        connection.makeConnection(StringTransport())
+        setattr(self, role, connection)
+        return connection
+
+    def connect_both(self) -> None:
+        self.connect("publisher")
+        self.connect("subscriber").dataReceived(b"+PONG\r\n")
+
+    @staticmethod
+    def written(connection: _Connection) -> bytes:
+        data = connection.transport.value()
+        connection.transport.clear()
+        return data
+
+
+def test_a_node_subscribes_in_redis_to_what_its_clients_hold():
+    node = Node(prefix=b"app[1]:")
+    node.connect_both()
+    node.written(node.subscriber)
+    alice, bob = Client(node.engine), Client(node.engine)
+    alice.run("SUBSCRIBE", "a")
+    bob.run("SUBSCRIBE", "a")  # not the first: nothing for Redis
+    alice.run("PSUBSCRIBE", "a*")
+    alice.run("SSUBSCRIBE", "s")
+    assert node.written(node.subscriber) == (
+        command(b"SUBSCRIBE", b"app[1]:a")
+        + command(b"PSUBSCRIBE", b"app\\[1\\]:a*")
+        + command(b"SSUBSCRIBE", b"app[1]:s")
+    )
+    node.engine.unregister(alice.token)
+    assert node.written(node.subscriber) == (
+        command(b"SUNSUBSCRIBE", b"app[1]:s") + command(b"PUNSUBSCRIBE", b"app\\[1\\]:a*")
+    )
+    bob.run("UNSUBSCRIBE")
+    assert node.written(node.subscriber) == command(b"UNSUBSCRIBE", b"app[1]:a")
+
+
+def test_a_publish_is_delivered_here_and_sent_in_an_envelope():
+    node = Node()
+    node.connect_both()
+    alice, bob = Client(node.engine), Client(node.engine)
+    alice.run("SUBSCRIBE", "news")
+    assert bob.run("PUBLISH", "news", "hi") == [Reply(1)]
+    assert bob.run("SPUBLISH", "s", "x") == [Reply(0)]
+    assert alice.frames == [("message", b"news", b"hi")]
+    assert node.written(node.publisher) == (
+        command(b"PUBLISH", b"pubsub:news", NODE + b" hi")
+        + command(b"SPUBLISH", b"pubsub:s", NODE + b" x")
+    )
+    assert node.bridge.sent == 2
+
+
+def test_messages_from_redis_reach_the_matching_local_subscribers_once():
+    node = Node()
+    node.connect_both()
+    channel, pattern = Client(node.engine), Client(node.engine)
+    channel.run("SUBSCRIBE", "a")
+    pattern.run("PSUBSCRIBE", "a*")
+    channel.run("SSUBSCRIBE", "s")
+    # One publish elsewhere on "a" comes as a message and a pmessage; our
+    # own publishes come back too and are dropped (delivered already).
+    node.subscriber.dataReceived(
+        b"*3\r\n$9\r\nsubscribe\r\n$8\r\npubsub:a\r\n:1\r\n"
+        + _push(b"message", b"pubsub:a", OTHER + b" hello")
+        + _push(b"pmessage", b"pubsub:a*", b"pubsub:a", OTHER + b" hello")
+        + _push(b"message", b"pubsub:a", NODE + b" mine")
+        + _push(b"pmessage", b"pubsub:a*", b"pubsub:a", NODE + b" mine")
+        + _push(b"smessage", b"pubsub:s", OTHER + b" shard")
+        + _push(b"message", b"pubsub:a", b"not from a node")
+    )
+    assert channel.frames == [("message", b"a", b"hello"), ("smessage", b"s", b"shard")]
+    assert pattern.frames == [("pmessage", b"a*", b"a", b"hello")]
+    assert node.bridge.received == 3
+
+
+def _push(*items: bytes) -> bytes:
+    return command(*items)
+
+
+def test_state_follows_both_connections_and_the_resubscribe():
+    node = Node()
+    bridge = node.bridge
+    assert bridge.state == "connecting"
+    node.connect("publisher")
+    subscriber = node.connect("subscriber")
+    assert bridge.state == "connecting"  # Redis has not confirmed the subscriptions yet
+    subscriber.dataReceived(b"+PONG\r\n")
+    assert (bridge.state, bridge.since) == ("connected", 0)
+    node.clock.advance(7)
+    node.publisher.connectionLost(Failure(ConnectionRefusedError()))
+    assert (bridge.state, bridge.since) == ("down", 7)
+    assert bridge.health()["state"] == "down"
+    assert bridge.health()["url"] == "redis://redis.example:6390/"
+
+
+def test_while_down_a_publish_reaches_this_node_and_answers_the_backplane_error():
+    node = Node()
+    node.connect_both()
+    alice, bob = Client(node.engine), Client(node.engine)
+    alice.run("SUBSCRIBE", "news")
+    node.subscriber.connectionLost(Failure(ConnectionRefusedError()))
+    [error] = bob.run("PUBLISH", "news", "hi")
+    assert error == Error(
+        "BACKPLANE redis://redis.example:6390/ is down: delivered to 1 local subscriber only"
+    )
+    assert error_kind(error.message) == "backplane"
+    assert alice.frames == [("message", b"news", b"hi")]
+    assert node.written(node.publisher) == b""
+    assert (node.bridge.failed, node.bridge.sent) == (1, 0)
+    [error] = bob.run("SPUBLISH", "s", "x")
+    assert "delivered to 0 local subscribers only" in error.message
+
+
+def test_a_reconnect_resubscribes_everything_in_batches_then_pings():
+    node = Node()
+    node.connect_both()
+    client = Client(node.engine)
+    channels = [b"c%d" % n for n in range(RESUBSCRIBE_BATCH + 3)]
+    client.run("SUBSCRIBE", *channels)
+    client.run("PSUBSCRIBE", "p*")
+    client.run("UNSUBSCRIBE", "c0")
+    node.subscriber.connectionLost(Failure(ConnectionRefusedError()))
+    client.run("SSUBSCRIBE", "s")  # while down: remembered for the reconnect
+    subscriber = node.connect("subscriber")
+    sent = _commands(node.written(subscriber))
+    subscribes = [c for c in sent if c[0] == b"SUBSCRIBE"]
+    assert [len(c) - 1 for c in subscribes] == [RESUBSCRIBE_BATCH, 2]
+    assert sorted(name for c in subscribes for name in c[1:]) == sorted(
+        b"pubsub:" + c for c in channels[1:]
+    )
+    assert [b"PSUBSCRIBE", b"pubsub:p*"] in sent
+    assert [b"SSUBSCRIBE", b"pubsub:s"] in sent
+    assert sent[-1] == [b"PING"]
+    assert node.bridge.state == "down"
+    subscriber.dataReceived(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n")
+    assert (node.bridge.state, node.bridge.reconnects) == ("connected", 1)
+
+
+def _commands(data: bytes) -> list[list[bytes]]:
+    import hiredis
+
+    reader = hiredis.Reader()
+    reader.feed(data)
+    out = []
+    while (item := reader.gets()) is not False:
+        out.append(item)
+    return out
+
+
+def test_a_password_in_the_url_is_sent_with_auth_and_never_shown():
+    node = Node(password="s3cret")
+    connection = node.connect("publisher")
+    assert node.written(connection) == command(b"AUTH", b"s3cret")
+    assert "s3cret" not in node.bridge.url
+    user = parse_url("redis://ops:pw@10.0.0.1/")
+    assert (user.username, user.password, user.port, user.display) == (
+        "ops",
+        "pw",
+        6379,
+        "redis://ops@10.0.0.1:6379/",
+    )
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("http://host:1/", "must start with redis://"),
+        ("redis://:6379/", "no host"),
+        ("redis://host:notaport/", "bad port"),
+    ],
+)
+def test_a_bad_url_is_refused_with_the_reason(url, message):
+    with pytest.raises(ValueError, match=message):
+        parse_url(url)
+
+
+def test_glob_characters_of_the_prefix_are_escaped():
+    assert escape_glob(b"a*b?[c]\\") == b"a\\*b\\?\\[c\\]\\\\"
+
+
+def test_backoff_doubles_up_to_the_limit_with_jitter():
+    low = backoff(5.0, jitter=lambda: 0.0)
+    high = backoff(5.0, jitter=lambda: 1.0)
+    assert [low(n) for n in range(1, 9)] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.5, 2.5]
+    assert [high(n) for n in range(1, 9)] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
+    assert high(10_000) == 5.0
+
+
+class FlakyEndpoint:
+    """Refuses the first ``failures`` connection attempts, then connects."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.attempts = 0
+
+    def connect(self, factory: Any) -> defer.Deferred:
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            return defer.fail(ConnectionRefusedError())
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        return defer.succeed(protocol)
+
+
+def test_the_service_retries_with_backoff_until_redis_answers():
+    clock, engine = Clock(), Engine()
+    endpoint = FlakyEndpoint(failures=6)  # three attempts of each connection
+    bridge = RedisBackplane(
+        engine, "redis://127.0.0.1:1/", clock=clock, max_delay=1.0, endpoint=endpoint
+    )
+    bridge.startService()
+    assert endpoint.attempts == 2
+    clock.advance(0.1)
+    assert endpoint.attempts == 4
+    clock.advance(0.2)
+    assert endpoint.attempts == 6
+    assert bridge.state == "connecting"
+    clock.advance(0.4)
+    assert endpoint.attempts == 8
+    bridge._subscriber.dataReceived(b"+PONG\r\n")
+    assert bridge.state == "connected"
+    bridge.stopService()
+
+
+def test_redis_refusing_everything_keeps_the_node_down_and_logs_once():
+    from twisted.logger import globalLogPublisher
+
+    logged: list = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        node = Node(password="wrong")
+        node.connect("publisher")
+        subscriber = node.connect("subscriber")
+        refusal = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+        subscriber.dataReceived(refusal + b"-NOAUTH Authentication required.\r\n")
+        node.publisher.dataReceived(refusal + b"-NOAUTH Authentication required.\r\n" * 3)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert node.bridge.state == "connecting"  # the PING after the subscribes never passed
+    errors = [event for event in logged if event.get("log_namespace") == "pubsub.backplane.redis"]
+    assert [(e["role"], e["error"]) for e in errors] == [
+        ("subscriber", "WRONGPASS invalid username-password pair or user is disabled."),
+        ("publisher", "WRONGPASS invalid username-password pair or user is disabled."),
+    ]
+
+
+def test_a_redis_that_falls_behind_gets_a_bounded_queue_then_refusals():
+    node = Node()
+    node.bridge.buffer_limit = 200
+    node.connect_both()
+    alice, bob = Client(node.engine), Client(node.engine)
+    alice.run("SUBSCRIBE", "news")
+    publisher = node.publisher
+    assert publisher.transport.producer is publisher
+    publisher.pauseProducing()  # the transport's buffer is full
+    assert bob.run("PUBLISH", "news", "x" * 100) == [Reply(1)]  # 136 bytes queued
+    [error] = bob.run("PUBLISH", "news", "y" * 100)
+    assert error == Error(
+        "BACKPLANE redis://redis.example:6390/ is behind: delivered to 1 local subscriber only"
+    )
+    assert [frame[2][:1] for frame in alice.frames] == [b"x", b"y"]
+    assert (node.bridge.sent, node.bridge.failed) == (1, 1)
+    publisher.resumeProducing()  # drained
+    assert bob.run("PUBLISH", "news", "z" * 100) == [Reply(1)]
+    assert node.bridge.sent == 2
