@@ -28,8 +28,9 @@
 const DEFAULT_OPTIONS = Object.freeze({
   protocols: ["pubsub.json"],
   reconnect: { minDelay: 500, maxDelay: 30000, factor: 2 },
-  // The server never pings; a PING now and then keeps idle proxies from
-  // cutting the connection and finds a connection that died silently.
+  // A PING now and then finds a connection that died silently, which the
+  // browser's WebSocket may not notice for minutes (the server's own pings
+  // are answered by the browser without telling the page).
   pingInterval: 30000,
   maxQueue: 1000,
 });

@@ -16,8 +16,10 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
+import jwt
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
@@ -151,3 +153,45 @@ def test_pubsub_js_rules_against_a_scripted_server():
     assert code == 0, report + err.decode(errors="replace")
     total = int(re.search(r"^# tests (\d+)$", report, re.MULTILINE).group(1))
     assert total > 0 and f"# pass {total}\n" in report
+
+
+@pytest_twisted.inlineCallbacks
+def test_pubsub_js_with_tokens(make_server):
+    node = _node()
+    secret = "a secret for the pubsub.js token test, 32 bytes or more"
+    server = yield make_server(jwt_secret=secret)
+    good = jwt.encode(
+        {"sub": "web", "exp": time.time() + 600, "subscribe": ["news"], "publish": ["news"]},
+        secret,
+        algorithm="HS256",
+    )
+    expired = jwt.encode({"sub": "web", "exp": time.time() - 5}, secret, algorithm="HS256")
+    out, err, code = yield getProcessOutputAndValue(
+        node,
+        [str(CLIENTS / "pubsub_js_auth.mjs"), f"ws://127.0.0.1:{server.port}/", good, expired],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        path=str(CLIENTS),
+    )
+    assert code == 0, (out, err)
+    seen = json.loads(out.decode().strip().splitlines()[-1])
+    assert seen == {
+        "before_auth": {
+            "code": "NOAUTH",
+            "isPubSubError": True,
+            "message": "NOAUTH Authentication required.",
+        },
+        "bad_auth": {
+            "code": "WRONGPASS",
+            "isPubSubError": True,
+            "message": "WRONGPASS token has expired",
+        },
+        "auth": "OK",
+        "subscribe": 1,
+        "not_allowed": {
+            "code": "NOPERM",
+            "isPubSubError": True,
+            "message": "NOPERM User web has no permissions to access the 'secret' channel",
+        },
+        "publish": 1,
+        "message": ["with a token", "news"],
+    }
