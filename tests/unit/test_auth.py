@@ -9,13 +9,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from twisted.internet.task import Clock
-from txaio._common import _BatchedTimer
 
 from pubsub.auth import Authenticator, AuthError, Grant, Guard
 from pubsub.config import ConfigError, Settings
 from pubsub.engine import Engine
 from pubsub.resp import RespFactory
-from pubsub.websocket import PubSubServerFactory
+from tests.support.clocked import websocket_factory
 from tests.support.wsframes import CLOSE, command
 from tests.unit import test_resp as resp
 from tests.unit.test_websocket import Connection
@@ -206,12 +205,7 @@ def clock():
 def ws_factory(clock):
     def make(**settings):
         settings = {"ping_interval": 0, **settings}  # the tests advance the clock by minutes
-        factory = PubSubServerFactory(
-            Engine(), Settings(jwt_secret=SECRET, **settings), reactor=clock
-        )
-        factory._batched_timer = _BatchedTimer(
-            200.0, 1000, seconds_provider=clock.seconds, delayed_call_creator=clock.callLater
-        )
+        factory = websocket_factory(clock, jwt_secret=SECRET, **settings)
         return factory
 
     return make

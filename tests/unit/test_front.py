@@ -9,13 +9,11 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.web.http import _GenericHTTPChannelProtocol
 from twisted.web.server import Site
-from txaio._common import _BatchedTimer
 
-from pubsub.config import Settings
-from pubsub.engine import Engine
 from pubsub.web import FrontFactory, PubSubResource
-from pubsub.websocket import EchoServerProtocol, PubSubServerFactory, PubSubServerProtocol
+from pubsub.websocket import EchoServerProtocol, PubSubServerProtocol
 from tests.support import wsframes
+from tests.support.clocked import websocket_factory
 from tests.unit.test_websocket import Transport
 
 
@@ -31,10 +29,7 @@ def clock():
 @pytest.fixture
 def make_front(clock):
     def make(**settings):
-        factory = PubSubServerFactory(Engine(), Settings(**settings), reactor=clock)
-        factory._batched_timer = _BatchedTimer(
-            200.0, 1000, seconds_provider=clock.seconds, delayed_call_creator=clock.callLater
-        )
+        factory = websocket_factory(clock, **settings)
         resource = PubSubResource(factory, clock)
         return FrontFactory(Site(resource, timeout=factory.settings.open_handshake_timeout), clock)
 

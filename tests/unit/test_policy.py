@@ -11,7 +11,6 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.server import Site
-from txaio._common import _BatchedTimer
 
 from pubsub.commands import Reply, Session, execute
 from pubsub.config import Settings
@@ -19,8 +18,8 @@ from pubsub.engine import Engine
 from pubsub.policy import IdleTimer, OriginPolicy, PeerCounter, PublishLimit, TokenBucket
 from pubsub.resp import RespFactory
 from pubsub.web import FrontFactory, PubSubResource
-from pubsub.websocket import PubSubServerFactory
 from tests.support import wsframes
+from tests.support.clocked import websocket_factory
 from tests.support.wsframes import CLOSE, PING, PONG, TEXT, client_frame, close_code, command
 from tests.unit.test_resp import Client
 from tests.unit.test_websocket import Connection, Transport
@@ -34,10 +33,7 @@ def clock():
 @pytest.fixture
 def make_factory(clock):
     def make(**settings):
-        factory = PubSubServerFactory(Engine(), Settings(**settings), reactor=clock)
-        factory._batched_timer = _BatchedTimer(
-            200.0, 1000, seconds_provider=clock.seconds, delayed_call_creator=clock.callLater
-        )
+        factory = websocket_factory(clock, **settings)
         return factory
 
     return make

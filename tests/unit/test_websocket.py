@@ -13,13 +13,11 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from txaio._common import _BatchedTimer
 
 from pubsub import websocket
-from pubsub.config import Settings
-from pubsub.engine import Engine
 from pubsub.websocket import PubSubServerFactory, PubSubServerProtocol
 from tests.support import wsframes
+from tests.support.clocked import websocket_factory
 from tests.support.wsframes import BINARY, CLOSE, TEXT, client_frame, command
 
 
@@ -75,12 +73,7 @@ def clock():
 @pytest.fixture
 def make_factory(clock):
     def make(**settings):
-        factory = PubSubServerFactory(Engine(), Settings(**settings), reactor=clock)
-        # Autobahn schedules its handshake timers through txaio's global loop;
-        # keep them on this test's clock instead of the real reactor.
-        factory._batched_timer = _BatchedTimer(
-            200.0, 1000, seconds_provider=clock.seconds, delayed_call_creator=clock.callLater
-        )
+        factory = websocket_factory(clock, **settings)
         return factory
 
     return make
