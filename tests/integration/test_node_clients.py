@@ -12,40 +12,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from pathlib import Path
 
-import pytest
 import pytest_twisted
 from twisted.internet.utils import getProcessOutputAndValue
 
-CLIENTS = Path(__file__).resolve().parents[1] / "clients"
-
-
-def _node() -> str:
-    node = shutil.which("node")
-    missing = None
-    if node is None:
-        missing = "node is not installed"
-    elif not (CLIENTS / "node_modules" / "ioredis").is_dir():
-        missing = "the Node clients are not installed (make test runs npm ci in tests/clients)"
-    if missing:
-        if os.environ.get("PUBSUB_REQUIRE_REDIS"):
-            pytest.fail(missing)
-        pytest.skip(missing)
-    return node
+from tests.support.processes import NODE_CLIENTS, node_with
 
 
 @pytest_twisted.inlineCallbacks
 def test_ioredis_and_node_redis_work_unchanged(resp_server, connect):
-    node = _node()
+    node = node_with("ioredis")
     websocket = yield connect(resp_server.port)
     yield websocket.call("PSUBSCRIBE", "*")
     out, err, code = yield getProcessOutputAndValue(
         node,
-        [str(CLIENTS / "redis_clients.mjs"), str(resp_server.resp_port)],
+        [str(NODE_CLIENTS / "redis_clients.mjs"), str(resp_server.resp_port)],
         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-        path=str(CLIENTS),
+        path=str(NODE_CLIENTS),
     )
     assert code == 0, (out, err)
     seen = json.loads(out.decode().strip().splitlines()[-1])

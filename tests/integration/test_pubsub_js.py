@@ -15,31 +15,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
-from pathlib import Path
 
 import jwt
-import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.utils import getProcessOutputAndValue
 
-CLIENTS = Path(__file__).resolve().parents[1] / "clients"
-
-
-def _node() -> str:
-    node = shutil.which("node")
-    missing = None
-    if node is None:
-        missing = "node is not installed"
-    elif not (CLIENTS / "node_modules" / "ws").is_dir():
-        missing = "the ws package is not installed (make test runs npm ci in tests/clients)"
-    if missing:
-        if os.environ.get("PUBSUB_REQUIRE_REDIS"):
-            pytest.fail(missing)
-        pytest.skip(missing)
-    return node
+from tests.support.processes import NODE_CLIENTS, node_with
 
 
 class NodeScript(protocol.ProcessProtocol):
@@ -69,7 +52,7 @@ class NodeScript(protocol.ProcessProtocol):
 
 @pytest_twisted.inlineCallbacks
 def test_pubsub_js_in_node(make_server, monkeypatch):
-    node = _node()
+    node = node_with("ws")
     server = yield make_server(max_subscriptions=4)
     requests: list[tuple[str, str | None]] = []
     protocol_class = server.factory.protocol
@@ -84,9 +67,9 @@ def test_pubsub_js_in_node(make_server, monkeypatch):
     reactor.spawnProcess(
         script,
         node,
-        [node, str(CLIENTS / "pubsub_js.mjs"), f"ws://127.0.0.1:{server.port}/live"],
+        [node, str(NODE_CLIENTS / "pubsub_js.mjs"), f"ws://127.0.0.1:{server.port}/live"],
         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-        path=str(CLIENTS),
+        path=str(NODE_CLIENTS),
     )
     code = yield script.ended
     assert code == 0, (script.out, script.err)
@@ -142,12 +125,12 @@ def test_pubsub_js_in_node(make_server, monkeypatch):
 
 @pytest_twisted.inlineCallbacks
 def test_pubsub_js_rules_against_a_scripted_server():
-    node = _node()
+    node = node_with("ws")
     out, err, code = yield getProcessOutputAndValue(
         node,
-        ["--test", str(CLIENTS / "pubsub_js_unit.mjs")],
+        ["--test", str(NODE_CLIENTS / "pubsub_js_unit.mjs")],
         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-        path=str(CLIENTS),
+        path=str(NODE_CLIENTS),
     )
     report = out.decode(errors="replace")
     assert code == 0, report + err.decode(errors="replace")
@@ -157,7 +140,7 @@ def test_pubsub_js_rules_against_a_scripted_server():
 
 @pytest_twisted.inlineCallbacks
 def test_pubsub_js_with_tokens(make_server):
-    node = _node()
+    node = node_with("ws")
     secret = "a secret for the pubsub.js token test, 32 bytes or more"
     server = yield make_server(jwt_secret=secret)
     good = jwt.encode(
@@ -168,9 +151,9 @@ def test_pubsub_js_with_tokens(make_server):
     expired = jwt.encode({"sub": "web", "exp": time.time() - 5}, secret, algorithm="HS256")
     out, err, code = yield getProcessOutputAndValue(
         node,
-        [str(CLIENTS / "pubsub_js_auth.mjs"), f"ws://127.0.0.1:{server.port}/", good, expired],
+        [str(NODE_CLIENTS / "pubsub_js_auth.mjs"), f"ws://127.0.0.1:{server.port}/", good, expired],
         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-        path=str(CLIENTS),
+        path=str(NODE_CLIENTS),
     )
     assert code == 0, (out, err)
     seen = json.loads(out.decode().strip().splitlines()[-1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -11,6 +12,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from twisted.internet import defer, protocol
 
 
@@ -112,3 +114,23 @@ def twistd_process(*options: str) -> ChildServer:
         return [twistd, "-n", "--pidfile=", "pubsub", "--port", endpoint, *options]
 
     return ChildServer(command, r"Site starting on (\d+)")
+
+
+#: The Node scripts and packages the client tests run (tests/clients).
+NODE_CLIENTS = Path(__file__).resolve().parents[1] / "clients"
+
+
+def node_with(package: str) -> str:
+    """The path of node, with ``package`` installed in tests/clients; a skip
+    without them (a failure under PUBSUB_REQUIRE_REDIS, which `make test` sets)."""
+    node = shutil.which("node")
+    missing = None
+    if node is None:
+        missing = "node is not installed"
+    elif not (NODE_CLIENTS / "node_modules" / package).is_dir():
+        missing = f"the {package} package is not installed (make test runs npm ci in tests/clients)"
+    if missing:
+        if os.environ.get("PUBSUB_REQUIRE_REDIS"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+    return node
