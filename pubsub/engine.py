@@ -123,6 +123,12 @@ class _Client:
     def shard_count(self) -> int:
         return len(self.shard_channels)
 
+    def held(self, kind: str) -> dict[bytes, None]:
+        """The names held as "channel", "pattern" or "shard"."""
+        if kind == "channel":
+            return self.channels
+        return self.patterns if kind == "pattern" else self.shard_channels
+
 
 def _as_bytes(value: bytes | str) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else value
@@ -192,25 +198,13 @@ class Engine:
         ``kind`` is "channel", "pattern" or "shard"; hosts use this to enforce
         a per-client subscription limit before subscribing.
         """
-        client = self._client(token)
-        held = {
-            "channel": client.channels,
-            "pattern": client.patterns,
-            "shard": client.shard_channels,
-        }[kind]
+        held = self._client(token).held(kind)
         return len({name for name in names if name not in held})
 
     def held(self, token: int, kind: str) -> list[bytes]:
         """The names the client holds as ``kind`` ("channel", "pattern" or
         "shard"), in the order it subscribed to them."""
-        client = self._client(token)
-        return list(
-            {
-                "channel": client.channels,
-                "pattern": client.patterns,
-                "shard": client.shard_channels,
-            }[kind]
-        )
+        return list(self._client(token).held(kind))
 
     # -- subscribing -------------------------------------------------------
 
