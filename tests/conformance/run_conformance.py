@@ -48,6 +48,9 @@ class Server:
             # compressed connection (RFC 7692 allows it), so compress all.
             "--compression-min-size", "0",
             "--max-message-size", str(MAX_MESSAGE_SIZE),
+            # kosoku ends a case at the first frame it did not expect, and a
+            # keepalive ping 30 s into section 12's longest cases is one.
+            "--ping-interval", "0",
         ]  # fmt: skip
         self.log_path = log_path
         self.lines: list[str] = []
