@@ -12,6 +12,7 @@ import ipaddress
 import json
 
 import pytest_twisted
+import redis
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -23,8 +24,10 @@ from twisted.web.server import Site
 
 from pubsub.config import Settings
 from pubsub.engine import Engine
+from pubsub.resp import RespFactory
 from pubsub.service import build_resource
 from pubsub.web import FrontFactory
+from tests.integration.test_resp import in_thread
 from tests.support import wsclient
 
 
@@ -106,3 +109,42 @@ def test_wss_round_trip_and_https_health_through_the_front(tmp_path):
             yield client.closed
     finally:
         yield port.stopListening()
+
+
+def _redis_py_over_tls(port: int, cert_path) -> tuple:
+    client = redis.Redis(
+        host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=str(cert_path), socket_timeout=10
+    )
+    with client:
+        return client.ping(), client.publish("news", "over TLS")
+
+
+@pytest_twisted.inlineCallbacks
+def test_resp_port_over_tls_with_a_redis_client(tmp_path, connect):
+    key_path, cert_path, _ = make_certificate(tmp_path)
+    engine = Engine()
+    endpoint = serverFromString(
+        reactor, f"ssl:0:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}"
+    )
+    listening = yield endpoint.listen(RespFactory(engine, Settings(), reactor))
+    try:
+        subscriber = engine.register(_Collector())
+        engine.subscribe(subscriber, [b"news"])
+        pong, receivers = yield in_thread(_redis_py_over_tls, listening.getHost().port, cert_path)
+        assert (pong, receivers) == (True, 1)
+    finally:
+        yield listening.stopListening()
+
+
+class _Collector:
+    """An engine subscriber in the application: its own encoder, keeping what came."""
+
+    def __init__(self) -> None:
+        self.encoder = self
+        self.got: list = []
+
+    def message(self, channel: bytes, payload: bytes) -> tuple:
+        return (channel, payload)
+
+    def deliver(self, frame) -> None:
+        self.got.append(frame)
