@@ -13,9 +13,9 @@
 * ``/echo``, only when the ``echo_endpoint`` setting is on, echoes every
   WebSocket message under the same protocol options (conformance testing).
 
-:class:`FrontFactory` is what the service listens with: it hands WebSocket
-upgrades straight to Autobahn and everything else to a ``Site`` around
-:class:`PubSubResource`.
+:class:`FrontFactory` is what the service listens with: it opens WebSocket
+upgrades itself or hands them straight to Autobahn, and everything else to a
+``Site`` around :class:`PubSubResource`.
 """
 
 from __future__ import annotations
@@ -382,12 +382,14 @@ class _Front(Protocol):
     """Reads a request's head, then gives the connection to Autobahn or twisted.web.
 
     A WebSocket upgrade on a pub/sub path (or /echo) goes straight to the
-    Autobahn protocol, which parses the head itself: twisted.web would parse
-    it first, build a Request, walk the resources and serialize the head
-    again for Autobahn, about a third of what opening a connection costs.
-    Everything else, and anything unusual, goes to twisted.web's channel
-    with every byte received, where :class:`PubSubResource` serves it as it
-    would anyway.
+    Autobahn protocol: twisted.web would parse it first, build a Request,
+    walk the resources and serialize the head again for Autobahn, about a
+    third of what opening a connection costs. The plain request nearly
+    every client sends (:func:`~pubsub.handshake.read_upgrade`) is opened
+    here, without Autobahn's handshake either; any other upgrade is handed
+    to Autobahn, which parses the head itself. Everything else, and anything
+    unusual, goes to twisted.web's channel with every byte received, where
+    :class:`PubSubResource` serves it as it would anyway.
     """
 
     def __init__(self, front: FrontFactory, counted_as: str | None = None) -> None:
