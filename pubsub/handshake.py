@@ -17,6 +17,7 @@ accept, and every refusal stays Autobahn's.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 from dataclasses import dataclass
 from urllib.parse import parse_qs
@@ -132,11 +133,18 @@ def accept_response(key: str, protocol: str | None, server: str | None) -> bytes
     """The ``101 Switching Protocols`` answer, header for header as Autobahn
     writes it: ``server`` is its ``Server`` header, ``protocol`` the chosen one."""
     digest = hashlib.sha1(key.encode("ascii") + _GUID).digest()
+    return _response_head(protocol, server) + base64.b64encode(digest) + b"\r\n\r\n"
+
+
+@functools.lru_cache(maxsize=8)
+def _response_head(protocol: str | None, server: str | None) -> bytes:
+    """Everything in the 101 answer before the accept key's value (the same
+    for every connection of a server that chose the same subprotocol)."""
     lines = ["HTTP/1.1 101 Switching Protocols"]
     if server:
         lines.append(f"Server: {server}")
     lines += ["Upgrade: WebSocket", "Connection: Upgrade"]
     if protocol is not None:
         lines.append(f"Sec-WebSocket-Protocol: {protocol}")
-    lines.append(f"Sec-WebSocket-Accept: {base64.b64encode(digest).decode('ascii')}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+    lines.append("Sec-WebSocket-Accept: ")
+    return "\r\n".join(lines).encode("utf-8")
