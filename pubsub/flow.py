@@ -64,7 +64,9 @@ def _write(transport: Any, frames: list[bytes]) -> None:
     if (
         sock is None
         or own.get("_tempDataBuffer", True)
-        or len(own.get("dataBuffer", b"x")) > own.get("offset", 0)
+        # A connection that never had to buffer still has Twisted's class
+        # defaults (b"" and 0) for these two.
+        or len(own.get("dataBuffer", b"")) > own.get("offset", 0)
         or not transport.connected
         or transport.disconnecting
         or getattr(transport, "_writeDisconnected", False)

@@ -8,6 +8,7 @@ plugin module itself holds no logic.
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 from dataclasses import MISSING, fields
@@ -265,8 +266,30 @@ class Options(usage.Options):
             raise usage.UsageError(str(error)) from None
 
 
+#: Middle-generation collections between two full ones (CPython's default: 10).
+FULL_COLLECTION_EVERY = 100
+
+
+def tune_collector() -> None:
+    """Fewer full garbage collections, for a process that holds many connections.
+
+    CPython runs a full collection once the objects that outlived the younger
+    generations have grown by a quarter and 10 middle collections have run.
+    While 10,000 clients connect that is six full collections, each a pause
+    of about 100 ms that walks every open connection: a fifth of the
+    server's CPU per connect in the idle benchmark. Waiting for 100 middle
+    collections (about 700,000 allocations of objects the collector tracks)
+    means none during such a burst; cyclic garbage that reached the oldest
+    generation (closed connections) waits for the next full collection.
+    """
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
+
+
 def makeService(options: Options) -> PubSubService:
-    """twistd's entry point (``IServiceMaker.makeService``)."""
+    """twistd's entry point (``IServiceMaker.makeService``); the process is the
+    server's own, so its garbage collector is tuned for it (embedders keep theirs)."""
+    tune_collector()
     try:
         service = make_service(options.settings)
     except ConfigError as error:

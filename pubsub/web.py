@@ -13,9 +13,9 @@
 * ``/echo``, only when the ``echo_endpoint`` setting is on, echoes every
   WebSocket message under the same protocol options (conformance testing).
 
-:class:`FrontFactory` is what the service listens with: it hands WebSocket
-upgrades straight to Autobahn and everything else to a ``Site`` around
-:class:`PubSubResource`.
+:class:`FrontFactory` is what the service listens with: it opens WebSocket
+upgrades itself or hands them straight to Autobahn, and everything else to a
+``Site`` around :class:`PubSubResource`.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
+from pubsub.handshake import read_upgrade
 from pubsub.policy import PeerCounter, peer_host
 from pubsub.websocket import EchoServerFactory, PubSubServerFactory
 
@@ -381,12 +382,14 @@ class _Front(Protocol):
     """Reads a request's head, then gives the connection to Autobahn or twisted.web.
 
     A WebSocket upgrade on a pub/sub path (or /echo) goes straight to the
-    Autobahn protocol, which parses the head itself: twisted.web would parse
-    it first, build a Request, walk the resources and serialize the head
-    again for Autobahn, about a third of what opening a connection costs.
-    Everything else, and anything unusual, goes to twisted.web's channel
-    with every byte received, where :class:`PubSubResource` serves it as it
-    would anyway.
+    Autobahn protocol: twisted.web would parse it first, build a Request,
+    walk the resources and serialize the head again for Autobahn, about a
+    third of what opening a connection costs. The plain request nearly
+    every client sends (:func:`~pubsub.handshake.read_upgrade`) is opened
+    here, without Autobahn's handshake either; any other upgrade is handed
+    to Autobahn, which parses the head itself. Everything else, and anything
+    unusual, goes to twisted.web's channel with every byte received, where
+    :class:`PubSubResource` serves it as it would anyway.
     """
 
     def __init__(self, front: FrontFactory, counted_as: str | None = None) -> None:
@@ -437,18 +440,18 @@ class _Front(Protocol):
         if end < 0 and len(self._head) <= _HEAD_MAX:
             return
         self._cancel_timeout()
-        factory = self._front.route(self._head[:end]) if end >= 0 else None
+        head = self._head[:end]
+        upgrade = read_upgrade(head) if end >= 0 else None
+        if upgrade is not None:
+            factory = self._front.factory_for(upgrade.path.encode("latin-1"))
+        else:
+            factory = self._front.route(head) if end >= 0 else None
         if factory is None:
             factory = self._front.site
         protocol = factory.buildProtocol(self.transport.getPeer())
         if protocol is None:
             self.transport.loseConnection()
             return
-        if factory is not self._front.site:
-            # The whole head is here and this front timed its arrival;
-            # Autobahn answers it at once, so its own timer would only be
-            # set and cancelled.
-            protocol.openHandshakeTimeout = 0
         transport = self.transport
         if self._counted_as is not None:
             self._inner = protocol
@@ -456,6 +459,18 @@ class _Front(Protocol):
             transport.wrappedProtocol = protocol
         else:
             transport.protocol = protocol
+        if factory is not self._front.site:
+            # The common request is opened here, without Autobahn's handshake.
+            if upgrade is not None and protocol.open_upgrade(
+                transport, upgrade, self._head[: end + 4]
+            ):
+                if len(self._head) > end + 4:
+                    protocol.dataReceived(self._head[end + 4 :])
+                return
+            # The whole head is here and this front timed its arrival;
+            # Autobahn answers it at once, so its own timer would only be
+            # set and cancelled.
+            protocol.openHandshakeTimeout = 0
         protocol.makeConnection(transport)
         protocol.dataReceived(self._head)
 
@@ -521,8 +536,6 @@ class FrontFactory(Factory):
         if len(parts) != 3 or parts[0] != b"GET" or not parts[1].startswith(b"/"):
             return None
         path = parts[1].split(b"?", 1)[0]
-        if b"%" in path:
-            return None  # twisted.web unquotes before it routes
         wanted = False
         for field in fields.split(b"\r\n"):
             name, _, value = field.partition(b":")
@@ -530,6 +543,13 @@ class FrontFactory(Factory):
                 wanted = True
         if not wanted:
             return None
+        return self.factory_for(path)
+
+    def factory_for(self, path: bytes) -> Any:
+        """The WebSocket factory for an upgrade to ``path`` (no query), or
+        None for twisted.web."""
+        if b"%" in path:
+            return None  # twisted.web unquotes before it routes
         first = path[1:].split(b"/", 1)[0]
         if first == b"echo":
             return self.resource.echo_factory

@@ -31,18 +31,27 @@ import codecs
 import struct
 import types
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
+import txaio
+from autobahn.twisted.util import create_transport_details
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.compress import (
     PerMessageDeflate,
     PerMessageDeflateOffer,
     PerMessageDeflateOfferAccept,
 )
-from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.protocol import (
+    TrafficStats,
+    WebSocketProtocol,
+    _is_same_origin,
+    _url_to_origin,
+)
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from autobahn.websocket.utf8validator import Utf8Validator
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -52,6 +61,8 @@ from pubsub.commands import Error, Limits, Session, error_kind, execute
 from pubsub.config import Settings
 from pubsub.engine import Engine
 from pubsub.flow import Flusher, OutboxProducer, OutputLimits
+from pubsub.flow import _write as _send_now
+from pubsub.handshake import Upgrade, accept_response
 from pubsub.policy import IdleTimer, OriginPolicy, PeerCounter, PublishLimit
 
 __all__ = [
@@ -225,14 +236,177 @@ def _class_value(value: Any) -> Any:
     return staticmethod(value) if isinstance(value, types.FunctionType) else value
 
 
+#: What Autobahn's ``_connectionMade`` and ``succeedHandshake`` leave in a
+#: connection that has just opened, but for the objects each needs of its own.
+_OPENED: dict[str, Any] = {
+    "_perMessageCompress": None,
+    "trackedTimings": None,
+    "state": WebSocketProtocol.STATE_OPEN,
+    "send_state": WebSocketProtocol.SEND_STATE_GROUND,
+    "data": b"",
+    "triggered": False,
+    "wasMaxFramePayloadSizeExceeded": False,
+    "wasMaxMessagePayloadSizeExceeded": False,
+    "closedByMe": False,
+    "failedByMe": False,
+    "droppedByMe": False,
+    "wasClean": False,
+    "wasNotCleanReason": None,
+    "wasServerConnectionDropTimeout": False,
+    "wasOpenHandshakeTimeout": False,
+    "wasCloseHandshakeTimeout": False,
+    "wasServingFlashSocketPolicyFile": False,
+    "localCloseCode": None,
+    "localCloseReason": None,
+    "remoteCloseCode": None,
+    "remoteCloseReason": None,
+    "openHandshakeTimeoutCall": None,
+    "closeHandshakeTimeoutCall": None,
+    "autoPingTimeoutCall": None,
+    "autoPingPending": None,
+    "autoPingPendingCall": None,
+    "autoPingPendingSeq": 0,
+    "autoPingPendingSent": None,
+    "websocket_version": 13,
+    "inside_message": False,
+    "current_frame": None,
+}
+
+
+class _OnFirstUse:
+    """A class attribute that gives each instance its own ``make()`` when first read.
+
+    Autobahn's ``connectionMade`` sets the attribute itself; connections
+    opened by :meth:`_LeanReader.open_upgrade` build it only if Autobahn's
+    frame machine ever needs it, which a client of the lean path never makes
+    it do. Until then it costs neither time nor memory.
+    """
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        value = instance.__dict__[self._name] = self._make()
+        return value
+
+
 class _LeanReader(WebSocketServerProtocol):
-    """Reads the frames clients send most at a fraction of Autobahn's cost.
+    """Opens plain handshakes and reads the frames clients send most at a
+    fraction of Autobahn's cost.
 
     Both endpoints use it, so the Autobahn TestSuite, which runs against
-    ``/echo``, checks the same reading path that pub/sub clients get.
+    ``/echo``, checks the same opening and reading paths that pub/sub
+    clients get.
     """
 
     _partial = b""  # the start of a text frame the lean path waits to complete
+    utf8validator = _OnFirstUse(Utf8Validator)
+    trafficStats = _OnFirstUse(TrafficStats)
+
+    def open_upgrade(self, transport: Any, upgrade: Upgrade, head: bytes) -> bool:
+        """Open on ``upgrade``, read from ``head`` (the request's head with the
+        blank line that ends it), without Autobahn's handshake machinery.
+
+        The connection is left as Autobahn's ``connectionMade``,
+        ``processHandshake`` and ``succeedHandshake`` would leave it, and
+        ``onConnect`` and ``onOpen`` are called as they call them. False,
+        with nothing sent, when Autobahn must judge the request: an option
+        this path does not implement, an origin Autobahn refuses, the
+        ``maxConnections`` limit, or ``onConnect`` refusing or answering
+        with more than a subprotocol. The caller then hands the head to
+        Autobahn, which calls ``onConnect`` again and answers as it always has.
+        """
+        factory = self.factory
+        if (
+            factory.headers
+            or factory.externalPort
+            or self.trustXForwardedFor
+            or self.trackTimings
+            or 13 not in self.versions
+            or (self.maxConnections > 0 and factory.countConnections >= self.maxConnections)
+            or (upgrade.origin and not self._origin_allowed(upgrade.origin))
+        ):
+            return False
+        self.connected = 1
+        self.transport = transport
+        details = create_transport_details(transport, self.is_server)
+        details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+        self._transport_details = details
+        self.peer = details.peer
+        request = ConnectionRequest(
+            self.peer,
+            upgrade.headers,
+            upgrade.host,
+            upgrade.path,
+            upgrade.params,
+            13,
+            upgrade.origin,
+            upgrade.protocols,
+            [],
+        )
+        try:
+            chosen = self.onConnect(request)
+        except Exception:  # noqa: BLE001 - Autobahn calls it again, and refuses (400, 500)
+            return False
+        if chosen is not None and (type(chosen) is not str or chosen not in upgrade.protocols):
+            return False
+        response = accept_response(upgrade.key, chosen, factory.server)
+        try:
+            transport.setTcpNoDelay(self.tcpNoDelay)
+        except Exception:  # noqa: BLE001, S110 - as Autobahn: not every transport has Nagle
+            pass
+        state = self.__dict__
+        state.update(_OPENED)
+        state.update(
+            http_request_data=head,
+            http_status_line=upgrade.line,
+            http_headers=upgrade.headers,
+            http_request_uri=upgrade.target,
+            http_request_path=upgrade.path,
+            http_request_params=upgrade.params,
+            http_request_host=upgrade.host,
+            websocket_origin=upgrade.origin,
+            websocket_protocols=upgrade.protocols,
+            websocket_extensions=[],
+            _wskey=upgrade.key,
+            websocket_protocol_in_use=chosen,
+            websocket_extensions_in_use=[],
+            http_response_data=response.decode("utf-8"),
+            send_queue=deque(),
+        )
+        factory.countConnections += 1
+        _send_now(transport, [response])
+        if self.autoPingInterval:
+            self.autoPingPendingCall = factory._batched_timer.call_later(
+                self.autoPingInterval, self._sendAutoPing
+            )
+        self._onOpen()
+        txaio.resolve(self.is_open, None)
+        return True
+
+    def _origin_allowed(self, origin: str) -> bool:
+        """Whether Autobahn's own origin check would let ``origin`` in."""
+        try:
+            parts = _url_to_origin(origin)
+        except ValueError:
+            return False
+        factory = self.factory
+        if parts == "null" and factory.allowNullOrigin:
+            return True
+        return bool(
+            _is_same_origin(
+                parts,
+                "https" if factory.isSecure else "http",
+                factory.externalPort or factory.port,
+                self.allowedOriginsPatterns,
+            )
+        )
 
     def dataReceived(self, data: bytes) -> None:
         # The lean path: while no message is half-read, whole unfragmented

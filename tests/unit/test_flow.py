@@ -154,6 +154,15 @@ def test_frames_go_straight_to_the_socket_when_the_transport_holds_nothing(clock
     assert transport.writes == [] and transport.written == []
 
 
+def test_a_fresh_connection_with_twisteds_class_defaults_sends_at_once(clock):
+    # Twisted's TCP transport sets dataBuffer and offset only once it buffers.
+    transport = TcpTransport(Socket())
+    del transport.dataBuffer, transport.offset
+    flush_to(transport, clock)
+    assert transport.socket.sent == [b"one two"]
+    assert transport.writes == [] and transport.written == []
+
+
 def test_what_the_socket_does_not_take_is_left_to_the_transport(clock):
     transport = TcpTransport(Socket(takes=5))
     flush_to(transport, clock)

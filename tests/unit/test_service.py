@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import sys
 
+import pytest
 from twisted.application.service import Application
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -14,7 +16,13 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
 from pubsub.config import Settings
-from pubsub.service import Options, json_log_observer, make_service, makeService
+from pubsub.service import (
+    FULL_COLLECTION_EVERY,
+    Options,
+    json_log_observer,
+    make_service,
+    makeService,
+)
 from tests.unit.test_resp import Transport
 
 
@@ -78,6 +86,23 @@ def test_json_logs_go_where_twistd_would_write(tmp_path):
     observer = json_log_observer({"logfile": str(path)})
     Logger(namespace="test", observer=observer).info("to the file")
     assert json.loads(path.read_text())["log_format"] == "to the file"
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_test_processs_collector():
+    # makeService tunes the garbage collector of the process it runs in.
+    thresholds = gc.get_threshold()
+    yield
+    gc.set_threshold(*thresholds)
+
+
+def test_twistd_pubsub_runs_fewer_full_collections():
+    gc.set_threshold(700, 10, 10)
+    options = Options()
+    options.parseOptions(["--port", "tcp:0"])
+    makeService(options)
+    assert gc.get_threshold() == (700, 10, FULL_COLLECTION_EVERY)
+    assert FULL_COLLECTION_EVERY > 10
 
 
 def test_log_format_json_names_the_observer_for_twistd(tmp_path, monkeypatch):
