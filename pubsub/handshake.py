@@ -20,6 +20,7 @@ import base64
 import functools
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qs
 
 __all__ = ["Upgrade", "accept_response", "read_upgrade"]
@@ -49,6 +50,21 @@ class Upgrade:
     #: The subprotocols offered, in the client's order.
     protocols: list[str]
     key: str
+    #: The extensions offered, as Autobahn parses them: only the plain
+    #: permessage-deflate offers browsers send, which a server with
+    #: compression off declines without a word.
+    extensions: list[tuple[str, dict[str, list[Any]]]]
+
+
+#: The Sec-WebSocket-Extensions values browsers and common clients send (none,
+#: Firefox and Safari, Chrome and Node's ws), with what Autobahn parses from them.
+_BROWSER_OFFERS: dict[str, list[tuple[str, dict[str, list[Any]]]]] = {
+    "": [],
+    "permessage-deflate": [("permessage-deflate", {})],
+    "permessage-deflate; client_max_window_bits": [
+        ("permessage-deflate", {"client_max_window_bits": [True]})
+    ],
+}
 
 
 def _has_token(value: str, token: str) -> bool:
@@ -95,7 +111,7 @@ def read_upgrade(head: bytes) -> Upgrade | None:
     if (
         host is None
         or get("sec-websocket-version") != "13"
-        or "sec-websocket-extensions" in headers
+        or get("sec-websocket-extensions", "") not in _BROWSER_OFFERS
         or not _has_token(get("upgrade", ""), "websocket")
         or not _has_token(get("connection", ""), "upgrade")
         or len(key) != 24
@@ -126,6 +142,7 @@ def read_upgrade(head: bytes) -> Upgrade | None:
         origin=get("origin", ""),
         protocols=protocols,
         key=key,
+        extensions=_BROWSER_OFFERS[get("sec-websocket-extensions", "")],
     )
 
 

@@ -331,6 +331,7 @@ class _LeanReader(WebSocketServerProtocol):
             or 13 not in self.versions
             or (self.maxConnections > 0 and factory.countConnections >= self.maxConnections)
             or (upgrade.origin and not self._origin_allowed(upgrade.origin))
+            or (upgrade.extensions and factory.settings.compression)
         ):
             return False
         self.connected = 1
@@ -348,7 +349,7 @@ class _LeanReader(WebSocketServerProtocol):
             13,
             upgrade.origin,
             upgrade.protocols,
-            [],
+            upgrade.extensions,
         )
         try:
             chosen = self.onConnect(request)
@@ -373,7 +374,7 @@ class _LeanReader(WebSocketServerProtocol):
             http_request_host=upgrade.host,
             websocket_origin=upgrade.origin,
             websocket_protocols=upgrade.protocols,
-            websocket_extensions=[],
+            websocket_extensions=upgrade.extensions,
             _wskey=upgrade.key,
             websocket_protocol_in_use=chosen,
             websocket_extensions_in_use=[],

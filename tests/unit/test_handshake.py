@@ -19,14 +19,12 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.web.server import Site
-from txaio._common import _BatchedTimer
 
-from pubsub.config import Settings
-from pubsub.engine import Engine
 from pubsub.handshake import accept_response, read_upgrade
 from pubsub.web import FrontFactory, PubSubResource
-from pubsub.websocket import EchoServerProtocol, PubSubServerFactory, PubSubServerProtocol
+from pubsub.websocket import EchoServerProtocol, PubSubServerProtocol
 from tests.support import wsframes
+from tests.support.clocked import websocket_factory
 from tests.support.wsframes import TEXT, command
 from tests.unit.test_websocket import Transport
 
@@ -53,10 +51,7 @@ def head(*changes: str, drop: tuple[str, ...] = (), line: str | None = None) -> 
 @pytest.fixture
 def make_front(clock):
     def make(**settings):
-        factory = PubSubServerFactory(Engine(), Settings(**settings), reactor=clock)
-        factory._batched_timer = _BatchedTimer(
-            200.0, 1000, seconds_provider=clock.seconds, delayed_call_creator=clock.callLater
-        )
+        factory = websocket_factory(clock, **settings)
         resource = PubSubResource(factory, clock)
         return FrontFactory(Site(resource, timeout=factory.settings.open_handshake_timeout), clock)
 
@@ -124,6 +119,9 @@ def both_ways(make_front, data: bytes, path_factory=lambda front: front.resource
         head("Origin: https://app.example.com"),
         head("User-Agent: test", "Accept-Encoding: gzip"),  # anything else is carried along
         head("Host:   127.0.0.1:9000   "),  # Autobahn strips values too
+        # What browsers offer; with compression off both sides decline it.
+        head("Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"),  # Chrome
+        head("Sec-WebSocket-Extensions: permessage-deflate"),  # Firefox, Safari
     ],
 )
 def test_plain_requests_are_opened_by_the_front_as_autobahn_would(make_front, data):
@@ -173,7 +171,8 @@ def test_every_refusal_is_autobahns_own(make_front, data, status):
     "data",
     [
         head("Sec-WebSocket-Version: 8"),  # Autobahn still speaks Hybi-10
-        head("Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"),
+        head("Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=10"),
+        head("Sec-WebSocket-Extensions: x-webkit-deflate-frame"),
         head("Connection: Upgrade", "X-Forwarded-For: 10.0.0.1", "x-forwarded-for: 10.0.0.2"),
         head("Origin: file://"),
         head(line="GET /a;b HTTP/1.1"),
@@ -212,8 +211,12 @@ def test_the_echo_endpoint_opens_the_same_way(make_front):
 # -- the state it leaves ----------------------------------------------------------------------
 
 
-def test_the_connection_is_left_as_autobahns_handshake_leaves_it(make_front):
-    data = head("Sec-WebSocket-Protocol: pubsub.json", line="GET /x?token=t&a=1 HTTP/1.1")
+@pytest.mark.parametrize("offer", ["", "permessage-deflate; client_max_window_bits"])
+def test_the_connection_is_left_as_autobahns_handshake_leaves_it(make_front, offer):
+    extensions = (f"Sec-WebSocket-Extensions: {offer}",) if offer else ()
+    data = head(
+        "Sec-WebSocket-Protocol: pubsub.json", *extensions, line="GET /x?token=t&a=1 HTTP/1.1"
+    )
     ours, theirs = both_ways(make_front, data)
     mine, autobahns = vars(ours.protocol), vars(theirs.protocol)
     # Built on first use on this path; Autobahn builds them up front.
