@@ -197,11 +197,6 @@ def test_failures_are_counted_on_the_authenticator():
 
 
 @pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
 def ws_factory(clock):
     def make(**settings):
         settings = {"ping_interval": 0, **settings}  # the tests advance the clock by minutes

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from twisted.internet.task import Clock
 
 from pubsub.flow import Flusher, Outbox, OutputLimits
 
@@ -14,11 +13,6 @@ class Transport:
 
     def writeSequence(self, frames: list[bytes]) -> None:
         self.writes.append(list(frames))
-
-
-@pytest.fixture
-def clock():
-    return Clock()
 
 
 def make_outbox(clock, **limits):

@@ -6,34 +6,15 @@ import json
 
 import pytest
 from twisted.internet.address import IPv4Address
-from twisted.internet.task import Clock
 from twisted.web.http import _GenericHTTPChannelProtocol
-from twisted.web.server import Site
 
-from pubsub.web import FrontFactory, PubSubResource
 from pubsub.websocket import EchoServerProtocol, PubSubServerProtocol
 from tests.support import wsframes
-from tests.support.clocked import websocket_factory
 from tests.unit.test_websocket import Transport
 
 
 def upgrade(path: str = "/", upgrade_field: str = "Upgrade: websocket") -> bytes:
     return wsframes.handshake(path).replace(b"Upgrade: websocket", upgrade_field.encode())
-
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def make_front(clock):
-    def make(**settings):
-        factory = websocket_factory(clock, **settings)
-        resource = PubSubResource(factory, clock)
-        return FrontFactory(Site(resource, timeout=factory.settings.open_handshake_timeout), clock)
-
-    return make
 
 
 def connect(front, *chunks: bytes):

@@ -18,13 +18,10 @@ from autobahn.websocket.utf8validator import Utf8Validator
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
-from twisted.web.server import Site
 
 from pubsub.handshake import accept_response, read_upgrade
-from pubsub.web import FrontFactory, PubSubResource
 from pubsub.websocket import EchoServerProtocol, PubSubServerProtocol
 from tests.support import wsframes
-from tests.support.clocked import websocket_factory
 from tests.support.wsframes import TEXT, command
 from tests.unit.test_websocket import Transport
 
@@ -46,23 +43,6 @@ def head(*changes: str, drop: tuple[str, ...] = (), line: str | None = None) -> 
     names = {c.split(":")[0].lower() for c in changes}
     fields = [f for f in fields if f.split(":")[0].lower() not in names] + list(changes)
     return ("\r\n".join([line or PLAIN[0], *fields]) + "\r\n\r\n").encode("latin-1")
-
-
-@pytest.fixture
-def make_front(clock):
-    def make(**settings):
-        factory = websocket_factory(clock, **settings)
-        resource = PubSubResource(factory, clock)
-        return FrontFactory(Site(resource, timeout=factory.settings.open_handshake_timeout), clock)
-
-    return make
-
-
-@pytest.fixture
-def clock():
-    from twisted.internet.task import Clock
-
-    return Clock()
 
 
 ADDRESS = IPv4Address("TCP", "127.0.0.1", 50000)

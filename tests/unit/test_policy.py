@@ -8,7 +8,6 @@ import json
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
@@ -19,24 +18,9 @@ from pubsub.policy import IdleTimer, OriginPolicy, PeerCounter, PublishLimit, To
 from pubsub.resp import RespFactory
 from pubsub.web import FrontFactory, PubSubResource
 from tests.support import wsframes
-from tests.support.clocked import websocket_factory
 from tests.support.wsframes import CLOSE, PING, PONG, TEXT, client_frame, close_code, command
 from tests.unit.test_resp import Client
 from tests.unit.test_websocket import Connection, Transport
-
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def make_factory(clock):
-    def make(**settings):
-        factory = websocket_factory(clock, **settings)
-        return factory
-
-    return make
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ import socket
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -198,11 +197,6 @@ class Client:
     def lose(self) -> None:
         """What the reactor does once the socket is closed."""
         self.protocol.connectionLost(Failure(ConnectionDone()))
-
-
-@pytest.fixture
-def clock():
-    return Clock()
 
 
 @pytest.fixture

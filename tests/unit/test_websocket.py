@@ -9,7 +9,6 @@ import zlib
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -17,7 +16,6 @@ from twisted.python.failure import Failure
 from pubsub import websocket
 from pubsub.websocket import PubSubServerFactory, PubSubServerProtocol
 from tests.support import wsframes
-from tests.support.clocked import websocket_factory
 from tests.support.wsframes import BINARY, CLOSE, TEXT, client_frame, command
 
 
@@ -63,20 +61,6 @@ class Connection:
     def call(self, *args: object) -> list:
         self.send(command(*args))
         return self.messages()
-
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def make_factory(clock):
-    def make(**settings):
-        factory = websocket_factory(clock, **settings)
-        return factory
-
-    return make
 
 
 @pytest.fixture
