@@ -438,13 +438,14 @@ def refused(session: Any, command: Command, args: Sequence[bytes]) -> Error | No
     may not run it (authentication, permissions, the publish rate), else
     None.  Redis checks its own after the command's name and arity, before
     anything else."""
+    guard, bucket = session.guard, session.bucket
+    if guard is None and bucket is None:
+        return None  # no policy in use: nothing to pay per command
     name = command.name.partition("|")[0]
-    guard = session.guard
     if guard is not None:
         refusal = guard.check(name, args)
         if refusal is not None:
             return Error(refusal)
-    bucket = session.bucket
     if bucket is not None:
         return bucket.limit.refusal(bucket, name)
     return None

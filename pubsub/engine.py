@@ -167,15 +167,11 @@ class Engine:
         client = self._clients.pop(token, None)
         if client is None:
             return
-        for channel in client.channels:
-            if self._discard(self._channels, channel, token):
-                self._lost("channel", channel)
-        for channel in client.shard_channels:
-            if self._discard(self._shard_channels, channel, token):
-                self._lost("shard", channel)
-        for pattern in client.patterns:
-            if self._discard(self._patterns, pattern, token):
-                self._lost("pattern", pattern)
+        for kind in ("channel", "shard", "pattern"):
+            registry = self._registry(kind)
+            for name in client.held(kind):
+                if self._discard(registry, name, token):
+                    self._lost(kind, name)
 
     def set_encoder(self, token: int, encoder: Encoder) -> None:
         """Deliver to this client in another format from now on (RESP's HELLO 3)."""
@@ -210,61 +206,37 @@ class Engine:
 
     def subscribe(self, token: int, channels: Iterable[bytes]) -> list[Confirmation]:
         """SUBSCRIBE: one confirmation per name given, duplicates included."""
-        client = self._client(token)
-        return self._join(token, "channel", client.channels, self._channels, channels, client.count)
+        return self._join(token, "channel", channels)
 
     def unsubscribe(self, token: int, channels: Iterable[bytes] = ()) -> list[Confirmation]:
         """UNSUBSCRIBE: the names given, or every channel held when none are."""
-        client = self._client(token)
-        return self._leave(
-            token, "channel", client.channels, self._channels, channels, client.count
-        )
+        return self._leave(token, "channel", channels)
 
     def psubscribe(self, token: int, patterns: Iterable[bytes]) -> list[Confirmation]:
         """PSUBSCRIBE: one confirmation per pattern given."""
-        client = self._client(token)
-        return self._join(token, "pattern", client.patterns, self._patterns, patterns, client.count)
+        return self._join(token, "pattern", patterns)
 
     def punsubscribe(self, token: int, patterns: Iterable[bytes] = ()) -> list[Confirmation]:
         """PUNSUBSCRIBE: the patterns given, or every pattern held."""
-        client = self._client(token)
-        return self._leave(
-            token, "pattern", client.patterns, self._patterns, patterns, client.count
-        )
+        return self._leave(token, "pattern", patterns)
 
     def ssubscribe(self, token: int, channels: Iterable[bytes]) -> list[Confirmation]:
         """SSUBSCRIBE: counts only shard channels, as Redis does."""
-        client = self._client(token)
-        return self._join(
-            token,
-            "shard",
-            client.shard_channels,
-            self._shard_channels,
-            channels,
-            client.shard_count,
-        )
+        return self._join(token, "shard", channels)
 
     def sunsubscribe(self, token: int, channels: Iterable[bytes] = ()) -> list[Confirmation]:
         """SUNSUBSCRIBE: the shard channels given, or every one held."""
-        client = self._client(token)
-        return self._leave(
-            token,
-            "shard",
-            client.shard_channels,
-            self._shard_channels,
-            channels,
-            client.shard_count,
-        )
+        return self._leave(token, "shard", channels)
 
-    def _join(
-        self,
-        token: int,
-        kind: str,
-        held: dict[bytes, None],
-        registry: dict[bytes, Tokens],
-        names: Iterable[bytes],
-        count: Callable[[], int],
-    ) -> list[Confirmation]:
+    def _registry(self, kind: str) -> dict[bytes, Tokens]:
+        if kind == "channel":
+            return self._channels
+        return self._patterns if kind == "pattern" else self._shard_channels
+
+    def _join(self, token: int, kind: str, names: Iterable[bytes]) -> list[Confirmation]:
+        client = self._client(token)
+        held, registry = client.held(kind), self._registry(kind)
+        count = client.shard_count if kind == "shard" else client.count
         replies: list[Confirmation] = []
         for name in names:
             if name not in held:
@@ -274,15 +246,10 @@ class Engine:
             replies.append((name, count()))
         return replies
 
-    def _leave(
-        self,
-        token: int,
-        kind: str,
-        held: dict[bytes, None],
-        registry: dict[bytes, Tokens],
-        names: Iterable[bytes],
-        count: Callable[[], int],
-    ) -> list[Confirmation]:
+    def _leave(self, token: int, kind: str, names: Iterable[bytes]) -> list[Confirmation]:
+        client = self._client(token)
+        held, registry = client.held(kind), self._registry(kind)
+        count = client.shard_count if kind == "shard" else client.count
         names = list(names)
         if not names:
             if not held:
@@ -391,12 +358,7 @@ class Engine:
         self.publishes += 1
         if self.relay is not None:
             self.relay.published("shard", channel, payload)
-        tokens = self._shard_channels.get(channel)
-        if not tokens:
-            return 0
-        receivers = self._fan_out(tokens, "smessage", channel, payload)
-        self.deliveries += receivers
-        return receivers
+        return self._deliver(self._shard_channels, channel, "smessage", channel, payload)
 
     # -- messages from elsewhere (a relay's other nodes) ------------------
 
@@ -407,29 +369,25 @@ class Engine:
         publish once per matching pattern, see :meth:`deliver_pmessage`.
         Returns the deliveries made; ``publishes`` does not count it.
         """
-        tokens = self._channels.get(channel)
-        if not tokens:
-            return 0
-        receivers = self._fan_out(tokens, "message", channel, payload)
-        self.deliveries += receivers
-        return receivers
+        return self._deliver(self._channels, channel, "message", channel, payload)
 
     def deliver_pmessage(self, pattern: bytes, channel: bytes, payload: bytes) -> int:
         """A message published elsewhere on ``channel``, to the subscribers of
         ``pattern`` only (the relay already knows that it matches)."""
-        tokens = self._patterns.get(pattern)
-        if not tokens:
-            return 0
-        receivers = self._fan_out(tokens, "pmessage", pattern, channel, payload)
-        self.deliveries += receivers
-        return receivers
+        return self._deliver(self._patterns, pattern, "pmessage", pattern, channel, payload)
 
     def deliver_smessage(self, channel: bytes, payload: bytes) -> int:
         """A shard message published elsewhere, to this shard channel's subscribers."""
-        tokens = self._shard_channels.get(channel)
+        return self._deliver(self._shard_channels, channel, "smessage", channel, payload)
+
+    def _deliver(
+        self, registry: dict[bytes, Tokens], name: bytes, kind: str, *fields: bytes
+    ) -> int:
+        """Fan out to the subscribers of ``name`` in ``registry`` and count the deliveries."""
+        tokens = registry.get(name)
         if not tokens:
             return 0
-        receivers = self._fan_out(tokens, "smessage", channel, payload)
+        receivers = self._fan_out(tokens, kind, *fields)
         self.deliveries += receivers
         return receivers
 

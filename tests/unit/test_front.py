@@ -17,8 +17,9 @@ def upgrade(path: str = "/", upgrade_field: str = "Upgrade: websocket") -> bytes
     return wsframes.handshake(path).replace(b"Upgrade: websocket", upgrade_field.encode())
 
 
-def connect(front, *chunks: bytes):
-    protocol = front.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+def connect(front, *chunks: bytes, host: str = "127.0.0.1") -> Transport:
+    """A connection from ``host`` to the front door, fed ``chunks``."""
+    protocol = front.buildProtocol(IPv4Address("TCP", host, 50000))
     transport = Transport()
     transport.protocol = protocol
     protocol.makeConnection(transport)

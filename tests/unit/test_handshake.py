@@ -23,6 +23,7 @@ from pubsub.handshake import accept_response, read_upgrade
 from pubsub.websocket import EchoServerProtocol, PubSubServerProtocol
 from tests.support import wsframes
 from tests.support.wsframes import TEXT, command
+from tests.unit.test_front import connect
 from tests.unit.test_websocket import Transport
 
 KEY = wsframes.HANDSHAKE_KEY
@@ -48,14 +49,7 @@ def head(*changes: str, drop: tuple[str, ...] = (), line: str | None = None) -> 
 ADDRESS = IPv4Address("TCP", "127.0.0.1", 50000)
 
 
-def through_front(front, *chunks: bytes) -> Transport:
-    protocol = front.buildProtocol(ADDRESS)
-    transport = Transport()
-    transport.protocol = protocol
-    protocol.makeConnection(transport)
-    for chunk in chunks:
-        transport.protocol.dataReceived(chunk)
-    return transport
+through_front = connect
 
 
 def through_autobahn(factory, data: bytes) -> Transport:

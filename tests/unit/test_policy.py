@@ -19,6 +19,7 @@ from pubsub.resp import RespFactory
 from pubsub.web import FrontFactory, PubSubResource
 from tests.support import wsframes
 from tests.support.wsframes import CLOSE, PING, PONG, TEXT, client_frame, close_code, command
+from tests.unit.test_front import connect
 from tests.unit.test_resp import Client
 from tests.unit.test_websocket import Connection, Transport
 
@@ -259,13 +260,7 @@ def front_for(factory, clock):
 
 
 def connect_from(front, host: str, *chunks: bytes) -> Transport:
-    protocol = front.buildProtocol(IPv4Address("TCP", host, 50000))
-    transport = Transport()
-    transport.protocol = protocol
-    protocol.makeConnection(transport)
-    for chunk in chunks:
-        transport.protocol.dataReceived(chunk)
-    return transport
+    return connect(front, *chunks, host=host)
 
 
 def test_the_front_refuses_connections_past_the_per_address_limit(make_factory, clock):
