@@ -1,0 +1,167 @@
+"""Server-side Python cost of one WebSocket connect, in-process, without a client.
+
+The idle scenario's connects/s depends on the load generator and the kernel as
+much as on the server; this measures only what the server's own code spends to
+open a connection the way the front door does and answer its SUBSCRIBE: the
+front's head reading, the handshake, ``onOpen``, the command, the reply's
+send() and the reactor turn that ends it. Twisted's accept (``Port.doRead``)
+and the epoll loop are not in it.
+
+Each connection has a real socket (one end of a ``socketpair``) so the two
+send() calls are real; the reactor's timers are real too (``runUntilCurrent``
+runs the end-of-turn flush).
+
+    .venv/bin/python bench/connect_cost.py             # min and median of 15 batches of 1,000
+    .venv/bin/python bench/connect_cost.py --profile   # and where the time goes (cProfile)
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import cProfile
+import gc
+import os
+import pstats
+import resource
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# This checkout's pubsub, not the copy installed in the venv.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+
+from pubsub.config import Settings
+from pubsub.engine import Engine
+from pubsub.service import make_service, tune_collector
+
+_CLIENT = IPv4Address("TCP", "127.0.0.1", 50000)
+_SERVER = IPv4Address("TCP", "127.0.0.1", 9000)
+
+
+class _Transport:
+    """The parts of Twisted's TCP ``Server`` transport a connect touches, on a real socket."""
+
+    connected = 1
+    disconnecting = False
+    dataBuffer = b""
+    offset = 0
+    producer = None
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+        self._tempDataBuffer: list[bytes] = []  # as Twisted's FileDescriptor sets it
+        self.protocol: Any = None
+
+    def getPeer(self) -> IPv4Address:
+        return _CLIENT
+
+    def getHost(self) -> IPv4Address:
+        return _SERVER
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, enabled)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        raise AssertionError("the benchmark's socket never fills")
+
+    writeSequence = write
+
+    def loseConnection(self) -> None:
+        self.disconnecting = True
+
+    abortConnection = loseConnection
+
+
+def _subscribe_frame(channel: str) -> bytes:
+    payload = b'["SUBSCRIBE","%s"]' % channel.encode()
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x81, 0x80 | len(payload)]) + mask + masked
+
+
+def _head() -> bytes:
+    key = base64.b64encode(os.urandom(16))
+    return (
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1:9000\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % key
+    )
+
+
+def batch(front: Any, n: int, start: int) -> tuple[float, list[Any]]:
+    """Open ``n`` connections; the CPU seconds their server side took."""
+    pairs = [socket.socketpair() for _ in range(n)]
+    for ours, _ in pairs:
+        ours.setblocking(False)
+    heads = [_head() for _ in range(n)]
+    frames = [_subscribe_frame(f"idle.{start + i}") for i in range(n)]
+    opened = []
+    t0 = time.process_time()
+    for i in range(n):
+        transport = _Transport(pairs[i][0])
+        protocol = front.buildProtocol(_CLIENT)
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        transport.protocol.dataReceived(heads[i])
+        transport.protocol.dataReceived(frames[i])
+        reactor.runUntilCurrent()
+        opened.append(transport)
+    elapsed = time.process_time() - t0
+    for _, theirs in pairs:
+        answer = theirs.recv(4096)
+        if not answer.startswith(b"HTTP/1.1 101 ") or b'["subscribe",' not in answer:
+            raise SystemExit(f"unexpected answer: {answer!r}")
+    for pair in pairs:  # the connections stay open in the engine; the sockets can go
+        for sock in pair:
+            sock.close()
+    return elapsed, opened
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, default=15)
+    parser.add_argument("--size", type=int, default=1000)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # two sockets a connection
+    settings = Settings(port="tcp:0", max_connections=100_000)
+    service = make_service(settings, Engine(), reactor)
+    front = next(s.factory for s in service if hasattr(s, "factory"))
+    tune_collector()  # as twistd's process has it
+    gc.freeze()
+    kept = []
+    batch(front, 200, 10**6)  # warm-up: first-use costs
+    times = []
+    profiler = cProfile.Profile() if args.profile else None
+    for b in range(args.batches):
+        if profiler is not None and b == args.batches - 1:
+            profiler.enable()
+        elapsed, held = batch(front, args.size, b * args.size)
+        if profiler is not None:
+            profiler.disable()
+        kept.append(held)
+        times.append(elapsed / args.size * 1e6)
+    print(
+        f"server Python per connect: min {min(times):.1f} us, "
+        f"median {statistics.median(times):.1f} us "
+        f"(batches: {', '.join(f'{t:.1f}' for t in times)})"
+    )
+    if profiler is not None:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
