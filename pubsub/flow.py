@@ -163,6 +163,20 @@ class Outbox:
     def __bool__(self) -> bool:
         return bool(self._frames)
 
+    def hold(self) -> bool:
+        """Gather what is queued until :meth:`release`, rather than leave it
+        to the flusher at the end of the reactor turn; whether the flusher
+        already has this outbox (pass it to :meth:`release`)."""
+        scheduled = self._scheduled
+        self._scheduled = True
+        return scheduled
+
+    def release(self, scheduled: bool) -> None:
+        """Write what was gathered since :meth:`hold` at once, unless the
+        flusher already has this outbox for this turn."""
+        if not scheduled:
+            self.flush()
+
     def flush(self) -> None:
         """Hand every waiting frame to the transport, unless it is paused."""
         self._scheduled = False
@@ -244,6 +258,22 @@ class OutboxProducer:
         if getattr(transport, "producer", None) is not None:
             transport.unregisterProducer()
         transport.registerProducer(self, True)
+
+    def _answer(self, read: Callable[[bytes], None], data: bytes) -> None:
+        """``read(data)``, then write what it queued at once: the replies to
+        the commands of one read (and anything delivered to this connection
+        meanwhile) in one write, without waiting for the end of the reactor
+        turn. Deliveries to other connections still go out at the end of
+        the turn, all together."""
+        outbox = self._outbox
+        if outbox is None:
+            read(data)
+            return
+        scheduled = outbox.hold()
+        try:
+            read(data)
+        finally:
+            outbox.release(scheduled)
 
     def pauseProducing(self) -> None:
         if self._outbox is not None:

@@ -63,9 +63,16 @@ def _argument(value: Any, position: int, payload_index: int | None) -> bytes:
 def decode_command(frame: bytes | str) -> list[bytes]:
     """Parse one text frame into the command's arguments, name first."""
     try:
-        value = json.loads(frame)
-    except (ValueError, RecursionError):
-        raise ProtocolError("ERR Protocol error: the frame is not valid JSON") from None
+        # orjson reads JSON as the json module does, ~10x faster. What it
+        # refuses (lone surrogates, NaN, Infinity, nesting past 1,024) the
+        # json module judges, as it always has; the numbers it reads
+        # otherwise (integers past 64 bits) are refused as arguments anyway.
+        value = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        try:
+            value = json.loads(frame)
+        except (ValueError, RecursionError):
+            raise ProtocolError("ERR Protocol error: the frame is not valid JSON") from None
     if not isinstance(value, list) or not value:
         raise ProtocolError("ERR Protocol error: a command is a non-empty JSON array of strings")
     if not isinstance(value[0], str):

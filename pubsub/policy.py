@@ -22,6 +22,7 @@ from autobahn.util import wildcards2patterns
 from pubsub.commands import Error
 
 __all__ = [
+    "Deadlines",
     "IdleTimer",
     "OriginPolicy",
     "PeerCounter",
@@ -241,3 +242,46 @@ class IdleTimer:
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+
+
+class Deadlines:
+    """Calls ``expire(item)`` for each item still here ``seconds`` after it
+    was added, on one timer for them all.
+
+    Every item waits the same time, so they fall due in the order they came:
+    adding and discarding cost a dict entry each (no timer per item to make
+    and cancel, which is what a connection's opening would otherwise pay),
+    and the one timer is set for the oldest item only.
+    """
+
+    def __init__(self, clock: Any, seconds: float, expire: Callable[[Any], None]) -> None:
+        self._clock = clock
+        self._seconds = seconds
+        self._expire = expire
+        self._due: dict[Any, float] = {}
+        self._call: Any = None
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def add(self, item: Any) -> None:
+        self._due[item] = self._clock.seconds() + self._seconds
+        if self._call is None:
+            self._call = self._clock.callLater(self._seconds, self._run)
+
+    def discard(self, item: Any) -> None:
+        self._due.pop(item, None)
+
+    def _run(self) -> None:
+        self._call = None
+        now = self._clock.seconds()
+        expired = []
+        while self._due:
+            item, due = next(iter(self._due.items()))
+            if due > now:
+                self._call = self._clock.callLater(due - now, self._run)
+                break
+            del self._due[item]
+            expired.append(item)
+        for item in expired:
+            self._expire(item)

@@ -395,7 +395,7 @@ class RespProtocol(OutboxProducer, Protocol):
         if self._closing:
             return
         try:
-            self._receive(data)
+            self._answer(self._receive, data)
         except Exception:  # noqa: BLE001 - any bug here must cost this client only
             _log.failure("internal fault handling a request from {peer}", peer=self._peer())
             self._refuse("ERR internal error")

@@ -38,7 +38,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from pubsub.handshake import read_upgrade
-from pubsub.policy import PeerCounter, peer_host
+from pubsub.policy import Deadlines, PeerCounter, peer_host
 from pubsub.websocket import EchoServerFactory, PubSubServerFactory
 
 __all__ = ["FrontFactory", "HealthResource", "MetricsResource", "PubSubResource", "StaticFile"]
@@ -395,7 +395,6 @@ class _Front(Protocol):
     def __init__(self, front: FrontFactory, counted_as: str | None = None) -> None:
         self._front = front
         self._head = b""
-        self._timeout: Any = None
         # With max_connections_per_ip, the address this connection counts
         # against; the front then stays between the transport and the
         # protocol it chose (``_inner``), to see the connection end.
@@ -403,12 +402,11 @@ class _Front(Protocol):
         self._inner: Any = None
 
     def connectionMade(self) -> None:
-        seconds = getattr(self._front.site, "timeOut", None)
-        if seconds:
-            self._timeout = self._front.clock.callLater(seconds, self.transport.abortConnection)
+        if self._front.heads is not None:
+            self._front.heads.add(self)
 
     def connectionLost(self, reason: Any = None) -> None:
-        self._cancel_timeout()
+        self._head_read()
         if self._counted_as is not None:
             self._front.peers.release(self._counted_as)
             self._counted_as = None
@@ -426,10 +424,9 @@ class _Front(Protocol):
         else:
             transport.protocol = self
 
-    def _cancel_timeout(self) -> None:
-        if self._timeout is not None and self._timeout.active():
-            self._timeout.cancel()
-        self._timeout = None
+    def _head_read(self) -> None:
+        if self._front.heads is not None:
+            self._front.heads.discard(self)
 
     def dataReceived(self, data: bytes) -> None:
         if self._inner is not None:
@@ -439,7 +436,7 @@ class _Front(Protocol):
         end = self._head.find(b"\r\n\r\n")
         if end < 0 and len(self._head) <= _HEAD_MAX:
             return
-        self._cancel_timeout()
+        self._head_read()
         head = self._head[:end]
         upgrade = read_upgrade(head) if end >= 0 else None
         if upgrade is not None:
@@ -496,6 +493,10 @@ class _TooMany(Protocol):
         self.transport.loseConnection()
 
 
+def _abort(front: _Front) -> None:
+    front.transport.abortConnection()
+
+
 class FrontFactory(Factory):
     """The factory to listen with for ``site``, whose resource is a
     :class:`PubSubResource` at the root: upgrades skip twisted.web."""
@@ -510,6 +511,11 @@ class FrontFactory(Factory):
         self.resource: PubSubResource = site.resource
         #: Connections per address: the pub/sub factory's count, for its metrics.
         self.peers: PeerCounter = self.resource.factory.peers
+        #: Connections still sending their request's head, cut off after the
+        #: site's timeout (``open_handshake_timeout``).
+        self.heads: Deadlines | None = None
+        if getattr(site, "timeOut", None):
+            self.heads = Deadlines(clock, site.timeOut, _abort)
 
     def buildProtocol(self, addr: Any) -> Protocol:
         if not self.peers.limit:

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 import txaio
-from autobahn.twisted.util import create_transport_details
+from autobahn.twisted.util import create_transport_details, peer2str
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.compress import (
@@ -53,6 +53,7 @@ from autobahn.websocket.protocol import (
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from autobahn.websocket.utf8validator import Utf8Validator
 from twisted.internet import defer
+from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 
 from pubsub import json_codec
@@ -274,15 +275,16 @@ _OPENED: dict[str, Any] = {
 
 
 class _OnFirstUse:
-    """A class attribute that gives each instance its own ``make()`` when first read.
+    """A class attribute that gives each instance its own ``make(instance)`` when first read.
 
     Autobahn's ``connectionMade`` sets the attribute itself; connections
     opened by :meth:`_LeanReader.open_upgrade` build it only if Autobahn's
-    frame machine ever needs it, which a client of the lean path never makes
-    it do. Until then it costs neither time nor memory.
+    frame machine (or someone asking for it) ever needs it, which a client
+    of the lean path never makes it do. Until then it costs neither time nor
+    memory.
     """
 
-    def __init__(self, make: Callable[[], Any]) -> None:
+    def __init__(self, make: Callable[[Any], Any]) -> None:
         self._make = make
         self._name = ""
 
@@ -292,8 +294,15 @@ class _OnFirstUse:
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         if instance is None:
             return self
-        value = instance.__dict__[self._name] = self._make()
+        value = instance.__dict__[self._name] = self._make(instance)
         return value
+
+
+def _transport_details(protocol: WebSocketServerProtocol) -> TransportDetails:
+    """What Autobahn's ``connectionMade`` records of a connection's transport."""
+    details = create_transport_details(protocol.transport, protocol.is_server)
+    details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+    return details
 
 
 class _LeanReader(WebSocketServerProtocol):
@@ -306,8 +315,11 @@ class _LeanReader(WebSocketServerProtocol):
     """
 
     _partial = b""  # the start of a text frame the lean path waits to complete
-    utf8validator = _OnFirstUse(Utf8Validator)
-    trafficStats = _OnFirstUse(TrafficStats)
+    utf8validator = _OnFirstUse(lambda _: Utf8Validator())
+    trafficStats = _OnFirstUse(lambda _: TrafficStats())
+    # Its two system calls (the process and thread ids) and its objects, only
+    # for whoever reads ``transport_details``.
+    _transport_details = _OnFirstUse(_transport_details)
 
     def open_upgrade(self, transport: Any, upgrade: Upgrade, head: bytes) -> bool:
         """Open on ``upgrade``, read from ``head`` (the request's head with the
@@ -336,10 +348,7 @@ class _LeanReader(WebSocketServerProtocol):
             return False
         self.connected = 1
         self.transport = transport
-        details = create_transport_details(transport, self.is_server)
-        details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
-        self._transport_details = details
-        self.peer = details.peer
+        self.peer = peer2str(transport)
         request = ConnectionRequest(
             self.peer,
             upgrade.headers,
@@ -363,6 +372,7 @@ class _LeanReader(WebSocketServerProtocol):
         except Exception:  # noqa: BLE001, S110 - as Autobahn: not every transport has Nagle
             pass
         state = self.__dict__
+        del state["_transport_details"]  # Autobahn's placeholder: see the class attribute
         state.update(_OPENED)
         state.update(
             http_request_data=head,
@@ -387,7 +397,10 @@ class _LeanReader(WebSocketServerProtocol):
             self.autoPingPendingCall = factory._batched_timer.call_later(
                 self.autoPingInterval, self._sendAutoPing
             )
-        self._onOpen()
+        if ISSLTransport.providedBy(transport):
+            self._onOpen()  # Autobahn's: it records the TLS channel id and peer certificate
+        else:
+            self.onOpen()
         txaio.resolve(self.is_open, None)
         return True
 
@@ -599,6 +612,9 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
     def onAutoPingTimeout(self) -> None:
         self.factory.ping_timeouts += 1
         super().onAutoPingTimeout()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._answer(super().dataReceived, data)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:

@@ -194,7 +194,11 @@ def test_the_connection_is_left_as_autobahns_handshake_leaves_it(make_front, off
     ours, theirs = both_ways(make_front, data)
     mine, autobahns = vars(ours.protocol), vars(theirs.protocol)
     # Built on first use on this path; Autobahn builds them up front.
-    lazy = {"utf8validator": Utf8Validator, "trafficStats": TrafficStats}
+    lazy = {
+        "utf8validator": Utf8Validator,
+        "trafficStats": TrafficStats,
+        "_transport_details": TransportDetails,
+    }
     assert set(autobahns) - set(mine) == set(lazy)
     assert set(mine) - set(autobahns) == set()
     for name, value in autobahns.items():
@@ -204,6 +208,7 @@ def test_the_connection_is_left_as_autobahns_handshake_leaves_it(make_front, off
             assert mine[name] == value, name
         else:  # objects of each connection's own: timers, futures, the transport, ...
             assert type(mine[name]) is type(value), name
+    assert ours.protocol.transport_details.marshal() == theirs.protocol.transport_details.marshal()
     assert mine["is_open"].called and mine["websocket_protocol_in_use"] == "pubsub.json"
     assert mine["http_request_params"] == {"token": ["t"], "a": ["1"]}
     assert ours.protocol._token == "t"  # for the authenticator, once open

@@ -14,7 +14,14 @@ from twisted.web.server import Site
 from pubsub.commands import Reply, Session, execute
 from pubsub.config import Settings
 from pubsub.engine import Engine
-from pubsub.policy import IdleTimer, OriginPolicy, PeerCounter, PublishLimit, TokenBucket
+from pubsub.policy import (
+    Deadlines,
+    IdleTimer,
+    OriginPolicy,
+    PeerCounter,
+    PublishLimit,
+    TokenBucket,
+)
 from pubsub.resp import RespFactory
 from pubsub.web import FrontFactory, PubSubResource
 from tests.support import wsframes
@@ -144,6 +151,33 @@ def test_idle_timer_waits_for_silence_and_spares_the_exempt(clock):
     clock.advance(1)
     assert expired == [26.0]
     timer.cancel()
+
+
+def test_deadlines_expire_each_item_on_time_on_one_timer(clock):
+    expired = []
+    deadlines = Deadlines(clock, 5, lambda item: expired.append((item, clock.seconds())))
+    deadlines.add("a")
+    clock.advance(1)
+    deadlines.add("b")
+    deadlines.add("c")
+    clock.advance(1)
+    deadlines.add("d")
+    deadlines.discard("c")
+    deadlines.discard("never added")
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(3)
+    assert expired == [("a", 5.0)]
+    clock.advance(0.5)
+    assert expired == [("a", 5.0)]
+    clock.advance(0.5)
+    assert expired == [("a", 5.0), ("b", 6.0)]
+    deadlines.discard("d")
+    clock.advance(10)
+    assert expired == [("a", 5.0), ("b", 6.0)] and len(deadlines) == 0
+    assert clock.getDelayedCalls() == []  # nothing left to wait for: no timer
+    deadlines.add("e")
+    clock.advance(5)
+    assert expired[-1] == ("e", 21.0)
 
 
 # -- WebSocket ------------------------------------------------------------------------------

@@ -113,6 +113,8 @@ def test_subscribe_publish_and_every_frame_kind(factory):
         (b'"PING"', "a command is a non-empty JSON array of strings"),
         (b"[1]", "the command name must be a string"),
         (b'["PUBLISH", "ch", 5]', "argument 2 must be a string"),
+        (b'["PUBLISH", "ch", NaN]', "argument 2 must be a string"),
+        (b'["PUBLISH", "ch", 123456789012345678901234567890]', "argument 2 must be a string"),
         (b'["PUBLISH", 5, "x"]', "argument 1 must be a string"),
         (b'["SUBSCRIBE", {"base64": "YQ=="}]', "argument 1 must be a string"),
         (b'["PUBLISH", "ch", {"base64": "not base64!"}]', "argument 2 is not valid base64"),
@@ -273,6 +275,23 @@ def test_replies_queue_behind_waiting_deliveries(factory):
     publisher.send(command("PUBLISH", "c", "first"))
     subscriber.send(command("PING", "after"))
     assert subscriber.messages() == [["message", "c", "first"], ["pong", "after"]]
+
+
+def test_the_replies_to_one_read_go_out_in_one_write_as_it_ends(factory):
+    subscriber, publisher = Connection(factory), Connection(factory)
+    subscriber.call("SUBSCRIBE", "c")
+    writes = []
+    publisher.transport.writeSequence = lambda frames: writes.append(b"".join(frames))
+    publisher.send(command("PING", "1") + command("PUBLISH", "c", "m") + command("PING", "2"))
+    assert [json.loads(p) for _, p in wsframes.parse_frames(b"".join(writes))] == [
+        ["pong", "1"],
+        ["reply", 1],
+        ["pong", "2"],
+    ]
+    assert len(writes) == 1
+    # Deliveries to other connections go out at the end of the reactor turn.
+    assert subscriber.transport.value() == b""
+    assert subscriber.messages() == [["message", "c", "m"]]
 
 
 def test_a_stalled_subscriber_is_cut_off_past_the_hard_limit(make_factory):
