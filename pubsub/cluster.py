@@ -72,8 +72,9 @@ def tcp_address(description: str) -> tuple[str, int]:
     return interface, int(port)
 
 
-def bind_sockets(interface: str, port: int, count: int) -> list[socket.socket]:
-    """``count`` listening sockets on one address, sharing it by SO_REUSEPORT.
+def bind_sockets(interface: str, port: int, count: int, backlog: int = 511) -> list[socket.socket]:
+    """``count`` listening sockets on one address, sharing it by SO_REUSEPORT,
+    each with a queue of ``backlog`` connections (the listen_backlog setting).
 
     Port 0 binds the first to a free port and the others to the same one.
     """
@@ -87,7 +88,7 @@ def bind_sockets(interface: str, port: int, count: int) -> list[socket.socket]:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((interface, port))
             port = sock.getsockname()[1]
-            sock.listen(1024)
+            sock.listen(backlog or 50)  # 0: Twisted's default, as for one node
             sock.setblocking(False)
     except OSError as error:
         for sock in sockets:
@@ -254,7 +255,7 @@ def prepare(argv: list[str]) -> tuple[int, list[str], list[list[socket.socket]],
     listening = []
     for what, value in ports:
         interface, port = tcp_address(endpoint_description(settings, value))
-        sockets = bind_sockets(interface, port, known.workers)
+        sockets = bind_sockets(interface, port, known.workers, settings.listen_backlog)
         per_port.append(sockets)
         listening.append(f"{what} on {interface or '*'}:{sockets[0].getsockname()[1]}")
     per_worker = [list(group) for group in zip(*per_port, strict=True)]

@@ -49,6 +49,9 @@ class Settings:
     max_connections: int = _setting(
         10_000, "Most connections at once on each port; more are refused (HTTP 503 or -ERR)"
     )
+    listen_backlog: int = _setting(
+        511, "Connections the kernel queues on each port until the server accepts them"
+    )
     max_subscriptions: int = _setting(
         10_000, "Most channels + patterns + shard channels one client may hold"
     )
@@ -217,10 +220,17 @@ def load_settings(
     return replace(Settings(), **values)
 
 
+#: Endpoint types that take a ``backlog`` (Twisted's default is 50).
+_QUEUED = ("tcp:", "tcp6:", "ssl:", "unix:")
+
+
 def endpoint_description(settings: Settings, port: str | None = None) -> str:
-    """The Twisted server endpoint string for ``port`` (default: the WebSocket port)."""
+    """The Twisted server endpoint string for ``port`` (default: the WebSocket
+    port), with ``listen_backlog`` unless the string gives its own."""
     port = (settings.port if port is None else port).strip()
     if port.isdigit():
         interface = settings.interface.replace(":", "\\:")
-        return f"tcp:{port}:interface={interface}"
+        port = f"tcp:{port}:interface={interface}"
+    if port.startswith(_QUEUED) and "backlog=" not in port and settings.listen_backlog > 0:
+        port = f"{port}:backlog={settings.listen_backlog}"
     return port

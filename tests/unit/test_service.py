@@ -8,7 +8,9 @@ import json
 import sys
 
 import pytest
+import pytest_twisted
 from twisted.application.service import Application
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -116,3 +118,17 @@ def test_log_format_json_names_the_observer_for_twistd(tmp_path, monkeypatch):
     plain = Options()
     plain.parseOptions(["--port", "tcp:0"])
     assert makeService(plain).log_observer is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_both_ports_listen_with_the_listen_backlog():
+    service = make_service(Settings(port="0", resp_port="0", listen_backlog=300))
+    service.privilegedStartService()
+    service.startService()
+    try:
+        ports = yield defer.gatherResults(
+            [listener._waitingForPort for listener in service._endpoints]
+        )
+        assert sorted(port.backlog for port in ports) == [300, 300]
+    finally:
+        yield service.stopService()
