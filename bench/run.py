@@ -114,6 +114,9 @@ def scenarios(scale: float, seconds: float) -> list[dict]:
         {
             "name": "idle",
             "scenario": "idle",
+            # Connecting processes: one per core the server does not use; more
+            # only take the server's core from it (docs/benchmarks.md, idle).
+            "workers": max(1, (os.cpu_count() or 2) - 1),
             "subscribers": n(10_000),
             "warmupConnections": 100,
             "settleMs": 1000,
@@ -238,7 +241,6 @@ def run_loadgen(server: Server, spec: dict, args: argparse.Namespace, on_stderr=
         "port": server.port,
         "serverPid": server.pid,
         "clkTck": os.sysconf("SC_CLK_TCK"),
-        "workers": args.workers,
         "payloadLength": PAYLOAD,
         "progressMs": 5,
         "connectConcurrency": args.connect_concurrency,
@@ -247,6 +249,7 @@ def run_loadgen(server: Server, spec: dict, args: argparse.Namespace, on_stderr=
         "maxRunS": 300,
         **spec,
     }
+    cfg["workers"] = args.workers or spec.get("workers", 2)
     # stdout (the result) goes to a file and stderr to a reader thread, so
     # that no one else competes with the thread for stderr's lines.
     with tempfile.TemporaryFile("w+") as stdout:
@@ -643,7 +646,11 @@ def main() -> int:
         "--servers", default="pubsub,redis",
         help="pubsub, redis, and workersN: pubsub-cluster --workers N with a backplane",
     )  # fmt: skip
-    parser.add_argument("--workers", type=int, default=2, help="subscriber processes")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="subscriber processes [default: 2; idle: one per core the server does not use]",
+    )
     parser.add_argument("--connect-concurrency", type=int, default=32)
     parser.add_argument("--twistd", default=str(ROOT / ".venv" / "bin" / "twistd"))
     parser.add_argument("--cluster", default=str(ROOT / ".venv" / "bin" / "pubsub-cluster"))
