@@ -5,7 +5,8 @@ much as on the server; this measures only what the server's own code spends to
 open a connection the way the front door does and answer its SUBSCRIBE: the
 front's head reading, the handshake, ``onOpen``, the command, the reply's
 send() and the reactor turn that ends it. Twisted's accept (``Port.doRead``)
-and the epoll loop are not in it.
+and the epoll loop are not in it. Then every connection is lost at once and
+the cost of a close is reported too.
 
 Each connection has a real socket (one end of a ``socketpair``) so the two
 send() calls are real; the reactor's timers are real too (``runUntilCurrent``
@@ -36,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 
 from pubsub.config import Settings
 from pubsub.engine import Engine
@@ -159,6 +162,16 @@ def main() -> None:
         f"median {statistics.median(times):.1f} us "
         f"(batches: {', '.join(f'{t:.1f}' for t in times)})"
     )
+    # Then every client goes at once, as after a network failure.
+    lost = Failure(ConnectionDone())
+    t0 = time.process_time()
+    closed = 0
+    for held in kept:
+        for transport in held:
+            transport.protocol.connectionLost(lost)
+            closed += 1
+    reactor.runUntilCurrent()
+    print(f"server Python per close: {(time.process_time() - t0) / closed * 1e6:.1f} us")
     if profiler is not None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 

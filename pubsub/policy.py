@@ -8,20 +8,26 @@ injected clock (``IReactorTime``: the reactor, or a ``Clock`` in tests), and
 knows nothing about frames or sockets.  The engine and the command table know
 nothing about any of it: a transport asks these objects before it hands a
 command to :func:`pubsub.commands.execute`, or before it accepts a connection.
+
+The timers that bound how long a connection may take (:class:`Deadlines`,
+:class:`BatchedTimer`) are here too: one reactor timer serves many connections.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 from autobahn.util import wildcards2patterns
+from twisted.logger import Logger
 
 from pubsub.commands import Error
 
 __all__ = [
+    "BatchedTimer",
     "Deadlines",
     "IdleTimer",
     "OriginPolicy",
@@ -285,3 +291,64 @@ class Deadlines:
             expired.append(item)
         for item in expired:
             self._expire(item)
+
+
+_log = Logger()
+
+
+class _BatchedCall:
+    """One call of a :class:`BatchedTimer`; ``cancel()`` forgets it."""
+
+    __slots__ = ("_bucket", "_call")
+
+    def __init__(self, bucket: dict[_BatchedCall, None], call: Callable[[], Any]) -> None:
+        self._bucket = bucket
+        self._call = call
+
+    def cancel(self) -> None:
+        self._bucket.pop(self, None)
+
+
+class BatchedTimer:
+    """Timers for every connection of a factory: what Autobahn schedules its
+    pings, ping timeouts and handshake timeouts with (txaio's
+    ``IBatchedTimer``, the factory's ``_batched_timer``).
+
+    Calls due in the same ``resolution`` seconds share one reactor timer and
+    run at its end, never early; past ``chunk`` calls at once, the rest run
+    on the next reactor turns, so 10,000 pings due together do not stall the
+    server. Scheduling is a dict entry, cancelling one removal: txaio's own
+    timer allocates a closure per call and removes a cancelled one from a
+    list as long as the connections opened in the same second, which every
+    connection closing before its first ping paid.
+    """
+
+    def __init__(self, clock: Any, resolution: float = 0.2, chunk: int = 1000) -> None:
+        self._clock = clock
+        self._resolution = resolution
+        self._chunk = chunk
+        self._buckets: dict[int, dict[_BatchedCall, None]] = {}
+
+    def call_later(self, delay: float, func: Callable[..., Any], *args: Any) -> _BatchedCall:
+        now = self._clock.seconds()
+        slot = math.ceil((now + delay) / self._resolution)
+        bucket = self._buckets.get(slot)
+        if bucket is None:
+            bucket = self._buckets[slot] = {}
+            self._clock.callLater(max(0.0, slot * self._resolution - now), self._run, slot)
+        call = _BatchedCall(bucket, (lambda: func(*args)) if args else func)
+        bucket[call] = None
+        return call
+
+    def _run(self, slot: int) -> None:
+        bucket = self._buckets[slot]
+        due = [bucket.popitem()[0] for _ in range(min(self._chunk, len(bucket)))]
+        if bucket:
+            self._clock.callLater(0, self._run, slot)
+        else:
+            del self._buckets[slot]
+        for call in due:
+            try:
+                call._call()
+            except Exception:  # noqa: BLE001 - one connection's fault must not stop the others
+                _log.failure("internal fault in a connection's timer")

@@ -64,7 +64,7 @@ from pubsub.engine import Engine
 from pubsub.flow import Flusher, OutboxProducer, OutputLimits
 from pubsub.flow import _write as _send_now
 from pubsub.handshake import Upgrade, accept_response
-from pubsub.policy import IdleTimer, OriginPolicy, PeerCounter, PublishLimit
+from pubsub.policy import BatchedTimer, IdleTimer, OriginPolicy, PeerCounter, PublishLimit
 
 __all__ = [
     "SUBPROTOCOL",
@@ -180,6 +180,8 @@ class _ConfiguredFactory(WebSocketServerFactory):
         self, settings: Settings | None = None, url: str | None = None, reactor: Any = None
     ) -> None:
         super().__init__(url, reactor=reactor)
+        # Pings and handshake timeouts, on this factory's clock.
+        self._batched_timer = BatchedTimer(self.reactor)
         self.settings = settings if settings is not None else Settings()
         options: dict[str, Any] = {
             "maxMessagePayloadSize": self.settings.max_message_size,

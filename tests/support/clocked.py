@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.task import Clock
-from txaio._common import _BatchedTimer
 
 from pubsub.config import Settings
 from pubsub.engine import Engine
@@ -13,11 +12,6 @@ from pubsub.websocket import PubSubServerFactory
 
 
 def websocket_factory(clock: Clock, **settings: Any) -> PubSubServerFactory:
-    """A pub/sub factory on ``clock`` under ``Settings(**settings)``."""
-    factory = PubSubServerFactory(Engine(), Settings(**settings), reactor=clock)
-    # Autobahn schedules its handshake and ping timers through txaio's global
-    # loop; keep them on this test's clock instead of the real reactor.
-    factory._batched_timer = _BatchedTimer(
-        200.0, 1000, seconds_provider=clock.seconds, delayed_call_creator=clock.callLater
-    )
-    return factory
+    """A pub/sub factory on ``clock`` under ``Settings(**settings)``: its
+    handshake and ping timers run on the factory's clock too."""
+    return PubSubServerFactory(Engine(), Settings(**settings), reactor=clock)

@@ -8,13 +8,16 @@ import json
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
+from pubsub import policy
 from pubsub.commands import Reply, Session, execute
 from pubsub.config import Settings
 from pubsub.engine import Engine
 from pubsub.policy import (
+    BatchedTimer,
     Deadlines,
     IdleTimer,
     OriginPolicy,
@@ -178,6 +181,57 @@ def test_deadlines_expire_each_item_on_time_on_one_timer(clock):
     deadlines.add("e")
     clock.advance(5)
     assert expired[-1] == ("e", 21.0)
+
+
+def test_batched_timer_runs_calls_on_time_on_one_reactor_timer_per_slot(clock):
+    timer = BatchedTimer(clock, resolution=0.25)
+    ran = []
+    clock.advance(0.5)
+    for delay in (1, 1.25, 1.125):  # due at 1.5, 1.75, 1.625: slots ending at 1.5 and 1.75
+        timer.call_later(delay, lambda d=delay: ran.append((d, clock.seconds())))
+    cancelled = timer.call_later(1.25, ran.append, "cancelled")
+    with_args = timer.call_later(1.25, lambda *a: ran.append(a), "x", "y")
+    assert len(clock.getDelayedCalls()) == 2
+    cancelled.cancel()
+    cancelled.cancel()  # twice is harmless
+    clock.advance(0.9375)  # 1.4375: nothing runs before its slot ends
+    assert ran == []
+    clock.advance(0.0625)  # 1.5
+    assert ran == [(1, 1.5)]
+    clock.advance(0.25)  # 1.75
+    assert sorted(map(str, ran[1:])) == ["('x', 'y')", "(1.125, 1.75)", "(1.25, 1.75)"]
+    assert clock.getDelayedCalls() == []
+    with_args.cancel()  # after it ran: nothing to do
+
+
+def test_batched_timer_runs_a_crowd_in_chunks_and_survives_a_faulty_call(clock, monkeypatch):
+    events = []
+    monkeypatch.setattr(policy, "_log", Logger(observer=events.append))
+    timer = BatchedTimer(clock, resolution=1, chunk=3)
+    ran = []
+
+    def faulty():
+        raise RuntimeError("boom")
+
+    for n in range(3):
+        timer.call_later(1, ran.append, n)
+    timer.call_later(1, faulty)
+    for n in range(3, 5):
+        timer.call_later(1, ran.append, n)
+    next_turn = []
+    schedule = clock.callLater
+    monkeypatch.setattr(
+        clock,
+        "callLater",
+        lambda delay, f, *a: next_turn.append((f, a)) if delay == 0 else schedule(delay, f, *a),
+    )
+    clock.advance(1)
+    assert len(ran) + len(events) == 3  # one chunk this turn
+    [(rest, args)] = next_turn
+    rest(*args)  # the next reactor turn
+    assert sorted(ran) == list(range(5))
+    assert [type(e["log_failure"].value) for e in events] == [RuntimeError]
+    assert clock.getDelayedCalls() == []
 
 
 # -- WebSocket ------------------------------------------------------------------------------
