@@ -25,6 +25,21 @@ const CR = 0x0d;
 
 const readBuffer = Buffer.allocUnsafe(256 * 1024);
 
+// Handshake keys are cut from a pool of random bytes filled 1,024 keys at a
+// time: 0.2 us a key instead of 4 us for a randomBytes call each.
+const KEY_BYTES = 16;
+const keyPool = Buffer.allocUnsafe(KEY_BYTES * 1024);
+let keyOffset = keyPool.length;
+
+function handshakeKey() {
+  if (keyOffset === keyPool.length) {
+    crypto.randomFillSync(keyPool);
+    keyOffset = 0;
+  }
+  keyOffset += KEY_BYTES;
+  return keyPool.toString('base64', keyOffset - KEY_BYTES, keyOffset);
+}
+
 class BaseConn {
   constructor(port, handler, payloadLength) {
     this.port = port;
@@ -91,7 +106,7 @@ class BaseConn {
 class WsConn extends BaseConn {
   connect() {
     return new Promise((resolve, reject) => {
-      const key = crypto.randomBytes(16).toString('base64');
+      const key = handshakeKey();
       this.accept = crypto.createHash('sha1').update(key + WS_GUID).digest('base64');
       this._open(() => {
         this.sock.write(
@@ -99,6 +114,7 @@ class WsConn extends BaseConn {
             `Host: 127.0.0.1:${this.port}\r\n` +
             'Upgrade: websocket\r\nConnection: Upgrade\r\n' +
             `Sec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n\r\n`,
+          'latin1',
         );
       }, reject);
       let head = null;
