@@ -6,7 +6,10 @@ expose no byte count.  Their supported signal is the streaming producer: past
 socket has drained.  An :class:`Outbox` sits between a connection and its
 transport: frames go in, are written once per reactor turn as one
 ``writeSequence`` (not one ``write`` per delivery), and while the transport
-is paused they wait in the outbox, where their bytes are counted.
+is paused they wait in the outbox, where their bytes are counted. A
+connection's answers to what it has just sent go out when that read has been
+handled (:meth:`OutboxProducer._answer`), without waiting for the end of the
+turn.
 
 The policy is Redis's ``client-output-buffer-limit pubsub HARD SOFT SECONDS``:
 a connection whose waiting bytes pass the hard limit, or stay past the soft
