@@ -15,7 +15,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "Settings", "endpoint_description", "load_settings"]
+__all__ = [
+    "ConfigError",
+    "Settings",
+    "endpoint_description",
+    "listen_description",
+    "load_settings",
+]
 
 DEFAULT_CONFIG = Path("conf") / "pubsub.toml"
 
@@ -220,17 +226,25 @@ def load_settings(
     return replace(Settings(), **values)
 
 
+def endpoint_description(settings: Settings, port: str | None = None) -> str:
+    """The Twisted server endpoint string for ``port`` (default: the WebSocket port)."""
+    port = (settings.port if port is None else port).strip()
+    if port.isdigit():
+        interface = settings.interface.replace(":", "\\:")
+        return f"tcp:{port}:interface={interface}"
+    return port
+
+
 #: Endpoint types that take a ``backlog`` (Twisted's default is 50).
 _QUEUED = ("tcp:", "tcp6:", "ssl:", "unix:")
 
 
-def endpoint_description(settings: Settings, port: str | None = None) -> str:
-    """The Twisted server endpoint string for ``port`` (default: the WebSocket
-    port), with ``listen_backlog`` unless the string gives its own."""
-    port = (settings.port if port is None else port).strip()
-    if port.isdigit():
-        interface = settings.interface.replace(":", "\\:")
-        port = f"tcp:{port}:interface={interface}"
-    if port.startswith(_QUEUED) and "backlog=" not in port and settings.listen_backlog > 0:
-        port = f"{port}:backlog={settings.listen_backlog}"
-    return port
+def listen_description(settings: Settings, port: str | None = None) -> str:
+    """:func:`endpoint_description` with ``listen_backlog``, unless the
+    string gives its own backlog or its type takes none: what to listen with.
+    (Messages name the endpoint as configured.)"""
+    description = endpoint_description(settings, port)
+    backlog = settings.listen_backlog
+    if backlog > 0 and description.startswith(_QUEUED) and "backlog=" not in description:
+        return f"{description}:backlog={backlog}"
+    return description

@@ -25,7 +25,13 @@ from twisted.python.logfile import LogFile
 from twisted.web.server import Site
 
 from pubsub.backplane import RedisBackplane
-from pubsub.config import ConfigError, Settings, endpoint_description, load_settings
+from pubsub.config import (
+    ConfigError,
+    Settings,
+    endpoint_description,
+    listen_description,
+    load_settings,
+)
 from pubsub.engine import Engine
 from pubsub.resp import RespFactory
 from pubsub.web import FrontFactory, PubSubResource
@@ -100,7 +106,9 @@ class PubSubService(MultiService):
         try:
             # strports raises at start-up when the port cannot be bound, so
             # twistd stops with the reason instead of running without a port.
-            listener = strports.service(description, factory, reactor=self._reactor)
+            listener = strports.service(
+                listen_description(self.settings, value), factory, reactor=self._reactor
+            )
         except Exception as error:  # noqa: BLE001 - endpoint parsers raise anything
             raise ConfigError(f"setting {setting}: cannot use {value!r}: {error}") from None
         listener.setServiceParent(self)

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 from twisted.python import usage
 
-from pubsub.config import ConfigError, Settings, endpoint_description, load_settings
+from pubsub.config import (
+    ConfigError,
+    Settings,
+    endpoint_description,
+    listen_description,
+    load_settings,
+)
 from pubsub.service import Options, make_service
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,16 +57,16 @@ def test_the_operations_guide_lists_every_setting_with_its_default_and_help():
 def test_the_resp_port_is_off_by_default_and_bound_like_the_websocket_port():
     assert Settings().resp_port == ""
     settings = Settings(resp_port="6380", interface="::1")
-    assert endpoint_description(settings, settings.resp_port) == (
-        "tcp:6380:interface=\\:\\:1:backlog=511"
-    )
-    assert endpoint_description(settings, "unix:/tmp/r.sock") == "unix:/tmp/r.sock:backlog=511"
+    assert endpoint_description(settings, settings.resp_port) == "tcp:6380:interface=\\:\\:1"
+    assert endpoint_description(settings, "unix:/tmp/r.sock") == "unix:/tmp/r.sock"
 
 
 @pytest.mark.parametrize(
     "port, backlog, description",
     [
+        ("9000", 511, "tcp:9000:interface=127.0.0.1:backlog=511"),
         ("tcp:9000", 511, "tcp:9000:backlog=511"),
+        ("unix:/tmp/r.sock", 511, "unix:/tmp/r.sock:backlog=511"),
         ("tcp:9000:backlog=5", 511, "tcp:9000:backlog=5"),  # the string's own
         ("ssl:9443:privateKey=k.pem", 100, "ssl:9443:privateKey=k.pem:backlog=100"),
         ("tcp:9000", 0, "tcp:9000"),  # Twisted's default
@@ -68,12 +74,12 @@ def test_the_resp_port_is_off_by_default_and_bound_like_the_websocket_port():
     ],
 )
 def test_the_listen_backlog_goes_into_endpoint_strings_that_take_one(port, backlog, description):
-    assert endpoint_description(Settings(listen_backlog=backlog), port) == description
+    assert listen_description(Settings(listen_backlog=backlog), port) == description
 
 
 def test_the_default_bind_address_is_loopback():
     assert Settings().interface == "127.0.0.1"
-    assert endpoint_description(Settings()) == "tcp:9000:interface=127.0.0.1:backlog=511"
+    assert endpoint_description(Settings()) == "tcp:9000:interface=127.0.0.1"
 
 
 def test_precedence_defaults_file_environment_command_line(tmp_path):
@@ -90,7 +96,7 @@ def test_precedence_defaults_file_environment_command_line(tmp_path):
     assert settings.max_subscriptions == 10  # command line over environment
     assert settings.port == "9100"  # None means "not given"
     assert settings.max_name_length == Settings().max_name_length
-    assert endpoint_description(settings) == "tcp:9100:interface=\\:\\:1:backlog=511"
+    assert endpoint_description(settings) == "tcp:9100:interface=\\:\\:1"
 
 
 def test_without_config_the_file_under_the_current_directory_is_used(tmp_path, monkeypatch):
