@@ -72,7 +72,9 @@ def tcp_address(description: str) -> tuple[str, int]:
     return interface, int(port)
 
 
-def bind_sockets(interface: str, port: int, count: int, backlog: int = 511) -> list[socket.socket]:
+def bind_sockets(
+    interface: str, port: int, count: int, backlog: int = Settings.listen_backlog
+) -> list[socket.socket]:
     """``count`` listening sockets on one address, sharing it by SO_REUSEPORT,
     each with a queue of ``backlog`` connections (the listen_backlog setting).
 

@@ -27,26 +27,14 @@ from pubsub.backplane.redis import (
 )
 from pubsub.commands import Error, Reply, Session, error_kind, execute
 from pubsub.engine import Engine
+from tests.support.tuples import TupleFrames
 
 NODE = b"0123456789abcdef"
 OTHER = b"fedcba9876543210"
 
 
-class Frames:
-    """An encoder whose frames are tuples, so deliveries are easy to compare."""
-
-    def message(self, channel: bytes, payload: bytes) -> Any:
-        return ("message", channel, payload)
-
-    def pmessage(self, pattern: bytes, channel: bytes, payload: bytes) -> Any:
-        return ("pmessage", pattern, channel, payload)
-
-    def smessage(self, channel: bytes, payload: bytes) -> Any:
-        return ("smessage", channel, payload)
-
-
 class Client:
-    encoder = Frames()
+    encoder = TupleFrames()
 
     def __init__(self, engine: Engine) -> None:
         self.frames: list = []

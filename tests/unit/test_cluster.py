@@ -118,13 +118,21 @@ def two_sockets():
         sock.close()
 
 
-def test_a_worker_that_dies_later_is_restarted(monkeypatch, two_sockets):
+@pytest.fixture
+def two_workers(monkeypatch, two_sockets):
+    """(now, reactor, parent): a cluster that has spawned two workers at
+    ``now[0]`` on the monotonic clock, which the test moves on."""
     now = [100.0]
     monkeypatch.setattr(cluster.time, "monotonic", lambda: now[0])
     reactor = Reactor()
     parent = _Cluster(reactor, [], two_sockets)
     parent.spawn(0)
     parent.spawn(1)
+    return now, reactor, parent
+
+
+def test_a_worker_that_dies_later_is_restarted(two_workers):
+    now, reactor, parent = two_workers
     now[0] += 60
     worker = reactor.spawned[1][0]
     worker.processEnded(Ended(1))
@@ -135,13 +143,8 @@ def test_a_worker_that_dies_later_is_restarted(monkeypatch, two_sockets):
     assert not reactor.stopped
 
 
-def test_a_worker_that_dies_at_once_stops_everything(monkeypatch, two_sockets):
-    now = [100.0]
-    monkeypatch.setattr(cluster.time, "monotonic", lambda: now[0])
-    reactor = Reactor()
-    parent = _Cluster(reactor, [], two_sockets)
-    parent.spawn(0)
-    parent.spawn(1)
+def test_a_worker_that_dies_at_once_stops_everything(two_workers):
+    now, reactor, parent = two_workers
     now[0] += 1
     reactor.spawned[0][0].processEnded(Ended(1))
     assert reactor.stopped

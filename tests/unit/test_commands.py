@@ -8,8 +8,6 @@ arities against COMMAND INFO.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from pubsub.commands import (
@@ -25,26 +23,7 @@ from pubsub.commands import (
 from pubsub.engine import Engine
 from tests.support.redis_server import redis_server
 from tests.support.resp3 import Resp3Client, RespError
-
-
-class Recorder:
-    """A subscriber whose encoder builds plain tuples."""
-
-    def __init__(self) -> None:
-        self.encoder = self
-        self.frames: list = []
-
-    def message(self, channel: bytes, payload: bytes) -> Any:
-        return ("message", channel, payload)
-
-    def pmessage(self, pattern: bytes, channel: bytes, payload: bytes) -> Any:
-        return ("pmessage", pattern, channel, payload)
-
-    def smessage(self, channel: bytes, payload: bytes) -> Any:
-        return ("smessage", channel, payload)
-
-    def deliver(self, frame: Any) -> None:
-        self.frames.append(frame)
+from tests.support.tuples import TupleSubscriber as Recorder
 
 
 class RecordingSession(Session):

@@ -26,6 +26,7 @@ from pubsub.config import Settings
 from pubsub.engine import Engine
 from pubsub.resp import INLINE_MAX, REDIS_VERSION, RespFactory, split_inline
 from tests.support.redis_server import redis_server
+from tests.support.tuples import TupleSubscriber
 
 # -- building requests and expected replies ---------------------------------------------
 
@@ -1462,24 +1463,8 @@ def test_frames_are_built_once_per_publish_per_resp_version(factory, monkeypatch
     assert third.output() == message("c", "hi", resp3=True)
 
 
-class OtherTransport:
+class OtherTransport(TupleSubscriber):
     """A subscriber of another kind (as WebSocket's), with its own encoder."""
-
-    def __init__(self) -> None:
-        self.encoder = self
-        self.frames: list = []
-
-    def message(self, channel, payload):
-        return ("message", channel, payload)
-
-    def pmessage(self, pattern, channel, payload):
-        return ("pmessage", pattern, channel, payload)
-
-    def smessage(self, channel, payload):
-        return ("smessage", channel, payload)
-
-    def deliver(self, frame) -> None:
-        self.frames.append(frame)
 
 
 def test_resp_clients_and_another_transport_share_one_engine(factory):
