@@ -38,6 +38,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Self
 
+import hostile
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 COORDINATOR = BENCH / "loadgen" / "coordinator.js"
@@ -147,9 +149,13 @@ def wait_for_port(port: int, proc: subprocess.Popen, seconds: float) -> None:
 class Server:
     """One fresh server process for one run; a context manager that always stops it."""
 
-    def __init__(self, kind: str, args: argparse.Namespace, log: Path, workdir: Path) -> None:
+    def __init__(
+        self, kind: str, args: argparse.Namespace, log: Path, workdir: Path, resp: bool = False
+    ) -> None:
         self.kind = kind
         self.port = free_port()
+        # RESP's port: Redis's own, or pubsub's --resp-port when ``resp`` (the hostile scenario).
+        self.resp_port: int | None = self.port if kind == "redis" else None
         self.backplane: subprocess.Popen | None = None
         workers = int(kind.removeprefix("workers")) if kind.startswith("workers") else 0
         if workers:
@@ -176,6 +182,9 @@ class Server:
                 # The idle scenario holds 10,000 subscribers plus warm-up ones.
                 "--max-connections", "20000",
             ]  # fmt: skip
+            if resp:
+                self.resp_port = free_port()
+                cmd += ["--resp-port", f"tcp:{self.resp_port}:interface=127.0.0.1"]
         else:
             cmd = [
                 args.redis_server, "--save", "", "--appendonly", "no",
@@ -189,6 +198,8 @@ class Server:
         )
         try:
             wait_for_port(self.port, self.proc, 30)
+            if self.resp_port is not None:
+                wait_for_port(self.resp_port, self.proc, 30)
             if workers:
                 self._wait_for_workers(log, workers)
         except BaseException:
@@ -630,6 +641,44 @@ def summarize_profile(raw: Path, top: int = 15) -> dict:
     }
 
 
+# ------------------------------------------------------------------ hostile
+
+
+def run_hostile(
+    kind: str,
+    rnd: int,
+    args: argparse.Namespace,
+    specs: list[dict],
+    results: dict,
+    outdir: Path,
+    workdir: Path,
+) -> None:
+    """Every hostile case on one fresh server (pubsub with a RESP port, or Redis)."""
+    t = time.monotonic()
+    try:
+        with Server(kind, args, outdir / f"{kind}-hostile.log", workdir, resp=True) as server:
+            ports = {"resp": server.resp_port}
+            if kind == "pubsub":
+                ports["ws"] = server.port
+            runs = hostile.run_cases(kind, server.pid, ports, specs)
+    except (RuntimeError, OSError) as error:
+        runs = [
+            {"case": c["name"], "error": f"server: {error}"}
+            for c in specs
+            if kind == "pubsub" or c["proto"] == "resp"
+        ]
+    for r in runs:
+        r["round"] = rnd
+        results[r["case"]][kind].append(r)
+        brief = {
+            k: (round(v, 3) if isinstance(v, float) else v)
+            for k, v in r.items()
+            if k in ("bytes", "writes", "cpu_ms", "cpu_us_per_byte", "ping_max_ms", "error")
+        }
+        print(f"round {rnd} hostile {r['case']:<15} {kind:<6} {json.dumps(brief)}", flush=True)
+    print(f"round {rnd} hostile {kind}: {time.monotonic() - t:.1f}s", flush=True)
+
+
 # --------------------------------------------------------------------- main
 
 
@@ -641,7 +690,10 @@ def main() -> int:
         "--seconds", type=float, default=None,
         help="multiplies every duration [default: 1, or 0.3 when --scale < 1]",
     )  # fmt: skip
-    parser.add_argument("--only", default="", help="comma-separated scenario names")
+    parser.add_argument(
+        "--only", default="",
+        help="comma-separated scenario names; 'hostile' for every hostile case, or case names",
+    )  # fmt: skip
     parser.add_argument(
         "--servers", default="pubsub,redis",
         help="pubsub, redis, and workersN: pubsub-cluster --workers N with a backplane",
@@ -667,9 +719,14 @@ def main() -> int:
     fd_limit = raise_fd_limit(65536)
     servers = [s for s in args.servers.split(",") if s]
     specs = scenarios(args.scale, args.seconds)
+    hostile_specs = hostile.cases(args.scale)
     if args.only:
         wanted = set(args.only.split(","))
         specs = [s for s in specs if s["name"] in wanted]
+        if "hostile" not in wanted:
+            hostile_specs = [c for c in hostile_specs if c["name"] in wanted]
+    # pubsub and Redis only: the workers' parent does not serve the clients itself.
+    hostile_servers = [s for s in servers if s in ("pubsub", "redis")] if hostile_specs else []
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     outdir = Path(args.out) / stamp
     outdir.mkdir(parents=True, exist_ok=True)
@@ -679,6 +736,7 @@ def main() -> int:
     print(f"bench: {json.dumps(info)}", flush=True)
 
     results: dict = {s["name"]: {srv: [] for srv in servers} for s in specs}
+    hostile_results: dict = {c["name"]: {srv: [] for srv in hostile_servers} for c in hostile_specs}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pubsub-bench-") as tmp:
         workdir = Path(tmp)
@@ -704,6 +762,8 @@ def main() -> int:
                         f"{time.monotonic() - t:5.1f}s {json.dumps(brief)}",
                         flush=True,
                     )
+            for kind in [k for k in order if k in hostile_servers]:
+                run_hostile(kind, rnd, args, hostile_specs, hostile_results, outdir, workdir)
         prof = None
         if args.profile and "pubsub" in servers:
             named = {s["name"]: s for s in scenarios(args.scale, args.seconds)}
@@ -711,8 +771,8 @@ def main() -> int:
             prof = profile(args, spec, outdir, workdir) if spec else None
 
     med = medians(results)
-    summary = table(med, servers)
-    checks = targets(med) if set(servers) >= {"pubsub", "redis"} else []
+    summary = table(med, servers) if specs else ""
+    checks = targets(med) if specs and set(servers) >= {"pubsub", "redis"} else []
     machine_line = (
         f"Machine: {info['nproc']} CPUs ({info['cpu_model']}), {info['memory_gib']} GiB, "
         f"Linux {info['kernel']}; Python {info['python']} (Twisted {info['twisted']}, "
@@ -722,14 +782,11 @@ def main() -> int:
         f"Date: {info['date']}; commit {info['commit']}; rounds {args.rounds}, "
         f"scale {args.scale}, durations x{args.seconds}; total {time.monotonic() - started:.0f} s"
     )
-    report = [
-        machine_line,
-        run_line,
-        "",
-        "Medians over the rounds (latency in ms, memory in KB):",
-        "",
-        summary,
-    ]
+    if Path(args.twistd) != ROOT / ".venv" / "bin" / "twistd":
+        run_line += f"; pubsub from {args.twistd}"
+    report = [machine_line, run_line]
+    if specs:
+        report += ["", "Medians over the rounds (latency in ms, memory in KB):", "", summary]
     anomalies = Counter()
     for by_server in results.values():
         for runs in by_server.values():
@@ -737,10 +794,26 @@ def main() -> int:
                 for key in ("errors", "gaps", "disorder", "closes", "reply_sum_mismatch"):
                     anomalies[key] += abs(r.get(key) or 0)
                 anomalies["failed runs"] += "error" in r
-    report += [
-        "",
-        "Across all runs: " + ", ".join(f"{k} {v:,}" for k, v in anomalies.items()),
-    ]
+    if specs:
+        report += [
+            "",
+            "Across all runs: " + ", ".join(f"{k} {v:,}" for k, v in anomalies.items()),
+        ]
+    if hostile_specs:
+        hostile_failed = sum(
+            "error" in r for by in hostile_results.values() for rs in by.values() for r in rs
+        )
+        report += [
+            "",
+            (
+                "Hostile input (medians; server CPU net of the probe's and the idle server's, "
+                "see bench/hostile.py):"
+            ),
+            "",
+            hostile.summary(hostile_results, hostile_specs),
+            "",
+            f"Hostile runs failed: {hostile_failed}",
+        ]
     if checks:
         report += ["", "| target | measured ratio | status |", "|---|---:|---|"]
         report += [f"| {t} | {m} | {v} |" for t, m, _, v in checks]
@@ -767,10 +840,20 @@ def main() -> int:
     print("\n" + text)
     (outdir / "summary.md").write_text(text + "\n")
     (outdir / "results.json").write_text(
-        json.dumps({"machine": info, "args": vars(args), "runs": results, "medians": med}, indent=1)
-    )
+        json.dumps(
+            {"machine": info, "args": vars(args), "runs": results, "medians": med,
+             "hostile": hostile_results},
+            indent=1,
+        )
+    )  # fmt: skip
     print(f"\nresults in {outdir}")
-    failed = sum(1 for by in results.values() for runs in by.values() for r in runs if "error" in r)
+    failed = sum(
+        1
+        for by in (*results.values(), *hostile_results.values())
+        for runs in by.values()
+        for r in runs
+        if "error" in r
+    )
     return 1 if failed else 0
 
 
