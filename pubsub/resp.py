@@ -2,9 +2,9 @@
 
 Any Redis client library, and ``redis-cli``, is a client of the engine here,
 and its messages cross to and from WebSocket clients unchanged: payloads are
-bytes end to end.  Requests are parsed by ``hiredis`` (multibulk, as every
-client library sends) or split here as Redis splits inline commands (what a
-person types into ``telnet``).  Commands run through the same table as
+bytes end to end.  Requests are read by :mod:`pubsub.resp_reader`, with
+Redis's limits and error texts (multibulk, as every client library sends,
+and inline, what a person types into ``telnet``).  Commands run through the same table as
 WebSocket's (:mod:`pubsub.commands`), plus the connection commands only this
 transport has: HELLO, AUTH, RESET, QUIT, ECHO, CLIENT, SELECT and INFO.
 
@@ -19,13 +19,11 @@ Redis disconnects it.
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
-import hiredis
 from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -52,18 +50,13 @@ from pubsub.config import Settings
 from pubsub.engine import Engine
 from pubsub.flow import Flusher, Outbox, OutboxProducer, OutputLimits
 from pubsub.policy import IdleTimer, PeerCounter, PublishLimit, TokenBucket, peer_host
+from pubsub.resp_reader import ProtocolError, RequestReader, redis_int
 
 __all__ = ["REDIS_VERSION", "RespFactory", "RespProtocol"]
 
 #: The Redis release whose Pub/Sub behaviour this server reproduces.  HELLO
 #: and INFO report it, since client libraries choose features by it.
 REDIS_VERSION = "7.0.15"
-
-#: Redis's PROTO_INLINE_MAX_SIZE: the longest inline command line.
-INLINE_MAX = 64 * 1024
-
-# Redis's default proto-max-bulk-len, the bound when max_message_size is 0.
-_PROTO_MAX_BULK_LEN = 512 * 1024 * 1024
 
 _log = Logger()
 
@@ -142,70 +135,6 @@ def encode(value: Any, resp3: bool) -> bytes:
     raise TypeError(f"no RESP form for {kind.__name__}")
 
 
-def split_inline(line: bytes) -> list[bytes] | None:
-    """An inline command line split into arguments as Redis's sdssplitargs
-    does: blanks separate, "double quotes" take C escapes (\\n, \\xff, ...),
-    'single quotes' take \\' only.  None for unbalanced quotes."""
-    line = line.split(b"\0", 1)[0]  # Redis reads the line as a C string
-    args: list[bytes] = []
-    i, end = 0, len(line)
-    while True:
-        while i < end and line[i] in b" \t\n\v\f\r":
-            i += 1
-        if i == end:
-            return args
-        current = bytearray()
-        quote = 0
-        while True:
-            if i == end:
-                if quote:
-                    return None
-                break
-            c = line[i]
-            if quote == 0x22:  # "
-                if c == 0x5C and line[i + 1 : i + 2] == b"x" and _is_hex(line[i + 2 : i + 4]):
-                    current.append(int(line[i + 2 : i + 4], 16))
-                    i += 3
-                elif c == 0x5C and i + 1 < end:
-                    i += 1
-                    current += _ESCAPES.get(line[i], bytes((line[i],)))
-                elif c == 0x22:
-                    if i + 1 < end and line[i + 1] not in b" \t\n\v\f\r":
-                        return None
-                    i += 1
-                    break
-                else:
-                    current.append(c)
-            elif quote == 0x27:  # '
-                if c == 0x5C and line[i + 1 : i + 2] == b"'":
-                    i += 1
-                    current.append(0x27)
-                elif c == 0x27:
-                    if i + 1 < end and line[i + 1] not in b" \t\n\v\f\r":
-                        return None
-                    i += 1
-                    break
-                else:
-                    current.append(c)
-            elif c in b" \n\r\t":
-                break
-            elif c in b"\"'":
-                quote = c
-            else:
-                current.append(c)
-            i += 1
-        args.append(bytes(current))
-
-
-_ESCAPES = {
-    ord(k): v for k, v in {"n": b"\n", "r": b"\r", "t": b"\t", "b": b"\b", "a": b"\a"}.items()
-}
-
-
-def _is_hex(pair: bytes) -> bool:
-    return len(pair) == 2 and all(c in b"0123456789abcdefABCDEF" for c in pair)
-
-
 class RespSession(Session):
     """A RESP client's session: the command layer's, plus its connection."""
 
@@ -238,15 +167,7 @@ class RespProtocol(OutboxProducer, Protocol):
         self.lib_name: bytes | None = None
         self.lib_ver: bytes | None = None
         self._outbox: Outbox | None = None
-        self._reader = hiredis.Reader()
-        self._buffer = bytearray()  # received, not yet part of a complete request
-        self._in_multibulk = False  # hiredis holds the start of the next request
-        self._fed = 0  # how much of _buffer hiredis has been given
-        self._parsed = 0  # where hiredis's unread bytes start, when it is in step
-        # The unfinished multibulk request's next element header not yet
-        # checked, and how many elements are left to check.
-        self._scan = 0
-        self._left = 0
+        self._requests = RequestReader()
         self._closing = False
         #: Set by QUIT: close once this request's replies are sent.
         self.quitting = False
@@ -258,6 +179,7 @@ class RespProtocol(OutboxProducer, Protocol):
 
     def connectionMade(self) -> None:
         factory = self.factory
+        self._requests = RequestReader(max_request=factory.settings.max_message_size)
         limit = factory.settings.max_connections
         if limit and len(factory.connections) >= limit:
             self._closing = True
@@ -401,154 +323,22 @@ class RespProtocol(OutboxProducer, Protocol):
             self._refuse("ERR internal error")
 
     def _receive(self, data: bytes) -> None:
-        """Run every complete request in the buffer, as Redis's processInputBuffer.
-
-        Each request is multibulk or inline by its first byte.  hiredis parses
-        the multibulk ones; it is fed from the first byte of such a request on
-        and is in step with ``pos`` after each one, because every element is
-        checked to be a bulk string, whose length is then known exactly.
-        """
-        buffer = self._buffer
-        buffer += data
-        pos = 0
-        limit = self.factory.settings.max_message_size
-        try:
-            while pos < len(buffer) and not self._closing:
-                if self._in_multibulk:
-                    end = self._next_multibulk(buffer, pos, limit)
-                    if end < 0:
-                        return
-                    pos = end
-                elif buffer[pos] == 0x2A:  # "*"
-                    pos = self._multibulk_header(buffer, pos)
-                    if pos < 0:
-                        return
-                else:
-                    end = self._next_inline(buffer, pos, limit)
-                    if end < 0:
-                        return
-                    pos = end
-        finally:
-            if pos > 0:
-                del buffer[:pos]
-                self._fed = max(self._fed - pos, 0)
-                self._parsed -= pos
-                self._scan -= pos
-
-    def _next_multibulk(self, buffer: bytearray, pos: int, limit: int) -> int:
-        """Run the multibulk request at ``pos``; where it ends, or -1."""
-        if self._fed < len(buffer):
-            self._reader.feed(buffer, self._fed)
-            self._fed = len(buffer)
-        try:
-            request = self._reader.gets()
-        except (hiredis.ProtocolError, MemoryError):
-            self._refuse(
-                self._check_headers(buffer, limit) or "ERR Protocol error: invalid bulk length"
-            )
-            return -1
-        if request is False:
-            # Refuse what cannot become a valid request as soon as it shows.
-            error = self._check_headers(buffer, limit)
-            if error is None and limit and len(buffer) - pos > limit:
-                error = _size_error(limit)
-            if error is not None:
-                self._refuse(error)
-            return -1
-        self._in_multibulk = False
-        end = self._request_end(request, buffer, pos)
-        if end < 0:
-            return -1
-        self._parsed = end
-        if limit and end - pos > limit:
-            self._refuse(_size_error(limit))
-            return -1
-        self._run(request)
-        return end
-
-    def _next_inline(self, buffer: bytearray, pos: int, limit: int) -> int:
-        """Run the inline command at ``pos``; where its line ends, or -1."""
-        newline = buffer.find(b"\n", pos)
-        if newline < 0:
-            if len(buffer) - pos > INLINE_MAX:
-                self._refuse("ERR Protocol error: too big inline request")
-            elif limit and len(buffer) - pos > limit:
-                self._refuse(_size_error(limit))
-            return -1
-        end = newline - 1 if newline > pos and buffer[newline - 1] == 0x0D else newline
-        if limit and end - pos > limit:
-            self._refuse(_size_error(limit))
-            return -1
-        args = split_inline(bytes(buffer[pos:end]))
-        if args is None:
-            self._refuse("ERR Protocol error: unbalanced quotes in request")
-            return -1
-        if args:
+        """Run every complete request received, in order, as Redis's
+        processInputBuffer; a protocol error is answered, then the end."""
+        requests = self._requests
+        requests.feed(data)
+        guard = self.session.guard if self.session is not None else None
+        while not self._closing:
+            # Redis's smaller limits for a client that must still authenticate.
+            requests.guarded = guard is not None and not guard.authenticated
+            try:
+                args = requests.gets()
+            except ProtocolError as error:
+                self._refuse(str(error))
+                return
+            if args is None:
+                return
             self._run(args)
-        return newline + 1
-
-    def _multibulk_header(self, buffer: bytearray, pos: int) -> int:
-        """Check a ``*N`` line as Redis does; where the request's body starts
-        (hiredis reads the header again), or -1 when waiting or refused."""
-        cr = buffer.find(b"\r", pos)
-        if cr < 0 or cr + 1 >= len(buffer):
-            if len(buffer) - pos > INLINE_MAX:
-                self._refuse("ERR Protocol error: too big mbulk count string")
-            return -1
-        count = redis_int(bytes(buffer[pos + 1 : cr]))
-        if count is None or count > 2**31 - 1:
-            self._refuse("ERR Protocol error: invalid multibulk length")
-            return -1
-        if count <= 0:
-            return cr + 2  # Redis skips an empty or negative count
-        # hiredis goes on from the previous multibulk request when this one
-        # follows it directly; after inline or skipped input it starts afresh.
-        if self._parsed != pos:
-            self._reader = hiredis.Reader()
-            self._fed = self._parsed = pos
-        self._in_multibulk = True
-        self._scan, self._left = cr + 2, count
-        return pos
-
-    def _check_headers(self, buffer: bytearray, limit: int) -> str | None:
-        """Check the element headers of the unfinished request that have
-        arrived since the last check, as Redis checks each on arrival; the
-        error, or None."""
-        scan, left = self._scan, self._left
-        try:
-            while left and scan < len(buffer):
-                if buffer[scan] != 0x24:  # "$"
-                    got = bytes((buffer[scan],)).decode("utf-8", "surrogateescape")
-                    return f"ERR Protocol error: expected '$', got '{got}'"
-                cr = buffer.find(b"\r", scan)
-                if cr < 0 or cr + 1 >= len(buffer):
-                    if len(buffer) - scan > INLINE_MAX:
-                        return "ERR Protocol error: too big bulk count string"
-                    return None
-                length = redis_int(bytes(buffer[scan + 1 : cr]))
-                if length is None or not 0 <= length <= _PROTO_MAX_BULK_LEN:
-                    return "ERR Protocol error: invalid bulk length"
-                if limit and length > limit:
-                    return _size_error(limit)
-                scan, left = cr + 2 + length + 2, left - 1
-            return None
-        finally:
-            self._scan, self._left = scan, left
-
-    def _request_end(self, request: Any, buffer: bytearray, pos: int) -> int:
-        """Where a parsed request ends, or -1 (refused) unless every element
-        is a bulk string, as Redis requires ("expected '$'")."""
-        pos += len(b"*%d\r\n" % len(request))
-        for item in request:
-            if buffer[pos] != 0x24:  # "$"
-                got = bytes((buffer[pos],)).decode("utf-8", "surrogateescape")
-                self._refuse(f"ERR Protocol error: expected '$', got '{got}'")
-                return -1
-            if item is None:
-                self._refuse("ERR Protocol error: invalid bulk length")
-                return -1
-            pos += len(b"$%d\r\n" % len(item)) + len(item) + 2
-        return pos
 
     def _run(self, args: Sequence[bytes]) -> None:
         session = self.session
@@ -598,22 +388,6 @@ def _error_line(message: str) -> bytes:
     may quote a client's bytes, kept as they were by surrogateescape)."""
     line = message.encode("utf-8", "surrogateescape")
     return b"-%s\r\n" % line.replace(b"\r", b" ").replace(b"\n", b" ")
-
-
-def _size_error(limit: int) -> str:
-    return f"ERR Protocol error: request over the max_message_size limit of {limit} bytes"
-
-
-_INTEGER = re.compile(rb"0|-?[1-9][0-9]*")
-
-
-def redis_int(text: bytes) -> int | None:
-    """An integer as Redis's string2ll reads one: no sign but "-", no leading
-    zeros or blanks, within 64 bits; None otherwise."""
-    if len(text) > 20 or not _INTEGER.fullmatch(text):
-        return None
-    value = int(text)
-    return value if -(2**63) <= value < 2**63 else None
 
 
 # -- the connection commands only RESP has -----------------------------------------------

@@ -32,8 +32,8 @@ Redis; in patterns the prefix is escaped, so its own ``*?[]\\`` are literal.
 
 The client is this module's own: two RESP2 connections (a subscriber in
 subscribed mode, a publisher for PUBLISH/SPUBLISH), replies parsed by
-hiredis, the C parser the RESP port already uses.  docs/architecture.md says
-why not txredisapi.
+hiredis, Redis's own C reply parser.  docs/architecture.md says why not
+txredisapi.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def _ready(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+            return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))  # NOAUTH: --requirepass
     except OSError:
         return False
 
@@ -50,8 +50,9 @@ class RedisServer:
     """A redis-server on a free loopback port that a test may kill and start
     again on the same port (the backplane tests)."""
 
-    def __init__(self, workdir: str) -> None:
+    def __init__(self, workdir: str, *options: str) -> None:
         self.binary = _binary()
+        self.options = options  # more redis-server arguments, such as --requirepass
         self.workdir = workdir
         self.port = _free_port()
         self.process: subprocess.Popen | None = None
@@ -70,6 +71,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 self.workdir,
+                *self.options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
@@ -95,10 +97,10 @@ class RedisServer:
 
 
 @contextmanager
-def redis_server() -> Iterator[int]:
-    """Run redis-server for the duration of the block; yields its port."""
+def redis_server(*options: str) -> Iterator[int]:
+    """Run redis-server (with ``options``) for the duration of the block; yields its port."""
     with tempfile.TemporaryDirectory() as workdir:
-        server = RedisServer(workdir)
+        server = RedisServer(workdir, *options)
         server.start()
         try:
             yield server.port
