@@ -150,11 +150,11 @@ class Server:
     """One fresh server process for one run; a context manager that always stops it."""
 
     def __init__(
-        self, kind: str, args: argparse.Namespace, log: Path, workdir: Path, resp: bool = False
+        self, kind: str, args: argparse.Namespace, log: Path, workdir: Path, hostile: bool = False
     ) -> None:
         self.kind = kind
         self.port = free_port()
-        # RESP's port: Redis's own, or pubsub's --resp-port when ``resp`` (the hostile scenario).
+        # RESP's port: Redis's own, or pubsub's --resp-port for the hostile scenario.
         self.resp_port: int | None = self.port if kind == "redis" else None
         self.backplane: subprocess.Popen | None = None
         workers = int(kind.removeprefix("workers")) if kind.startswith("workers") else 0
@@ -182,9 +182,12 @@ class Server:
                 # The idle scenario holds 10,000 subscribers plus warm-up ones.
                 "--max-connections", "20000",
             ]  # fmt: skip
-            if resp:
+            if hostile:
                 self.resp_port = free_port()
                 cmd += ["--resp-port", f"tcp:{self.resp_port}:interface=127.0.0.1"]
+                # No WebSocket pings: a trickling attacker cannot answer one in the
+                # middle of its frame, and a slow trickle outlasts ping_timeout.
+                cmd += ["--ping-interval", "0"]
         else:
             cmd = [
                 args.redis_server, "--save", "", "--appendonly", "no",
@@ -656,7 +659,7 @@ def run_hostile(
     """Every hostile case on one fresh server (pubsub with a RESP port, or Redis)."""
     t = time.monotonic()
     try:
-        with Server(kind, args, outdir / f"{kind}-hostile.log", workdir, resp=True) as server:
+        with Server(kind, args, outdir / f"{kind}-hostile.log", workdir, hostile=True) as server:
             ports = {"resp": server.resp_port}
             if kind == "pubsub":
                 ports["ws"] = server.port
