@@ -123,21 +123,52 @@ def close_reason(text: str) -> str:
     return text.encode("utf-8")[:123].decode("utf-8", "ignore")
 
 
-def _utf8_so_far(prefix: bytes) -> bool:
-    """Whether ``prefix`` can still begin valid UTF-8 (it may end mid-character)."""
-    try:
-        codecs.utf_8_decode(prefix, "strict", False)
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
 def _unmask(payload: bytes, mask: bytes) -> bytes:
     """XOR a client frame's payload with its 4-byte mask, as one big integer."""
     size = len(payload)
     key = (mask * (size // 4 + 1))[:size]
     value = int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")
     return value.to_bytes(size, "little")
+
+
+class _Unfinished:
+    """A text frame the lean path has begun and whose payload is still arriving.
+
+    Each read's bytes are unmasked and checked once: the mask is applied
+    from the right phase and an incremental decoder carries a character cut
+    between reads, so a frame sent a byte at a time costs what it costs
+    whole.  The unmasked payload is kept, masked again only if Autobahn must
+    take over the frame (bad UTF-8), so Autobahn sees the bytes as sent.
+    """
+
+    __slots__ = ("check", "head", "mask", "payload", "size")
+
+    def __init__(self, head: bytes, size: int) -> None:
+        self.head = head  # the frame's header, mask included
+        self.mask = head[-4:]
+        self.size = size
+        self.payload = bytearray()
+        self.check = codecs.getincrementaldecoder("utf-8")()
+
+    def take(self, data: bytes) -> int:
+        """Take what ``data`` has of the payload; how much it took, or -1
+        for bytes that cannot be UTF-8 (Autobahn fails the frame at once)."""
+        chunk = data[: self.size - len(self.payload)]
+        phase = len(self.payload) % 4
+        plain = _unmask(chunk, self.mask[phase:] + self.mask[:phase])
+        try:
+            self.check.decode(plain, len(self.payload) + len(plain) == self.size)
+        except UnicodeDecodeError:
+            return -1
+        self.payload += plain
+        return len(chunk)
+
+    def complete(self) -> bool:
+        return len(self.payload) == self.size
+
+    def as_sent(self) -> bytes:
+        """The frame's bytes so far, as the client sent them."""
+        return self.head + _unmask(bytes(self.payload), self.mask)
 
 
 def deflating_framer(window_bits: int, mem_level: int, min_size: int) -> Framer:
@@ -316,7 +347,9 @@ class _LeanReader(WebSocketServerProtocol):
     clients get.
     """
 
-    _partial = b""  # the start of a text frame the lean path waits to complete
+    # The reads that brought the start of a frame header the lean path waits to complete.
+    _partial: tuple[bytes, ...] = ()
+    _unfinished: _Unfinished | None = None  # a text frame whose payload is still arriving
     utf8validator = _OnFirstUse(lambda _: Utf8Validator())
     trafficStats = _OnFirstUse(lambda _: TrafficStats())
     # Its two system calls (the process and thread ids) and its objects, only
@@ -431,9 +464,16 @@ class _LeanReader(WebSocketServerProtocol):
         # machine. Anything else (control frames, fragments, binary, bad
         # UTF-8, sizes or length encodings Autobahn must judge, compression)
         # goes to Autobahn from that frame on, with everything after it.
-        if self._partial:
-            data = self._partial + data
-            self._partial = b""
+        # Every byte is looked at once however the frames are split: only a
+        # header's few bytes are ever joined with the next read.
+        if self._unfinished is not None:
+            data = self._go_on(self._unfinished, data)
+            if not data:
+                return
+        held = self._partial
+        if held:
+            self._partial = ()
+            data = b"".join((*held, data))
         if (
             self.state != WebSocketProtocol.STATE_OPEN
             or self.data
@@ -441,55 +481,94 @@ class _LeanReader(WebSocketServerProtocol):
             or self.inside_message
             or self._perMessageCompress is not None
         ):
-            super().dataReceived(data)
+            self._to_autobahn(held, data)
             return
-        rest = self._take_text_frames(data)
-        if rest is not None:
-            super().dataReceived(rest)
+        pos, autobahn = self._take_text_frames(data)
+        if autobahn:
+            if pos:
+                super().dataReceived(data[pos:])
+            else:
+                self._to_autobahn(held, data)
+        elif pos < len(data):
+            # The start of a header: kept as the reads brought it, for
+            # Autobahn if it has to take the frame.
+            self._partial = (*held, data[sum(map(len, held)) :]) if pos == 0 else (data[pos:],)
 
-    def _take_text_frames(self, data: bytes) -> bytes | None:
-        """Handle the leading whole text frames; keep an unfinished one for
-        the next read (None), or return what Autobahn must see."""
+    def _to_autobahn(self, held: tuple[bytes, ...], data: bytes) -> None:
+        """Give Autobahn ``data``, which begins with the reads ``held``, split
+        as they came: Autobahn's handling of a bad frame depends on where
+        the reads ended."""
+        if held:
+            for chunk in held:
+                super().dataReceived(chunk)
+            data = data[sum(map(len, held)) :]
+        super().dataReceived(data)
+
+    def _go_on(self, frame: _Unfinished, data: bytes) -> bytes:
+        """Take ``data`` into the unfinished frame; what follows the frame
+        (empty while it is still unfinished, or when Autobahn took over)."""
+        taken = frame.take(data)
+        if taken < 0:
+            self._unfinished = None
+            super().dataReceived(frame.as_sent() + data)
+            return b""
+        if not frame.complete():
+            return b""
+        self._unfinished = None
+        self._text_read(frame.payload.decode("utf-8"))
+        return data[taken:]
+
+    def _take_text_frames(self, data: bytes) -> tuple[int, bool]:
+        """Handle the leading text frames, keeping one whose payload is still
+        arriving; where they end, and whether Autobahn must take what
+        follows (else it is the start of a header, or nothing)."""
         limit = self.maxMessagePayloadSize
         pos, end = 0, len(data)
         while pos < end:
             if self.state != WebSocketProtocol.STATE_OPEN:
-                return data[pos:]
-            if end - pos < 4:
-                break  # not even a short header yet
-            first, second = data[pos], data[pos + 1]
-            if first != 0x81 or second < 0x80:  # FIN + text, no RSV; masked
-                return data[pos:]
+                return pos, True
+            # Each header byte is judged as it comes, as Autobahn judges it.
+            if data[pos] != 0x81:  # FIN + text, no RSV
+                return pos, True
+            if end - pos < 2:
+                break
+            second = data[pos + 1]
+            if second < 0x80 or second == 0xFF:  # unmasked, or a 64-bit length
+                return pos, True
             size = second & 0x7F
             start = pos + 6
             if size == 126:
+                if end - pos < 4:
+                    break
                 size = (data[pos + 2] << 8) | data[pos + 3]
                 start += 2
                 if size < 126:
-                    return data[pos:]  # not the minimal length encoding
-            elif size == 127:
-                return data[pos:]
+                    return pos, True  # not the minimal length encoding
             if limit and size > limit:
-                return data[pos:]  # Autobahn closes with 1009
+                return pos, True  # Autobahn closes with 1009
+            if end < start:
+                break  # the header is not whole yet
             if end < start + size:
-                if end > start and not _utf8_so_far(
-                    _unmask(data[start:end], data[start - 4 : start])
-                ):
-                    return data[pos:]  # Autobahn fails it now, not once it is whole
-                break
+                frame = _Unfinished(data[pos:start], size)
+                if frame.take(data[start:]) < 0:
+                    return pos, True  # Autobahn fails it now, not once it is whole
+                self._unfinished = frame
+                return end, False
             payload = _unmask(data[start : start + size], data[start - 4 : start])
             try:
                 text = payload.decode("utf-8")
             except UnicodeDecodeError:
-                return data[pos:]  # Autobahn closes with 1007
+                return pos, True  # Autobahn closes with 1007
             pos = start + size
-            if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
-                # As Autobahn does for every data frame it reads itself: a
-                # client that is sending is alive, whatever became of a pong.
-                self._cancelAutoPingTimeoutCall()
-            self._on_text(text)
-        self._partial = data[pos:]
-        return None
+            self._text_read(text)
+        return pos, False
+
+    def _text_read(self, text: str) -> None:
+        if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+            # As Autobahn does for every data frame it reads itself: a
+            # client that is sending is alive, whatever became of a pong.
+            self._cancelAutoPingTimeoutCall()
+        self._on_text(text)
 
     def _on_text(self, text: str) -> None:
         """A whole, valid text message taken by the lean path."""
