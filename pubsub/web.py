@@ -394,7 +394,7 @@ class _Front(Protocol):
 
     def __init__(self, front: FrontFactory, counted_as: str | None = None) -> None:
         self._front = front
-        self._head = b""
+        self._head = bytearray()  # the head so far, when it took more than one read
         # With max_connections_per_ip, the address this connection counts
         # against; the front then stays between the transport and the
         # protocol it chose (``_inner``), to see the connection end.
@@ -432,12 +432,21 @@ class _Front(Protocol):
         if self._inner is not None:
             self._inner.dataReceived(data)
             return
-        self._head += data
-        end = self._head.find(b"\r\n\r\n")
-        if end < 0 and len(self._head) <= _HEAD_MAX:
+        searched = len(self._head)
+        if searched:
+            self._head += data
+            received: bytes | bytearray = self._head
+        else:
+            received = data  # the whole head in one read, as nearly always
+        # A head trickled in is searched once, not again from its start.
+        end = received.find(b"\r\n\r\n", max(searched - 3, 0))
+        if end < 0 and len(received) <= _HEAD_MAX:
+            if not searched:
+                self._head += data
             return
         self._head_read()
-        head = self._head[:end]
+        received = bytes(received)
+        head = received[:end]
         upgrade = read_upgrade(head) if end >= 0 else None
         if upgrade is not None:
             factory = self._front.factory_for(upgrade.path.encode("latin-1"))
@@ -459,17 +468,17 @@ class _Front(Protocol):
         if factory is not self._front.site:
             # The common request is opened here, without Autobahn's handshake.
             if upgrade is not None and protocol.open_upgrade(
-                transport, upgrade, self._head[: end + 4]
+                transport, upgrade, received[: end + 4]
             ):
-                if len(self._head) > end + 4:
-                    protocol.dataReceived(self._head[end + 4 :])
+                if len(received) > end + 4:
+                    protocol.dataReceived(received[end + 4 :])
                 return
             # The whole head is here and this front timed its arrival;
             # Autobahn answers it at once, so its own timer would only be
             # set and cancelled.
             protocol.openHandshakeTimeout = 0
         protocol.makeConnection(transport)
-        protocol.dataReceived(self._head)
+        protocol.dataReceived(received)
 
 
 #: Past this many bytes without the end of the head, twisted.web decides.
