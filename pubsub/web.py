@@ -120,6 +120,8 @@ class HealthResource(Resource):
         super().__init__()
         #: Every transport's factory on this engine; their slow consumers add up.
         self.factories: list[Any] = [factory]
+        #: The WebSocket factories by endpoint: "pubsub", and "echo" when it is on.
+        self.endpoints: dict[str, Any] = {"pubsub": factory}
         self._engine = factory.engine
         self._clock = clock
         self._started = clock.seconds()
@@ -278,6 +280,16 @@ class _Figures:
             lambda f: f.slow_consumers,
         )
         yield from _policy_figures(factories)
+        lean = CounterMetricFamily(
+            "pubsub_websocket_fast_path",
+            "WebSocket connections opened by the server's own handshake (step=opened), "
+            "and with frames read by its own frame reader (step=read), not Autobahn's",
+            labels=["endpoint", "step"],
+        )
+        for endpoint, factory in self._health.endpoints.items():
+            lean.add_metric([endpoint, "opened"], factory.lean_opens)
+            lean.add_metric([endpoint, "read"], factory.lean_reads)
+        yield lean
         yield GaugeMetricFamily(
             "pubsub_uptime_seconds",
             "Seconds since start-up",
@@ -358,6 +370,7 @@ class PubSubResource(Resource):
         self.echo_factory: EchoServerFactory | None = None
         if factory.settings.echo_endpoint:
             self.echo_factory = EchoServerFactory(factory.settings)
+            self.health.endpoints["echo"] = self.echo_factory
             self.putChild(b"echo", _WebSocketUpgrade(self.echo_factory))
 
     def getChild(self, path: bytes, request: Request) -> IResource:

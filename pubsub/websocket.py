@@ -213,6 +213,11 @@ class _ConfiguredFactory(WebSocketServerFactory):
         super().__init__(url, reactor=reactor)
         # Pings and handshake timeouts, on this factory's clock.
         self._batched_timer = BatchedTimer(self.reactor)
+        #: Connections opened by the front's own handshake, not Autobahn's,
+        #: and connections with a frame read by the lean path, not Autobahn's
+        #: reader, since start-up (the conformance run checks both).
+        self.lean_opens = 0
+        self.lean_reads = 0
         self.settings = settings if settings is not None else Settings()
         options: dict[str, Any] = {
             "maxMessagePayloadSize": self.settings.max_message_size,
@@ -350,6 +355,7 @@ class _LeanReader(WebSocketServerProtocol):
     # The reads that brought the start of a frame header the lean path waits to complete.
     _partial: tuple[bytes, ...] = ()
     _unfinished: _Unfinished | None = None  # a text frame whose payload is still arriving
+    _lean_read = False  # whether the lean path has read a frame of this connection
     utf8validator = _OnFirstUse(lambda _: Utf8Validator())
     trafficStats = _OnFirstUse(lambda _: TrafficStats())
     # Its two system calls (the process and thread ids) and its objects, only
@@ -427,6 +433,7 @@ class _LeanReader(WebSocketServerProtocol):
             send_queue=deque(),
         )
         factory.countConnections += 1
+        factory.lean_opens += 1
         _send_now(transport, [response])
         if self.autoPingInterval:
             self.autoPingPendingCall = factory._batched_timer.call_later(
@@ -564,6 +571,9 @@ class _LeanReader(WebSocketServerProtocol):
         return pos, False
 
     def _text_read(self, text: str) -> None:
+        if not self._lean_read:
+            self._lean_read = True
+            self.factory.lean_reads += 1
         if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
             # As Autobahn does for every data frame it reads itself: a
             # client that is sending is alive, whatever became of a pong.

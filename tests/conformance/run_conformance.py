@@ -4,6 +4,9 @@
    on and the message size limit raised to what the 9.x cases send (16 MiB).
 2. Run every case with kosoku against /echo and require each case's
    `behavior` and `behaviorClose` to be OK, NON-STRICT or INFORMATIONAL.
+   Check that the server's own fast path (not Autobahn's) opened every
+   connection that offered no extension, and read the first frame of each
+   that began with a whole or split text frame (/metrics).
 3. Run the same cases against the pub/sub endpoint /, where the echo
    expectations fail by design and are not counted; then check that the
    server is still up, /healthz is back to zero connections, channels and
@@ -11,7 +14,7 @@
 4. Stop the server with SIGTERM: it must exit 0 and its log must hold no
    traceback, unhandled error or error-level event.
 
-The last line is `N passed, M failed` (cases against /echo, plus the four
+The last line is `N passed, M failed` (cases against /echo, plus the
 checks above).  Reports go to --reports (default reports/conformance).
 """
 
@@ -108,6 +111,42 @@ def health(port: int) -> dict:
         return json.load(response)
 
 
+def fast_path_figures(port: int) -> dict[str, float]:
+    """/metrics' pubsub_websocket_fast_path_total for /echo, by step."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode("utf-8")
+    return {
+        sample.labels["step"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "pubsub_websocket_fast_path_total" and sample.labels["endpoint"] == "echo"
+    }
+
+
+def fast_path_expected(reports: Path) -> dict[str, int]:
+    """From the cases' reports: how many connections the fast path must have
+    opened (no extension offered: compression is on, and an offer is
+    Autobahn's to answer), and how many it must at least have read (of
+    those, the ones whose first frame is a text frame, FIN and no RSV bits,
+    of at most 65,535 bytes, that came back as text: valid UTF-8)."""
+    expected = {"opened": 0, "read": 0}
+    for path in reports.glob("*_case_*.json"):
+        with path.open() as stream:
+            case = json.load(stream)
+        if "sec-websocket-extensions" in case["httpRequest"].lower():
+            continue
+        expected["opened"] += 1
+        sent = next((entry for entry in case["wirelog"] if entry[0] == "TF"), None)
+        echo = next((entry for entry in case["wirelog"] if entry[0] == "RF"), None)
+        if sent is not None and echo is not None:
+            size, opcode, fin, rsv = sent[1][0], sent[2], sent[3], sent[4]
+            if opcode == 1 and fin and rsv == 0 and size <= 0xFFFF and echo[2] == 1:
+                expected["read"] += 1
+    return expected
+
+
 def wait_for_idle(port: int, seconds: float = 30) -> dict:
     """/healthz once every connection the suite opened is gone (bounded wait)."""
     deadline = time.monotonic() + seconds
@@ -189,9 +228,14 @@ def main() -> int:
                     detail = json.load(stream).get("result", "")
             failures.append(f"{case_id}: {result['behavior']}/{result['behaviorClose']} {detail}")
     print(f"/echo: {passed} of {len(results)} cases OK", flush=True)
+    checks = {}
+    took = fast_path_figures(server.port)
+    wanted = fast_path_expected(reports / "echo")
+    checks[f"the fast path opened and read the suite's connections ({took} for {wanted})"] = (
+        took.get("opened") == wanted["opened"] and took.get("read", 0) >= wanted["read"] > 0
+    )
 
     run_suite(f"ws://127.0.0.1:{server.port}/", reports / "pubsub", args.parallel, args.case)
-    checks = {}
     checks["server still running after the suite on /"] = server.process.poll() is None
     figures = (
         wait_for_idle(server.port) if checks["server still running after the suite on /"] else {}

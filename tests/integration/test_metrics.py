@@ -68,3 +68,8 @@ def test_metrics_count_both_transports(resp_server, connect, resp_connect):
     assert figure(samples, "pubsub_bytes_out_total", transport="resp") > 2 * 100
     assert figure(samples, "pubsub_slow_consumer_disconnects_total", transport="resp") == 0
     assert figure(samples, "pubsub_uptime_seconds") >= 0
+    # Both WebSocket clients were opened and read by the server's own fast path.
+    assert (
+        figure(samples, "pubsub_websocket_fast_path_total", endpoint="pubsub", step="opened") == 2
+    )
+    assert figure(samples, "pubsub_websocket_fast_path_total", endpoint="pubsub", step="read") == 2
