@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pubsub.internals import idle_socket
+
 __all__ = ["Flusher", "Outbox", "OutboxProducer", "OutputLimits"]
 
 
@@ -59,21 +61,8 @@ def _write(transport: Any, frames: list[bytes]) -> None:
     flow control and error handling stay Twisted's. Transports without that
     buffer (TLS, tests) just get ``writeSequence``.
     """
-    # The transport's own attributes only: a wrapper such as TLS passes
-    # attribute lookups through to the TCP transport under it, whose socket
-    # must never see unencrypted bytes.
-    own = vars(transport)
-    sock = own.get("socket")
-    if (
-        sock is None
-        or own.get("_tempDataBuffer", True)
-        # A connection that never had to buffer still has Twisted's class
-        # defaults (b"" and 0) for these two.
-        or len(own.get("dataBuffer", b"")) > own.get("offset", 0)
-        or not transport.connected
-        or transport.disconnecting
-        or getattr(transport, "_writeDisconnected", False)
-    ):
+    sock = idle_socket(transport)
+    if sock is None:
         transport.writeSequence(frames)
         return
     data = frames[0] if len(frames) == 1 else b"".join(frames)

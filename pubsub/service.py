@@ -33,6 +33,7 @@ from pubsub.config import (
     load_settings,
 )
 from pubsub.engine import Engine
+from pubsub.internals import forget_exit_signal
 from pubsub.resp import RespFactory
 from pubsub.web import FrontFactory, PubSubResource
 from pubsub.websocket import PubSubServerFactory
@@ -131,8 +132,7 @@ class PubSubService(MultiService):
         # SIGTERM and SIGINT are how this server is meant to be stopped: once
         # it has shut down in order, exit 0 rather than have twistd re-raise
         # the signal (which would report the stop as a failure).
-        if getattr(self._reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
-            self._reactor._exitSignal = None
+        forget_exit_signal(self._reactor, signal.SIGTERM, signal.SIGINT)
         # Stop accepting first, then say goodbye (1001) to everyone connected;
         # the reactor stops once every close handshake ended or timed out.
         stopped = defer.maybeDeferred(super().stopService)

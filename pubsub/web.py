@@ -31,12 +31,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.web import http
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
+from pubsub import internals
 from pubsub.handshake import read_upgrade
 from pubsub.policy import Deadlines, PeerCounter, peer_host
 from pubsub.websocket import EchoServerFactory, PubSubServerFactory
@@ -64,20 +64,13 @@ class _WebSocketUpgrade(WebSocketResource):
     def render(self, request: Request) -> object:
         request.channel.setTimeout(None)
         transport = request.channel.transport
-        front = _protocol_of(transport) if transport is not None else None
+        front = internals.protocol_of(transport) if transport is not None else None
         result = super().render(request)
         if isinstance(front, _Front):
             # Autobahn put its protocol where the front was; the front must
             # stay in between to count the connection's end.
             front.take_back(transport)
         return result
-
-
-def _protocol_of(transport: Any) -> Any:
-    """The protocol a transport delivers to (TLS wraps it)."""
-    if isinstance(transport, ProtocolWrapper):
-        return transport.wrappedProtocol
-    return getattr(transport, "protocol", None)
 
 
 class StaticFile(Resource):
@@ -428,14 +421,11 @@ class _Front(Protocol):
 
     def take_back(self, transport: Any) -> None:
         """Sit between ``transport`` and the protocol someone else gave it."""
-        protocol = _protocol_of(transport)
+        protocol = internals.protocol_of(transport)
         if protocol is self:
             return
         self._inner = protocol
-        if isinstance(transport, ProtocolWrapper):
-            transport.wrappedProtocol = self
-        else:
-            transport.protocol = self
+        internals.hand_over(transport, self)
 
     def _head_read(self) -> None:
         if self._front.heads is not None:
@@ -474,10 +464,8 @@ class _Front(Protocol):
         transport = self.transport
         if self._counted_as is not None:
             self._inner = protocol
-        elif isinstance(transport, ProtocolWrapper):  # TLS wraps this protocol
-            transport.wrappedProtocol = protocol
         else:
-            transport.protocol = protocol
+            internals.hand_over(transport, protocol)
         if factory is not self._front.site:
             # The common request is opened here, without Autobahn's handshake.
             if upgrade is not None and protocol.open_upgrade(

@@ -44,19 +44,14 @@ from autobahn.websocket.compress import (
     PerMessageDeflateOffer,
     PerMessageDeflateOfferAccept,
 )
-from autobahn.websocket.protocol import (
-    TrafficStats,
-    WebSocketProtocol,
-    _is_same_origin,
-    _url_to_origin,
-)
+from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from autobahn.websocket.utf8validator import Utf8Validator
 from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 
-from pubsub import json_codec
+from pubsub import internals, json_codec
 from pubsub.auth import Authenticator, AuthError, Guard
 from pubsub.commands import Error, Limits, Session, error_kind, execute
 from pubsub.config import Settings
@@ -210,9 +205,11 @@ class _ConfiguredFactory(WebSocketServerFactory):
     def __init__(
         self, settings: Settings | None = None, url: str | None = None, reactor: Any = None
     ) -> None:
+        if not _checked:
+            check_fast_paths()
         super().__init__(url, reactor=reactor)
         # Pings and handshake timeouts, on this factory's clock.
-        self._batched_timer = BatchedTimer(self.reactor)
+        internals.use_batched_timer(self, BatchedTimer(self.reactor))
         #: Connections opened by the front's own handshake, not Autobahn's,
         #: and connections with a frame read by the lean path, not Autobahn's
         #: reader, since start-up (the conformance run checks both).
@@ -275,43 +272,6 @@ def _class_value(value: Any) -> Any:
     return staticmethod(value) if isinstance(value, types.FunctionType) else value
 
 
-#: What Autobahn's ``_connectionMade`` and ``succeedHandshake`` leave in a
-#: connection that has just opened, but for the objects each needs of its own.
-_OPENED: dict[str, Any] = {
-    "_perMessageCompress": None,
-    "trackedTimings": None,
-    "state": WebSocketProtocol.STATE_OPEN,
-    "send_state": WebSocketProtocol.SEND_STATE_GROUND,
-    "data": b"",
-    "triggered": False,
-    "wasMaxFramePayloadSizeExceeded": False,
-    "wasMaxMessagePayloadSizeExceeded": False,
-    "closedByMe": False,
-    "failedByMe": False,
-    "droppedByMe": False,
-    "wasClean": False,
-    "wasNotCleanReason": None,
-    "wasServerConnectionDropTimeout": False,
-    "wasOpenHandshakeTimeout": False,
-    "wasCloseHandshakeTimeout": False,
-    "wasServingFlashSocketPolicyFile": False,
-    "localCloseCode": None,
-    "localCloseReason": None,
-    "remoteCloseCode": None,
-    "remoteCloseReason": None,
-    "openHandshakeTimeoutCall": None,
-    "closeHandshakeTimeoutCall": None,
-    "autoPingTimeoutCall": None,
-    "autoPingPending": None,
-    "autoPingPendingCall": None,
-    "autoPingPendingSeq": 0,
-    "autoPingPendingSent": None,
-    "websocket_version": 13,
-    "inside_message": False,
-    "current_frame": None,
-}
-
-
 class _OnFirstUse:
     """A class attribute that gives each instance its own ``make(instance)`` when first read.
 
@@ -372,12 +332,14 @@ class _LeanReader(WebSocketServerProtocol):
         with nothing sent, when Autobahn must judge the request: an option
         this path does not implement, an origin Autobahn refuses, the
         ``maxConnections`` limit, or ``onConnect`` refusing or answering
-        with more than a subprotocol. The caller then hands the head to
+        with more than a subprotocol, or the fast paths turned off
+        (:func:`check_fast_paths`). The caller then hands the head to
         Autobahn, which calls ``onConnect`` again and answers as it always has.
         """
         factory = self.factory
         if (
-            factory.headers
+            not internals.fast_paths
+            or factory.headers
             or factory.externalPort
             or self.trustXForwardedFor
             or self.trackTimings
@@ -412,10 +374,9 @@ class _LeanReader(WebSocketServerProtocol):
             transport.setTcpNoDelay(self.tcpNoDelay)
         except Exception:  # noqa: BLE001, S110 - as Autobahn: not every transport has Nagle
             pass
-        state = self.__dict__
-        del state["_transport_details"]  # Autobahn's placeholder: see the class attribute
-        state.update(_OPENED)
-        state.update(
+        internals.open_as_autobahn(
+            self,
+            upgrade.key,
             http_request_data=head,
             http_status_line=upgrade.line,
             http_headers=upgrade.headers,
@@ -426,7 +387,6 @@ class _LeanReader(WebSocketServerProtocol):
             websocket_origin=upgrade.origin,
             websocket_protocols=upgrade.protocols,
             websocket_extensions=upgrade.extensions,
-            _wskey=upgrade.key,
             websocket_protocol_in_use=chosen,
             websocket_extensions_in_use=[],
             http_response_data=response.decode("utf-8"),
@@ -436,33 +396,16 @@ class _LeanReader(WebSocketServerProtocol):
         factory.lean_opens += 1
         _send_now(transport, [response])
         if self.autoPingInterval:
-            self.autoPingPendingCall = factory._batched_timer.call_later(
-                self.autoPingInterval, self._sendAutoPing
-            )
+            internals.schedule_ping(self, factory)
         if ISSLTransport.providedBy(transport):
-            self._onOpen()  # Autobahn's: it records the TLS channel id and peer certificate
+            internals.open_tls(self)
         else:
             self.onOpen()
         txaio.resolve(self.is_open, None)
         return True
 
     def _origin_allowed(self, origin: str) -> bool:
-        """Whether Autobahn's own origin check would let ``origin`` in."""
-        try:
-            parts = _url_to_origin(origin)
-        except ValueError:
-            return False
-        factory = self.factory
-        if parts == "null" and factory.allowNullOrigin:
-            return True
-        return bool(
-            _is_same_origin(
-                parts,
-                "https" if factory.isSecure else "http",
-                factory.externalPort or factory.port,
-                self.allowedOriginsPatterns,
-            )
-        )
+        return internals.origin_allowed(origin, self.factory, self.allowedOriginsPatterns)
 
     def dataReceived(self, data: bytes) -> None:
         # The lean path: while no message is half-read, whole unfragmented
@@ -483,10 +426,9 @@ class _LeanReader(WebSocketServerProtocol):
             data = b"".join((*held, data))
         if (
             self.state != WebSocketProtocol.STATE_OPEN
-            or self.data
-            or self.current_frame is not None
-            or self.inside_message
-            or self._perMessageCompress is not None
+            or internals.reader_busy(self)
+            or internals.compression(self) is not None
+            or not internals.fast_paths
         ):
             self._to_autobahn(held, data)
             return
@@ -574,10 +516,7 @@ class _LeanReader(WebSocketServerProtocol):
         if not self._lean_read:
             self._lean_read = True
             self.factory.lean_reads += 1
-        if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
-            # As Autobahn does for every data frame it reads itself: a
-            # client that is sending is alive, whatever became of a pong.
-            self._cancelAutoPingTimeoutCall()
+        internals.data_frame_read(self)
         self._on_text(text)
 
     def _on_text(self, text: str) -> None:
@@ -627,13 +566,13 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
             self._open()
         except Exception:  # noqa: BLE001 - Autobahn would swallow it and leave the client hanging
             _log.failure("internal fault opening a connection from {peer}", peer=self.peer)
-            self._fail_connection(
-                WebSocketProtocol.CLOSE_STATUS_CODE_INTERNAL_ERROR, "internal error"
+            internals.fail(
+                self, WebSocketProtocol.CLOSE_STATUS_CODE_INTERNAL_ERROR, "internal error"
             )
 
     def _open(self) -> None:
         factory = self.factory
-        self.encoder = factory.encoder_for(self._perMessageCompress)
+        self.encoder = factory.encoder_for(internals.compression(self))
         self._start_outbox(factory, self._slow_consumer)
         engine = factory.engine
         authenticator = factory.authenticator
@@ -735,12 +674,12 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
             self._reply(results)
         except Exception:  # noqa: BLE001 - any bug here must cost this client only
             _log.failure("internal fault handling a message from {peer}", peer=self.peer)
-            self._fail_connection(
-                WebSocketProtocol.CLOSE_STATUS_CODE_INTERNAL_ERROR, "internal error"
+            internals.fail(
+                self, WebSocketProtocol.CLOSE_STATUS_CODE_INTERNAL_ERROR, "internal error"
             )
 
     def _reply(self, results: list[Any]) -> None:
-        compressing = self._perMessageCompress is not None
+        compressing = internals.compression(self) is not None
         for result in results:
             if type(result) is Error:
                 self.factory.errors[error_kind(result.message)] += 1
@@ -781,7 +720,7 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
         # later publishes no longer count it.
         self._outbox = None
         self.factory.slow_consumers += 1
-        self._fail_connection(WebSocketProtocol.CLOSE_STATUS_CODE_POLICY_VIOLATION, reason)
+        internals.fail(self, WebSocketProtocol.CLOSE_STATUS_CODE_POLICY_VIOLATION, reason)
         self.factory.reactor.callLater(0, self._leave_engine)
 
     def _leave_engine(self) -> None:
@@ -883,3 +822,54 @@ class EchoServerFactory(_ConfiguredFactory):
     """The echo endpoint, under exactly the pub/sub endpoint's protocol options."""
 
     protocol = EchoServerProtocol
+
+
+_checked = False
+
+
+def check_fast_paths() -> list[str]:
+    """Open a connection through the front's own handshake and one through
+    Autobahn's, in memory, from the same request, and compare them (once per
+    process, when the first factory is made).
+
+    On any difference (Autobahn changed what an open connection holds, or
+    renamed what the fast paths call) one line is logged and the fast paths
+    are turned off: every connection then opens and reads through
+    Autobahn's own code, slower and correct.  The differences, empty when
+    none.
+    """
+    global _checked
+    _checked = True
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from pubsub.handshake import read_upgrade
+
+    head = (
+        b"GET /?a=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: pubsub.json\r\n\r\n"
+    )
+    address = IPv4Address("TCP", "127.0.0.1", 1)
+    try:
+        factory = PubSubServerFactory(Engine(), Settings(), reactor=Clock())
+        fast = factory.buildProtocol(address)
+        upgrade = read_upgrade(head[:-4])
+        if upgrade is None or not fast.open_upgrade(StringTransport(), upgrade, head):
+            found = ["the front's handshake did not open a plain request"]
+        else:
+            autobahns = factory.buildProtocol(address)
+            autobahns.makeConnection(StringTransport())
+            autobahns.dataReceived(head)
+            found = internals.differences(fast, autobahns)
+    except Exception as error:  # noqa: BLE001 - any failure here means: use Autobahn's paths
+        found = [f"{type(error).__name__}: {error}"]
+    if found:
+        internals.fast_paths = False
+        _log.warn(
+            "Autobahn differs from what the fast WebSocket paths expect ({differences}); "
+            "every connection opens and reads through Autobahn's own code",
+            differences="; ".join(found[:5]),
+        )
+    return found

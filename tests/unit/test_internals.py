@@ -1,0 +1,211 @@
+"""pubsub.internals against the real classes: every private name it uses is where it expects.
+
+If Autobahn, txaio or Twisted moves one of them, a test here fails first,
+and the start-up self-check (``websocket.check_fast_paths``) turns the fast
+paths off instead of failing connections; the last tests show that fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import pytest_twisted
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.util import wildcards2patterns
+from twisted.internet import abstract, defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.logger import globalLogPublisher
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+from pubsub import internals, websocket
+from pubsub.policy import BatchedTimer
+from tests.support import wsframes
+from tests.unit.test_front import connect
+from tests.unit.test_handshake import head, opened_here, through_autobahn
+
+
+def autobahn_opened(make_front, **settings):
+    """A connection opened by Autobahn's own handshake, on a fresh factory."""
+    front = make_front(**settings)
+    return through_autobahn(front.resource.factory, head()).protocol
+
+
+# -- Autobahn ----------------------------------------------------------------------------
+
+
+def test_an_autobahn_opened_connection_holds_every_name_written_at_open(make_front):
+    opened = autobahn_opened(make_front)
+    held = vars(opened)
+    assert set(internals.OPENED) <= set(held)
+    assert set(internals.LAZY) <= set(held)
+    assert held["state"] == internals.OPENED["state"]
+    assert "_wskey" in held
+
+
+def test_the_methods_called_exist_on_autobahns_server_protocol():
+    for name in internals.METHODS:
+        assert callable(getattr(WebSocketServerProtocol, name)), name
+
+
+def test_the_reader_state_and_compression_read_autobahns_own(make_front):
+    opened = autobahn_opened(make_front)
+    assert internals.reader_busy(opened) is False
+    assert internals.compression(opened) is None
+    opened.dataReceived(wsframes.client_frame(b"half", fin=False))  # Autobahn reads fragments
+    assert internals.reader_busy(opened) is True
+    assert opened.inside_message
+
+
+def test_autobahn_schedules_pings_and_timeouts_on_the_factorys_batched_timer(clock):
+    factory = WebSocketServerFactory(reactor=clock)
+    factory.protocol = WebSocketServerProtocol
+    timer = BatchedTimer(clock)
+    internals.use_batched_timer(factory, timer)
+    factory.setProtocolOptions(autoPingInterval=5, openHandshakeTimeout=3)
+    connection = factory.buildProtocol(None)
+    connection.makeConnection(wsframes_transport())
+    assert timer._buckets  # the handshake timeout, scheduled by Autobahn on our timer
+    connection.dataReceived(wsframes.handshake())
+    clock.advance(5.2)
+    assert wsframes.parse_frames(connection.transport.value().partition(b"\r\n\r\n")[2]) == [
+        (wsframes.PING, connection.autoPingPending)
+    ]
+
+
+def wsframes_transport():
+    from tests.unit.test_websocket import Transport
+
+    return Transport()
+
+
+def test_the_origin_check_is_autobahns(make_front):
+    factory = make_front().resource.factory
+    patterns = wildcards2patterns(["https://app.example.com:443"])
+    assert internals.origin_allowed("https://app.example.com", factory, patterns)
+    assert not internals.origin_allowed("https://evil.example.com", factory, patterns)
+    assert not internals.origin_allowed("not a url", factory, patterns)
+    assert internals._url_to_origin is not None and internals._is_same_origin is not None
+
+
+def test_a_connection_opened_by_the_front_is_failed_and_pinged_through_the_seam(make_front, clock):
+    front = make_front(ping_interval=5, ping_timeout=5)
+    transport = connect(front, head())
+    assert opened_here(transport)
+    clock.advance(5.2)
+    frames = wsframes.parse_frames(wsframes.split_response(transport.value())[1])
+    assert [opcode for opcode, _ in frames] == [wsframes.PING]
+    internals.fail(transport.protocol, 1008, "bye")
+    clock.advance(0)
+    last = wsframes.parse_frames(wsframes.split_response(transport.value())[1])[-1]
+    assert last[0] == wsframes.CLOSE and wsframes.close_code(last[1]) == 1008
+
+
+# -- Twisted -----------------------------------------------------------------------------
+
+
+class _Keep(protocol.Protocol):
+    def __init__(self, made: defer.Deferred) -> None:
+        self._made = made
+
+    def connectionMade(self) -> None:
+        self._made.callback(self.transport)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_real_tcp_server_transport_is_written_to_directly_only_while_it_buffers_nothing():
+    made: defer.Deferred = defer.Deferred()
+    factory = protocol.Factory.forProtocol(lambda: _Keep(made))
+    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    client = yield connectProtocol(
+        TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), protocol.Protocol()
+    )
+    try:
+        server = yield made
+        assert type(server).__name__ == "Server"
+        own = vars(server)
+        assert "socket" in own and "_tempDataBuffer" in own
+        for name in ("dataBuffer", "offset", "_writeDisconnected"):
+            assert hasattr(abstract.FileDescriptor, name), name
+        assert internals.idle_socket(server) is own["socket"]
+        server.write(b"held by Twisted until the next poll")
+        assert internals.idle_socket(server) is None
+        keeper = internals.protocol_of(server)
+        assert isinstance(keeper, _Keep)
+        other = protocol.Protocol()
+        internals.hand_over(server, other)
+        assert server.protocol is other and internals.protocol_of(server) is other
+    finally:
+        client.transport.abortConnection()
+        yield port.stopListening()
+
+
+def test_a_transport_without_a_socket_of_its_own_is_never_written_to_directly():
+    assert internals.idle_socket(wsframes_transport()) is None
+
+
+def test_a_tls_wrapper_hands_over_its_wrapped_protocol():
+    inner, other = protocol.Protocol(), protocol.Protocol()
+    wrapper = ProtocolWrapper(WrappingFactory(protocol.Factory()), inner)
+    assert internals.protocol_of(wrapper) is inner
+    internals.hand_over(wrapper, other)
+    assert wrapper.wrappedProtocol is other
+
+
+def test_the_reactor_records_the_signal_that_stopped_it():
+    assert hasattr(reactor, "_exitSignal")
+
+    class Stopped:
+        _exitSignal = signal.SIGTERM
+
+    stopped = Stopped()
+    internals.forget_exit_signal(stopped, signal.SIGINT)
+    assert stopped._exitSignal == signal.SIGTERM
+    internals.forget_exit_signal(stopped, signal.SIGTERM, signal.SIGINT)
+    assert stopped._exitSignal is None
+
+
+# -- the start-up self-check and its fallback ----------------------------------------------
+
+
+def test_the_self_check_finds_nothing_with_the_installed_autobahn():
+    assert websocket.check_fast_paths() == []
+    assert internals.fast_paths
+
+
+def test_a_difference_turns_the_fast_paths_off_with_one_log_line(make_front, clock, monkeypatch):
+    monkeypatch.setattr(internals, "fast_paths", True)
+    changed = {**internals.OPENED, "a_name_autobahn_never_sets": 1}
+    monkeypatch.setattr(internals, "OPENED", changed)
+    logged: list[dict] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        found = websocket.check_fast_paths()
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert found == ["Autobahn does not set a_name_autobahn_never_sets"]
+    assert not internals.fast_paths
+    warnings = [event for event in logged if "fast WebSocket paths" in event["log_format"]]
+    assert len(warnings) == 1
+
+    # Every connection now opens and reads through Autobahn's code, and works.
+    front = make_front()
+    transport = connect(front, head())
+    assert not opened_here(transport)
+    transport.clear()
+    transport.protocol.dataReceived(wsframes.command("PING", "still here"))
+    clock.advance(0)
+    assert [json.loads(p) for _, p in wsframes.parse_frames(transport.value())] == [
+        ["pong", "still here"]
+    ]
+    factory = front.resource.factory
+    assert (factory.lean_opens, factory.lean_reads) == (0, 0)
+
+
+@pytest.mark.parametrize("broken", ["_onOpen", "_fail_connection"])
+def test_a_method_autobahn_no_longer_has_is_a_difference(monkeypatch, broken):
+    monkeypatch.setattr(internals, "fast_paths", True)
+    monkeypatch.setattr(internals, "METHODS", (*internals.METHODS, broken + "_gone"))
+    assert websocket.check_fast_paths() == [f"Autobahn has no {broken}_gone"]
+    assert not internals.fast_paths
