@@ -10,6 +10,7 @@ from twisted.web.http import _GenericHTTPChannelProtocol
 
 from pubsub.websocket import EchoServerProtocol, PubSubServerProtocol
 from tests.support import wsframes
+from tests.support.searches import counting_bytearray
 from tests.unit.test_websocket import Transport
 
 
@@ -61,16 +62,7 @@ def test_an_upgrade_goes_straight_to_autobahn_even_in_pieces(make_front):
 
 
 def test_a_head_sent_a_byte_at_a_time_is_searched_once_and_still_opens(make_front):
-    searched = 0
-
-    class Counting(bytearray):
-        def find(self, sub, start=0, end=None):  # type: ignore[override]
-            nonlocal searched
-            stop = len(self) if end is None else end
-            found = bytearray.find(self, sub, start, stop)
-            searched += (stop if found < 0 else found + len(sub)) - start
-            return found
-
+    Counting = counting_bytearray()
     front = make_front()
     head = upgrade("/").replace(b"\r\n\r\n", b"\r\nX-Pad: " + b"p" * 12_000 + b"\r\n\r\n")
     protocol = front.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
@@ -81,7 +73,7 @@ def test_a_head_sent_a_byte_at_a_time_is_searched_once_and_still_opens(make_fron
     for i in range(len(head)):
         transport.protocol.dataReceived(head[i : i + 1])
     assert transport.value().startswith(b"HTTP/1.1 101 Switching Protocols")
-    assert len(head) - 1 <= searched <= 4 * len(head)
+    assert len(head) - 1 <= Counting.searched <= 4 * len(head)
 
 
 def test_the_echo_endpoint_is_reached_directly_when_it_is_on(make_front):

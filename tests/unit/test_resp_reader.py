@@ -22,6 +22,7 @@ from pubsub.resp_reader import (
     RequestReader,
     size_error,
 )
+from tests.support.searches import counting_bytearray
 
 
 def multibulk(*args: bytes) -> bytes:
@@ -247,16 +248,7 @@ def test_a_line_fed_a_byte_at_a_time_searches_each_byte_a_bounded_number_of_time
     # A line still waiting for its end is searched from where the last
     # search stopped, not from its start: count bytearray.find's work on the
     # buffer the reader keeps once bytes are left over between reads.
-    searched = 0
-
-    class Counting(bytearray):
-        def find(self, sub, start=0, end=None):  # type: ignore[override]
-            nonlocal searched
-            stop = len(self) if end is None else end
-            found = bytearray.find(self, sub, start, stop)
-            searched += (stop if found < 0 else found + 1) - start
-            return found
-
+    Counting = counting_bytearray()
     monkeypatch.setattr(resp_reader, "bytearray", Counting, raising=False)
     reader = RequestReader()
     for byte in line:
@@ -266,7 +258,7 @@ def test_a_line_fed_a_byte_at_a_time_searches_each_byte_a_bounded_number_of_time
         except ProtocolError:
             break
     assert type(reader._buffer) is Counting or reader._error is not None
-    assert len(line) <= searched <= 3 * len(line)
+    assert len(line) <= Counting.searched <= 3 * len(line)
 
 
 # -- any split gives the same requests -------------------------------------------------------
