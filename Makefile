@@ -6,7 +6,7 @@ PORT ?= 9000
 RUFF_OPTS := --line-length 100 --target-version py311
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint install redis-server node-clients browser screenshot conformance bench
+.PHONY: run test lint install redis-server node-clients browser screenshot conformance fuzz bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,8 +54,31 @@ screenshot: install browser
 conformance: install
 	$(BIN)/python tests/conformance/run_conformance.py --reports reports/conformance
 
-# pytest last, so its summary is the closing line.
-test: install redis-server node-clients browser lint conformance
+# Coverage-guided fuzzing (atheris, tests/fuzz) of the JSON command decoder, the
+# WebSocket reader and the RESP request reader: FUZZ_SECONDS each, on a copy of
+# each committed corpus. A crash, a hang (-timeout) or an unexpected exception
+# fails it, with the input kept in reports/fuzz.
+FUZZ_SECONDS ?= 30
+FUZZ_TARGETS := json websocket resp
+fuzz: install
+	@mkdir -p reports/fuzz
+	@for target in $(FUZZ_TARGETS); do \
+	  work=$$(mktemp -d) && cp -r tests/fuzz/corpus/$$target/. $$work/ && \
+	  dict=$$([ -f tests/fuzz/$$target.dict ] && echo -dict=tests/fuzz/$$target.dict); \
+	  echo "fuzz $$target: $(FUZZ_SECONDS) s"; \
+	  $(BIN)/python tests/fuzz/fuzz_$$target.py -max_total_time=$(FUZZ_SECONDS) -timeout=10 \
+	    -artifact_prefix=reports/fuzz/$$target- $$dict $$work >reports/fuzz/$$target.log 2>&1; \
+	  status=$$?; rm -rf $$work; \
+	  if [ $$status -ne 0 ]; then \
+	    grep -v '^INFO: Instrumenting' reports/fuzz/$$target.log | tail -60; \
+	    echo "fuzz $$target FAILED (exit $$status): log and input in reports/fuzz" >&2; exit 1; \
+	  fi; \
+	  grep -E '^Done [0-9]+ runs|not present yet' reports/fuzz/$$target.log || true; \
+	done
+
+# pytest last, so its summary is the closing line; a short fuzzing run before it.
+test: FUZZ_SECONDS = 15
+test: install redis-server node-clients browser lint conformance fuzz
 	PUBSUB_REQUIRE_REDIS=1 $(BIN)/python -m pytest
 
 # pubsub against a real redis-server, same machine, same run; see docs/benchmarks.md.
