@@ -8,6 +8,7 @@ and ``PUBSUB_<NAME>`` environment variables override the file.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -133,6 +134,13 @@ class Settings:
         8 * 1024 * 1024,
         "Bytes of publishes a node may queue for a slow backplane Redis; past it PUBLISH errs",
     )
+    backplane_ping_interval: float = _setting(
+        1.0, "Seconds between the PINGs that check each backplane connection"
+    )
+    backplane_timeout: float = _setting(
+        3.0,
+        "Seconds Redis has to answer a PING or publish before the backplane is down; 0: no check",
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -141,10 +149,32 @@ class Settings:
                 raise ConfigError(f"setting {f.name} must not be negative, got {value}")
         if not str(self.port).strip():
             raise ConfigError("setting port must not be empty")
+        self._check_backplane_health()
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(
                 f"setting log_format must be one of {', '.join(LOG_FORMATS)}, "
                 f"got {self.log_format!r}"
+            )
+
+    def _check_backplane_health(self) -> None:
+        interval, timeout = self.backplane_ping_interval, self.backplane_timeout
+        for name, value in (("backplane_ping_interval", interval), ("backplane_timeout", timeout)):
+            if not math.isfinite(value):
+                raise ConfigError(f"setting {name} must be a finite number, got {value}")
+        if timeout == 0:
+            return  # the health check is off: the interval is not used
+        if interval <= 0:
+            raise ConfigError(
+                f"setting backplane_ping_interval must be positive, got {interval} "
+                "(to turn the backplane health check off, set backplane_timeout to 0)"
+            )
+        if interval >= timeout:
+            # A timeout no longer than the interval would close a healthy link
+            # whose PING was answered a moment after the next tick.
+            raise ConfigError(
+                f"setting backplane_ping_interval ({interval}) must be less than "
+                f"backplane_timeout ({timeout}): a link is down when a PING sent every "
+                "interval is not answered within the timeout; e.g. 1 and 3"
             )
 
 

@@ -208,6 +208,8 @@ def _backplane(engine: Engine, settings: Settings, reactor: Any) -> RedisBackpla
             clock=reactor,
             max_delay=settings.backplane_max_delay,
             buffer_limit=settings.backplane_buffer,
+            ping_interval=settings.backplane_ping_interval,
+            timeout=settings.backplane_timeout,
         )
     except ValueError as error:
         raise ConfigError(f"setting backplane: {error}") from None

@@ -306,6 +306,11 @@ _BACKPLANE_COUNTERS = (
         "failed",
     ),
     ("pubsub_backplane_reconnects", "Times the backplane came back after being down", "reconnects"),
+    (
+        "pubsub_backplane_timeouts",
+        "Backplane connections closed because Redis did not answer in time",
+        "timeouts",
+    ),
 )
 
 

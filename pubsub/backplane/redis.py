@@ -26,6 +26,13 @@ What a node does, in Redis's own terms:
   jittered exponential backoff; the subscriber connection resubscribes
   everything in batches and is "ready" once Redis answered a PING sent
   after them.
+* A link can also go silent: a half-open TCP connection after a network
+  partition, a NAT or firewall that forgot it, a paused VM.  No RST, no FIN:
+  writes are accepted by the kernel and go nowhere, and nothing would ever
+  say so.  So both connections are health-checked: a PING every
+  ``ping_interval`` seconds, and the connection is closed (and the node is
+  "down" until it reconnects) when a PING or a publish has waited more than
+  ``timeout`` seconds for its reply.  TCP keepalive is on as a second line.
 
 Redis channel names carry ``prefix`` so several deployments can share one
 Redis; in patterns the prefix is escaped, so its own ``*?[]\\`` are literal.
@@ -40,6 +47,8 @@ from __future__ import annotations
 
 import os
 import random
+import socket
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +60,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from pubsub.engine import Engine
@@ -73,6 +83,17 @@ _PUBLISH = {"channel": b"*3\r\n$7\r\nPUBLISH\r\n", "shard": b"*3\r\n$8\r\nSPUBLI
 
 #: Bytes of the node id that starts every envelope; a space follows it.
 NODE_ID_SIZE = 16
+
+#: TCP keepalive where the platform lets us tune it: probe after 10 s idle,
+#: every 5 s, give up after 3 unanswered: a dead peer is noticed by the
+#: kernel within about 25 s instead of the default two hours.  The PINGs
+#: notice sooner; this also covers a health check that is turned off.
+KEEPALIVE = (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
+
+#: Slack when comparing a marker's age with the timeout: LoopingCall ticks
+#: land on exact multiples of the interval, and float sums of those may come
+#: out a hair short of the timeout they equal.
+_CLOCK_SLACK = 1e-3
 
 
 @dataclass(frozen=True)
@@ -145,7 +166,18 @@ def escape_glob(text: bytes) -> bytes:
 
 
 class _Connection(Protocol):
-    """One RESP2 connection to Redis; every reply goes to the bridge."""
+    """One RESP2 connection to Redis; every reply goes to the bridge.
+
+    The health check counts, rather than timestamps, what it waits for, so a
+    publish costs one integer increment: ``requests`` are the commands sent
+    that Redis answers with one reply each, ``replies`` the replies to them
+    received so far.  On the publisher that is every command (AUTH, PUBLISH,
+    SPUBLISH, PING); on the subscriber only PINGs and their pongs, since a
+    (P|S)SUBSCRIBE is confirmed once per name.  Each tick of ``ping_interval``
+    sends a PING and leaves a marker (time, requests so far); a marker is
+    covered once that many replies have come.  The oldest marker not covered
+    yet is how long Redis has kept us waiting.
+    """
 
     def __init__(self, bridge: RedisBackplane, role: str) -> None:
         self.bridge = bridge
@@ -157,6 +189,10 @@ class _Connection(Protocol):
         #: Bytes written since the transport asked us to pause (its buffer
         #: is full: Redis reads slower than we publish); None while it flows.
         self.backlog: int | None = None
+        self.requests = 0
+        self.replies = 0
+        self._markers: deque[tuple[float, int]] = deque()
+        self._ticker: LoopingCall | None = None
 
     def connectionMade(self) -> None:
         # Publishes are small writes that should leave at once; Nagle would
@@ -164,13 +200,69 @@ class _Connection(Protocol):
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
             set_nodelay(True)
+        self._keepalive()
         if self.role == "publisher":
             self.transport.registerProducer(self, True)
         target = self.bridge.target
         if target.password is not None:
             auth = [target.username.encode()] if target.username else []
             self.send(b"AUTH", *auth, target.password.encode())
+        if self.bridge.timeout > 0:
+            self._ticker = LoopingCall.withCount(self._tick)
+            self._ticker.clock = self.bridge.clock
+            self._ticker.start(self.bridge.ping_interval, now=False)
         self.bridge.connection_made(self)
+
+    def _keepalive(self) -> None:
+        """Let the kernel probe an idle link, and sooner than its default 2 hours."""
+        set_keepalive = getattr(self.transport, "setTcpKeepAlive", None)
+        if set_keepalive is None:
+            return  # not TCP (a test's transport, a UNIX socket)
+        set_keepalive(True)
+        get_handle = getattr(self.transport, "getHandle", None)
+        handle = get_handle() if get_handle is not None else None
+        if not hasattr(handle, "setsockopt"):
+            return
+        for name, value in KEEPALIVE:
+            if hasattr(socket, name):
+                try:
+                    handle.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+                except OSError:
+                    pass  # the platform refuses this knob: keepalive stays on anyway
+
+    def _tick(self, ticks: int = 1) -> None:
+        """Give up on a Redis that has kept a reply waiting too long; else PING it.
+
+        ``ticks`` > 1 means intervals went by without a tick: this process
+        itself was stalled (busy, paused), and the replies may be waiting
+        unread in the socket, since the reactor runs due timers before it
+        reads.  No verdict on Redis then, only on the next tick."""
+        now = self.bridge.clock.seconds()
+        markers = self._markers
+        replies = self.replies
+        while markers and markers[0][1] <= replies:
+            markers.popleft()
+        if ticks == 1 and markers and now - markers[0][0] >= self.bridge.timeout - _CLOCK_SLACK:
+            self._give_up(now - markers[0][0])
+            return
+        self.ping()
+        markers.append((now, self.requests))
+
+    def _give_up(self, waited: float) -> None:
+        self._stop_ticking()
+        self.bridge.timed_out(self, waited)
+        # No goodbye: the link is silent, a FIN would only wait in a buffer.
+        self.transport.abortConnection()
+
+    def _stop_ticking(self) -> None:
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
+        self._ticker = None
+
+    def ping(self) -> None:
+        if self.role == "subscriber":
+            self.requests += 1  # the publisher counts every command in send
+        self.send(b"PING")
 
     def dataReceived(self, data: bytes) -> None:
         reader = self._reader
@@ -183,9 +275,12 @@ class _Connection(Protocol):
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
+        self._stop_ticking()
         self.bridge.connection_lost(self)
 
     def send(self, *args: bytes) -> None:
+        if self.role == "publisher":
+            self.requests += 1
         self.transport.write(command(*args))
 
     # The publisher is the transport's producer, only to hear when its
@@ -219,9 +314,13 @@ class RedisBackplane(Service):
     ``buffer_limit`` bounds the publishes queued past the transport's own
     buffer when Redis reads slower than this node publishes; past it a
     publish is refused as "behind".
+    ``ping_interval`` and ``timeout`` are the health check: a PING every
+    ``ping_interval`` seconds on each connection, closed when a reply has
+    been waited for ``timeout`` seconds (0: no check).
     Counters for /metrics: ``sent`` (publishes sent to Redis), ``received``
     (delivered from another node), ``failed`` (publishes answered with the
-    backplane error), ``reconnects``.
+    backplane error), ``reconnects``, ``timeouts`` (connections closed
+    because Redis did not answer in time).
     """
 
     def __init__(
@@ -234,6 +333,8 @@ class RedisBackplane(Service):
         node_id: bytes | None = None,
         endpoint: Any = None,
         buffer_limit: int = 8 * 1024 * 1024,
+        ping_interval: float = 1.0,
+        timeout: float = 3.0,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -264,11 +365,14 @@ class RedisBackplane(Service):
         self._endpoint = endpoint
         #: Bytes of publishes queued for a Redis that does not keep up (0: no limit).
         self.buffer_limit = buffer_limit
+        self.ping_interval = ping_interval
+        self.timeout = timeout
         self._refused: str | None = None  # why the last publish went no further
         self.sent = 0
         self.received = 0
         self.failed = 0
         self.reconnects = 0
+        self.timeouts = 0
         self._services: list[ClientService] = []
         engine.relay = self
 
@@ -309,14 +413,32 @@ class RedisBackplane(Service):
         self._update_state()
 
     def connection_lost(self, connection: _Connection) -> None:
+        self._forget(connection)
+
+    def _forget(self, connection: _Connection, quiet: bool = False) -> None:
         if connection is self._publisher:
             self._publisher = None
         elif connection is self._subscriber:
             self._subscriber = None
             self._subscriber_ready = False
         else:
-            return
-        self._update_state()
+            return  # already forgotten (timed out), or never current
+        self._update_state(quiet)
+
+    def timed_out(self, connection: _Connection, waited: float) -> None:
+        """``connection`` waited ``waited`` seconds for Redis: it is as good as
+        lost, now, though its transport reports the loss only later."""
+        self.timeouts += 1
+        _log.warn(
+            "backplane: {url} did not answer the {role} for {waited:.1f} s; "
+            "closing the connection and reconnecting",
+            url=self.url,
+            role=connection.role,
+            waited=waited,
+        )
+        # Down at once, so the next publish is refused rather than written
+        # to a dead link; the transport's connectionLost finds it forgotten.
+        self._forget(connection, quiet=True)
 
     def _resubscribe(self, connection: _Connection) -> None:
         """Everything this node needs, in batches, then a PING whose answer
@@ -325,9 +447,9 @@ class RedisBackplane(Service):
             wire = [self._wire_name(kind, name) for name in names]
             for start in range(0, len(wire), RESUBSCRIBE_BATCH):
                 connection.send(_SUBSCRIBE[kind], *wire[start : start + RESUBSCRIBE_BATCH])
-        connection.send(b"PING")
+        connection.ping()
 
-    def _update_state(self) -> None:
+    def _update_state(self, quiet: bool = False) -> None:
         up = self._publisher is not None and self._subscriber_ready
         state = "connected" if up else ("down" if self.state != "connecting" else "connecting")
         if state == self.state:
@@ -338,11 +460,19 @@ class RedisBackplane(Service):
         self.since = self.clock.seconds()
         if state == "connected":
             _log.info("backplane: connected to {url}", url=self.url)
-        elif self.running:
+        elif self.running and not quiet:  # a timeout has said why, in one line
             _log.warn("backplane: lost {url}; reconnecting", url=self.url)
 
     def reply_received(self, connection: _Connection, reply: Any) -> None:
+        subscriber = connection.role == "subscriber"
+        if not subscriber:
+            connection.replies += 1  # one reply per command, in order
         if isinstance(reply, hiredis.ReplyError):
+            if subscriber and connection.replies < connection.requests:
+                # A refusing Redis (NOAUTH) answers the PING with an error:
+                # slow or not, it does answer.  Any error may stand for the
+                # PING's, at most one reply per PING sent.
+                connection.replies += 1
             connection.errors += 1
             if connection.errors == 1:
                 _log.error(
@@ -367,9 +497,14 @@ class RedisBackplane(Service):
             elif kind == b"smessage" and len(reply) == 3:
                 self._deliver(self.engine.deliver_smessage, reply[2], self._local(reply[1]))
             elif kind == b"pong":
-                self._ready()
+                self._pong(connection)
         elif reply == b"PONG":
-            self._ready()
+            self._pong(connection)
+
+    def _pong(self, connection: _Connection) -> None:
+        if connection.replies < connection.requests:  # see the error case above
+            connection.replies += 1
+        self._ready()
 
     def _ready(self) -> None:
         if not self._subscriber_ready:
@@ -426,6 +561,7 @@ class RedisBackplane(Service):
             publisher.backlog += len(data)
         self._refused = None
         self.sent += 1
+        publisher.requests += 1
         publisher.transport.write(data)
 
     def refusal(self, receivers: int) -> str | None:

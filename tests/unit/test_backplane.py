@@ -2,16 +2,18 @@
 
 The bridge's two connections are driven with StringTransport: what it writes
 is compared with RESP bytes, what Redis would answer is fed back.  Reconnect
-backoff runs on a Clock.
+backoff and the health check (PINGs, timeouts) run on a Clock: a silent Redis
+is one that is fed nothing.
 """
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import pytest
 from twisted.internet import defer
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionAborted, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -128,12 +130,20 @@ def test_messages_from_elsewhere_reach_only_the_named_subscribers():
 class Node:
     """An engine with a bridge whose connections are StringTransports."""
 
-    def __init__(self, prefix: bytes = b"pubsub:", password: str = "") -> None:
+    def __init__(
+        self, prefix: bytes = b"pubsub:", password: str = "", timeout: float = 3.0
+    ) -> None:
         self.clock = Clock()
         self.engine = Engine()
         auth = f":{password}@" if password else ""
         self.bridge = RedisBackplane(
-            self.engine, f"redis://{auth}redis.example:6390/0", prefix, self.clock, node_id=NODE
+            self.engine,
+            f"redis://{auth}redis.example:6390/0",
+            prefix,
+            self.clock,
+            node_id=NODE,
+            ping_interval=1.0,
+            timeout=timeout,
         )
         self.subscriber: _Connection | None = None
         self.publisher: _Connection | None = None
@@ -405,3 +415,306 @@ def test_a_redis_that_falls_behind_gets_a_bounded_queue_then_refusals():
     publisher.resumeProducing()  # drained
     assert bob.run("PUBLISH", "news", "z" * 100) == [Reply(1)]
     assert node.bridge.sent == 2
+
+
+# -- the health check: a silent link is noticed -------------------------------------------
+
+PONG = b"+PONG\r\n"
+SUBSCRIBED_PONG = b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"  # PING's answer in subscribed mode
+
+
+def _backplane_log() -> tuple[list, Any]:
+    """Collects the bridge's log events; call the second item to stop."""
+    from twisted.logger import globalLogPublisher
+
+    logged: list = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_namespace") == "pubsub.backplane.redis":
+            logged.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    return logged, lambda: globalLogPublisher.removeObserver(observe)
+
+
+def _warnings(logged: list) -> list[str]:
+    from twisted.logger import LogLevel, formatEvent
+
+    return [formatEvent(e) for e in logged if e["log_level"] == LogLevel.warn]
+
+
+def _tick(node: Node, *, publisher: bytes | None = PONG, subscriber: bytes | None = None) -> None:
+    """One second on the clock, then Redis answers each connection's PING
+    with the given bytes (None: it stays silent)."""
+    node.clock.advance(1.0)
+    if publisher is not None:
+        node.publisher.dataReceived(publisher)
+    if subscriber is not None:
+        node.subscriber.dataReceived(subscriber)
+
+
+def test_both_connections_are_pinged_every_interval_and_answers_keep_the_link():
+    node = Node()
+    node.connect_both()
+    client = Client(node.engine)
+    client.run("SUBSCRIBE", "news")
+    node.written(node.publisher)
+    node.written(node.subscriber)
+    for _ in range(20):  # far longer than the timeout, every PING answered in time
+        node.clock.advance(1.0)
+        assert node.written(node.publisher) == command(b"PING")
+        assert node.written(node.subscriber) == command(b"PING")
+        node.publisher.dataReceived(PONG)
+        node.subscriber.dataReceived(SUBSCRIBED_PONG)
+    assert (node.bridge.state, node.bridge.timeouts) == ("connected", 0)
+    assert not node.publisher.transport.disconnecting
+    assert not node.subscriber.transport.disconnecting
+
+
+def test_slow_answers_within_the_timeout_keep_the_link():
+    node = Node()
+    node.connect_both()
+    # Redis answers each PING 2.5 s late: always something outstanding, never 3 s.
+    for second in range(1, 30):
+        node.clock.advance(1.0)
+        if second >= 3:
+            node.publisher.dataReceived(PONG)
+            node.subscriber.dataReceived(SUBSCRIBED_PONG)
+    assert (node.bridge.state, node.bridge.timeouts) == ("connected", 0)
+
+
+def test_a_silent_subscriber_connection_is_closed_and_the_node_is_down():
+    node = Node()
+    node.connect_both()
+    alice, bob = Client(node.engine), Client(node.engine)
+    alice.run("SUBSCRIBE", "news")
+    logged, stop = _backplane_log()
+    try:
+        for _ in range(3):  # PINGs at 1, 2 and 3 s go unanswered; 3 s is not yet too long
+            _tick(node)
+        assert node.bridge.state == "connected"
+        assert bob.run("PUBLISH", "news", "in the window") == [Reply(1)]
+        _tick(node)  # 4 s: the PING of 1 s has waited 3 s
+        subscriber = node.subscriber
+        assert subscriber.transport.disconnected  # aborted: no FIN into a dead link
+        assert (node.bridge.state, node.bridge.since, node.bridge.timeouts) == ("down", 4, 1)
+        [error] = bob.run("PUBLISH", "news", "while down")
+        assert error == Error(
+            "BACKPLANE redis://redis.example:6390/ is down: delivered to 1 local subscriber only"
+        )
+        assert alice.frames[-1] == ("message", b"news", b"while down")
+        # The transport reports the loss later; that says nothing more.
+        subscriber.connectionLost(Failure(ConnectionAborted()))
+        assert (node.bridge.state, node.bridge.since) == ("down", 4)
+        node.written(subscriber)
+        for _ in range(10):
+            _tick(node)
+        assert node.written(subscriber) == b""  # no more PINGs on the dead one
+    finally:
+        stop()
+    assert _warnings(logged) == [
+        (
+            "backplane: redis://redis.example:6390/ did not answer the subscriber for 3.0 s; "
+            "closing the connection and reconnecting"
+        )
+    ]
+
+
+def test_a_publish_left_without_a_reply_closes_the_publisher_connection():
+    node = Node()
+    node.connect_both()
+    alice, bob = Client(node.engine), Client(node.engine)
+    alice.run("SUBSCRIBE", "news")
+    node.written(node.publisher)
+    _tick(node, subscriber=SUBSCRIBED_PONG)
+    node.clock.advance(0.5)
+    assert bob.run("PUBLISH", "news", "into the void") == [Reply(1)]
+    assert node.written(node.publisher) == command(b"PING") + command(
+        b"PUBLISH", b"pubsub:news", NODE + b" into the void"
+    )
+    logged, stop = _backplane_log()
+    try:
+        node.clock.advance(0.5)  # 2 s: a PING after the publish; Redis answers nothing more
+        node.subscriber.dataReceived(SUBSCRIBED_PONG)
+        for _ in range(2):
+            _tick(node, publisher=None, subscriber=SUBSCRIBED_PONG)
+        assert node.bridge.state == "connected"  # the publish has waited 2.5 s
+        _tick(node, publisher=None, subscriber=SUBSCRIBED_PONG)  # 5 s
+    finally:
+        stop()
+    assert node.publisher.transport.disconnected
+    assert (node.bridge.state, node.bridge.timeouts) == ("down", 1)
+    [error] = bob.run("PUBLISH", "news", "refused")
+    assert error.message.startswith("BACKPLANE redis://redis.example:6390/ is down")
+    assert node.bridge.failed == 1
+    [warning] = _warnings(logged)
+    assert "did not answer the publisher for 3.0 s" in warning
+
+
+def test_late_replies_to_publishes_count_in_order_with_the_pings():
+    node = Node()
+    node.connect_both()
+    bob = Client(node.engine)
+    for second in range(1, 40):
+        bob.run("PUBLISH", "news", str(second))
+        node.clock.advance(1.0)
+        node.subscriber.dataReceived(SUBSCRIBED_PONG)
+        if second >= 2:  # Redis answers two seconds late: the publish, then the PING
+            node.publisher.dataReceived(b":0\r\n" + PONG)
+    assert (node.bridge.state, node.bridge.timeouts) == ("connected", 0)
+
+
+def test_a_refusing_redis_still_answers_and_is_not_timed_out():
+    node = Node(password="wrong")
+    node.connect("publisher")
+    subscriber = node.connect("subscriber")
+    refusal = b"-NOAUTH Authentication required.\r\n"
+    subscriber.dataReceived(refusal * 2)  # AUTH and the readiness PING
+    for _ in range(10):
+        node.clock.advance(1.0)
+        subscriber.dataReceived(refusal)
+        node.publisher.dataReceived(refusal)
+    assert (node.bridge.state, node.bridge.timeouts) == ("connecting", 0)
+
+
+def test_no_verdict_on_redis_from_a_tick_that_comes_late():
+    node = Node()
+    node.connect_both()
+    node.clock.advance(1.0)  # a PING on each connection
+    # The process was stalled for 10 s: the reactor runs the overdue tick
+    # before it reads what came meanwhile, so the tick does not judge.
+    node.clock.advance(10.0)
+    assert (node.bridge.state, node.bridge.timeouts) == ("connected", 0)
+    node.publisher.dataReceived(PONG * 2)
+    node.subscriber.dataReceived(SUBSCRIBED_PONG * 2)
+    _tick(node, subscriber=SUBSCRIBED_PONG)
+    assert (node.bridge.state, node.bridge.timeouts) == ("connected", 0)
+    for _ in range(4):  # a Redis that then stays silent is judged on time, as usual
+        _tick(node, publisher=None)
+    assert (node.bridge.state, node.bridge.timeouts) == ("down", 2)
+
+
+def test_a_timeout_of_zero_sends_no_pings_and_closes_nothing():
+    node = Node(timeout=0)
+    node.connect_both()
+    node.written(node.publisher)
+    node.written(node.subscriber)
+    for _ in range(100):
+        node.clock.advance(1.0)
+    assert node.written(node.publisher) == node.written(node.subscriber) == b""
+    assert (node.bridge.state, node.bridge.timeouts) == ("connected", 0)
+
+
+class AbortableTransport(StringTransport):
+    """A StringTransport whose abortConnection reports the loss on the next
+    turn of the clock, as a TCP transport does."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def abortConnection(self) -> None:
+        super().abortConnection()
+        self.clock.callLater(0, self.protocol.connectionLost, Failure(ConnectionAborted()))
+
+
+class ReconnectingEndpoint:
+    """Connects every time, with a transport that can be aborted."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.connections: list[_Connection] = []
+
+    def connect(self, factory: Any) -> defer.Deferred:
+        protocol = factory.buildProtocol(None)
+        transport = AbortableTransport(self.clock)
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        self.connections.append(protocol)
+        return defer.succeed(protocol)
+
+
+def test_after_a_timeout_the_service_reconnects_resubscribes_and_is_connected_again():
+    clock, engine = Clock(), Engine()
+    endpoint = ReconnectingEndpoint(clock)
+    bridge = RedisBackplane(
+        engine,
+        "redis://127.0.0.1:1/",
+        clock=clock,
+        endpoint=endpoint,
+        node_id=NODE,
+        ping_interval=1.0,
+        timeout=3.0,
+    )
+    client = Client(engine)
+    client.run("SUBSCRIBE", "news")
+    bridge.startService()
+    subscriber, publisher = endpoint.connections
+    subscriber.dataReceived(b"*3\r\n$9\r\nsubscribe\r\n$11\r\npubsub:news\r\n:1\r\n" + PONG)
+    assert bridge.state == "connected"
+    for _ in range(3):
+        clock.advance(1.0)
+        publisher.dataReceived(PONG)  # only the subscriber's link is silent
+    clock.advance(1.0)
+    assert (bridge.state, bridge.timeouts) == ("down", 1)
+    clock.advance(0)  # the transport reports the abort
+    clock.advance(0.1)  # the first retry of the backoff
+    assert len(endpoint.connections) == 3
+    fresh = endpoint.connections[2]
+    assert fresh.role == "subscriber"
+    assert _commands(fresh.transport.value()) == [[b"SUBSCRIBE", b"pubsub:news"], [b"PING"]]
+    assert bridge.state == "down"
+    fresh.dataReceived(b"*3\r\n$9\r\nsubscribe\r\n$11\r\npubsub:news\r\n:1\r\n")
+    fresh.dataReceived(SUBSCRIBED_PONG)
+    assert (bridge.state, bridge.reconnects) == ("connected", 1)
+    fresh.transport.clear()
+    clock.advance(1.0)
+    assert fresh.transport.value() == command(b"PING")  # the new link is checked in turn
+    bridge.stopService()
+
+
+class KeepAliveTransport(StringTransport):
+    """A StringTransport with a TCP transport's keepalive switch and socket."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keepalive: bool | None = None
+        self.socket = socket.socket()
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        self.keepalive = enabled
+
+    def getHandle(self) -> socket.socket:
+        return self.socket
+
+
+def test_both_connections_turn_tcp_keepalive_on_with_short_probes():
+    node = Node()
+    for role in ("publisher", "subscriber"):
+        connection = _Connection(node.bridge, role)
+        transport = KeepAliveTransport()
+        try:
+            connection.makeConnection(transport)
+            assert transport.keepalive is True
+            for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+                if hasattr(socket, name):
+                    option = getattr(socket, name)
+                    assert transport.socket.getsockopt(socket.IPPROTO_TCP, option) == value
+        finally:
+            transport.socket.close()
+
+
+def test_metrics_count_the_links_closed_for_silence():
+    from pubsub.web import _backplane_figures
+
+    node = Node()
+    node.connect_both()
+    for _ in range(4):
+        _tick(node, publisher=None, subscriber=None)
+    figures = {family.name: family for family in _backplane_figures(node.bridge)}
+    [sample] = [
+        s for s in figures["pubsub_backplane_timeouts"].samples if s.name.endswith("_total")
+    ]
+    assert sample.value == 2  # both connections
+    [down] = [s for s in figures["pubsub_backplane_state"].samples if s.labels["state"] == "down"]
+    assert down.value == 1

@@ -127,6 +127,28 @@ def test_bad_settings_files_are_refused_with_the_reason(tmp_path, text, message)
         load_settings(conf, environ={})
 
 
+@pytest.mark.parametrize(
+    "interval, timeout, message",
+    [
+        (0.0, 3.0, "backplane_ping_interval must be positive, got 0.0 .*backplane_timeout to 0"),
+        (3.0, 3.0, r"backplane_ping_interval \(3.0\) must be less than backplane_timeout \(3.0\)"),
+        (5.0, 2.0, "must be less than backplane_timeout"),
+        (-1.0, 3.0, "backplane_ping_interval must not be negative"),
+        (1.0, -3.0, "backplane_timeout must not be negative"),
+        (1.0, float("inf"), "backplane_timeout must be a finite number"),
+        (float("nan"), 3.0, "backplane_ping_interval must be a finite number"),
+    ],
+)
+def test_the_backplane_health_check_settings_must_make_sense(interval, timeout, message):
+    with pytest.raises(ConfigError, match=message):
+        Settings(backplane_ping_interval=interval, backplane_timeout=timeout)
+
+
+def test_a_backplane_timeout_of_zero_turns_the_check_off_whatever_the_interval():
+    assert Settings(backplane_ping_interval=0.0, backplane_timeout=0.0).backplane_timeout == 0
+    assert Settings(backplane_ping_interval=9.0, backplane_timeout=0.0).backplane_timeout == 0
+
+
 def test_a_missing_explicit_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read settings file"):
         load_settings(tmp_path / "absent.toml", environ={})
