@@ -648,7 +648,7 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
-            if self.session is not None:
+            if self.session is not None and self.state == WebSocketProtocol.STATE_OPEN:
                 if self._idle is not None:
                     self._idle.touch()
                 self._reply([_BINARY_REFUSED])
@@ -660,7 +660,10 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
 
     def _handle(self, text: bytes | str) -> None:
         """One text message: a command, answered with its results."""
-        if self.session is None:
+        if self.session is None or self.state != WebSocketProtocol.STATE_OPEN:
+            # Once our close frame is out nothing more may be sent (RFC 6455,
+            # 5.5.1), so nothing more is run, as Redis reads nothing more from
+            # a client it is closing.
             return
         if self._idle is not None:
             self._idle.touch()

@@ -26,8 +26,8 @@ bytes include its HTTP request head.
 Run: ``python tests/fuzz/fuzz_websocket.py [libFuzzer options] CORPUS_DIR``
 (``make fuzz`` runs it on a copy of tests/fuzz/corpus/websocket);
 ``python tests/fuzz/fuzz_websocket.py --write-seeds DIR`` writes the seeds.
-tests/fuzz/crashes/websocket holds an input for each of KNOWN_ISSUES
-(replay: ``FUZZ_STRICT=1 python tests/fuzz/fuzz_websocket.py FILE``).
+The corpus keeps the inputs of what it found so far (a reply sent, or
+refused by Autobahn, after the server's own close frame), as regression seeds.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from __future__ import annotations
 import base64
 import importlib
 import json
-import os
 import struct
 import sys
 import zlib
@@ -76,7 +75,6 @@ for _name in _UNINSTRUMENTED:
     importlib.import_module(_name)
 
 with atheris.instrument_imports():
-    from autobahn.exception import Disconnected
     from twisted.internet.address import IPv4Address
     from twisted.internet.error import ConnectionDone
     from twisted.internet.task import Clock
@@ -120,18 +118,6 @@ HEADS: list[str | None] = [
     None,
 ]
 MAX_CUTS = 8
-
-#: Issues found by this fuzzer and reported, not yet fixed: tolerated so that
-#: ``make fuzz`` (and so ``make test``) can pass meanwhile; FUZZ_STRICT=1
-#: holds the server to them too. Delete an entry once its fix lands.
-#:
-#: send-on-closing: a command that arrives after the server sent its close
-#: frame (idle_timeout, a revoked token, shutdown) on a connection with
-#: permessage-deflate is answered with sendMessage, which raises
-#: Disconnected in STATE_CLOSING: "internal fault handling a message", 1011.
-#: data-after-close: the same without compression: the reply frame is sent
-#: after the server's close frame (RFC 6455 5.5.1 forbids it).
-KNOWN_ISSUES = set() if os.environ.get("FUZZ_STRICT") else {"send-on-closing", "data-after-close"}
 
 
 def handshake(path: str, extra: str) -> bytes:
@@ -201,16 +187,6 @@ def _server_frames(output: bytes) -> list[int]:
     return opcodes
 
 
-def _known(event: dict) -> bool:
-    """Whether a logged failure is a known issue (see KNOWN_ISSUES)."""
-    failure = event["log_failure"]
-    return (
-        "send-on-closing" in KNOWN_ISSUES
-        and failure.check(Disconnected) is not None
-        and any(frame[0] == "_reply" for frame in failure.frames)
-    )
-
-
 def test_one_input(data: bytes) -> None:
     provider = atheris.FuzzedDataProvider(data)
     front_index, path_index, head_index = _mode(provider.ConsumeUInt(1))
@@ -243,7 +219,7 @@ def test_one_input(data: bytes) -> None:
     # Every timer left fires now: none may fail, nor outlive the connection.
     while _clock.getDelayedCalls():
         _clock.advance(max(call.getTime() for call in _clock.getDelayedCalls()) - _clock.seconds())
-    failures = [event for event in _failures if not _known(event)]
+    failures = list(_failures)
     _failures.clear()
     if failures:
         event = failures[0]
@@ -257,7 +233,7 @@ def test_one_input(data: bytes) -> None:
             f"{len(front.heads or ())} heads"
         )
     opcodes = _server_frames(transport.value())
-    if CLOSE in opcodes and "data-after-close" not in KNOWN_ISSUES:
+    if CLOSE in opcodes:
         after = opcodes[opcodes.index(CLOSE) + 1 :]
         if after:
             raise AssertionError(f"frames sent after the server's close frame: {opcodes}")

@@ -10,7 +10,7 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import StringTransport
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
 from pubsub import websocket
@@ -204,6 +204,27 @@ def test_nothing_is_sent_after_the_close_handshake_began(factory):
     subscriber.frames()
     publisher.call("PUBLISH", "news", "late")
     assert subscriber.frames() == []
+
+
+@pytest.mark.parametrize("compression", [False, True])
+def test_a_command_that_comes_after_our_close_frame_is_not_run(make_factory, compression):
+    # Found by the WebSocket fuzzer: a reply was sent after the close frame,
+    # or, compressed, Autobahn refused to send it and the server logged a fault.
+    factory = make_factory(compression=compression)
+    extra = "Sec-WebSocket-Extensions: permessage-deflate\r\n" if compression else ""
+    connection = Connection(factory, extra=extra)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        connection.protocol.sendClose(1000)
+        connection.send(wsframes.command("PUBLISH", "c", "late"))
+        connection.send(wsframes.client_frame(b"binary", opcode=wsframes.BINARY))
+        frames = connection.frames()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [opcode for opcode, _ in frames] == [wsframes.CLOSE]
+    assert not [event for event in events if "log_failure" in event]
+    assert factory.engine.publishes == 0
 
 
 def test_an_internal_fault_closes_with_1011_and_is_logged(factory, monkeypatch):
