@@ -464,27 +464,21 @@ class RedisBackplane(Service):
             _log.warn("backplane: lost {url}; reconnecting", url=self.url)
 
     def reply_received(self, connection: _Connection, reply: Any) -> None:
-        subscriber = connection.role == "subscriber"
-        if not subscriber:
+        if connection.role != "subscriber":
             connection.replies += 1  # one reply per command, in order
+            if isinstance(reply, hiredis.ReplyError):
+                self._reply_error(connection, reply)
+            return  # PUBLISH counts: node-local counts are what clients get
         if isinstance(reply, hiredis.ReplyError):
-            if subscriber and connection.replies < connection.requests:
+            if connection.replies < connection.requests:
                 # A refusing Redis (NOAUTH) answers the PING with an error:
                 # slow or not, it does answer.  Any error may stand for the
                 # PING's, at most one reply per PING sent.
                 connection.replies += 1
-            connection.errors += 1
-            if connection.errors == 1:
-                _log.error(
-                    "backplane: Redis at {url} answered the {role}: {error} "
-                    "(further errors on this connection are not logged)",
-                    url=self.url,
-                    role=connection.role,
-                    error=str(reply),
-                )
+            self._reply_error(connection, reply)
             return
-        if connection.role != "subscriber" or connection is not self._subscriber:
-            return  # PUBLISH counts: node-local counts are what clients get
+        if connection is not self._subscriber:
+            return
         if isinstance(reply, list) and reply:
             kind = reply[0]
             if kind == b"message" and len(reply) == 3:
@@ -500,6 +494,17 @@ class RedisBackplane(Service):
                 self._pong(connection)
         elif reply == b"PONG":
             self._pong(connection)
+
+    def _reply_error(self, connection: _Connection, reply: hiredis.ReplyError) -> None:
+        connection.errors += 1
+        if connection.errors == 1:
+            _log.error(
+                "backplane: Redis at {url} answered the {role}: {error} "
+                "(further errors on this connection are not logged)",
+                url=self.url,
+                role=connection.role,
+                error=str(reply),
+            )
 
     def _pong(self, connection: _Connection) -> None:
         if connection.replies < connection.requests:  # see the error case above
