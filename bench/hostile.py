@@ -258,6 +258,17 @@ class Client:
         self.sock.close()
 
 
+def _read_line(fd: int) -> bytes:
+    """One line from ``fd``, read a byte at a time so nothing past it is taken."""
+    line = b""
+    while not line.endswith(b"\n"):
+        byte = os.read(fd, 1)
+        if not byte:
+            break
+        line += byte
+    return line
+
+
 def probe_main(proto: str, port: int, interval: float) -> None:
     """From a "go" line on stdin, PING every ``interval`` until the next line; print the RTTs.
 
@@ -267,12 +278,17 @@ def probe_main(proto: str, port: int, interval: float) -> None:
     client = Client(proto, port)
     client.ping()
     print("ready", flush=True)
-    sys.stdin.readline()
+    # Lines are read from the descriptor itself: a buffered readline() could
+    # take "stop" along with "go" when the attack is over at once, and
+    # select() would then wait for it forever.
+    stdin = sys.stdin.fileno()
+    _read_line(stdin)
     rtts = []
     while True:
         rtts.append(client.ping())
-        ready, _, _ = select.select([sys.stdin], [], [], interval)
+        ready, _, _ = select.select([stdin], [], [], interval)
         if ready:
+            _read_line(stdin)
             break
     print(json.dumps({"pings": len(rtts), "rtt_max_s": max(rtts, default=None),
                       "rtt_median_s": statistics.median(rtts) if rtts else None}), flush=True)  # fmt: skip

@@ -456,7 +456,9 @@ class _LeanReader(WebSocketServerProtocol):
     def _go_on(self, frame: _Unfinished, data: bytes) -> bytes:
         """Take ``data`` into the unfinished frame; what follows the frame
         (empty while it is still unfinished, or when Autobahn took over)."""
-        taken = frame.take(data)
+        # Bytes that cannot be UTF-8, or a connection no longer open (a timer
+        # closed it meanwhile): from here on the frame is Autobahn's to judge.
+        taken = frame.take(data) if self.state == WebSocketProtocol.STATE_OPEN else -1
         if taken < 0:
             self._unfinished = None
             super().dataReceived(frame.as_sent() + data)

@@ -143,3 +143,18 @@ def test_a_text_frame_split_anywhere_is_read_by_the_lean_path():
         assert connection.frames() == [(wsframes.TEXT, b'["pong","' + "é".encode() * 300 + b'"]')]
         protocol = connection.protocol
         assert protocol.current_frame is None and not protocol.data  # Autobahn saw nothing
+
+
+def test_a_frame_still_arriving_when_the_server_closes_is_autobahns_to_finish():
+    # A timer (idle, a revoked token, shutdown) may close the connection
+    # while a text frame is half read: the rest is handled as Autobahn would.
+    clock = Clock()
+    data = frame(1, "é".encode() * 100, True, 0, True, 0) + frame(9, b"ping", True, 0, True, 0)
+    outputs = []
+    for factory in (lean_factory(clock), plain_factory(clock)):
+        protocol, transport = opened(factory)
+        protocol.dataReceived(data[:50])
+        protocol.sendClose(1000)
+        protocol.dataReceived(data[50:])
+        outputs.append((transport.value(), transport.disconnecting))
+    assert outputs[0] == outputs[1]
