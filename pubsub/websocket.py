@@ -815,9 +815,12 @@ class EchoServerProtocol(_LeanReader):
     factory: EchoServerFactory
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.sendMessage(
-            payload, isBinary, doNotCompress=not self.factory.should_compress(len(payload))
-        )
+        # Autobahn still delivers messages once our close frame is out, and
+        # refuses to send then: nothing is echoed.
+        if self.state == WebSocketProtocol.STATE_OPEN:
+            self.sendMessage(
+                payload, isBinary, doNotCompress=not self.factory.should_compress(len(payload))
+            )
 
     def _on_text(self, text: str) -> None:
         self.onMessage(text.encode("utf-8"), False)

@@ -40,10 +40,11 @@ OPTIONS = {
 
 
 class PlainEcho(WebSocketServerProtocol):
-    """Autobahn's protocol as it comes, echoing every message."""
+    """Autobahn's protocol as it comes, echoing every message while open."""
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.sendMessage(payload, isBinary)
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.sendMessage(payload, isBinary)
 
 
 def plain_factory(clock: Clock) -> WebSocketServerFactory:
