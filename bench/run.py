@@ -8,6 +8,12 @@ median of each figure over the rounds for both servers, the ratio
 pubsub/Redis, and where each target of issue 4 stands; everything (raw runs,
 medians, machine, server logs, profile) goes to ``bench/results/<stamp>/``.
 
+The backplane scenarios (``--only backplane``) run the two fanout shapes on
+two other kinds instead: one pubsub node alone, and two nodes joined by one
+redis-server (class :class:`Backplane`), the publisher on node A and the
+subscribers on node B; they get a table of their own (one node, two nodes,
+the ratio) and no target.
+
 With ``--profile`` (the default) one extra fanout-pipelined run of pubsub is
 sampled with py-spy, and the top functions (self and inclusive time) are
 printed and saved.
@@ -46,6 +52,11 @@ COORDINATOR = BENCH / "loadgen" / "coordinator.js"
 
 PAYLOAD = 64
 
+# The backplane scenarios run on these two kinds, whatever --servers says: one
+# node alone, and two nodes over one Redis (class Backplane).
+BACKPLANE_KINDS = ["pubsub", "backplane"]
+BACKPLANE = ("backplane_pipelined", "backplane_rate50")
+
 # Ratios pubsub/Redis (or patterns/no patterns) the issue asks us to report against.
 REFERENCE_REDIS = {
     "fanout_pipelined": "0.18 us/delivery",
@@ -77,7 +88,7 @@ def scenarios(scale: float, seconds: float) -> list[dict]:
         "window": 20_000,
         "maxPublishes": 5_000_000,
     }
-    return [
+    fanouts = [
         {
             "name": "fanout_pipelined",
             "scenario": "fanout",
@@ -99,6 +110,9 @@ def scenarios(scale: float, seconds: float) -> list[dict]:
             "durationS": 12 * seconds,
             "warmupS": 1 * seconds,
         },
+    ]
+    return [
+        *fanouts,
         {
             "name": "channels",
             "scenario": "channels",
@@ -123,6 +137,20 @@ def scenarios(scale: float, seconds: float) -> list[dict]:
             "warmupConnections": 100,
             "settleMs": 1000,
         },
+        # The fanout shapes again, the publisher on node A and the subscribers on
+        # node B of two nodes joined by one Redis, against one node alone.
+        *(
+            {
+                **fanout,
+                "name": "backplane" + fanout["name"].removeprefix("fanout"),
+                "kinds": BACKPLANE_KINDS,
+                # Node B subscribes in Redis on its first subscriber; a pause
+                # before publishing leaves time for the answer ("lost" would
+                # count what came before it).
+                "settleMs": 1000,
+            }
+            for fanout in fanouts
+        ),
     ]
 
 
@@ -245,6 +273,141 @@ class Server:
         self.stop()
 
 
+class Backplane:
+    """Two pubsub nodes joined by one redis-server of their own, for one run.
+
+    Node B (``port``, ``pid``) holds the subscribers, node A (``publish_port``)
+    the publisher, so every delivery goes node A -> Redis -> node B.  Each is
+    its own process; ``other_pids`` names all three for their CPU time.
+    """
+
+    kind = "backplane"
+
+    def __init__(self, args: argparse.Namespace, outdir: Path, workdir: Path) -> None:
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._logs = []
+        try:
+            redis_port = free_port()
+            self._start(
+                "redis",
+                [
+                    args.redis_server, "--save", "", "--appendonly", "no",
+                    "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(workdir),
+                    "--daemonize", "no",
+                ],
+                redis_port, outdir / "backplane-redis.log", workdir,
+            )  # fmt: skip
+            ports = {}
+            logs = {}
+            for node in ("node_a", "node_b"):
+                ports[node] = free_port()
+                logs[node] = outdir / f"backplane-{node}.log"
+                start = logs[node].stat().st_size if logs[node].exists() else 0
+                self._start(
+                    node,
+                    [
+                        args.twistd, "-n", "--pidfile=", "pubsub",
+                        "--port", f"tcp:{ports[node]}:interface=127.0.0.1",
+                        "--max-connections", "20000",
+                        "--backplane", f"redis://127.0.0.1:{redis_port}/",
+                    ],
+                    ports[node], logs[node], workdir,
+                )  # fmt: skip
+                self._wait_for_backplane(node, logs[node], start)
+        except BaseException:
+            self.stop()
+            raise
+        self.port = ports["node_b"]
+        self.publish_port = ports["node_a"]
+        self.pid = self.procs["node_b"].pid
+        self.other_pids = {name: proc.pid for name, proc in self.procs.items()}
+
+    def _start(self, name: str, cmd: list[str], port: int, log: Path, workdir: Path) -> None:
+        stream = log.open("ab")
+        self._logs.append(stream)
+        self.procs[name] = subprocess.Popen(
+            cmd, cwd=workdir, stdout=stream, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        wait_for_port(port, self.procs[name], 30)
+
+    def _wait_for_backplane(self, node: str, log: Path, start: int) -> None:
+        limit = time.monotonic() + 30
+        while time.monotonic() < limit:
+            with log.open("rb") as stream:
+                stream.seek(start)
+                if b"backplane: connected to" in stream.read():
+                    return
+            if self.procs[node].poll() is not None:
+                raise RuntimeError(f"{node} exited with {self.procs[node].returncode}")
+            time.sleep(0.05)
+        raise RuntimeError(f"{node} did not join the backplane within 30 s")
+
+    def stop(self) -> None:
+        # The nodes first, so that neither sees its Redis go away.
+        for name in ("node_a", "node_b", "redis"):
+            proc = self.procs.get(name)
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        for stream in self._logs:
+            stream.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_server(
+    kind: str, spec: dict, args: argparse.Namespace, outdir: Path, workdir: Path
+) -> Server | Backplane:
+    """A fresh server of ``kind`` for one run: a :class:`Server` or a :class:`Backplane`."""
+    if kind == "backplane":
+        return Backplane(args, outdir, workdir)
+    server = Server(kind, args, outdir / f"{kind}.log", workdir)
+    if spec["name"] in BACKPLANE:
+        # The one node is node A and node B at once; read its CPU as theirs are.
+        server.other_pids = {"node_b": server.pid}
+    return server
+
+
+def backplane_figures(result: dict, kind: str) -> None:
+    """CPU per publish, message and delivery of each process of a backplane run, in place.
+
+    On one node alone that node is both A and B: its CPU is counted as node B's.
+    """
+    published = result.get("published") or 0
+    deliveries = result.get("deliveries") or 0
+    window = result.get("window_s") or 0
+    cpu = {name: result.get(f"cpu_ns_{name}") for name in ("node_a", "redis", "node_b")}
+    if not (published and deliveries and window) or cpu["node_b"] is None:
+        return
+    if cpu["node_a"] is not None:
+        result["node_a_us_per_publish"] = cpu["node_a"] / 1000 / published
+    if cpu["redis"] is not None:
+        result["redis_us_per_message"] = cpu["redis"] / 1000 / published
+    result["node_b_us_per_delivery"] = cpu["node_b"] / 1000 / deliveries
+    total = sum(v for v in cpu.values() if v is not None)
+    result["total_us_per_delivery"] = total / 1000 / deliveries
+    result["total_cpu_cores"] = total / 1e9 / window
+    for name, ns in cpu.items():
+        if ns is not None:
+            result[f"{name}_cpu_pct"] = 100 * ns / 1e9 / window
+        idle = result.get(f"idle_ns_per_s_{name}")
+        if idle is not None:
+            result[f"{name}_idle_pct"] = 100 * idle / 1e9
+    if kind == "backplane" and "reply_sum_mismatch" in result:
+        # PUBLISH counts node A's own subscribers, none here (docs/protocol.md):
+        # the replies must add up to 0, not to the deliveries.
+        result["reply_sum_mismatch"] += result.get("expected_total") or 0
+
+
 # ----------------------------------------------------------------- one run
 
 
@@ -254,6 +417,8 @@ def run_loadgen(server: Server, spec: dict, args: argparse.Namespace, on_stderr=
         "server": "redis" if server.kind == "redis" else "pubsub",
         "port": server.port,
         "serverPid": server.pid,
+        "publishPort": getattr(server, "publish_port", server.port),
+        "otherPids": getattr(server, "other_pids", {}),
         "clkTck": os.sysconf("SC_CLK_TCK"),
         "payloadLength": PAYLOAD,
         "progressMs": 5,
@@ -317,6 +482,16 @@ FIGURES = [
     ("connects_per_s", "connects/s", "", "{:,.0f}"),
     ("server_us_per_connect", "server CPU/connect", "us", "{:.1f}"),
     ("listen_drops", "listen queue drops", "", "{:,.0f}"),
+    ("node_a_us_per_publish", "node A CPU/publish (reads, relays to Redis)", "us", "{:.2f}"),
+    ("redis_us_per_message", "Redis CPU/message", "us", "{:.2f}"),
+    ("node_b_us_per_delivery", "node B CPU/delivery (one node: all its CPU)", "us", "{:.3f}"),
+    ("total_us_per_delivery", "total CPU/delivery, node A + Redis + node B", "us", "{:.3f}"),
+    ("node_a_cpu_pct", "node A CPU busy", "%", "{:.0f}"),
+    ("redis_cpu_pct", "Redis CPU busy", "%", "{:.0f}"),
+    ("node_b_cpu_pct", "node B CPU busy (one node: the node)", "%", "{:.0f}"),
+    ("node_a_idle_pct", "node A CPU busy, idle before publishing", "%", "{:.1f}"),
+    ("redis_idle_pct", "Redis CPU busy, idle before publishing", "%", "{:.1f}"),
+    ("node_b_idle_pct", "node B CPU busy, idle before publishing", "%", "{:.1f}"),
     ("loadgen_cores", "load generator CPU", "cores", "{:.2f}"),
     ("loadgen_max_process_pct", "busiest load-gen process", "%", "{:.0f}"),
 ]
@@ -327,12 +502,20 @@ _PER_DELIVERY = ["deliveries_per_s", "latency_p50_us", "latency_p99_us", "lost",
 _PER_PUBLISH = ["publishes_per_s", "latency_p50_us", "latency_p99_us", "lost",
                 "server_us_per_publish", *_LOAD]  # fmt: skip
 
+_BACKPLANE_FIGURES = [
+    "deliveries_per_s", "latency_p50_us", "latency_p99_us", "lost",
+    "node_a_us_per_publish", "redis_us_per_message", "node_b_us_per_delivery",
+    "total_us_per_delivery", "node_a_cpu_pct", "redis_cpu_pct", "node_b_cpu_pct",
+    "node_a_idle_pct", "redis_idle_pct", "node_b_idle_pct", "loadgen_cores", "loadgen_max_process_pct",
+]  # fmt: skip
+
 PER_SCENARIO = {
     "fanout_pipelined": _PER_DELIVERY,
     "fanout_rate50": _PER_DELIVERY,
     "channels": _PER_DELIVERY,
     "patterns": _PER_PUBLISH,
     "nopatterns": _PER_PUBLISH,
+    **{name: _BACKPLANE_FIGURES for name in BACKPLANE},
     "idle": [
         "bytes_per_connection", "connects_per_s", "server_us_per_connect", "listen_drops",
         "server_cpu_pct", "loadgen_cores", "loadgen_max_process_pct",
@@ -430,7 +613,12 @@ def targets(med: dict) -> list[tuple[str, str, float | None, str]]:
         2,
         True,
     )
-    lost = sum(med[name][server]["lost_total"] for name in med for server in med[name])
+    lost = sum(
+        med[name][server]["lost_total"]
+        for name in med
+        if name not in BACKPLANE
+        for server in med[name]
+    )
     verdict = "met" if lost == 0 else "missed"
     rows.append(("lost messages = 0 (all runs, both servers)", f"{lost:,}", lost, verdict))
     return rows
@@ -445,7 +633,7 @@ def table(med: dict, servers: list[str]) -> str:
     rule = "|---|---|" + "---:|" * len(servers) + ("---:|" if both else "")
     lines += [header, rule]
     for name, keys in PER_SCENARIO.items():
-        if name not in med:
+        if name not in med or name in BACKPLANE:
             continue
         for key in keys:
             values = [med[name].get(s, {}).get(key) for s in servers]
@@ -462,6 +650,27 @@ def table(med: dict, servers: list[str]) -> str:
             )
             qs = f"{q:.2f}" if q is not None else "-"
             lines.append(f"| patterns/nopatterns | {s}: CPU per publish, ratio | {qs} | | |")
+    return "\n".join(lines)
+
+
+def backplane_table(med: dict, results: dict) -> str:
+    """One node alone against two nodes over one Redis, and their ratio."""
+    one, two = BACKPLANE_KINDS
+    lines = [
+        "| scenario | figure | one node | two nodes over Redis | two nodes / one node |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name in BACKPLANE:
+        if name not in med:
+            continue
+        for key in PER_SCENARIO[name]:
+            a, b = (med[name].get(k, {}).get(key) for k in (one, two))
+            q = ratio(b, a) if key != "lost" and not key.endswith("_idle_pct") else None
+            qs = f"{q:.2f}" if q is not None else ""
+            lines.append(f"| {name} | {label(key)} | {fmt(key, a)} | {fmt(key, b)} | {qs} |")
+        lost = sum(med[name][k]["lost_total"] for k in med[name])
+        runs = sum(len(rs) for rs in results[name].values())
+        lines.append(f"| {name} | lost messages, all {runs} runs | {lost:,} | | |")
     return "\n".join(lines)
 
 
@@ -695,7 +904,10 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument(
         "--only", default="",
-        help="comma-separated scenario names; 'hostile' for every hostile case, or case names",
+        help=(
+            "comma-separated scenario names; 'hostile' for every hostile case, or case names; "
+            "'backplane' for both backplane scenarios"
+        ),
     )  # fmt: skip
     parser.add_argument(
         "--servers", default="pubsub,redis",
@@ -725,6 +937,8 @@ def main() -> int:
     hostile_specs = hostile.cases(args.scale)
     if args.only:
         wanted = set(args.only.split(","))
+        if "backplane" in wanted:
+            wanted |= set(BACKPLANE)
         specs = [s for s in specs if s["name"] in wanted]
         if "hostile" not in wanted:
             hostile_specs = [c for c in hostile_specs if c["name"] in wanted]
@@ -738,7 +952,7 @@ def main() -> int:
     info["command"] = " ".join([Path(sys.executable).name, "bench/run.py", *sys.argv[1:]])
     print(f"bench: {json.dumps(info)}", flush=True)
 
-    results: dict = {s["name"]: {srv: [] for srv in servers} for s in specs}
+    results: dict = {s["name"]: {srv: [] for srv in s.get("kinds", servers)} for s in specs}
     hostile_results: dict = {c["name"]: {srv: [] for srv in hostile_servers} for c in hostile_specs}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pubsub-bench-") as tmp:
@@ -746,13 +960,16 @@ def main() -> int:
         for rnd in range(1, args.rounds + 1):
             order = servers if rnd % 2 else list(reversed(servers))
             for spec in specs:
-                for kind in order:
+                kinds = spec.get("kinds", servers)
+                for kind in kinds if rnd % 2 else list(reversed(kinds)):
                     t = time.monotonic()
                     try:
-                        with Server(kind, args, outdir / f"{kind}.log", workdir) as server:
+                        with start_server(kind, spec, args, outdir, workdir) as server:
                             result = run_loadgen(server, spec, args)
                     except (RuntimeError, OSError) as error:
                         result = {"error": f"server: {error}"}
+                    if spec["name"] in BACKPLANE:
+                        backplane_figures(result, kind)
                     result["round"] = rnd
                     results[spec["name"]][kind].append(result)
                     brief = {
@@ -761,7 +978,7 @@ def main() -> int:
                         if k in PER_SCENARIO[spec["name"]] or k in ("error", "stderr")
                     }
                     print(
-                        f"round {rnd} {spec['name']:<17} {kind:<6} "
+                        f"round {rnd} {spec['name']:<19} {kind:<6} "
                         f"{time.monotonic() - t:5.1f}s {json.dumps(brief)}",
                         flush=True,
                     )
@@ -774,8 +991,9 @@ def main() -> int:
             prof = profile(args, spec, outdir, workdir) if spec else None
 
     med = medians(results)
-    summary = table(med, servers) if specs else ""
-    checks = targets(med) if specs and set(servers) >= {"pubsub", "redis"} else []
+    main_specs = [s for s in specs if s["name"] not in BACKPLANE]
+    summary = table(med, servers) if main_specs else ""
+    checks = targets(med) if main_specs and set(servers) >= {"pubsub", "redis"} else []
     machine_line = (
         f"Machine: {info['nproc']} CPUs ({info['cpu_model']}), {info['memory_gib']} GiB, "
         f"Linux {info['kernel']}; Python {info['python']} (Twisted {info['twisted']}, "
@@ -788,8 +1006,18 @@ def main() -> int:
     if Path(args.twistd) != ROOT / ".venv" / "bin" / "twistd":
         run_line += f"; pubsub from {args.twistd}"
     report = [machine_line, run_line]
-    if specs:
+    if main_specs:
         report += ["", "Medians over the rounds (latency in ms, memory in KB):", "", summary]
+    if len(main_specs) < len(specs):
+        report += [
+            "",
+            (
+                "Backplane (medians; publisher on node A, subscribers on node B, one Redis "
+                "between them; CPU from each process's schedstat):"
+            ),
+            "",
+            backplane_table(med, results),
+        ]
     anomalies = Counter()
     for by_server in results.values():
         for runs in by_server.values():

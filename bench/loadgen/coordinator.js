@@ -16,12 +16,19 @@
 //              than `window` deliveries' worth and no output buffer limit is
 //              reached because the load generator lagged).
 //   rate       `rate` publishes per second on a fixed schedule.
+//
+// Optional, for servers of more than one process (the backplane scenario):
+//   publishPort  where the publisher connects [default: `port`, the subscribers']
+//   otherPids    {name: pid}: processes whose CPU time is read around the
+//                window, in ns from schedstat, reported as `cpu_ns_<name>`
+//   settleMs     a pause after the subscribers are set up, before publishing;
+//                the otherPids' CPU over it is reported as `idle_ns_<name>`
 
 const { fork } = require('child_process');
 const path = require('path');
 const { connClass } = require('./conn');
 const { nowUs, makePayload, Histogram, MIN_LENGTH } = require('./payload');
-const { cpuTicks, rssKb, listenDrops } = require('./proc');
+const { cpuTicks, cpuNs, rssKb, listenDrops } = require('./proc');
 
 const cfg = JSON.parse(process.argv[2]);
 const Conn = connClass(cfg.server);
@@ -206,7 +213,7 @@ class Publisher {
       },
       onClose: () => this.errors.push('publisher connection closed'),
     };
-    this.conn = await new Conn(cfg.port, handler, L).connect();
+    this.conn = await new Conn(cfg.publishPort || cfg.port, handler, L).connect();
   }
 
   // The next PUBLISH frame, stamped `ts`.
@@ -328,6 +335,15 @@ async function publishingRun(workers) {
   const setup = await openSubscribers(workers, p.subs);
   if (setup.failed) throw new Error(`${setup.failed} subscribers could not connect and subscribe`);
   for (const child of workers.procs) child.send({ type: 'progress-every', ms: cfg.progressMs });
+  const others = Object.entries(cfg.otherPids || {});
+  const idle = {};
+  if (cfg.settleMs) {
+    const before = others.map(([, pid]) => cpuNs(pid));
+    const s0 = nowUs();
+    await sleep(cfg.settleMs);
+    const s = (nowUs() - s0) / 1e6;
+    others.forEach(([name, pid], i) => (idle[`idle_ns_per_s_${name}`] = (cpuNs(pid) - before[i]) / s));
+  }
   const pub = new Publisher(p.channels, p.perPublish);
   await pub.connect();
 
@@ -347,12 +363,14 @@ async function publishingRun(workers) {
   const pids = [process.pid, ...workers.pids()];
   log('measure start');
   const server0 = cpuTicks(cfg.serverPid);
+  const others0 = others.map(([, pid]) => cpuNs(pid));
   const lg0 = cpuSnapshot(pids);
   const t0 = nowUs();
   const published = await phase();
   const drained = await drain(pub, workers, cfg.drainTimeoutS);
   const t1 = nowUs();
   const server1 = cpuTicks(cfg.serverPid);
+  const others1 = others.map(([, pid]) => cpuNs(pid));
   const lg1 = cpuSnapshot(pids);
   const rss = rssKb(cfg.serverPid);
 
@@ -401,6 +419,8 @@ async function publishingRun(workers) {
     server_us_per_publish: published ? serverUs / published : null,
     server_rss_kb: rss,
     ...loadgenCpu(lg0, lg1, wall),
+    ...Object.fromEntries(others.map(([name], i) => [`cpu_ns_${name}`, others1[i] - others0[i]])),
+    ...idle,
   };
 }
 
