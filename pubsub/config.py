@@ -15,10 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 __all__ = [
+    "BackplaneTLS",
     "ConfigError",
     "Settings",
+    "backplane_tls",
     "endpoint_description",
     "listen_description",
     "load_settings",
@@ -122,7 +125,20 @@ class Settings:
     )
     log_format: str = _setting("text", "twistd's log: text (human-readable) or json (JSON lines)")
     backplane: str = _setting(
-        "", "Redis URL joining several nodes into one broker (redis://host:port/); empty: one node"
+        "",
+        "Redis URL joining several nodes into one broker (redis://host:port/, "
+        "rediss:// for TLS); empty: one node",
+    )
+    backplane_tls_ca: str = _setting(
+        "",
+        "PEM file of the CA certificates that sign the backplane Redis's certificate "
+        "(rediss://); empty: the system's trust store",
+    )
+    backplane_tls_cert: str = _setting(
+        "", "PEM client certificate to show the backplane Redis (tls-auth-clients); empty: none"
+    )
+    backplane_tls_key: str = _setting(
+        "", "PEM private key of backplane_tls_cert; set both or neither"
     )
     backplane_prefix: str = _setting(
         "pubsub:", "Prefix of this deployment's channel names in the backplane's Redis"
@@ -150,6 +166,7 @@ class Settings:
         if not str(self.port).strip():
             raise ConfigError("setting port must not be empty")
         self._check_backplane_health()
+        self._check_backplane_tls()
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(
                 f"setting log_format must be one of {', '.join(LOG_FORMATS)}, "
@@ -176,6 +193,103 @@ class Settings:
                 f"backplane_timeout ({timeout}): a link is down when a PING sent every "
                 "interval is not answered within the timeout; e.g. 1 and 3"
             )
+
+    def _check_backplane_tls(self) -> None:
+        """What can be told without reading the files; :func:`backplane_tls` reads them."""
+        cert, key = self.backplane_tls_cert.strip(), self.backplane_tls_key.strip()
+        if cert and not key:
+            raise ConfigError(
+                "setting backplane_tls_cert needs backplane_tls_key: the client "
+                "certificate's private key (set both or neither)"
+            )
+        if key and not cert:
+            raise ConfigError(
+                "setting backplane_tls_key needs backplane_tls_cert: the client "
+                "certificate the key belongs to (set both or neither)"
+            )
+        url = self.backplane.strip()
+        used = [
+            name
+            for name in ("backplane_tls_ca", "backplane_tls_cert", "backplane_tls_key")
+            if getattr(self, name).strip()
+        ]
+        # Without a backplane they are unused, as the other backplane_* settings.
+        if used and url and urlsplit(url).scheme == "redis":
+            raise ConfigError(
+                f"setting {used[0]} is for TLS, but backplane is a redis:// URL "
+                "(plain TCP): use rediss:// for TLS"
+            )
+
+
+@dataclass(frozen=True)
+class BackplaneTLS:
+    """What the backplane's TLS needs, read from the files the settings name."""
+
+    #: The CAs that sign Redis's certificate (an IOpenSSLTrustRoot); None:
+    #: the system's trust store.
+    trust_root: Any = None
+    #: The client certificate with its key (a PrivateCertificate); None: none.
+    client_certificate: Any = None
+
+
+def _read(name: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise ConfigError(f"setting {name}: cannot read {path}: {error.strerror}") from None
+
+
+#: A PEM certificate block; a CA file may hold several (a bundle).
+_PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+
+
+def backplane_tls(settings: Settings) -> BackplaneTLS:
+    """Read and check the backplane's TLS files, at start-up: a ConfigError
+    names the setting and the file when one is missing or does not load, rather
+    than every TLS handshake failing later."""
+    # Imported here: the settings themselves need neither Twisted nor OpenSSL.
+    from OpenSSL.crypto import Error as CryptoError
+    from twisted.internet.error import VerifyError
+    from twisted.internet.ssl import Certificate, PrivateCertificate, trustRootFromCertificates
+
+    trust_root = None
+    ca = settings.backplane_tls_ca.strip()
+    if ca:
+        data = _read("backplane_tls_ca", ca)
+        blocks = [_PEM_CERTIFICATE + block for block in data.split(_PEM_CERTIFICATE)[1:]]
+        try:
+            certificates = [Certificate.loadPEM(block) for block in blocks]
+        except CryptoError:
+            certificates = []
+        if not certificates:
+            raise ConfigError(
+                f"setting backplane_tls_ca: {ca} holds no PEM certificate "
+                "(BEGIN CERTIFICATE) that loads"
+            )
+        trust_root = trustRootFromCertificates(certificates)
+    client_certificate = None
+    cert, key = settings.backplane_tls_cert.strip(), settings.backplane_tls_key.strip()
+    if cert and key:
+        cert_data = _read("backplane_tls_cert", cert)
+        key_data = _read("backplane_tls_key", key)
+        try:
+            Certificate.loadPEM(cert_data)
+        except CryptoError:
+            raise ConfigError(
+                f"setting backplane_tls_cert: {cert} holds no PEM certificate "
+                "(BEGIN CERTIFICATE) that loads"
+            ) from None
+        try:
+            client_certificate = PrivateCertificate.loadPEM(cert_data + b"\n" + key_data)
+        except CryptoError:
+            raise ConfigError(
+                f"setting backplane_tls_key: {key} holds no unencrypted PEM private key that loads"
+            ) from None
+        except VerifyError:
+            raise ConfigError(
+                f"setting backplane_tls_key: {key} is not the key of the certificate in {cert}"
+            ) from None
+    return BackplaneTLS(trust_root, client_certificate)
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:

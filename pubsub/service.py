@@ -28,6 +28,7 @@ from pubsub.backplane import RedisBackplane
 from pubsub.config import (
     ConfigError,
     Settings,
+    backplane_tls,
     endpoint_description,
     listen_description,
     load_settings,
@@ -200,6 +201,8 @@ def make_service(
 
 
 def _backplane(engine: Engine, settings: Settings, reactor: Any) -> RedisBackplane:
+    # The TLS files are read once, here, so a bad one stops the start-up.
+    tls = backplane_tls(settings)
     try:
         return RedisBackplane(
             engine,
@@ -210,6 +213,8 @@ def _backplane(engine: Engine, settings: Settings, reactor: Any) -> RedisBackpla
             buffer_limit=settings.backplane_buffer,
             ping_interval=settings.backplane_ping_interval,
             timeout=settings.backplane_timeout,
+            trust_root=tls.trust_root,
+            client_certificate=tls.client_certificate,
         )
     except ValueError as error:
         raise ConfigError(f"setting backplane: {error}") from None

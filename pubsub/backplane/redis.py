@@ -34,6 +34,14 @@ What a node does, in Redis's own terms:
   "down" until it reconnects) when a PING or a publish has waited more than
   ``timeout`` seconds for its reply.  TCP keepalive is on as a second line.
 
+A ``rediss://`` URL puts both connections in TLS (Redis's ``tls-port``),
+with the host name checked against Redis's certificate, and optionally a
+client certificate for ``tls-auth-clients``.  A TLS failure shows only after
+TCP has connected, and a TLS 1.3 server refuses a client certificate only
+after the client thinks the handshake is done, so a connection that is lost
+before Redis answered anything counts as a failed attempt for the backoff,
+and a TLS failure is logged once per streak, with OpenSSL's reason.
+
 Redis channel names carry ``prefix`` so several deployments can share one
 Redis; in patterns the prefix is escaped, so its own ``*?[]\\`` are literal.
 
@@ -55,13 +63,17 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import hiredis
+from OpenSSL.SSL import Error as SSLError
+from service_identity import VerificationError
 from twisted.application.internet import ClientService
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import optionsForClientTLS, platformTrust
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from pubsub.engine import Engine
 
@@ -98,29 +110,36 @@ _CLOCK_SLACK = 1e-3
 
 @dataclass(frozen=True)
 class RedisTarget:
-    """Where the backplane's Redis is, from ``redis://[user[:password]@]host[:port][/db]``."""
+    """Where the backplane's Redis is, from ``redis[s]://[user[:password]@]host[:port][/db]``.
+
+    ``tls`` is true for ``rediss://``: the connections speak TLS.
+    """
 
     host: str
     port: int
     username: str | None = None
     password: str | None = None
+    tls: bool = False
 
     @property
     def display(self) -> str:
         """The URL without the password: what logs, errors and /healthz show."""
         user = f"{self.username}@" if self.username else ""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"redis://{user}{host}:{self.port}/"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{user}{host}:{self.port}/"
 
 
 def parse_url(url: str) -> RedisTarget:
-    """The target of a ``redis://`` URL; ValueError says what is wrong with it.
+    """The target of a ``redis://`` or ``rediss://`` (TLS) URL; ValueError says
+    what is wrong with it.  The port is 6379 unless the URL gives one, for TLS too
+    (Redis has no standard TLS port).
 
     The database number is accepted and ignored: Pub/Sub is not per database.
     """
     parts = urlsplit(url.strip())
-    if parts.scheme != "redis":
-        raise ValueError(f"backplane URL must start with redis://, got {url!r}")
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"backplane URL must start with redis://, got {url!r} (rediss:// for TLS)")
     try:
         port = parts.port or 6379
     except ValueError:
@@ -129,7 +148,7 @@ def parse_url(url: str) -> RedisTarget:
         raise ValueError(f"backplane URL has no host: {url!r}")
     username = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password is not None else None
-    return RedisTarget(parts.hostname, port, username, password)
+    return RedisTarget(parts.hostname, port, username, password, parts.scheme == "rediss")
 
 
 def backoff(
@@ -191,6 +210,9 @@ class _Connection(Protocol):
         self.backlog: int | None = None
         self.requests = 0
         self.replies = 0
+        #: Whether Redis sent anything at all: a connection lost before that
+        #: (TLS refused, Redis closing at once) is a failed attempt.
+        self.answered = False
         self._markers: deque[tuple[float, int]] = deque()
         self._ticker: LoopingCall | None = None
 
@@ -219,9 +241,8 @@ class _Connection(Protocol):
         if set_keepalive is None:
             return  # not TCP (a test's transport, a UNIX socket)
         set_keepalive(True)
-        get_handle = getattr(self.transport, "getHandle", None)
-        handle = get_handle() if get_handle is not None else None
-        if not hasattr(handle, "setsockopt"):
+        handle = _socket_of(self.transport)
+        if handle is None:
             return
         for name, value in KEEPALIVE:
             if hasattr(socket, name):
@@ -265,6 +286,7 @@ class _Connection(Protocol):
         self.send(b"PING")
 
     def dataReceived(self, data: bytes) -> None:
+        self.answered = True  # past TCP and TLS: Redis itself has spoken
         reader = self._reader
         reader.feed(data)
         try:
@@ -272,10 +294,21 @@ class _Connection(Protocol):
                 self.bridge.reply_received(self, reply)
         except hiredis.ProtocolError as error:
             _log.error("backplane: bad reply from Redis: {error}", error=error)
-            self.transport.loseConnection()
+            self.close()
+
+    def close(self) -> None:
+        """Close the connection cleanly.  The publisher first stops being the
+        transport's producer: a TLS transport sends its close_notify only once
+        no producer is registered, and until then the connection stays open."""
+        if self.role == "publisher":
+            self.transport.unregisterProducer()
+        self.transport.loseConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
         self._stop_ticking()
+        failure = _tls_failure(reason)
+        if failure is not None:
+            self.bridge.tls_failed(self, failure)
         self.bridge.connection_lost(self)
 
     def send(self, *args: bytes) -> None:
@@ -296,6 +329,42 @@ class _Connection(Protocol):
         self.backlog = None
 
 
+def _socket_of(transport: Any) -> Any:
+    """The socket under ``transport``, or None (a test's transport).
+
+    A TLS transport's handle is its OpenSSL connection, with no socket of its
+    own (memory BIO): the socket is the wrapped TCP transport's."""
+    while transport is not None:
+        get_handle = getattr(transport, "getHandle", None)
+        handle = get_handle() if get_handle is not None else None
+        if isinstance(handle, socket.socket):
+            return handle
+        transport = getattr(transport, "transport", None)
+    return None
+
+
+def _tls_failure(reason: Any) -> str | None:
+    """Why TLS failed, in OpenSSL's words, when ``reason`` is a TLS failure.
+
+    ``certificate verify failed``: we do not trust Redis's certificate;
+    ``tlsv13 alert certificate required`` or ``... unknown ca``: Redis does
+    not accept ours (or none); a host name mismatch comes from
+    service_identity, through Twisted's hostname check.
+    """
+    if not isinstance(reason, Failure):
+        return None
+    error = reason.value
+    if isinstance(error, SSLError):
+        details = error.args[0] if error.args else None
+        if isinstance(details, list) and details:
+            return "; ".join(str(item[-1]) for item in details if item)
+        return str(error) or type(error).__name__
+    if isinstance(error, VerificationError):
+        mismatches = ", ".join(str(e) for e in getattr(error, "errors", ()))
+        return f"Redis's certificate is not for this host ({mismatches or error})"
+    return None
+
+
 class _ConnectionFactory(Factory):
     noisy = False
 
@@ -310,7 +379,11 @@ class _ConnectionFactory(Factory):
 class RedisBackplane(Service):
     """This node's side of the backplane; the engine's :class:`~pubsub.engine.Relay`.
 
-    ``endpoint`` is where to connect (default: the URL's host and port).
+    ``endpoint`` is where to connect (default: the URL's host and port, in TLS
+    for ``rediss://``: see :meth:`build_endpoint`).  For ``rediss://``,
+    ``trust_root`` is what signs Redis's certificate (an IOpenSSLTrustRoot;
+    None: the system's trust store) and ``client_certificate`` a
+    PrivateCertificate to show Redis (None: none).
     ``buffer_limit`` bounds the publishes queued past the transport's own
     buffer when Redis reads slower than this node publishes; past it a
     publish is refused as "behind".
@@ -335,11 +408,24 @@ class RedisBackplane(Service):
         buffer_limit: int = 8 * 1024 * 1024,
         ping_interval: float = 1.0,
         timeout: float = 3.0,
+        trust_root: Any = None,
+        client_certificate: Any = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
         self.engine = engine
         self.target = parse_url(url)
+        if not self.target.tls and (trust_root is not None or client_certificate is not None):
+            raise ValueError("TLS settings need a rediss:// URL (TLS), not redis://")
+        #: The TLS client options (host name checked) for rediss://, else None.
+        self.tls: Any = None
+        if self.target.tls:
+            self.tls = optionsForClientTLS(
+                self.target.host,
+                trustRoot=trust_root if trust_root is not None else platformTrust(),
+                clientCertificate=client_certificate,
+            )
+        self._tls_failure: str | None = None  # the one logged in this failure streak
         self.url = self.target.display
         self.prefix = prefix
         self._pattern_prefix = escape_glob(prefix)
@@ -373,6 +459,8 @@ class RedisBackplane(Service):
         self.failed = 0
         self.reconnects = 0
         self.timeouts = 0
+        #: Connections in a row, per role, lost before Redis said anything.
+        self._unanswered = {"subscriber": 0, "publisher": 0}
         self._services: list[ClientService] = []
         engine.relay = self
 
@@ -385,19 +473,38 @@ class RedisBackplane(Service):
         if endpoint is None:
             from twisted.internet import reactor
 
-            endpoint = HostnameEndpoint(reactor, self.target.host, self.target.port, timeout=5)
+            endpoint = self.build_endpoint(reactor)
         for role in ("subscriber", "publisher"):
             service = ClientService(
                 endpoint,
                 _ConnectionFactory(self, role),
-                retryPolicy=backoff(self.max_delay),
+                retryPolicy=self._retry_policy(role),
                 clock=self.clock,
             )
             service.startService()
             self._services.append(service)
 
+    def build_endpoint(self, reactor: Any) -> Any:
+        """TCP to the URL's host and port; for ``rediss://``, TLS over it."""
+        endpoint = HostnameEndpoint(reactor, self.target.host, self.target.port, timeout=5)
+        if self.tls is not None:
+            endpoint = wrapClientTLS(self.tls, endpoint)
+        return endpoint
+
+    def _retry_policy(self, role: str) -> Callable[[int], float]:
+        """The backoff, counting connections lost before Redis answered as
+        failed attempts: ClientService counts only failed connects, and
+        starts again at the first step after each TCP connection, so a Redis
+        that refuses our TLS would otherwise be retried every 0.1 s."""
+        policy = backoff(self.max_delay)
+        return lambda failed_attempts: policy(max(failed_attempts, self._unanswered[role]))
+
     def stopService(self) -> defer.Deferred:
         super().stopService()
+        if self._publisher is not None:
+            # ClientService closes it with loseConnection, which under TLS
+            # waits for the producer to go (see _Connection.close).
+            self._publisher.transport.unregisterProducer()
         services, self._services = self._services, []
         return defer.DeferredList([service.stopService() for service in services])
 
@@ -413,7 +520,25 @@ class RedisBackplane(Service):
         self._update_state()
 
     def connection_lost(self, connection: _Connection) -> None:
+        if connection.answered:
+            self._unanswered[connection.role] = 0
+        else:
+            self._unanswered[connection.role] += 1
         self._forget(connection)
+
+    def tls_failed(self, connection: _Connection, reason: str) -> None:
+        """TLS with Redis failed: logged once per streak of failures (both
+        connections, every retry), and again only if the reason changes."""
+        if reason == self._tls_failure:
+            return
+        self._tls_failure = reason
+        _log.error(
+            "backplane: TLS with {url} failed ({role}): {reason}; retrying "
+            "(not logged again until connected or the reason changes)",
+            url=self.url,
+            role=connection.role,
+            reason=reason,
+        )
 
     def _forget(self, connection: _Connection, quiet: bool = False) -> None:
         if connection is self._publisher:
@@ -459,6 +584,7 @@ class RedisBackplane(Service):
         self.state = state
         self.since = self.clock.seconds()
         if state == "connected":
+            self._tls_failure = None  # a new streak logs again
             _log.info("backplane: connected to {url}", url=self.url)
         elif self.running and not quiet:  # a timeout has said why, in one line
             _log.warn("backplane: lost {url}; reconnecting", url=self.url)

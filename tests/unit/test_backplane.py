@@ -22,6 +22,7 @@ from pubsub.backplane.redis import (
     RESUBSCRIBE_BATCH,
     RedisBackplane,
     _Connection,
+    _ConnectionFactory,
     backoff,
     command,
     escape_glob,
@@ -718,3 +719,146 @@ def test_metrics_count_the_links_closed_for_silence():
     assert sample.value == 2  # both connections
     [down] = [s for s in figures["pubsub_backplane_state"].samples if s.labels["state"] == "down"]
     assert down.value == 1
+
+
+# -- TLS: rediss:// ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("rediss://10.0.0.5/", ("10.0.0.5", 6379, None, None, True, "rediss://10.0.0.5:6379/")),
+        (
+            "rediss://ops:s3cret@redis.example:6380/0",
+            ("redis.example", 6380, "ops", "s3cret", True, "rediss://ops@redis.example:6380/"),
+        ),
+        (
+            "rediss://:s3cret@[::1]:6390",
+            ("::1", 6390, None, "s3cret", True, "rediss://[::1]:6390/"),
+        ),
+        ("redis://10.0.0.5/", ("10.0.0.5", 6379, None, None, False, "redis://10.0.0.5:6379/")),
+    ],
+)
+def test_a_rediss_url_is_tls_and_shows_its_scheme_without_the_password(url, expected):
+    target = parse_url(url)
+    assert (
+        target.host,
+        target.port,
+        target.username,
+        target.password,
+        target.tls,
+        target.display,
+    ) == expected
+
+
+def test_tls_settings_need_a_rediss_url():
+    from twisted.internet.ssl import platformTrust
+
+    with pytest.raises(ValueError, match="need a rediss:// URL"):
+        RedisBackplane(Engine(), "redis://127.0.0.1:6379/", trust_root=platformTrust())
+
+
+def _first_bytes(url: str) -> bytes:
+    """What the endpoint the bridge builds for ``url`` sends first on a new connection."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    reactor = MemoryReactorClock()
+    bridge = RedisBackplane(Engine(), url, clock=reactor, node_id=NODE)
+    bridge.build_endpoint(reactor).connect(_ConnectionFactory(bridge, "subscriber"))
+    reactor.advance(0)
+    [(host, port, factory, _, _)] = reactor.tcpClients
+    assert (host, port) == ("127.0.0.1", 6380)
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return transport.value()
+
+
+def test_the_endpoint_for_rediss_wraps_the_connection_in_tls():
+    # A TLS handshake record (0x16), a ClientHello (0x01) before any command.
+    hello = _first_bytes("rediss://127.0.0.1:6380/")
+    assert hello[:1] == b"\x16" and hello[5:6] == b"\x01"
+    assert b"PING" not in hello and b"SUBSCRIBE" not in hello
+    # Plain redis:// sends the commands themselves.
+    assert _first_bytes("redis://127.0.0.1:6380/") == command(b"PING")
+
+
+def _tls_error(reason: str) -> Failure:
+    from OpenSSL.SSL import Error
+
+    return Failure(Error([("SSL routines", "", reason)]))
+
+
+def test_a_tls_failure_is_logged_once_per_streak_and_retried_with_the_backoff():
+    clock, engine = Clock(), Engine()
+    endpoint = ReconnectingEndpoint(clock)
+    bridge = RedisBackplane(
+        engine,
+        "rediss://127.0.0.1:6380/",
+        clock=clock,
+        endpoint=endpoint,
+        node_id=NODE,
+        timeout=0,  # no health check: only the TLS failures close connections here
+    )
+    logged, stop = _backplane_log()
+    bridge.startService()
+    try:
+        waits = []
+        for _ in range(6):
+            # Both connections fail their handshake before Redis says a word.
+            for connection in endpoint.connections[-2:]:
+                connection.connectionLost(_tls_error("certificate verify failed"))
+            assert bridge.state == "connecting"
+            before, waited = len(endpoint.connections), 0.0
+            while len(endpoint.connections) < before + 2:
+                clock.advance(0.01)
+                waited += 0.01
+            waits.append(waited)
+        # The backoff grows as for failed connects (jitter: 0.5 to 1 of each step),
+        # rather than starting again at 0.1 s after every TCP connection.
+        for n, waited in enumerate(waits):
+            step = 0.1 * 2**n
+            assert step / 2 - 0.02 <= waited <= step + 0.02, waits
+        errors = [e for e in logged if e["log_level"].name == "error"]
+        assert len(errors) == 1  # once for the streak, both connections, every retry
+        assert errors[0]["url"] == "rediss://127.0.0.1:6380/"
+        assert errors[0]["reason"] == "certificate verify failed"
+        # A different reason is news.
+        endpoint.connections[-1].connectionLost(_tls_error("tlsv13 alert certificate required"))
+        assert [e["reason"] for e in logged if e["log_level"].name == "error"] == [
+            "certificate verify failed",
+            "tlsv13 alert certificate required",
+        ]
+        clock.advance(5.0)
+        # Once connected, a later failure starts a new streak: logged, quick retry.
+        latest = {connection.role: connection for connection in endpoint.connections}
+        subscriber, publisher = latest["subscriber"], latest["publisher"]
+        subscriber.dataReceived(PONG)
+        publisher.dataReceived(PONG)
+        assert bridge.state == "connected"
+        subscriber.connectionLost(_tls_error("tlsv13 alert certificate required"))
+        assert len([e for e in logged if e["log_level"].name == "error"]) == 3
+        before = len(endpoint.connections)
+        clock.advance(0.1)
+        assert len(endpoint.connections) == before + 1
+    finally:
+        stop()
+        bridge.stopService()
+
+
+def test_a_certificate_for_another_host_is_a_tls_failure_that_says_so():
+    from service_identity import VerificationError
+    from service_identity.hazmat import DNS_ID, DNSMismatch
+
+    node = Node()
+    logged, stop = _backplane_log()
+    try:
+        connection = node.connect("subscriber")
+        mismatch = VerificationError(errors=[DNSMismatch(mismatched_id=DNS_ID("redis.example"))])
+        connection.connectionLost(Failure(mismatch))
+        # Not TLS: the ordinary loss, no TLS line.
+        node.connect("publisher").connectionLost(Failure(ConnectionRefusedError()))
+    finally:
+        stop()
+    [error] = [e for e in logged if e["log_level"].name == "error"]
+    assert error["reason"].startswith("Redis's certificate is not for this host (DNSMismatch")

@@ -10,8 +10,10 @@ import pytest
 from twisted.python import usage
 
 from pubsub.config import (
+    BackplaneTLS,
     ConfigError,
     Settings,
+    backplane_tls,
     endpoint_description,
     listen_description,
     load_settings,
@@ -234,3 +236,148 @@ def test_the_new_limits_are_off_or_generous_by_default():
     # Pings keep proxied connections alive under nginx's 60 s read timeout.
     assert 0 < defaults.ping_interval < 60
     assert defaults.shutdown_timeout > 0
+
+
+# -- the backplane's TLS files -------------------------------------------------------------
+
+
+def _pem_pair(directory: Path, name: str) -> tuple[str, str]:
+    """A self-signed certificate and its key, as PEM files: (cert path, key path)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}-key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (
+            {"backplane_tls_cert": "c.pem"},
+            "setting backplane_tls_cert needs backplane_tls_key",
+        ),
+        ({"backplane_tls_key": "k.pem"}, "setting backplane_tls_key needs backplane_tls_cert"),
+        (
+            {"backplane": "redis://10.0.0.5:6379/", "backplane_tls_ca": "ca.pem"},
+            (
+                "setting backplane_tls_ca is for TLS, but backplane is a redis:// URL "
+                r"\(plain TCP\): use rediss:// for TLS"
+            ),
+        ),
+        (
+            {
+                "backplane": "redis://10.0.0.5/",
+                "backplane_tls_cert": "c.pem",
+                "backplane_tls_key": "k.pem",
+            },
+            "setting backplane_tls_cert is for TLS, .* use rediss://",
+        ),
+    ],
+)
+def test_the_backplane_tls_settings_must_make_sense(values, message):
+    with pytest.raises(ConfigError, match=message):
+        Settings(**values)
+
+
+def test_the_backplane_tls_settings_go_with_a_rediss_url_or_no_backplane():
+    files = {"backplane_tls_ca": "ca.pem", "backplane_tls_cert": "c.pem", "backplane_tls_key": "k"}
+    assert Settings(backplane="rediss://10.0.0.5:6380/", **files).backplane_tls_ca == "ca.pem"
+    assert Settings(**files).backplane == ""  # unused without a backplane, as backplane_prefix
+
+
+def test_the_backplane_tls_files_are_read_and_checked_at_start_up(tmp_path):
+    from twisted.internet.ssl import PrivateCertificate
+
+    ca, _ = _pem_pair(tmp_path, "ca")
+    cert, key = _pem_pair(tmp_path, "node")
+    _, other_key = _pem_pair(tmp_path, "other")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    url = "rediss://127.0.0.1:6380/"
+
+    def tls(**values: str):
+        return backplane_tls(Settings(backplane=url, **values))
+
+    assert tls() == BackplaneTLS(None, None)  # the system's trust store, no certificate
+    loaded = tls(backplane_tls_ca=ca, backplane_tls_cert=cert, backplane_tls_key=key)
+    assert loaded.trust_root is not None
+    assert isinstance(loaded.client_certificate, PrivateCertificate)
+    # A bundle of several CAs loads too.
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_text(Path(ca).read_text() + Path(cert).read_text())
+    assert tls(backplane_tls_ca=str(bundle)).trust_root is not None
+    absent = str(tmp_path / "absent.pem")
+    for values, message in [
+        ({"backplane_tls_ca": absent}, f"setting backplane_tls_ca: cannot read {absent}: "),
+        ({"backplane_tls_ca": key}, f"setting backplane_tls_ca: {key} holds no PEM certificate"),
+        ({"backplane_tls_ca": str(garbage)}, "setting backplane_tls_ca: .* holds no PEM"),
+        (
+            {"backplane_tls_cert": absent, "backplane_tls_key": key},
+            "setting backplane_tls_cert: cannot read",
+        ),
+        (
+            {"backplane_tls_cert": cert, "backplane_tls_key": absent},
+            "setting backplane_tls_key: cannot read",
+        ),
+        (
+            {"backplane_tls_cert": key, "backplane_tls_key": key},
+            f"setting backplane_tls_cert: {key} holds no PEM certificate",
+        ),
+        (
+            {"backplane_tls_cert": cert, "backplane_tls_key": cert},
+            f"setting backplane_tls_key: {cert} holds no unencrypted PEM private key",
+        ),
+        (
+            {"backplane_tls_cert": cert, "backplane_tls_key": other_key},
+            f"setting backplane_tls_key: {other_key} is not the key of the certificate in {cert}",
+        ),
+    ]:
+        with pytest.raises(ConfigError, match=message) as raised:
+            tls(**values)
+        assert "\n" not in str(raised.value)
+
+
+def test_make_service_gives_the_backplane_tls_from_the_settings(tmp_path):
+    ca, _ = _pem_pair(tmp_path, "ca")
+    cert, key = _pem_pair(tmp_path, "node")
+    service = make_service(
+        Settings(
+            backplane="rediss://node:pw@127.0.0.1:6380/",
+            backplane_tls_ca=ca,
+            backplane_tls_cert=cert,
+            backplane_tls_key=key,
+        )
+    )
+    assert service.backplane.tls is not None
+    assert service.backplane.url == "rediss://node@127.0.0.1:6380/"
+    assert make_service(Settings(backplane="redis://127.0.0.1:6379/")).backplane.tls is None
+    with pytest.raises(ConfigError, match="setting backplane_tls_ca: cannot read"):
+        make_service(
+            Settings(backplane="rediss://127.0.0.1:6380/", backplane_tls_ca=str(tmp_path / "x"))
+        )
