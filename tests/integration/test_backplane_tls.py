@@ -6,6 +6,8 @@ nodes, both signed by the CA, and a second CA that signs nothing Redis knows.
 Redis listens on a TLS port only, with ``tls-auth-clients yes``: a node must
 show a certificate the CA signed, and must trust the CA that signed Redis's.
 
+An ACL user in the URL is tested over TLS and, here too, over plain TCP.
+
 The nodes are real ``twistd pubsub`` processes (the installed package).  The
 tests that expect a failure wait for the node's log line, then check that
 the node stays down, answers PUBLISH with the BACKPLANE error, keeps
@@ -297,31 +299,44 @@ def test_two_nodes_over_tls_with_client_certificates_act_as_one_broker(
         assert not re.search(TLS_FAILED, node.output)
 
 
+@pytest.mark.parametrize("scheme", ["rediss", "redis"])
 @pytest_twisted.inlineCallbacks
-def test_an_acl_user_in_a_rediss_url_works_and_its_password_is_never_shown(
-    tls_redis, pki, nodes, resp_connect, connect
+def test_an_acl_user_in_the_url_works_and_its_password_is_never_shown(
+    scheme, tmp_path, pki, nodes, resp_connect, connect
 ):
+    tls = scheme == "rediss"
+    server = RedisServer(str(tmp_path), tls=pki.redis_tls() if tls else None)
+    server.start()
+    try:
+        yield _acl_user_works(scheme, server, pki, nodes, resp_connect, connect)
+    finally:
+        server.stop()
+
+
+@defer.inlineCallbacks
+def _acl_user_works(scheme, server, pki, nodes, resp_connect, connect):
     # What a node needs, and no more (the rule docs/operations.md gives).
     rule = ["on", ">n0de-s3cret", "resetchannels", "&*", "-@all", "+@pubsub", "+ping", "+auth"]
-    assert tls_redis.call("ACL", "SETUSER", "node", *rule) == b"OK"
-    url = f"rediss://node:n0de-s3cret@127.0.0.1:{tls_redis.port}/"
-    shown = f"rediss://node@127.0.0.1:{tls_redis.port}/"
-    a = yield nodes(url, *pki.node_options())
-    b = yield nodes(url, *pki.node_options())
+    assert server.call("ACL", "SETUSER", "node", *rule) == b"OK"
+    url = f"{scheme}://node:n0de-s3cret@127.0.0.1:{server.port}/"
+    shown = f"{scheme}://node@127.0.0.1:{server.port}/"
+    options = pki.node_options() if scheme == "rediss" else []
+    a = yield nodes(url, *options)
+    b = yield nodes(url, *options)
     for _, ws, _ in (a, b):
         yield wait_for(lambda ws=ws: backplane_state(ws), "connected", "backplane state")
         assert (yield health(ws))["backplane"]["url"] == shown
     # Both connections of both nodes are the ACL user's, as Redis sees them.
-    clients = tls_redis.call("CLIENT", "LIST").decode()
+    clients = server.call("CLIENT", "LIST").decode()
     assert re.findall(r"\buser=(\S+)", clients).count("node") == 4, clients
-    yield cross_node_delivery(tls_redis, a, b, resp_connect, connect)
+    yield cross_node_delivery(server, a, b, resp_connect, connect)
     # Shard channels too: SSUBSCRIBE and SPUBLISH are in +@pubsub.
     (_, _, resp_a), (_, _, resp_b) = a, b
     subscriber = yield resp_connect(resp_a)
     publisher = yield resp_connect(resp_b)
     yield subscriber.call("SSUBSCRIBE", "shard")
     yield wait_for(
-        lambda: defer.succeed(tls_redis.call("PUBSUB", "SHARDNUMSUB", PREFIX + b"shard")),
+        lambda: defer.succeed(server.call("PUBSUB", "SHARDNUMSUB", PREFIX + b"shard")),
         [PREFIX + b"shard", 1],
         "SHARDNUMSUB shard",
     )
