@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pubsub.internals import idle_socket
+from pubsub.internals import send_now
 
 __all__ = ["Flusher", "Outbox", "OutboxProducer", "OutputLimits"]
 
@@ -48,30 +48,6 @@ class OutputLimits:
             settings.output_buffer_soft,
             settings.output_buffer_soft_seconds,
         )
-
-
-def _write(transport: Any, frames: list[bytes]) -> None:
-    """``transport.writeSequence(frames)``, sending at once when it can.
-
-    Twisted's TCP transport buffers every write, registers for writability
-    (an ``epoll_ctl``) and sends on the next poll, two system calls and a
-    wake-up per connection. When its buffer is empty, as it is for a reader
-    that keeps up, the bytes go straight to the socket as Redis sends them;
-    whatever the socket does not take is handed to the transport as usual, so
-    flow control and error handling stay Twisted's. Transports without that
-    buffer (TLS, tests) just get ``writeSequence``.
-    """
-    sock = idle_socket(transport)
-    if sock is None:
-        transport.writeSequence(frames)
-        return
-    data = frames[0] if len(frames) == 1 else b"".join(frames)
-    try:
-        sent = sock.send(data)
-    except OSError:  # EAGAIN, or a broken connection Twisted will notice and report
-        sent = 0
-    if sent < len(data):
-        transport.write(data[sent:])
 
 
 class Flusher:
@@ -178,7 +154,7 @@ class Outbox:
         self._flusher.bytes_out += self.size
         self.size = 0
         self._cancel_soft_timer()
-        _write(self._transport, frames)
+        send_now(self._transport, frames)
 
     def pause(self) -> None:
         self.paused = True

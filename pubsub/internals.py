@@ -40,7 +40,7 @@ Twisted:
 - ``twisted.internet.tcp.Connection``'s ``socket``, ``_tempDataBuffer``,
   ``dataBuffer``, ``offset`` and ``_writeDisconnected``: whether the
   transport holds unsent bytes, for writing straight to the socket:
-  :func:`idle_socket`.
+  :func:`send_now`.
 - the ``protocol`` of a TCP transport, and the ``wrappedProtocol`` of the
   ``ProtocolWrapper`` that TLS puts around it: no public API hands a
   connection to another protocol, so the front swaps them, as Autobahn's
@@ -82,13 +82,13 @@ __all__ = [
     "fast_paths",
     "forget_exit_signal",
     "hand_over",
-    "idle_socket",
     "open_as_autobahn",
     "open_tls",
     "origin_allowed",
     "protocol_of",
     "reader_busy",
     "schedule_ping",
+    "send_now",
     "use_batched_timer",
 ]
 
@@ -137,14 +137,15 @@ OPENED: dict[str, Any] = {
 LAZY = ("utf8validator", "trafficStats", "_transport_details")
 
 
-def open_as_autobahn(protocol: Any, key: str, **handshake: Any) -> None:
+def open_as_autobahn(protocol: Any, key: str, handshake: dict[str, Any]) -> None:
     """Leave ``protocol`` as Autobahn's handshake leaves a connection it opened
     with Sec-WebSocket-Key ``key``; ``handshake`` holds the request's figures
     (``http_*``, ``websocket_*``) and the per-connection objects."""
     state = protocol.__dict__
     state.pop("_transport_details", None)  # Autobahn's placeholder: built on first use
     state.update(OPENED)
-    state.update(handshake, _wskey=key)
+    state.update(handshake)
+    state["_wskey"] = key
 
 
 def open_tls(protocol: Any) -> None:
@@ -160,9 +161,10 @@ def schedule_ping(protocol: Any, factory: Any) -> None:
 
 
 def data_frame_read(protocol: Any) -> None:
-    """What Autobahn does for every data frame it reads: a client that is
-    sending is alive, whatever became of a pong."""
-    if protocol.autoPingTimeoutCall and protocol.autoPingRestartOnAnyTraffic:
+    """What Autobahn does for every data frame it reads, while a pong is
+    awaited (``autoPingTimeoutCall`` is set): a client that is sending is
+    alive, whatever became of the pong."""
+    if protocol.autoPingRestartOnAnyTraffic:
         protocol._cancelAutoPingTimeoutCall()
 
 
@@ -177,8 +179,14 @@ def compression(protocol: Any) -> Any:
 
 
 def reader_busy(protocol: Any) -> bool:
-    """Whether Autobahn's frame reader holds part of a frame or a message."""
-    return bool(protocol.data or protocol.current_frame is not None or protocol.inside_message)
+    """Whether Autobahn's frame reader holds part of a frame or a message, or
+    inflates them (permessage-deflate): then every byte is Autobahn's."""
+    return bool(
+        protocol.data
+        or protocol.current_frame is not None
+        or protocol.inside_message
+        or protocol._perMessageCompress is not None
+    )
 
 
 def origin_allowed(origin: str, factory: Any, patterns: Any) -> bool:
@@ -232,20 +240,26 @@ _DIRECT_SEND = all(
 )
 
 
-def idle_socket(transport: Any) -> socket.socket | None:
-    """The socket of a TCP transport that holds no unsent bytes, to write to
-    directly; None for any other transport (TLS, tests, one still sending).
+def send_now(transport: Any, frames: list[bytes]) -> None:
+    """``transport.writeSequence(frames)``, sending at once when it can.
+
+    Twisted's TCP transport buffers every write, registers for writability
+    (an ``epoll_ctl``) and sends on the next poll, two system calls and a
+    wake-up per connection. When its buffer is empty, as it is for a reader
+    that keeps up, the bytes go straight to the socket as Redis sends them;
+    whatever the socket does not take is handed to the transport as usual, so
+    flow control and error handling stay Twisted's. Any other transport (TLS,
+    tests, one still sending) just gets ``writeSequence``.
 
     Only the transport's own attributes are read: a wrapper such as TLS passes
     attribute lookups through to the TCP transport under it, whose socket
     must never see unencrypted bytes.
     """
-    if not _DIRECT_SEND:
-        return None
     own = vars(transport)
     sock: socket.socket | None = own.get("socket")
     if (
         sock is None
+        or not _DIRECT_SEND
         or own.get("_tempDataBuffer", True)
         # A connection that never had to buffer still has Twisted's class
         # defaults (b"" and 0) for these two.
@@ -254,8 +268,15 @@ def idle_socket(transport: Any) -> socket.socket | None:
         or transport.disconnecting
         or getattr(transport, "_writeDisconnected", False)
     ):
-        return None
-    return sock
+        transport.writeSequence(frames)
+        return
+    data = frames[0] if len(frames) == 1 else b"".join(frames)
+    try:
+        sent = sock.send(data)
+    except OSError:  # EAGAIN, or a broken connection Twisted will notice and report
+        sent = 0
+    if sent < len(data):
+        transport.write(data[sent:])
 
 
 def protocol_of(transport: Any) -> Any:

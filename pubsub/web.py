@@ -405,7 +405,8 @@ class _Front(Protocol):
 
     def __init__(self, front: FrontFactory, counted_as: str | None = None) -> None:
         self._front = front
-        self._head = bytearray()  # the head so far, when it took more than one read
+        # The head so far, when it took more than one read (a bytearray then).
+        self._head: bytes | bytearray = b""
         # With max_connections_per_ip, the address this connection counts
         # against; the front then stays between the transport and the
         # protocol it chose (``_inner``), to see the connection end.
@@ -441,16 +442,17 @@ class _Front(Protocol):
             self._inner.dataReceived(data)
             return
         searched = len(self._head)
+        received: bytes | bytearray
         if searched:
             self._head += data
-            received: bytes | bytearray = self._head
+            received = self._head
         else:
             received = data  # the whole head in one read, as nearly always
         # A head trickled in is searched once, not again from its start.
         end = received.find(b"\r\n\r\n", max(searched - 3, 0))
         if end < 0 and len(received) <= _HEAD_MAX:
             if not searched:
-                self._head += data
+                self._head = bytearray(data)
             return
         self._head_read()
         received = bytes(received)

@@ -57,7 +57,6 @@ from pubsub.commands import Error, Limits, Session, error_kind, execute
 from pubsub.config import Settings
 from pubsub.engine import Engine
 from pubsub.flow import Flusher, OutboxProducer, OutputLimits
-from pubsub.flow import _write as _send_now
 from pubsub.handshake import Upgrade, accept_response
 from pubsub.policy import BatchedTimer, IdleTimer, OriginPolicy, PeerCounter, PublishLimit
 
@@ -377,24 +376,26 @@ class _LeanReader(WebSocketServerProtocol):
         internals.open_as_autobahn(
             self,
             upgrade.key,
-            http_request_data=head,
-            http_status_line=upgrade.line,
-            http_headers=upgrade.headers,
-            http_request_uri=upgrade.target,
-            http_request_path=upgrade.path,
-            http_request_params=upgrade.params,
-            http_request_host=upgrade.host,
-            websocket_origin=upgrade.origin,
-            websocket_protocols=upgrade.protocols,
-            websocket_extensions=upgrade.extensions,
-            websocket_protocol_in_use=chosen,
-            websocket_extensions_in_use=[],
-            http_response_data=response.decode("utf-8"),
-            send_queue=deque(),
+            {
+                "http_request_data": head,
+                "http_status_line": upgrade.line,
+                "http_headers": upgrade.headers,
+                "http_request_uri": upgrade.target,
+                "http_request_path": upgrade.path,
+                "http_request_params": upgrade.params,
+                "http_request_host": upgrade.host,
+                "websocket_origin": upgrade.origin,
+                "websocket_protocols": upgrade.protocols,
+                "websocket_extensions": upgrade.extensions,
+                "websocket_protocol_in_use": chosen,
+                "websocket_extensions_in_use": [],
+                "http_response_data": response.decode("utf-8"),
+                "send_queue": deque(),
+            },
         )
         factory.countConnections += 1
         factory.lean_opens += 1
-        _send_now(transport, [response])
+        internals.send_now(transport, [response])
         if self.autoPingInterval:
             internals.schedule_ping(self, factory)
         if ISSLTransport.providedBy(transport):
@@ -426,9 +427,8 @@ class _LeanReader(WebSocketServerProtocol):
             data = b"".join((*held, data))
         if (
             self.state != WebSocketProtocol.STATE_OPEN
-            or internals.reader_busy(self)
-            or internals.compression(self) is not None
             or not internals.fast_paths
+            or internals.reader_busy(self)
         ):
             self._to_autobahn(held, data)
             return
@@ -518,7 +518,8 @@ class _LeanReader(WebSocketServerProtocol):
         if not self._lean_read:
             self._lean_read = True
             self.factory.lean_reads += 1
-        internals.data_frame_read(self)
+        if self.autoPingTimeoutCall:
+            internals.data_frame_read(self)
         self._on_text(text)
 
     def _on_text(self, text: str) -> None:
@@ -541,6 +542,7 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
     _refused_origin: str | None = None  # set by onConnect, refused in onOpen
     _guard: Guard | None = None
     _token: str | None = None  # the handshake's ?token=, checked once open
+    _compressing = False  # permessage-deflate negotiated (set once open)
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         # Autobahn gives "" when the header is missing: not a browser.
@@ -574,7 +576,9 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
 
     def _open(self) -> None:
         factory = self.factory
-        self.encoder = factory.encoder_for(internals.compression(self))
+        compression = internals.compression(self)
+        self._compressing = compression is not None
+        self.encoder = factory.encoder_for(compression)
         self._start_outbox(factory, self._slow_consumer)
         engine = factory.engine
         authenticator = factory.authenticator
@@ -684,7 +688,7 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
             )
 
     def _reply(self, results: list[Any]) -> None:
-        compressing = internals.compression(self) is not None
+        compressing = self._compressing
         for result in results:
             if type(result) is Error:
                 self.factory.errors[error_kind(result.message)] += 1

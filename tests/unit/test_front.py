@@ -8,6 +8,7 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.web.http import _GenericHTTPChannelProtocol
 
+from pubsub import web
 from pubsub.websocket import EchoServerProtocol, PubSubServerProtocol
 from tests.support import wsframes
 from tests.support.searches import counting_bytearray
@@ -61,15 +62,12 @@ def test_an_upgrade_goes_straight_to_autobahn_even_in_pieces(make_front):
     assert front.resource.factory.engine.client_count == 1
 
 
-def test_a_head_sent_a_byte_at_a_time_is_searched_once_and_still_opens(make_front):
+def test_a_head_sent_a_byte_at_a_time_is_searched_once_and_still_opens(make_front, monkeypatch):
     Counting = counting_bytearray()
+    monkeypatch.setattr(web, "bytearray", Counting, raising=False)
     front = make_front()
     head = upgrade("/").replace(b"\r\n\r\n", b"\r\nX-Pad: " + b"p" * 12_000 + b"\r\n\r\n")
-    protocol = front.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
-    protocol._head = Counting()
-    transport = Transport()
-    transport.protocol = protocol
-    protocol.makeConnection(transport)
+    transport = connect(front)
     for i in range(len(head)):
         transport.protocol.dataReceived(head[i : i + 1])
     assert transport.value().startswith(b"HTTP/1.1 101 Switching Protocols")

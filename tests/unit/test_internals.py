@@ -113,13 +113,31 @@ class _Keep(protocol.Protocol):
         self._made.callback(self.transport)
 
 
+class _Collect(protocol.Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+        self.waiting: list[tuple[bytes, defer.Deferred]] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        for entry in list(self.waiting):
+            if self.received.endswith(entry[0]):
+                self.waiting.remove(entry)
+                entry[1].callback(self.received)
+
+    def until(self, end: bytes) -> defer.Deferred:
+        waiting: defer.Deferred = defer.Deferred()
+        self.waiting.append((end, waiting))
+        return waiting.addTimeout(30, reactor)
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_real_tcp_server_transport_is_written_to_directly_only_while_it_buffers_nothing():
     made: defer.Deferred = defer.Deferred()
     factory = protocol.Factory.forProtocol(lambda: _Keep(made))
     port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     client = yield connectProtocol(
-        TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), protocol.Protocol()
+        TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), _Collect()
     )
     try:
         server = yield made
@@ -128,9 +146,14 @@ def test_a_real_tcp_server_transport_is_written_to_directly_only_while_it_buffer
         assert "socket" in own and "_tempDataBuffer" in own
         for name in ("dataBuffer", "offset", "_writeDisconnected"):
             assert hasattr(abstract.FileDescriptor, name), name
-        assert internals.idle_socket(server) is own["socket"]
-        server.write(b"held by Twisted until the next poll")
-        assert internals.idle_socket(server) is None
+        internals.send_now(server, [b"straight ", b"to the socket;"])
+        assert not server._tempDataBuffer and not server.dataBuffer  # Twisted holds nothing
+        server.write(b" held by Twisted;")
+        internals.send_now(server, [b" behind it"])
+        assert server._tempDataBuffer == [b" held by Twisted;", b" behind it"]
+        assert (yield client.until(b"behind it")) == (
+            b"straight to the socket; held by Twisted; behind it"
+        )
         keeper = internals.protocol_of(server)
         assert isinstance(keeper, _Keep)
         other = protocol.Protocol()
@@ -141,8 +164,10 @@ def test_a_real_tcp_server_transport_is_written_to_directly_only_while_it_buffer
         yield port.stopListening()
 
 
-def test_a_transport_without_a_socket_of_its_own_is_never_written_to_directly():
-    assert internals.idle_socket(wsframes_transport()) is None
+def test_a_transport_without_a_socket_of_its_own_gets_write_sequence():
+    transport = wsframes_transport()
+    internals.send_now(transport, [b"a", b"b"])
+    assert transport.value() == b"ab"
 
 
 def test_a_tls_wrapper_hands_over_its_wrapped_protocol():
