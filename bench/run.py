@@ -797,7 +797,7 @@ _LANDMARKS = [
     ("Engine.publish", "the publish: channel lookup and fan-out"),
     ("PubSubServerProtocol.deliver", "one delivery: state check, outbox append"),
     ("Flusher.flush", "per reactor turn: each outbox to its socket"),
-    ("_write", "the send() system call, or Twisted's buffer when busy"),
+    ("send_now", "the send() system call, or Twisted's buffer when busy"),
     ("FileDescriptor.doWrite", "the socket became writable: Twisted sends what it held"),
     ("EPollReactor.doPoll", "everything run from the event loop"),
 ]
