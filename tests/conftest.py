@@ -18,6 +18,7 @@ from pubsub.resp import RespFactory
 from pubsub.service import build_resource
 from pubsub.web import FrontFactory
 from tests.support import respclient, wsclient
+from tests.support.redis_server import RedisServer
 
 
 class RunningServer:
@@ -135,6 +136,16 @@ def resp_connect():
 
 
 # -- redis-cli ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis(tmp_path):
+    """A private redis-server on a free loopback port (tests/support/redis_server.py)
+    that a test may kill and start again."""
+    server = RedisServer(str(tmp_path))
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

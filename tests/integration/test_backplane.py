@@ -23,7 +23,6 @@ from twisted.web.client import Agent, readBody
 
 from tests.integration.test_twistd import TWISTD, clean_environment, run_twistd
 from tests.support.processes import ServerProcess
-from tests.support.redis_server import RedisServer
 from tests.support.resp3 import RespError
 from tests.support.respclient import connect as redis_connect
 
@@ -49,14 +48,6 @@ class Node(ServerProcess):
             self.listening.callback((int(site.group(1)), int(resp.group(1))))
 
     errReceived = outReceived
-
-
-@pytest.fixture
-def redis(tmp_path):
-    server = RedisServer(str(tmp_path))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -35,7 +35,6 @@ from tests.integration.test_backplane import (
     wait_for,
 )
 from tests.integration.test_twistd import TWISTD, clean_environment
-from tests.support.redis_server import RedisServer
 from tests.support.resp3 import RespError
 from tests.support.respclient import connect as redis_connect
 
@@ -147,14 +146,6 @@ class SilenceableProxy:
 
 
 # -- fixtures ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def redis(tmp_path):
-    server = RedisServer(str(tmp_path))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

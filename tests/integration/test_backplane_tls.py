@@ -30,8 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import defer, reactor, task
 
 from tests.integration.test_backplane import LOCAL, PREFIX, health, wait_for
-from tests.integration.test_twistd import TWISTD, clean_environment
-from tests.support.processes import ServerProcess
+from tests.integration.test_twistd import TWISTD, ServerWithResp, clean_environment
 from tests.support.redis_server import RedisServer, RedisTLS
 from tests.support.resp3 import RespError
 
@@ -191,23 +190,6 @@ def tls_redis(tmp_path, pki):
 # -- nodes -------------------------------------------------------------------------------
 
 
-class TLSNode(ServerProcess):
-    """``listening`` fires with (WebSocket port, RESP port) once both are bound,
-    whether or not the backplane connects (some tests expect it not to)."""
-
-    def __init__(self) -> None:
-        super().__init__(rb"RespFactory starting on (\d+)")
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        site = re.search(rb"Site starting on (\d+)", self.output)
-        resp = re.search(rb"RespFactory starting on (\d+)", self.output)
-        if site and resp and not self.listening.called:
-            self.listening.callback((int(site.group(1)), int(resp.group(1))))
-
-    errReceived = outReceived
-
-
 @pytest.fixture
 def nodes(tmp_path):
     """start(url, *options) -> (node, ws port, resp port); every node gets SIGTERM after."""
@@ -215,7 +197,7 @@ def nodes(tmp_path):
 
     @defer.inlineCallbacks
     def start(url: str, *options: str):
-        node = TLSNode()
+        node = ServerWithResp()
         args = [TWISTD, "-n", "--pidfile=", "pubsub", "--port", LOCAL, "--resp-port", LOCAL]
         args += ["--backplane", url, *options]
         transport = reactor.spawnProcess(
@@ -249,7 +231,7 @@ def numsub(redis: RedisServer, channel: bytes):
 
 
 @defer.inlineCallbacks
-def wait_for_output(node: TLSNode, pattern: bytes, what: str, count: int = 1):
+def wait_for_output(node: ServerWithResp, pattern: bytes, what: str, count: int = 1):
     """Wait (at most 40 s) until ``pattern`` occurs ``count`` times in the node's log."""
     for _ in range(2000):
         if len(re.findall(pattern, node.output)) >= count:
