@@ -75,6 +75,11 @@ def nodes(tmp_path):
         return ports
 
     yield start
+    stop_nodes(running)
+
+
+def stop_nodes(running) -> None:
+    """SIGTERM every (process, transport) still running; none may log a traceback."""
     for process, transport in running:
         if not process.ended.called:
             transport.signalProcess("TERM")

@@ -32,6 +32,7 @@ from tests.integration.test_backplane import (
     Node,
     backplane_state,
     redis_answer,
+    stop_nodes,
     wait_for,
 )
 from tests.integration.test_twistd import TWISTD, clean_environment
@@ -179,11 +180,7 @@ def start_node(tmp_path):
         return ports, process
 
     yield start
-    for process, transport in running:
-        if not process.ended.called:
-            transport.signalProcess("TERM")
-        pytest_twisted.blockon(process.ended.addTimeout(30, reactor))
-        assert b"Traceback" not in process.output, process.output.decode(errors="replace")
+    stop_nodes(running)
 
 
 @defer.inlineCallbacks
