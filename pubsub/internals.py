@@ -19,8 +19,8 @@ Autobahn, ``autobahn.websocket.protocol.WebSocketProtocol`` and its server side:
 - ``_onOpen``: how a TLS connection opens (it records the TLS channel id
   and the peer's certificate): :func:`open_tls`.
 - ``_sendAutoPing``, ``_cancelAutoPingTimeoutCall``: the keepalive ping
-  scheduled at open, and the pong timer a data frame ends:
-  :func:`schedule_ping`, :func:`data_frame_read`.
+  scheduled at open (by :func:`open_as_autobahn`), and the pong timer a
+  data frame ends: :func:`data_frame_read`.
 - ``_fail_connection``: a close with a code, as Autobahn fails a
   connection: :func:`fail`.
 - ``_perMessageCompress``: the compression negotiated, if any:
@@ -33,7 +33,8 @@ Autobahn, ``autobahn.websocket.protocol.WebSocketProtocol`` and its server side:
 txaio, through Autobahn's factory:
 
 - ``_batched_timer``: the factory's ``IBatchedTimer``, with which Autobahn
-  schedules every ping and handshake timeout: :func:`use_batched_timer`.
+  schedules every ping and handshake timeout: :func:`use_batched_timer`,
+  :func:`open_as_autobahn`.
 
 Twisted:
 
@@ -87,7 +88,6 @@ __all__ = [
     "origin_allowed",
     "protocol_of",
     "reader_busy",
-    "schedule_ping",
     "send_now",
     "use_batched_timer",
 ]
@@ -137,27 +137,25 @@ OPENED: dict[str, Any] = {
 LAZY = ("utf8validator", "trafficStats", "_transport_details")
 
 
-def open_as_autobahn(protocol: Any, key: str, handshake: dict[str, Any]) -> None:
+def open_as_autobahn(protocol: Any, key: str, handshake: dict[str, Any], factory: Any) -> None:
     """Leave ``protocol`` as Autobahn's handshake leaves a connection it opened
-    with Sec-WebSocket-Key ``key``; ``handshake`` holds the request's figures
+    with Sec-WebSocket-Key ``key``, its first keepalive ping scheduled on
+    ``factory``'s timer; ``handshake`` holds the request's figures
     (``http_*``, ``websocket_*``) and the per-connection objects."""
     state = protocol.__dict__
     state.pop("_transport_details", None)  # Autobahn's placeholder: built on first use
     state.update(OPENED)
     state.update(handshake)
     state["_wskey"] = key
+    if protocol.autoPingInterval:
+        protocol.autoPingPendingCall = factory._batched_timer.call_later(
+            protocol.autoPingInterval, protocol._sendAutoPing
+        )
 
 
 def open_tls(protocol: Any) -> None:
     """Open a TLS connection as Autobahn does (records its channel id and peer certificate)."""
     protocol._onOpen()
-
-
-def schedule_ping(protocol: Any, factory: Any) -> None:
-    """Schedule the first keepalive ping, as Autobahn does at open."""
-    protocol.autoPingPendingCall = factory._batched_timer.call_later(
-        protocol.autoPingInterval, protocol._sendAutoPing
-    )
 
 
 def data_frame_read(protocol: Any) -> None:

@@ -315,6 +315,9 @@ class _LeanReader(WebSocketServerProtocol):
     _partial: tuple[bytes, ...] = ()
     _unfinished: _Unfinished | None = None  # a text frame whose payload is still arriving
     _lean_read = False  # whether the lean path has read a frame of this connection
+    # Whether Autobahn's reader has been given bytes (the handshake, a frame
+    # the lean path does not take): only then can it hold part of one.
+    _autobahn_read = False
     utf8validator = _OnFirstUse(lambda _: Utf8Validator())
     trafficStats = _OnFirstUse(lambda _: TrafficStats())
     # Its two system calls (the process and thread ids) and its objects, only
@@ -392,12 +395,11 @@ class _LeanReader(WebSocketServerProtocol):
                 "http_response_data": response.decode("utf-8"),
                 "send_queue": deque(),
             },
+            factory,
         )
         factory.countConnections += 1
         factory.lean_opens += 1
         internals.send_now(transport, [response])
-        if self.autoPingInterval:
-            internals.schedule_ping(self, factory)
         if ISSLTransport.providedBy(transport):
             internals.open_tls(self)
         else:
@@ -428,14 +430,14 @@ class _LeanReader(WebSocketServerProtocol):
         if (
             self.state != WebSocketProtocol.STATE_OPEN
             or not internals.fast_paths
-            or internals.reader_busy(self)
+            or (self._autobahn_read and internals.reader_busy(self))
         ):
             self._to_autobahn(held, data)
             return
         pos, autobahn = self._take_text_frames(data)
         if autobahn:
             if pos:
-                super().dataReceived(data[pos:])
+                self._to_autobahn((), data[pos:])
             else:
                 self._to_autobahn(held, data)
         elif pos < len(data):
@@ -447,6 +449,7 @@ class _LeanReader(WebSocketServerProtocol):
         """Give Autobahn ``data``, which begins with the reads ``held``, split
         as they came: Autobahn's handling of a bad frame depends on where
         the reads ended."""
+        self._autobahn_read = True
         if held:
             for chunk in held:
                 super().dataReceived(chunk)
@@ -461,7 +464,7 @@ class _LeanReader(WebSocketServerProtocol):
         taken = frame.take(data) if self.state == WebSocketProtocol.STATE_OPEN else -1
         if taken < 0:
             self._unfinished = None
-            super().dataReceived(frame.as_sent() + data)
+            self._to_autobahn((), frame.as_sent() + data)
             return b""
         if not frame.complete():
             return b""
@@ -576,7 +579,8 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
 
     def _open(self) -> None:
         factory = self.factory
-        compression = internals.compression(self)
+        # Only Autobahn's own handshake negotiates compression.
+        compression = internals.compression(self) if self._autobahn_read else None
         self._compressing = compression is not None
         self.encoder = factory.encoder_for(compression)
         self._start_outbox(factory, self._slow_consumer)
@@ -874,6 +878,7 @@ def check_fast_paths() -> list[str]:
             autobahns = factory.buildProtocol(address)
             autobahns.makeConnection(StringTransport())
             autobahns.dataReceived(head)
+            del autobahns._autobahn_read  # the lean reader's own note, not Autobahn's
             found = internals.differences(fast, autobahns)
     except Exception as error:  # noqa: BLE001 - any failure here means: use Autobahn's paths
         found = [f"{type(error).__name__}: {error}"]
