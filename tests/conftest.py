@@ -158,3 +158,15 @@ def redis_cli() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return binary
+
+
+@pytest.fixture
+def redis_cluster(tmp_path):
+    """A private Redis Cluster, three primaries with a replica each, on free loopback
+    ports (tests/support/redis_cluster.py); every node stops after the test."""
+    from tests.support.redis_cluster import RedisCluster
+
+    cluster = RedisCluster(str(tmp_path))
+    cluster.start()  # stops every node itself if the cluster does not form
+    yield cluster
+    cluster.stop()
