@@ -127,7 +127,8 @@ class Settings:
     backplane: str = _setting(
         "",
         "Redis URL joining several nodes into one broker (redis://host:port/, "
-        "rediss:// for TLS); empty: one node",
+        "rediss:// for TLS; a Redis Cluster: redis+cluster://host:port,host:port/, "
+        "rediss+cluster:// for TLS); empty: one node",
     )
     backplane_tls_ca: str = _setting(
         "",
@@ -214,10 +215,11 @@ class Settings:
             if getattr(self, name).strip()
         ]
         # Without a backplane they are unused, as the other backplane_* settings.
-        if used and url and urlsplit(url).scheme == "redis":
+        scheme = urlsplit(url).scheme
+        if used and url and scheme in ("redis", "redis+cluster"):
             raise ConfigError(
-                f"setting {used[0]} is for TLS, but backplane is a redis:// URL "
-                "(plain TCP): use rediss:// for TLS"
+                f"setting {used[0]} is for TLS, but backplane is a {scheme}:// URL "
+                f"(plain TCP): use {scheme.replace('redis', 'rediss', 1)}:// for TLS"
             )
 
 

@@ -24,7 +24,7 @@ from twisted.python import usage
 from twisted.python.logfile import LogFile
 from twisted.web.server import Site
 
-from pubsub.backplane import RedisBackplane
+from pubsub.backplane import RedisBackplane, RedisClusterBackplane, is_cluster_url
 from pubsub.config import (
     ConfigError,
     Settings,
@@ -90,7 +90,7 @@ class PubSubService(MultiService):
         self.settings = settings
         self._reactor = reactor
         self._endpoints: dict[Service, tuple[str, str]] = {}
-        self.backplane: RedisBackplane | None = None
+        self.backplane: RedisBackplane | RedisClusterBackplane | None = None
         #: The log observer twistd should use instead of its own (log_format = json).
         self.log_observer: Any = None
 
@@ -200,11 +200,14 @@ def make_service(
     return service
 
 
-def _backplane(engine: Engine, settings: Settings, reactor: Any) -> RedisBackplane:
+def _backplane(
+    engine: Engine, settings: Settings, reactor: Any
+) -> RedisBackplane | RedisClusterBackplane:
     # The TLS files are read once, here, so a bad one stops the start-up.
     tls = backplane_tls(settings)
+    kind = RedisClusterBackplane if is_cluster_url(settings.backplane) else RedisBackplane
     try:
-        return RedisBackplane(
+        return kind(
             engine,
             settings.backplane,
             prefix=settings.backplane_prefix.encode("utf-8"),

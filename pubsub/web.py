@@ -311,6 +311,22 @@ _BACKPLANE_COUNTERS = (
         "Backplane connections closed because Redis did not answer in time",
         "timeouts",
     ),
+    (
+        "pubsub_backplane_lost",
+        (
+            "Publishes a Redis Cluster redirected (MOVED) after the node had answered: "
+            "not delivered to other nodes"
+        ),
+        "lost",
+    ),
+    (
+        "pubsub_backplane_dropped",
+        (
+            "Subscriptions a Redis Cluster dropped when their slot moved (a failover): "
+            "messages to them are missed until the node renews them on the new owner"
+        ),
+        "dropped",
+    ),
 )
 
 

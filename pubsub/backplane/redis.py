@@ -165,6 +165,11 @@ def backoff(
     return policy
 
 
+def new_node_id() -> bytes:
+    """A random id for this node, which starts its envelopes."""
+    return os.urandom(NODE_ID_SIZE // 2).hex().encode()
+
+
 def _bulk(data: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(data), data)
 
@@ -393,13 +398,18 @@ class RedisBackplane(Service):
     Counters for /metrics: ``sent`` (publishes sent to Redis), ``received``
     (delivered from another node), ``failed`` (publishes answered with the
     backplane error), ``reconnects``, ``timeouts`` (connections closed
-    because Redis did not answer in time).
+    because Redis did not answer in time); with one Redis always 0, for a
+    Redis Cluster: ``lost`` (publishes redirected) and ``dropped``
+    (subscriptions dropped by a failover).
     """
+
+    lost = 0
+    dropped = 0
 
     def __init__(
         self,
         engine: Engine,
-        url: str,
+        url: str | RedisTarget,
         prefix: bytes = b"pubsub:",
         clock: Any = None,
         max_delay: float = 5.0,
@@ -410,11 +420,12 @@ class RedisBackplane(Service):
         timeout: float = 3.0,
         trust_root: Any = None,
         client_certificate: Any = None,
+        interest: dict[str, set[bytes]] | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
         self.engine = engine
-        self.target = parse_url(url)
+        self.target = url if isinstance(url, RedisTarget) else parse_url(url)
         if not self.target.tls and (trust_root is not None or client_certificate is not None):
             raise ValueError("TLS settings need a rediss:// URL (TLS), not redis://")
         #: The TLS client options (host name checked) for rediss://, else None.
@@ -429,20 +440,28 @@ class RedisBackplane(Service):
         self.url = self.target.display
         self.prefix = prefix
         self._pattern_prefix = escape_glob(prefix)
+        #: How each kind of name travels: the (un)subscribing commands, the
+        #: publishing command's head, and the prefix of its name in Redis.
+        self._subscribing = dict(_SUBSCRIBE)
+        self._unsubscribing = dict(_UNSUBSCRIBE)
+        self._publishing = dict(_PUBLISH)
+        self._wire_prefix = {"channel": prefix, "pattern": self._pattern_prefix, "shard": prefix}
         self.clock = clock
         self.max_delay = max_delay
-        self.node_id = (
-            node_id if node_id is not None else os.urandom(NODE_ID_SIZE // 2).hex().encode()
-        )
+        self.node_id = node_id if node_id is not None else new_node_id()
         if len(self.node_id) != NODE_ID_SIZE:
             raise ValueError(f"node id must be {NODE_ID_SIZE} bytes")
         self._envelope_head = self.node_id + b" "
-        #: Names this node's clients hold, by kind: what Redis must know.
-        self.interest: dict[str, set[bytes]] = {
-            "channel": set(engine.channels()),
-            "pattern": set(engine.patterns()),
-            "shard": set(engine.shard_channels()),
-        }
+        #: Names this node's clients hold, by kind: what Redis must know.  A
+        #: Redis Cluster's shard link is given its share, and is not the relay.
+        if interest is None:
+            interest = {
+                "channel": set(engine.channels()),
+                "pattern": set(engine.patterns()),
+                "shard": set(engine.shard_channels()),
+            }
+            engine.relay = self
+        self.interest = interest
         self._subscriber: _Connection | None = None
         self._publisher: _Connection | None = None
         self._subscriber_ready = False
@@ -462,7 +481,6 @@ class RedisBackplane(Service):
         #: Connections in a row, per role, lost before Redis said anything.
         self._unanswered = {"subscriber": 0, "publisher": 0}
         self._services: list[ClientService] = []
-        engine.relay = self
 
     # -- the service: two connections that come back -------------------------
 
@@ -571,7 +589,7 @@ class RedisBackplane(Service):
         for kind, names in self.interest.items():
             wire = [self._wire_name(kind, name) for name in names]
             for start in range(0, len(wire), RESUBSCRIBE_BATCH):
-                connection.send(_SUBSCRIBE[kind], *wire[start : start + RESUBSCRIBE_BATCH])
+                connection.send(self._subscribing[kind], *wire[start : start + RESUBSCRIBE_BATCH])
         connection.ping()
 
     def _update_state(self, quiet: bool = False) -> None:
@@ -615,7 +633,7 @@ class RedisBackplane(Service):
                     self.engine.deliver_pmessage, reply[3], pattern, self._local(reply[2])
                 )
             elif kind == b"smessage" and len(reply) == 3:
-                self._deliver(self.engine.deliver_smessage, reply[2], self._local(reply[1]))
+                self._smessage(reply[1], reply[2])
             elif kind == b"pong":
                 self._pong(connection)
         elif reply == b"PONG":
@@ -645,6 +663,9 @@ class RedisBackplane(Service):
     def _local(self, name: bytes) -> bytes:
         return name[len(self.prefix) :]
 
+    def _smessage(self, channel: bytes, data: bytes) -> None:
+        self._deliver(self.engine.deliver_smessage, data, self._local(channel))
+
     def _deliver(self, deliver: Callable[..., int], data: bytes, *names: bytes) -> None:
         """Deliver a message from Redis unless this node sent it itself."""
         if data[:NODE_ID_SIZE] == self.node_id or data[NODE_ID_SIZE : NODE_ID_SIZE + 1] != b" ":
@@ -655,17 +676,17 @@ class RedisBackplane(Service):
     # -- the engine's Relay ---------------------------------------------------
 
     def _wire_name(self, kind: str, name: bytes) -> bytes:
-        return (self._pattern_prefix if kind == "pattern" else self.prefix) + name
+        return self._wire_prefix[kind] + name
 
     def interest_gained(self, kind: str, name: bytes) -> None:
         self.interest[kind].add(name)
         if self._subscriber is not None:
-            self._subscriber.send(_SUBSCRIBE[kind], self._wire_name(kind, name))
+            self._subscriber.send(self._subscribing[kind], self._wire_name(kind, name))
 
     def interest_lost(self, kind: str, name: bytes) -> None:
         self.interest[kind].discard(name)
         if self._subscriber is not None:
-            self._subscriber.send(_UNSUBSCRIBE[kind], self._wire_name(kind, name))
+            self._subscriber.send(self._unsubscribing[kind], self._wire_name(kind, name))
 
     def published(self, kind: str, channel: bytes, payload: bytes) -> None:
         publisher = self._publisher
@@ -673,9 +694,9 @@ class RedisBackplane(Service):
             self.failed += 1
             self._refused = self.state
             return
-        channel = self.prefix + channel
+        channel = self._wire_prefix[kind] + channel
         data = b"%s$%d\r\n%s\r\n$%d\r\n%s%s\r\n" % (
-            _PUBLISH[kind],
+            self._publishing[kind],
             len(channel),
             channel,
             NODE_ID_SIZE + 1 + len(payload),

@@ -52,16 +52,18 @@ class Node(ServerProcess):
 
 @pytest.fixture
 def nodes(tmp_path):
-    """start(redis_port, count) -> [(ws port, resp port)]; every node gets SIGTERM after."""
+    """start(redis, count) -> [(ws port, resp port)], where ``redis`` is a redis-server's
+    port or a backplane URL; every node gets SIGTERM after."""
     running: list = []
 
     @defer.inlineCallbacks
-    def start(redis_port: int, count: int):
+    def start(redis: int | str, count: int):
+        url = redis if isinstance(redis, str) else f"redis://127.0.0.1:{redis}/"
         started = []
         for _ in range(count):
             process = Node()
             args = [TWISTD, "-n", "--pidfile=", "pubsub", "--port", LOCAL, "--resp-port", LOCAL]
-            args += ["--backplane", f"redis://127.0.0.1:{redis_port}/"]
+            args += ["--backplane", url]
             transport = reactor.spawnProcess(
                 process, TWISTD, args, env=clean_environment(), path=str(tmp_path)
             )

@@ -1,0 +1,649 @@
+"""The backplane over a Redis Cluster: capacity that grows with the cluster's shards.
+
+One Redis serves Pub/Sub on one core, and every node's every publish passes
+through it.  A Redis Cluster's classic PUBLISH is no way out: every cluster
+node forwards every message to every other over the cluster bus, so the
+whole cluster does the work of one.  Sharded Pub/Sub (Redis 7: SSUBSCRIBE,
+SPUBLISH) is: a sharded channel lives on the shard that owns its hash slot,
+as a key would, and its messages stay inside that shard.  So here:
+
+* **Shard channels** travel as sharded channels named ``prefix + "s:" + name``.
+* **Plain channels** travel as sharded channels too, named
+  ``prefix + "c:" + name``: a node's PUBLISH costs one shard, not the cluster.
+  The two kinds keep their own names, as Redis keeps channels and shard
+  channels apart.  A name's slot is Redis's (CRC16 of the whole name, or of
+  its ``{hash tag}``), so ``{user1}.in`` and ``{user1}.out`` share a shard.
+* **Patterns** are not carried yet: a pattern subscriber hears only its own
+  node's publishes.  The warning logged at start and docs/operations.md say so.
+
+Each shard's primary gets its own pair of connections (:class:`_ShardLink`,
+a :class:`~pubsub.backplane.redis.RedisBackplane` given that shard's share
+of the names), each with the single-Redis health check, TLS and backoff.
+The slot map comes from ``CLUSTER SLOTS``, asked of the known primaries
+and then the seed nodes in the URL.  It is asked again when a link is
+lost, when Redis answers ``MOVED``, ``ASK`` or ``CLUSTERDOWN``, when it
+drops one of our subscriptions itself (a slot moved away: a failover, a
+resharding), every ``refresh_interval`` seconds while anything is amiss,
+and every minute anyway.  Names whose slot changed owner are unsubscribed
+on the old link and subscribed on the new one; links to nodes that no
+longer own slots are closed.
+
+A publish is sent to its slot's owner as the map says.  If the map was
+stale (a resharding just happened), Redis answers ``MOVED``: that message is
+lost, counted in ``lost`` (``pubsub_backplane_lost_total``), logged, and
+the map is refreshed.  A publish whose shard's link is down is refused,
+as with one Redis.
+
+When a primary hands its slots over (a failover), it drops every
+subscription to them with an ``sunsubscribe`` of its own; the node renews
+them on the new primary once it has the new map, a few milliseconds to a
+second later.  What other nodes publish to those channels in between
+reaches no one here: each such drop is logged and counted in ``dropped``
+(``pubsub_backplane_dropped_total``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import hiredis
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import optionsForClientTLS, platformTrust
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from pubsub.backplane.redis import (
+    _SUBSCRIBE,
+    _UNSUBSCRIBE,
+    NODE_ID_SIZE,
+    RESUBSCRIBE_BATCH,
+    RedisBackplane,
+    RedisTarget,
+    command,
+    new_node_id,
+)
+from pubsub.engine import Engine
+
+__all__ = ["ClusterTarget", "RedisClusterBackplane", "keyslot", "parse_cluster_url"]
+
+_log = Logger()
+
+SLOTS = 16384
+
+#: Kinds carried as sharded channels, and the part of their name after the prefix.
+_CARRIED = {"channel": b"c:", "shard": b"s:"}
+
+#: Replies that say the slot map we hold is out of date.
+_REDIRECTS = ("MOVED ", "ASK ", "CLUSTERDOWN ", "TRYAGAIN ")
+
+
+def _crc16_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+        table.append(crc & 0xFFFF)
+    return table
+
+
+_CRC16 = _crc16_table()
+
+
+@functools.lru_cache(maxsize=65536)
+def keyslot(name: bytes) -> int:
+    """Redis Cluster's hash slot of ``name`` (``keyHashSlot`` in Redis's
+    cluster.c): CRC16-XMODEM mod 16384, of the first ``{...}`` with
+    something between the braces if there is one, else of the whole name."""
+    start = name.find(b"{")
+    if start >= 0:
+        end = name.find(b"}", start + 1)
+        if end > start + 1:
+            name = name[start + 1 : end]
+    crc = 0
+    table = _CRC16
+    for byte in name:
+        crc = ((crc << 8) & 0xFFFF) ^ table[(crc >> 8) ^ byte]
+    return crc & (SLOTS - 1)
+
+
+@dataclass(frozen=True)
+class ClusterTarget:
+    """A Redis Cluster, from ``redis+cluster://[user[:password]@]host:port,host:port,...``
+    (``rediss+cluster://`` for TLS): the seed nodes to ask for the slot map,
+    and the credentials every node shares."""
+
+    seeds: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+    def node(self, host: str, port: int) -> RedisTarget:
+        return RedisTarget(host, port, self.username, self.password, self.tls)
+
+    @property
+    def display(self) -> str:
+        """The URL without the password."""
+        user = f"{self.username}@" if self.username else ""
+        scheme = "rediss+cluster" if self.tls else "redis+cluster"
+        nodes = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.seeds)
+        return f"{scheme}://{user}{nodes}/"
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.strip().lower().startswith(("redis+cluster://", "rediss+cluster://"))
+
+
+def parse_cluster_url(url: str) -> ClusterTarget:
+    """The seeds and credentials of a ``redis+cluster://`` URL; ValueError
+    says what is wrong with it.  A seed without a port is on 6379."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("redis+cluster", "rediss+cluster"):
+        raise ValueError(f"Redis Cluster URL must start with redis+cluster://, got {url!r}")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    username = password = None
+    if userinfo:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    seeds = []
+    for seed in hosts.split(","):
+        seed = seed.strip()
+        if seed.startswith("["):
+            host, _, rest = seed[1:].partition("]")
+            port_text = rest[1:] if rest.startswith(":") else ""
+        else:
+            host, _, port_text = seed.partition(":")
+        if not host:
+            raise ValueError(f"Redis Cluster URL has a seed without a host: {url!r}")
+        try:
+            port = int(port_text) if port_text else 6379
+        except ValueError:
+            raise ValueError(f"Redis Cluster URL has a bad port in {seed!r}") from None
+        if not 0 < port < 65536:
+            raise ValueError(f"Redis Cluster URL has a bad port in {seed!r}")
+        seeds.append((host, port))
+    return ClusterTarget(tuple(seeds), username, password, parts.scheme == "rediss+cluster")
+
+
+class _Query(Protocol):
+    """Send some commands, collect their replies, close."""
+
+    def __init__(self, commands: list[bytes]) -> None:
+        self._commands = commands
+        self._reader = hiredis.Reader()
+        self.replies: list[Any] = []
+        # Cancelled (timed out): the connection goes too.
+        self.done: defer.Deferred[list[Any]] = defer.Deferred(lambda _: self._close())
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"".join(self._commands))
+
+    def dataReceived(self, data: bytes) -> None:
+        self._reader.feed(data)
+        try:
+            while (reply := self._reader.gets()) is not False:
+                self.replies.append(reply)
+        except hiredis.ProtocolError as error:
+            self._finish(error)
+            return
+        if len(self.replies) >= len(self._commands):
+            self._finish(None)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._finish(ConnectionError("closed before answering"))
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def _finish(self, error: Exception | None) -> None:
+        if self.done.called:
+            return
+        self._close()
+        if error is None:
+            self.done.callback(self.replies)
+        else:
+            self.done.errback(error)
+
+
+def parse_slots(reply: Any, asked: str) -> dict[tuple[int, int], tuple[str, int]]:
+    """``CLUSTER SLOTS``'s answer as {(first, last): (host, port) of the primary}.
+    A primary announced with an empty or unknown address is on ``asked``'s host."""
+    if not isinstance(reply, list):  # an error reply (hiredis.ReplyError), say
+        raise ValueError(f"CLUSTER SLOTS answered {reply!r}")  # noqa: TRY004 - Redis's answer
+    ranges = {}
+    for entry in reply:
+        first, last, primary = entry[0], entry[1], entry[2]
+        host = primary[0].decode() if primary[0] not in (b"", b"?") else asked
+        ranges[(int(first), int(last))] = (host, int(primary[1]))
+    return ranges
+
+
+class _ShardLink(RedisBackplane):
+    """The two connections to one shard's primary, carrying the names whose
+    slots it owns (both kinds as sharded channels)."""
+
+    def __init__(self, cluster: RedisClusterBackplane, host: str, port: int) -> None:
+        super().__init__(
+            cluster.engine,
+            cluster.target.node(host, port),
+            prefix=cluster.prefix,
+            clock=cluster.clock,
+            max_delay=cluster.max_delay,
+            node_id=cluster.node_id,
+            endpoint=cluster.endpoint_for(host, port),
+            buffer_limit=cluster.buffer_limit,
+            ping_interval=cluster.ping_interval,
+            timeout=cluster.timeout,
+            trust_root=cluster.trust_root,
+            client_certificate=cluster.client_certificate,
+            interest={"channel": set(), "pattern": set(), "shard": set()},
+        )
+        self.cluster = cluster
+        self.address = (host, port)
+        self.lost = 0  # publishes Redis redirected (MOVED): not delivered
+        self.dropped = 0  # our subscriptions Redis dropped (its slot moved away)
+        for kind, part in _CARRIED.items():
+            self._subscribing[kind] = _SUBSCRIBE["shard"]
+            self._unsubscribing[kind] = _UNSUBSCRIBE["shard"]
+            self._publishing[kind] = self._publishing["shard"]
+            self._wire_prefix[kind] = cluster.prefix + part
+        self._channels = cluster.prefix + _CARRIED["channel"]
+        self._shards = cluster.prefix + _CARRIED["shard"]
+
+    def _resubscribe(self, connection: Any) -> None:
+        """Everything this shard carries for us, then a PING.  A cluster takes
+        one slot's names per SSUBSCRIBE (else CROSSSLOT), so they go by slot."""
+        by_slot: dict[int, list[bytes]] = {}
+        for kind in _CARRIED:
+            for name in self.interest[kind]:
+                wire = self._wire_name(kind, name)
+                by_slot.setdefault(keyslot(wire), []).append(wire)
+        subscribe = _SUBSCRIBE["shard"]
+        for names in by_slot.values():
+            for start in range(0, len(names), RESUBSCRIBE_BATCH):
+                connection.send(subscribe, *names[start : start + RESUBSCRIBE_BATCH])
+        connection.ping()
+
+    def _smessage(self, channel: bytes, data: bytes) -> None:
+        if channel.startswith(self._channels):
+            self._deliver(self.engine.deliver_message, data, channel[len(self._channels) :])
+        elif channel.startswith(self._shards):
+            self._deliver(self.engine.deliver_smessage, data, channel[len(self._shards) :])
+
+    def reply_received(self, connection: Any, reply: Any) -> None:
+        super().reply_received(connection, reply)
+        # Redis drops our subscriptions of a slot it no longer owns (a
+        # failover, a resharding): one of ours, gone, means the map moved.
+        if (
+            type(reply) is list
+            and len(reply) == 3
+            and reply[0] == b"sunsubscribe"
+            and connection is self._subscriber
+            and self._still_wanted(reply[1])
+        ):
+            self.dropped += 1
+            self.cluster.map_changed(f"{self.url} dropped our subscription of {reply[1]!r}")
+
+    def _still_wanted(self, wire: bytes) -> bool:
+        for kind in _CARRIED:
+            prefix = self._wire_prefix[kind]
+            if wire.startswith(prefix) and wire[len(prefix) :] in self.interest[kind]:
+                return True
+        return False
+
+    def _reply_error(self, connection: Any, reply: hiredis.ReplyError) -> None:
+        message = str(reply)
+        if message.startswith(_REDIRECTS):
+            if connection.role == "publisher":
+                self.lost += 1
+            self.cluster.map_changed(f"{self.url} answered {message}")
+            return
+        super()._reply_error(connection, reply)
+
+    def _update_state(self, quiet: bool = False) -> None:
+        before = self.state
+        super()._update_state(quiet=True)  # the cluster says it, for all shards
+        if self.state != before:
+            self.cluster.link_changed(self)
+
+
+class RedisClusterBackplane(MultiService):
+    """This node's side of a Redis Cluster backplane; the engine's Relay.
+
+    Takes the settings of :class:`~pubsub.backplane.redis.RedisBackplane`,
+    for every shard's link, and ``refresh_interval``: how often the slot map
+    is asked for again while a link is down or the map is in doubt.
+    """
+
+    #: Ask for the slot map this often even when all is well (new shards).
+    calm_refresh = 60.0
+
+    def __init__(
+        self,
+        engine: Engine,
+        url: str,
+        prefix: bytes = b"pubsub:",
+        clock: Any = None,
+        max_delay: float = 5.0,
+        node_id: bytes | None = None,
+        buffer_limit: int = 8 * 1024 * 1024,
+        ping_interval: float = 1.0,
+        timeout: float = 3.0,
+        trust_root: Any = None,
+        client_certificate: Any = None,
+        refresh_interval: float = 1.0,
+        endpoint_for: Callable[[str, int], Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.engine = engine
+        self.target = parse_cluster_url(url)
+        if not self.target.tls and (trust_root is not None or client_certificate is not None):
+            raise ValueError("TLS settings need a rediss+cluster:// URL (TLS)")
+        self.url = self.target.display
+        self.prefix = prefix
+        self.clock = clock
+        self.max_delay = max_delay
+        self.node_id = node_id if node_id is not None else new_node_id()
+        if len(self.node_id) != NODE_ID_SIZE:
+            raise ValueError(f"node id must be {NODE_ID_SIZE} bytes")
+        self.buffer_limit = buffer_limit
+        self.ping_interval = ping_interval
+        self.timeout = timeout
+        self.trust_root = trust_root
+        self.client_certificate = client_certificate
+        self.refresh_interval = refresh_interval
+        self._endpoint_for = endpoint_for
+        self.interest: dict[str, set[bytes]] = {
+            "channel": set(engine.channels()),
+            "pattern": set(engine.patterns()),
+            "shard": set(engine.shard_channels()),
+        }
+        self.links: dict[tuple[str, int], _ShardLink] = {}
+        #: The link of each slot's primary, None until the map is known.
+        self._slots: list[_ShardLink | None] = [None] * SLOTS
+        self._refused_by: _ShardLink | None = None
+        self._refreshing: defer.Deferred[None] | None = None
+        self._doubt: str | None = "starting"  # why the map must be asked for again
+        self._ticker: LoopingCall | None = None
+        self._since_calm = 0.0
+        self.state = "connecting"
+        self.since = clock.seconds()
+        self._unmapped = 0  # publishes refused before there was a slot map
+        self._warned_patterns = False
+        self._retired = {"sent": 0, "received": 0, "failed": 0, "reconnects": 0, "timeouts": 0}
+        self._retired_lost = 0
+        self._retired_dropped = 0
+        self.refreshes = 0
+        engine.relay = self
+
+    # -- connections -------------------------------------------------------------
+
+    def endpoint_for(self, host: str, port: int) -> Any:
+        if self._endpoint_for is not None:
+            return self._endpoint_for(host, port)
+        from twisted.internet import reactor
+
+        endpoint = HostnameEndpoint(reactor, host, port, timeout=5)
+        if self.target.tls:
+            trust = self.trust_root if self.trust_root is not None else platformTrust()
+            options = optionsForClientTLS(
+                host, trustRoot=trust, clientCertificate=self.client_certificate
+            )
+            endpoint = wrapClientTLS(options, endpoint)
+        return endpoint
+
+    def _ask(self, host: str, port: int, *args: bytes) -> defer.Deferred[Any]:
+        """One command to one cluster node on a connection of its own; its reply."""
+        commands = []
+        if self.target.password is not None:
+            auth = [self.target.username.encode()] if self.target.username else []
+            commands.append(command(b"AUTH", *auth, self.target.password.encode()))
+        commands.append(command(*args))
+        query = _Query(commands)
+        factory = Factory.forProtocol(lambda: query)
+        factory.noisy = False
+        connecting = self.endpoint_for(host, port).connect(factory)
+
+        def not_connected(failure: Any) -> None:
+            if not query.done.called:
+                query.done.errback(failure)
+
+        connecting.addErrback(not_connected)
+        done = query.done.addTimeout(max(self.timeout, 1.0) * 2, self.clock)
+        return done.addCallback(lambda replies: replies[-1])
+
+    # -- the service -------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        _log.info("backplane: asking {url} for its slot map", url=self.url)
+        self._ticker = LoopingCall(self._tick)
+        self._ticker.clock = self.clock
+        self._ticker.start(self.refresh_interval, now=True)
+
+    def stopService(self) -> defer.Deferred[Any]:
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
+        return defer.maybeDeferred(super().stopService)
+
+    def _tick(self) -> None:
+        self._since_calm += self.refresh_interval
+        if self._doubt is not None or self._since_calm >= self.calm_refresh:
+            self._refresh()
+
+    def map_changed(self, why: str) -> None:
+        """Something says the slot map moved: ask for it now."""
+        if self._doubt is None:
+            _log.warn("backplane: {why}; asking for the slot map again", why=why)
+        self._doubt = why
+        self._refresh()
+
+    def link_changed(self, link: _ShardLink) -> None:
+        if self.links.get(link.address) is not link:
+            return  # retired: its node no longer serves slots
+        if link.state != "connected" and self._doubt is None:
+            self._doubt = f"{link.url} is {link.state}"
+            self._refresh()
+        self._update_state()
+
+    def _refresh(self) -> None:
+        if self._refreshing is not None or not self.running:
+            return
+        self._since_calm = 0.0
+        self._refreshing = defer.ensureDeferred(self._ask_for_map())
+        self._refreshing.addBoth(self._refreshed)
+
+    def _refreshed(self, result: Any) -> None:
+        self._refreshing = None
+        if isinstance(result, Failure):
+            _log.failure("backplane: fault applying the slot map of {url}", result, url=self.url)
+
+    def _candidates(self) -> Iterator[tuple[str, int]]:
+        seen = set()
+        up = [a for a, link in self.links.items() if link.state == "connected"]
+        for address in (*up, *self.links, *self.target.seeds):
+            if address not in seen:
+                seen.add(address)
+                yield address
+
+    async def _ask_for_map(self) -> None:
+        errors = []
+        for host, port in self._candidates():
+            try:
+                reply = await self._ask(host, port, b"CLUSTER", b"SLOTS")
+                ranges = parse_slots(reply, host)
+            except Exception as error:  # noqa: BLE001 - any node that does not answer: the next
+                errors.append(f"{host}:{port}: {error}")
+                continue
+            covered = sum(last - first + 1 for first, last in ranges)
+            if covered < SLOTS:
+                errors.append(f"{host}:{port}: only {covered} of {SLOTS} slots served")
+                continue
+            self._apply(ranges)
+            return
+        _log.warn(
+            "backplane: no node of {url} gave a whole slot map ({errors})",
+            url=self.url,
+            errors="; ".join(errors),
+        )
+
+    def _apply(self, ranges: dict[tuple[int, int], tuple[str, int]]) -> None:
+        """Use this slot map: links for its primaries, every name on its owner's."""
+        self.refreshes += 1
+        slots: list[_ShardLink | None] = [None] * SLOTS
+        owners = set(ranges.values())
+        for address in owners:
+            if address not in self.links:
+                link = _ShardLink(self, *address)
+                self.links[address] = link
+                link.setServiceParent(self)
+        for (first, last), address in ranges.items():
+            link = self.links[address]
+            slots[first : last + 1] = [link] * (last - first + 1)
+        self._slots = slots
+        for link in list(self.links.values()):
+            for kind in _CARRIED:
+                for name in [n for n in link.interest[kind] if self._owner(kind, n) is not link]:
+                    link.interest_lost(kind, name)
+        for kind in _CARRIED:
+            for name in self.interest[kind]:
+                owner = self._owner(kind, name)
+                if owner is not None and name not in owner.interest[kind]:
+                    owner.interest_gained(kind, name)
+        for address in [a for a in self.links if a not in owners]:
+            self._retire(self.links.pop(address))
+        if all(link.state == "connected" for link in self.links.values()):
+            self._doubt = None
+        self._update_state()
+
+    def _retire(self, link: _ShardLink) -> None:
+        """Close a link to a node that no longer serves slots; keep its counts."""
+        for name in self._retired:
+            self._retired[name] += getattr(link, name)
+        self._retired_lost += link.lost
+        self._retired_dropped += link.dropped
+        link.disownServiceParent()
+
+    def _owner(self, kind: str, name: bytes) -> _ShardLink | None:
+        return self._slots[keyslot(self.prefix + _CARRIED[kind] + name)]
+
+    def _update_state(self) -> None:
+        links = self.links.values()
+        up = bool(links) and all(link.state == "connected" for link in links)
+        state = "connected" if up else ("down" if self.state != "connecting" else "connecting")
+        if state == self.state:
+            return
+        self.state = state
+        self.since = self.clock.seconds()
+        if state == "connected":
+            _log.info(
+                "backplane: connected to {url} ({shards} shards)", url=self.url, shards=len(links)
+            )
+        elif self.running:
+            _log.warn(
+                "backplane: {url} is {state}: {shards}",
+                url=self.url,
+                state=state,
+                shards=", ".join(f"{link.url} {link.state}" for link in links),
+            )
+
+    # -- the engine's Relay --------------------------------------------------------
+
+    def interest_gained(self, kind: str, name: bytes) -> None:
+        self.interest[kind].add(name)
+        if kind == "pattern" and not self._warned_patterns:
+            self._warned_patterns = True
+            _log.warn(
+                "backplane: patterns are not carried over Redis Cluster yet: a pattern "
+                "subscriber hears only its own node's publishes"
+            )
+        if kind in _CARRIED:
+            owner = self._owner(kind, name)
+            if owner is not None:
+                owner.interest_gained(kind, name)
+
+    def interest_lost(self, kind: str, name: bytes) -> None:
+        self.interest[kind].discard(name)
+        if kind in _CARRIED:
+            owner = self._owner(kind, name)
+            if owner is not None and name in owner.interest[kind]:
+                owner.interest_lost(kind, name)
+
+    def published(self, kind: str, channel: bytes, payload: bytes) -> None:
+        link = self._slots[keyslot(self.prefix + _CARRIED[kind] + channel)]
+        self._refused_by = link
+        if link is None:
+            self._unmapped += 1
+            return
+        link.published(kind, channel, payload)
+
+    def refusal(self, receivers: int) -> str | None:
+        link = self._refused_by
+        if link is None:
+            noun = "subscriber" if receivers == 1 else "subscribers"
+            return (
+                f"BACKPLANE {self.url} has no slot map yet: "
+                f"delivered to {receivers} local {noun} only"
+            )
+        return link.refusal(receivers)
+
+    # -- figures -----------------------------------------------------------------
+
+    def _total(self, name: str) -> int:
+        return self._retired[name] + sum(getattr(link, name) for link in self.links.values())
+
+    @property
+    def sent(self) -> int:
+        return self._total("sent")
+
+    @property
+    def failed(self) -> int:
+        return self._unmapped + self._total("failed")
+
+    @property
+    def received(self) -> int:
+        return self._total("received")
+
+    @property
+    def reconnects(self) -> int:
+        return self._total("reconnects")
+
+    @property
+    def timeouts(self) -> int:
+        return self._total("timeouts")
+
+    @property
+    def lost(self) -> int:
+        return self._retired_lost + sum(link.lost for link in self.links.values())
+
+    @property
+    def dropped(self) -> int:
+        return self._retired_dropped + sum(link.dropped for link in self.links.values())
+
+    def health(self) -> dict[str, Any]:
+        """What /healthz shows of the backplane: the whole, then each shard."""
+        return {
+            "url": self.url,
+            "state": self.state,
+            "since": round(float(self.since), 3),
+            "node": self.node_id.decode(),
+            "channels": len(self.interest["channel"]),
+            "patterns": len(self.interest["pattern"]),
+            "shard_channels": len(self.interest["shard"]),
+            "shards": [
+                {"url": link.url, "state": link.state, "since": round(float(link.since), 3)}
+                for link in self.links.values()
+            ],
+        }

@@ -1,0 +1,93 @@
+"""The Redis Cluster backplane's own pieces: hash slots, the URL, the slot map."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pubsub.backplane.redis_cluster import (
+    ClusterTarget,
+    is_cluster_url,
+    keyslot,
+    parse_cluster_url,
+    parse_slots,
+)
+
+
+def _crc16_bitwise(data: bytes) -> int:
+    """CRC16-XMODEM computed bit by bit, as the Redis Cluster spec describes it."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
+    return crc
+
+
+@pytest.mark.parametrize(
+    ("name", "slot"),
+    [
+        (b"123456789", 0x31C3),  # the spec's check value
+        (b"foo", 12182),
+        (b"", 0),
+        (b"{user1000}.following", keyslot(b"user1000")),
+        (b"foo{}{bar}", _crc16_bitwise(b"foo{}{bar}") % 16384),  # empty tag: the whole name
+        (b"foo{{bar}}zap", keyslot(b"{bar")),  # from the first { to the first } after it
+        (b"foo{bar}{zap}", keyslot(b"bar")),
+    ],
+)
+def test_the_slot_of_a_name_is_redis_clusters(name, slot):
+    assert keyslot(name) == slot
+
+
+@given(st.binary(max_size=64))
+def test_the_table_driven_crc_is_the_bitwise_one(name):
+    if b"{" not in name:
+        assert keyslot(name) == _crc16_bitwise(name) % 16384
+
+
+def test_a_cluster_url_names_its_seeds_and_credentials():
+    target = parse_cluster_url("redis+cluster://app:s%40cret@10.0.0.1:7000,10.0.0.2,[::1]:7002/")
+    assert target == ClusterTarget(
+        (("10.0.0.1", 7000), ("10.0.0.2", 6379), ("::1", 7002)), "app", "s@cret", False
+    )
+    assert target.display == "redis+cluster://app@10.0.0.1:7000,10.0.0.2:6379,[::1]:7002/"
+    assert parse_cluster_url("rediss+cluster://:pw@h:1").tls
+    assert parse_cluster_url("rediss+cluster://:pw@h:1").password == "pw"
+    assert parse_cluster_url("rediss+cluster://:pw@h:1").username is None
+    assert is_cluster_url(" REDIS+CLUSTER://h:1") and not is_cluster_url("redis://h:1")
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://h:1", r"must start with redis\+cluster://"),
+        ("redis+cluster://h:1,:2", "seed without a host"),
+        ("redis+cluster://h:x", "bad port"),
+        ("redis+cluster://h:70000", "bad port"),
+    ],
+)
+def test_a_bad_cluster_url_says_what_is_wrong(url, message):
+    with pytest.raises(ValueError, match=message):
+        parse_cluster_url(url)
+
+
+def test_the_slot_map_names_each_ranges_primary():
+    reply = [
+        [0, 5460, [b"127.0.0.1", 7000, b"id0"], [b"127.0.0.1", 7003, b"id3"]],
+        [5461, 10922, [b"", 7001, b"id1"]],  # an unknown address: the node asked
+        [10923, 16383, [b"?", 7002, b"id2"]],
+    ]
+    assert parse_slots(reply, "10.1.1.1") == {
+        (0, 5460): ("127.0.0.1", 7000),
+        (5461, 10922): ("10.1.1.1", 7001),
+        (10923, 16383): ("10.1.1.1", 7002),
+    }
+
+
+def test_an_error_instead_of_a_slot_map_is_refused():
+    import hiredis
+
+    with pytest.raises(ValueError, match="cluster support disabled"):
+        parse_slots(hiredis.ReplyError("ERR This instance has cluster support disabled"), "h")
