@@ -13,8 +13,16 @@ as a key would, and its messages stay inside that shard.  So here:
   The two kinds keep their own names, as Redis keeps channels and shard
   channels apart.  A name's slot is Redis's (CRC16 of the whole name, or of
   its ``{hash tag}``), so ``{user1}.in`` and ``{user1}.out`` share a shard.
-* **Patterns** are not carried yet: a pattern subscriber hears only its own
-  node's publishes.  The warning logged at start and docs/operations.md say so.
+* **Patterns** stay classic Pub/Sub: a node holding patterns PSUBSCRIBEs
+  them (on one primary, over the channels' names), and while any node holds
+  a pattern every node sends each channel publish as a classic PUBLISH too,
+  which the cluster forwards to all its nodes: the cost of patterns, paid
+  only while someone uses them.  Nodes learn who holds patterns from the
+  *census*, a sharded channel (``prefix + "patterns"``) on which each holder
+  says "on" every ``refresh_interval`` and "off" when its last pattern
+  goes; a word not repeated for ``census_ttl`` lapses.  A node that has not
+  yet listened to the census for ``census_ttl`` with every shard connected
+  broadcasts anyway.
 
 Each shard's primary gets its own pair of connections (:class:`_ShardLink`,
 a :class:`~pubsub.backplane.redis.RedisBackplane` given that shard's share
@@ -61,6 +69,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pubsub.backplane.redis import (
+    _PUBLISH,
     _SUBSCRIBE,
     _UNSUBSCRIBE,
     NODE_ID_SIZE,
@@ -68,6 +77,7 @@ from pubsub.backplane.redis import (
     RedisBackplane,
     RedisTarget,
     command,
+    escape_glob,
     new_node_id,
 )
 from pubsub.engine import Engine
@@ -78,8 +88,14 @@ _log = Logger()
 
 SLOTS = 16384
 
-#: Kinds carried as sharded channels, and the part of their name after the prefix.
-_CARRIED = {"channel": b"c:", "shard": b"s:"}
+#: Kinds carried as sharded channels, and the part of their name after the
+#: prefix: the engine's channels and shard channels, and the census, the one
+#: sharded channel (``prefix + "patterns"``) on which nodes say whether they
+#: hold patterns.
+_CARRIED = {"channel": b"c:", "shard": b"s:", "census": b""}
+_CENSUS = b"patterns"
+#: Every kind a link holds names of: patterns live on the census's shard.
+_KINDS = (*_CARRIED, "pattern")
 
 #: Replies that say the slot map we hold is out of date.
 _REDIRECTS = ("MOVED ", "ASK ", "CLUSTERDOWN ", "TRYAGAIN ")
@@ -246,7 +262,7 @@ class _ShardLink(RedisBackplane):
             timeout=cluster.timeout,
             trust_root=cluster.trust_root,
             client_certificate=cluster.client_certificate,
-            interest={"channel": set(), "pattern": set(), "shard": set()},
+            interest={kind: set() for kind in _KINDS},
         )
         self.cluster = cluster
         self.address = (host, port)
@@ -259,6 +275,14 @@ class _ShardLink(RedisBackplane):
             self._wire_prefix[kind] = cluster.prefix + part
         self._channels = cluster.prefix + _CARRIED["channel"]
         self._shards = cluster.prefix + _CARRIED["shard"]
+        self._census = cluster.prefix + _CENSUS
+        # Patterns stay classic Pub/Sub (PSUBSCRIBE), over the channels'
+        # names: they hear the classic PUBLISH a node sends besides SPUBLISH
+        # while some node holds a pattern ("broadcast").
+        self._pattern_prefix = escape_glob(self._channels)
+        self._wire_prefix["pattern"] = self._pattern_prefix
+        self._publishing["broadcast"] = _PUBLISH["channel"]
+        self._wire_prefix["broadcast"] = self._channels
 
     def _resubscribe(self, connection: Any) -> None:
         """Everything this shard carries for us, then a PING.  A cluster takes
@@ -268,17 +292,29 @@ class _ShardLink(RedisBackplane):
             for name in self.interest[kind]:
                 wire = self._wire_name(kind, name)
                 by_slot.setdefault(keyslot(wire), []).append(wire)
-        subscribe = _SUBSCRIBE["shard"]
-        for names in by_slot.values():
+        batches = [(_SUBSCRIBE["shard"], names) for names in by_slot.values()]
+        patterns = [self._wire_name("pattern", name) for name in self.interest["pattern"]]
+        batches.append((_SUBSCRIBE["pattern"], patterns))
+        for subscribe, names in batches:
             for start in range(0, len(names), RESUBSCRIBE_BATCH):
                 connection.send(subscribe, *names[start : start + RESUBSCRIBE_BATCH])
         connection.ping()
+
+    def _local(self, name: bytes) -> bytes:
+        return name[len(self._channels) :]  # a pmessage's channel
 
     def _smessage(self, channel: bytes, data: bytes) -> None:
         if channel.startswith(self._channels):
             self._deliver(self.engine.deliver_message, data, channel[len(self._channels) :])
         elif channel.startswith(self._shards):
             self._deliver(self.engine.deliver_smessage, data, channel[len(self._shards) :])
+        elif channel == self._census and data[:NODE_ID_SIZE] != self.node_id:
+            self.cluster.census_heard(data[:NODE_ID_SIZE], data[NODE_ID_SIZE + 1 :])
+
+    def announce(self, word: bytes) -> None:
+        """Say ``word`` on the census (not a publish: not counted as one)."""
+        if self._publisher is not None and self.state == "connected":
+            self._publisher.send(b"SPUBLISH", self._census, self._envelope_head + word)
 
     def reply_received(self, connection: Any, reply: Any) -> None:
         super().reply_received(connection, reply)
@@ -295,7 +331,7 @@ class _ShardLink(RedisBackplane):
             self.cluster.map_changed(f"{self.url} dropped our subscription of {reply[1]!r}")
 
     def _still_wanted(self, wire: bytes) -> bool:
-        for kind in _CARRIED:
+        for kind in _CARRIED:  # every prefix is checked: the census's is a prefix of the others
             prefix = self._wire_prefix[kind]
             if wire.startswith(prefix) and wire[len(prefix) :] in self.interest[kind]:
                 return True
@@ -369,7 +405,17 @@ class RedisClusterBackplane(MultiService):
             "channel": set(engine.channels()),
             "pattern": set(engine.patterns()),
             "shard": set(engine.shard_channels()),
+            "census": {_CENSUS},
         }
+        #: Nodes that said they hold patterns, and when they last said so.
+        self._holders: dict[bytes, float] = {}
+        #: How long a node's word on the census holds (it says it every tick).
+        self.census_ttl = 3 * refresh_interval
+        #: Whether each channel publish is sent as a classic PUBLISH too, for
+        #: the patterns of other nodes.  Until the census has been heard for
+        #: a while, assume so.
+        self.broadcast = True
+        self._quiet_since: float | None = None
         self.links: dict[tuple[str, int], _ShardLink] = {}
         #: The link of each slot's primary, None until the map is known.
         self._slots: list[_ShardLink | None] = [None] * SLOTS
@@ -381,7 +427,6 @@ class RedisClusterBackplane(MultiService):
         self.state = "connecting"
         self.since = clock.seconds()
         self._unmapped = 0  # publishes refused before there was a slot map
-        self._warned_patterns = False
         self._retired = {"sent": 0, "received": 0, "failed": 0, "reconnects": 0, "timeouts": 0}
         self._retired_lost = 0
         self._retired_dropped = 0
@@ -442,6 +487,39 @@ class RedisClusterBackplane(MultiService):
         self._since_calm += self.refresh_interval
         if self._doubt is not None or self._since_calm >= self.calm_refresh:
             self._refresh()
+        if self.interest["pattern"]:
+            self._announce(b"on")
+        self._count_holders()
+
+    # -- the census: does any other node hold a pattern? ----------------------------
+
+    def _announce(self, word: bytes) -> None:
+        link = self._owner("census", _CENSUS)
+        if link is not None:
+            link.announce(word)
+
+    def census_heard(self, node: bytes, word: bytes) -> None:
+        if word == b"on":
+            self._holders[node] = self.clock.seconds()
+            self.broadcast = True
+        elif word == b"off":
+            self._holders.pop(node, None)
+            self._count_holders()
+
+    def _count_holders(self) -> None:
+        """Forget holders not heard for ``census_ttl``; broadcast while any is
+        left, and until the census has been listened to for ``census_ttl``
+        (a holder says so every tick) with every shard connected."""
+        now = self.clock.seconds()
+        for node, heard in list(self._holders.items()):
+            if now - heard > self.census_ttl:
+                del self._holders[node]
+        if self.state != "connected":
+            self._quiet_since = None  # the census may have been missed
+        elif self._quiet_since is None:
+            self._quiet_since = now
+        settled = self._quiet_since is not None and now - self._quiet_since >= self.census_ttl
+        self.broadcast = bool(self._holders) or not settled
 
     def map_changed(self, why: str) -> None:
         """Something says the slot map moved: ask for it now."""
@@ -514,10 +592,10 @@ class RedisClusterBackplane(MultiService):
             slots[first : last + 1] = [link] * (last - first + 1)
         self._slots = slots
         for link in list(self.links.values()):
-            for kind in _CARRIED:
+            for kind in _KINDS:
                 for name in [n for n in link.interest[kind] if self._owner(kind, n) is not link]:
                     link.interest_lost(kind, name)
-        for kind in _CARRIED:
+        for kind in _KINDS:
             for name in self.interest[kind]:
                 owner = self._owner(kind, name)
                 if owner is not None and name not in owner.interest[kind]:
@@ -537,6 +615,8 @@ class RedisClusterBackplane(MultiService):
         link.disownServiceParent()
 
     def _owner(self, kind: str, name: bytes) -> _ShardLink | None:
+        if kind == "pattern":
+            kind, name = "census", _CENSUS
         return self._slots[keyslot(self.prefix + _CARRIED[kind] + name)]
 
     def _update_state(self) -> None:
@@ -562,24 +642,22 @@ class RedisClusterBackplane(MultiService):
     # -- the engine's Relay --------------------------------------------------------
 
     def interest_gained(self, kind: str, name: bytes) -> None:
-        self.interest[kind].add(name)
-        if kind == "pattern" and not self._warned_patterns:
-            self._warned_patterns = True
-            _log.warn(
-                "backplane: patterns are not carried over Redis Cluster yet: a pattern "
-                "subscriber hears only its own node's publishes"
-            )
-        if kind in _CARRIED:
-            owner = self._owner(kind, name)
-            if owner is not None:
-                owner.interest_gained(kind, name)
+        names = self.interest[kind]
+        names.add(name)
+        owner = self._owner(kind, name)
+        if owner is not None:
+            owner.interest_gained(kind, name)
+        if kind == "pattern" and len(names) == 1:
+            self._announce(b"on")  # other nodes broadcast from now on
 
     def interest_lost(self, kind: str, name: bytes) -> None:
-        self.interest[kind].discard(name)
-        if kind in _CARRIED:
-            owner = self._owner(kind, name)
-            if owner is not None and name in owner.interest[kind]:
-                owner.interest_lost(kind, name)
+        names = self.interest[kind]
+        names.discard(name)
+        owner = self._owner(kind, name)
+        if owner is not None and name in owner.interest[kind]:
+            owner.interest_lost(kind, name)
+        if kind == "pattern" and not names:
+            self._announce(b"off")
 
     def published(self, kind: str, channel: bytes, payload: bytes) -> None:
         link = self._slots[keyslot(self.prefix + _CARRIED[kind] + channel)]
@@ -588,6 +666,8 @@ class RedisClusterBackplane(MultiService):
             self._unmapped += 1
             return
         link.published(kind, channel, payload)
+        if self.broadcast and kind == "channel" and link.refusal(0) is None:
+            link.published("broadcast", channel, payload)
 
     def refusal(self, receivers: int) -> str | None:
         link = self._refused_by
@@ -642,6 +722,8 @@ class RedisClusterBackplane(MultiService):
             "channels": len(self.interest["channel"]),
             "patterns": len(self.interest["pattern"]),
             "shard_channels": len(self.interest["shard"]),
+            # Channel publishes also go cluster-wide, for patterns on other nodes.
+            "broadcast": self.broadcast,
             "shards": [
                 {"url": link.url, "state": link.state, "since": round(float(link.since), 3)}
                 for link in self.links.values()

@@ -17,6 +17,7 @@ from twisted.internet import defer, reactor, task, threads
 
 from pubsub.backplane.redis_cluster import keyslot
 from tests.integration.test_backplane import PREFIX, health, wait_for
+from tests.support.respclient import connect as redis_connect
 
 CHANNELS = [f"news.{n}" for n in range(12)]
 
@@ -199,3 +200,49 @@ def _metrics(port: int):
 
     response = yield Agent(reactor).request(b"GET", b"http://127.0.0.1:%d/metrics" % port)
     return (yield readBody(response)).decode()
+
+
+@pytest.mark.timeout(180)
+@pytest_twisted.inlineCallbacks
+def test_patterns_cross_a_redis_cluster_while_a_node_holds_one(redis_cluster, nodes, resp_connect):
+    (ws_a, resp_a), (ws_b, resp_b) = yield nodes(cluster_url(redis_cluster), 2)
+    yield all_connected(ws_a, ws_b)
+    a = yield resp_connect(resp_a)
+    b = yield resp_connect(resp_b)
+    # A classic subscriber in the cluster sees what nodes broadcast for patterns.
+    watcher = yield redis_connect(redis_cluster.primaries()[-1])
+    yield watcher.call("SUBSCRIBE", wire("channel", "news.2"))
+    yield a.call("PSUBSCRIBE", "news.*")
+    yield a.call("SUBSCRIBE", "news.1")
+    census = redis_cluster.slot_owner(keyslot(PREFIX + b"patterns"))
+    yield wait_for(
+        lambda: defer.succeed(redis_cluster.call(census, "PUBSUB", "NUMPAT")),
+        1,
+        "PUBSUB NUMPAT on the census's primary",
+    )
+    yield subscribed_everywhere(redis_cluster, "channel", ["news.1"], 1)
+
+    # B publishes: A's channel and pattern subscriber gets both, once.
+    assert (yield b.call("PUBLISH", "news.1", "one")) == [0]
+    got = sorted([(yield a.next_value()), (yield a.next_value())])
+    assert got == [[b"message", b"news.1", b"one"], [b"pmessage", b"news.*", b"news.1", b"one"]]
+    assert (yield b.call("PUBLISH", "news.2", "two")) == [0]
+    assert (yield a.next_value()) == [b"pmessage", b"news.*", b"news.2", b"two"]
+    assert (yield a.drain()) == []
+    assert (yield watcher.next_value())[0] == b"message"  # B's broadcast of "two"
+
+    # The last pattern gone, B stops broadcasting once the word has lapsed.
+    yield a.call("PUNSUBSCRIBE", "news.*")
+
+    @defer.inlineCallbacks
+    def broadcast_seen():
+        yield b.call("PUBLISH", "news.2", "probe")
+        # The cluster bus may take a moment: two PING round trips' worth.
+        seen = (yield watcher.drain()) + (yield watcher.drain())
+        return any(m[0] == b"message" for m in seen)
+
+    yield wait_for(broadcast_seen, False, "B still broadcasting without patterns")
+    a_publisher = yield resp_connect(resp_a)
+    assert (yield a_publisher.call("PUBLISH", "news.1", "local")) == [1]
+    assert (yield a.drain()) == [[b"message", b"news.1", b"local"]]
+    yield watcher.abort()

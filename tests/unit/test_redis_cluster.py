@@ -1,18 +1,22 @@
-"""The Redis Cluster backplane's own pieces: hash slots, the URL, the slot map."""
+"""The Redis Cluster backplane's own pieces: hash slots, the URL, the slot map, the census."""
 
 from __future__ import annotations
 
+import hiredis
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.task import Clock
 
 from pubsub.backplane.redis_cluster import (
     ClusterTarget,
+    RedisClusterBackplane,
     is_cluster_url,
     keyslot,
     parse_cluster_url,
     parse_slots,
 )
+from pubsub.engine import Engine
 
 
 def _crc16_bitwise(data: bytes) -> int:
@@ -87,7 +91,49 @@ def test_the_slot_map_names_each_ranges_primary():
 
 
 def test_an_error_instead_of_a_slot_map_is_refused():
-    import hiredis
-
     with pytest.raises(ValueError, match="cluster support disabled"):
         parse_slots(hiredis.ReplyError("ERR This instance has cluster support disabled"), "h")
+
+
+class _Link:
+    state = "connected"
+
+
+def _cluster(clock):
+    cluster = RedisClusterBackplane(Engine(), "redis+cluster://127.0.0.1:1/", clock=clock)
+    cluster.links[("127.0.0.1", 1)] = _Link()
+    cluster.state = "connected"
+    return cluster
+
+
+def test_a_node_broadcasts_until_it_has_heard_the_census_long_enough():
+    clock = Clock()
+    cluster = _cluster(clock)
+    assert cluster.broadcast  # nothing heard yet: other nodes may hold patterns
+    cluster._count_holders()
+    clock.advance(cluster.census_ttl - 0.1)
+    cluster._count_holders()
+    assert cluster.broadcast
+    clock.advance(0.2)
+    cluster._count_holders()
+    assert not cluster.broadcast
+    cluster.state = "down"  # the census may be missed: broadcast again
+    cluster._count_holders()
+    assert cluster.broadcast
+
+
+def test_a_holders_word_holds_until_it_says_off_or_lapses():
+    clock = Clock()
+    cluster = _cluster(clock)
+    cluster._count_holders()
+    clock.advance(cluster.census_ttl)
+    cluster._count_holders()
+    assert not cluster.broadcast
+    cluster.census_heard(b"a" * 16, b"on")
+    assert cluster.broadcast
+    cluster.census_heard(b"a" * 16, b"off")
+    assert not cluster.broadcast
+    cluster.census_heard(b"b" * 16, b"on")
+    clock.advance(cluster.census_ttl + 0.1)  # b crashed: no more words
+    cluster._count_holders()
+    assert not cluster.broadcast
