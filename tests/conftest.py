@@ -3,9 +3,6 @@ and clients for it: WebSocket (``connect``), RESP (``resp_connect``), redis-cli.
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
@@ -18,7 +15,7 @@ from pubsub.resp import RespFactory
 from pubsub.service import build_resource
 from pubsub.web import FrontFactory
 from tests.support import respclient, wsclient
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, required
 
 
 class RunningServer:
@@ -151,13 +148,7 @@ def redis(tmp_path):
 @pytest.fixture(scope="session")
 def redis_cli() -> str:
     """The path of redis-cli; a skip (a failure under PUBSUB_REQUIRE_REDIS) without it."""
-    binary = shutil.which("redis-cli")
-    if binary is None:
-        message = "redis-cli is not installed (Debian: apt-get install redis-tools)"
-        if os.environ.get("PUBSUB_REQUIRE_REDIS"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return binary
+    return required("redis-cli", "redis-tools")
 
 
 @pytest.fixture

@@ -399,11 +399,13 @@ class RedisBackplane(Service):
     (delivered from another node), ``failed`` (publishes answered with the
     backplane error), ``reconnects``, ``timeouts`` (connections closed
     because Redis did not answer in time); with one Redis always 0, for a
-    Redis Cluster: ``lost`` (publishes redirected) and ``dropped``
+    Redis Cluster: ``redirected`` (publishes sent again where a redirect
+    said), ``lost`` (redirected ones that could not be) and ``dropped``
     (subscriptions dropped by a failover).
     """
 
     lost = 0
+    redirected = 0
     dropped = 0
 
     def __init__(
@@ -713,6 +715,10 @@ class RedisBackplane(Service):
             publisher.backlog += len(data)
         self._refused = None
         self.sent += 1
+        self._write(publisher, data)
+
+    def _write(self, publisher: _Connection, data: bytes) -> None:
+        """Send one publish (a whole command) on the publisher connection."""
         publisher.requests += 1
         publisher.transport.write(data)
 
@@ -727,12 +733,18 @@ class RedisBackplane(Service):
 
     def health(self) -> dict[str, Any]:
         """What /healthz shows of the backplane."""
-        return {
-            "url": self.url,
-            "state": self.state,
-            "since": round(float(self.since), 3),
-            "node": self.node_id.decode(),
-            "channels": len(self.interest["channel"]),
-            "patterns": len(self.interest["pattern"]),
-            "shard_channels": len(self.interest["shard"]),
-        }
+        return health_of(self)
+
+
+def health_of(backplane: Any) -> dict[str, Any]:
+    """What /healthz shows of any backplane: where, its state since when, this
+    node's id and how many names its clients hold."""
+    return {
+        "url": backplane.url,
+        "state": backplane.state,
+        "since": round(float(backplane.since), 3),
+        "node": backplane.node_id.decode(),
+        "channels": len(backplane.interest["channel"]),
+        "patterns": len(backplane.interest["pattern"]),
+        "shard_channels": len(backplane.interest["shard"]),
+    }

@@ -14,7 +14,6 @@ PUBSUB_REQUIRE_REDIS, as in redis_server.py.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -25,7 +24,7 @@ from typing import Any
 import hiredis
 import pytest
 
-from tests.support.redis_server import RedisServer, _binary, _free_port
+from tests.support.redis_server import RedisServer, _binary, _free_port, required
 
 SLOTS = 16384
 POLL = 0.05  # seconds between two looks at the cluster while waiting
@@ -45,13 +44,7 @@ QUICK = ("--repl-diskless-sync-delay", "0", "--repl-ping-replica-period", "1")
 
 
 def _cli() -> str:
-    binary = shutil.which("redis-cli")
-    if binary is None:
-        message = "redis-cli is not installed (make test installs it: apt-get install redis-tools)"
-        if os.environ.get("PUBSUB_REQUIRE_REDIS"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return binary
+    return required("redis-cli", "redis-tools")
 
 
 def _text(value: Any) -> str:

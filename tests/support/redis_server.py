@@ -90,16 +90,20 @@ def _ready(port: int, tls: RedisTLS | None = None) -> bool:
         return False
 
 
-def _binary() -> str:
-    binary = shutil.which("redis-server")
+def required(name: str, package: str) -> str:
+    """The path of the program ``name``; without it a skip that says how to get
+    it, or a failure under PUBSUB_REQUIRE_REDIS (``make test`` sets it)."""
+    binary = shutil.which(name)
     if binary is None:
-        message = (
-            "redis-server is not installed (make test installs it: apt-get install redis-server)"
-        )
+        message = f"{name} is not installed (make test installs it: apt-get install {package})"
         if os.environ.get("PUBSUB_REQUIRE_REDIS"):
             pytest.fail(message)
         pytest.skip(message)
     return binary
+
+
+def _binary() -> str:
+    return required("redis-server", "redis-server")
 
 
 class RedisServer:
