@@ -314,10 +314,15 @@ _BACKPLANE_COUNTERS = (
     (
         "pubsub_backplane_lost",
         (
-            "Publishes a Redis Cluster redirected (MOVED) after the node had answered: "
-            "not delivered to other nodes"
+            "Publishes a Redis Cluster redirected (MOVED, ASK) that could not be sent "
+            "again: not delivered to other nodes"
         ),
         "lost",
+    ),
+    (
+        "pubsub_backplane_redirected",
+        "Publishes a Redis Cluster redirected (MOVED, ASK), sent again where it said",
+        "redirected",
     ),
     (
         "pubsub_backplane_dropped",

@@ -37,10 +37,14 @@ on the old link and subscribed on the new one; links to nodes that no
 longer own slots are closed.
 
 A publish is sent to its slot's owner as the map says.  If the map was
-stale (a resharding just happened), Redis answers ``MOVED``: that message is
-lost, counted in ``lost`` (``pubsub_backplane_lost_total``), logged, and
-the map is refreshed.  A publish whose shard's link is down is refused,
-as with one Redis.
+stale (a resharding just happened), Redis answers ``MOVED`` (or ``ASK``
+while the slot migrates): each link keeps the publishes Redis has not
+answered yet, and a redirected one is sent again to the node named, with
+``ASKING`` first for an ``ASK`` (counted in ``redirected``); the map is
+read again meanwhile.  One that cannot be sent again (no link to that node
+after the new map, a second redirect, ``CLUSTERDOWN``) is counted in
+``lost`` (``pubsub_backplane_lost_total``) and logged.  A publish whose
+shard's link is down is refused, as with one Redis.
 
 When a primary hands its slots over (a failover), it drops every
 subscription to them with an ``sunsubscribe`` of its own; the node renews
@@ -53,6 +57,7 @@ reaches no one here: each such drop is logged and counted in ``dropped``
 from __future__ import annotations
 
 import functools
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +83,7 @@ from pubsub.backplane.redis import (
     RedisTarget,
     command,
     escape_glob,
+    health_of,
     new_node_id,
 )
 from pubsub.engine import Engine
@@ -99,6 +105,10 @@ _KINDS = (*_CARRIED, "pattern")
 
 #: Replies that say the slot map we hold is out of date.
 _REDIRECTS = ("MOVED ", "ASK ", "CLUSTERDOWN ", "TRYAGAIN ")
+#: Redirects one publish may follow before it counts as lost.
+_MAX_HOPS = 2
+#: The counters a cluster sums over its links.
+_COUNTS = ("sent", "received", "failed", "reconnects", "timeouts", "redirected", "dropped")
 
 
 def _crc16_table() -> list[int]:
@@ -266,8 +276,13 @@ class _ShardLink(RedisBackplane):
         )
         self.cluster = cluster
         self.address = (host, port)
-        self.lost = 0  # publishes Redis redirected (MOVED): not delivered
+        self.redirected = 0  # publishes sent again where Redis redirected them
         self.dropped = 0  # our subscriptions Redis dropped (its slot moved away)
+        #: The publishes on the current publisher connection that Redis has
+        #: not answered yet: (their request number, the command, times
+        #: redirected), to send again where Redis redirects one.
+        self._in_flight: deque[tuple[int, bytes, int]] = deque()
+        self._redirect: str | None = None  # the redirect the reply at hand is
         for kind, part in _CARRIED.items():
             self._subscribing[kind] = _SUBSCRIBE["shard"]
             self._unsubscribing[kind] = _UNSUBSCRIBE["shard"]
@@ -316,8 +331,33 @@ class _ShardLink(RedisBackplane):
         if self._publisher is not None and self.state == "connected":
             self._publisher.send(b"SPUBLISH", self._census, self._envelope_head + word)
 
+    def connection_made(self, connection: Any) -> None:
+        if connection.role == "publisher":
+            self._in_flight.clear()  # a new connection: its requests count from 0
+        super().connection_made(connection)
+
+    def _write(self, publisher: Any, data: bytes, hops: int = 0) -> None:
+        super()._write(publisher, data)
+        self._in_flight.append((publisher.requests, data, hops))
+
+    def forward(self, data: bytes, hops: int, asking: bool) -> bool:
+        """Send a publish another shard redirected here (with ASKING first for
+        an ``ASK``); False when this link cannot take it now."""
+        publisher = self._publisher
+        if publisher is None or self.state != "connected":
+            return False
+        if asking:
+            publisher.send(b"ASKING")
+        self._write(publisher, data, hops)
+        self.redirected += 1
+        return True
+
     def reply_received(self, connection: Any, reply: Any) -> None:
+        self._redirect = None
         super().reply_received(connection, reply)
+        if connection is self._publisher:
+            self._answered(connection.replies)
+            return
         # Redis drops our subscriptions of a slot it no longer owns (a
         # failover, a resharding): one of ours, gone, means the map moved.
         if (
@@ -337,11 +377,21 @@ class _ShardLink(RedisBackplane):
                 return True
         return False
 
+    def _answered(self, replies: int) -> None:
+        """The publisher's reply number ``replies`` came: if it answered a
+        publish with a redirect, that publish goes where Redis says."""
+        in_flight = self._in_flight
+        while in_flight and in_flight[0][0] < replies:
+            in_flight.popleft()  # not expected: each publish gets its reply
+        if in_flight and in_flight[0][0] == replies:
+            _, data, hops = in_flight.popleft()
+            if self._redirect is not None:
+                self.cluster.redirect(self, self._redirect, data, hops)
+
     def _reply_error(self, connection: Any, reply: hiredis.ReplyError) -> None:
         message = str(reply)
         if message.startswith(_REDIRECTS):
-            if connection.role == "publisher":
-                self.lost += 1
+            self._redirect = message
             self.cluster.map_changed(f"{self.url} answered {message}")
             return
         super()._reply_error(connection, reply)
@@ -427,9 +477,13 @@ class RedisClusterBackplane(MultiService):
         self.state = "connecting"
         self.since = clock.seconds()
         self._unmapped = 0  # publishes refused before there was a slot map
-        self._retired = {"sent": 0, "received": 0, "failed": 0, "reconnects": 0, "timeouts": 0}
-        self._retired_lost = 0
-        self._retired_dropped = 0
+        #: Publishes redirected to a node not linked yet: (its address, the
+        #: command, hops), sent once the new map is in; at most buffer_limit bytes.
+        self._held: list[tuple[tuple[str, int], bytes, int]] = []
+        self._held_bytes = 0
+        #: The counts of links closed since (their nodes no longer serve slots).
+        self._retired = dict.fromkeys(_COUNTS, 0)
+        self._lost = 0  # publishes redirected that could not be sent again
         self.refreshes = 0
         engine.relay = self
 
@@ -528,6 +582,43 @@ class RedisClusterBackplane(MultiService):
         self._doubt = why
         self._refresh()
 
+    def redirect(self, link: _ShardLink, message: str, data: bytes, hops: int) -> None:
+        """Redis answered a publish sent on ``link`` with ``message`` (MOVED,
+        ASK, CLUSTERDOWN, TRYAGAIN): send it again where it says, now or, for
+        a node not linked yet, once the new map is in; else it is lost."""
+        word, _, rest = message.partition(" ")
+        where = rest.split()[-1] if word in ("MOVED", "ASK") else ""
+        host, _, port = where.rpartition(":")
+        address = (host, int(port)) if port.isdigit() else None
+        if address is None or hops >= _MAX_HOPS:
+            self._lose(link.url, message)
+            return
+        target = self.links.get(address)
+        if target is not None and target.forward(data, hops + 1, asking=word == "ASK"):
+            return
+        if word == "MOVED" and self._held_bytes + len(data) <= self.buffer_limit:
+            self._held.append((address, data, hops + 1))
+            self._held_bytes += len(data)
+            return
+        self._lose(link.url, message)
+
+    def _lose(self, url: str, message: str) -> None:
+        self._lost += 1
+        if self._lost == 1:
+            _log.warn(
+                "backplane: a publish {url} answered with {message} could not be sent "
+                "again; lost (counted in pubsub_backplane_lost_total; not logged again)",
+                url=url,
+                message=message,
+            )
+
+    def _send_held(self) -> None:
+        held, self._held, self._held_bytes = self._held, [], 0
+        for address, data, hops in held:
+            target = self.links.get(address)
+            if target is None or not target.forward(data, hops, asking=False):
+                self._lose(f"{address[0]}:{address[1]}", "MOVED to it")
+
     def link_changed(self, link: _ShardLink) -> None:
         if self.links.get(link.address) is not link:
             return  # retired: its node no longer serves slots
@@ -605,13 +696,13 @@ class RedisClusterBackplane(MultiService):
         if all(link.state == "connected" for link in self.links.values()):
             self._doubt = None
         self._update_state()
+        if self._held:
+            self._send_held()
 
     def _retire(self, link: _ShardLink) -> None:
         """Close a link to a node that no longer serves slots; keep its counts."""
-        for name in self._retired:
+        for name in _COUNTS:
             self._retired[name] += getattr(link, name)
-        self._retired_lost += link.lost
-        self._retired_dropped += link.dropped
         link.disownServiceParent()
 
     def _owner(self, kind: str, name: bytes) -> _ShardLink | None:
@@ -706,22 +797,20 @@ class RedisClusterBackplane(MultiService):
 
     @property
     def lost(self) -> int:
-        return self._retired_lost + sum(link.lost for link in self.links.values())
+        return self._lost
+
+    @property
+    def redirected(self) -> int:
+        return self._total("redirected")
 
     @property
     def dropped(self) -> int:
-        return self._retired_dropped + sum(link.dropped for link in self.links.values())
+        return self._total("dropped")
 
     def health(self) -> dict[str, Any]:
         """What /healthz shows of the backplane: the whole, then each shard."""
         return {
-            "url": self.url,
-            "state": self.state,
-            "since": round(float(self.since), 3),
-            "node": self.node_id.decode(),
-            "channels": len(self.interest["channel"]),
-            "patterns": len(self.interest["pattern"]),
-            "shard_channels": len(self.interest["shard"]),
+            **health_of(self),
             # Channel publishes also go cluster-wide, for patterns on other nodes.
             "broadcast": self.broadcast,
             "shards": [

@@ -246,3 +246,46 @@ def test_patterns_cross_a_redis_cluster_while_a_node_holds_one(redis_cluster, no
     assert (yield a_publisher.call("PUBLISH", "news.1", "local")) == [1]
     assert (yield a.drain()) == [[b"message", b"news.1", b"local"]]
     yield watcher.abort()
+
+
+@pytest.mark.timeout(180)
+@pytest_twisted.inlineCallbacks
+def test_a_slot_moved_to_another_primary_redirects_publishes_and_moves_subscriptions(
+    redis_cluster, nodes, resp_connect
+):
+    (ws_a, resp_a), (ws_b, resp_b) = yield nodes(cluster_url(redis_cluster), 2)
+    yield all_connected(ws_a, ws_b)
+    a = yield resp_connect(resp_a)
+    b = yield resp_connect(resp_b)
+    yield a.call("SUBSCRIBE", "news.0")
+    yield subscribed_everywhere(redis_cluster, "channel", ["news.0"], 1)
+    assert (yield b.call("PUBLISH", "news.0", "before")) == [0]  # B's map: the old owner
+    assert (yield a.next_value()) == [b"message", b"news.0", b"before"]
+
+    # The slot goes to another primary (empty, so no MIGRATE): what a resharding does.
+    slot = keyslot(wire("channel", "news.0"))
+    source = redis_cluster.slot_owner(slot)
+    target = next(p for p in redis_cluster.primaries() if p != source)
+    target_id = redis_cluster.call(target, "CLUSTER", "MYID")
+    for port in [target, source] + [
+        p for p in redis_cluster.primaries() if p not in (source, target)
+    ]:
+        assert redis_cluster.call(port, "CLUSTER", "SETSLOT", str(slot), "NODE", target_id) == b"OK"
+    # A's node hears its subscription dropped and renews it on the new owner.
+    yield wait_for(
+        lambda: defer.succeed(
+            redis_cluster.call(target, "PUBSUB", "SHARDNUMSUB", wire("channel", "news.0"))[1]
+        ),
+        1,
+        "SHARDNUMSUB news.0 on the slot's new owner",
+    )
+    # B's map is stale: the old owner answers MOVED, B sends it again to the new one.
+    assert (yield b.call("PUBLISH", "news.0", "after")) == [0]
+    assert (yield a.next_value()) == [b"message", b"news.0", b"after"]
+    assert (yield b.call("PUBLISH", "news.0", "later")) == [0]
+    assert (yield a.next_value()) == [b"message", b"news.0", b"later"]
+    assert (yield a.drain()) == []
+    metrics = yield _metrics(ws_b)
+    # One or two: "later" may leave before the new map is in.
+    assert _counter(metrics, "redirected") >= 1 and _counter(metrics, "lost") == 0
+    assert _counter((yield _metrics(ws_a)), "dropped") == 1

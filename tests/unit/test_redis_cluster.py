@@ -137,3 +137,55 @@ def test_a_holders_word_holds_until_it_says_off_or_lapses():
     clock.advance(cluster.census_ttl + 0.1)  # b crashed: no more words
     cluster._count_holders()
     assert not cluster.broadcast
+
+
+class _Forwarding:
+    """A shard link that records what it is asked to send again."""
+
+    url = "redis://127.0.0.1:2/"
+    state = "connected"
+    redirected = dropped = sent = received = failed = reconnects = timeouts = 0
+
+    def __init__(self, takes: bool = True) -> None:
+        self.takes = takes
+        self.forwarded: list[tuple[bytes, int, bool]] = []
+
+    def forward(self, data: bytes, hops: int, asking: bool) -> bool:
+        self.forwarded.append((data, hops, asking))
+        return self.takes
+
+
+def test_a_redirected_publish_goes_where_redis_says():
+    cluster = _cluster(Clock())
+    there = cluster.links[("10.0.0.2", 7001)] = _Forwarding()
+    here = _Forwarding()
+    cluster.redirect(here, "MOVED 42 10.0.0.2:7001", b"one", 0)
+    cluster.redirect(here, "ASK 42 10.0.0.2:7001", b"two", 0)  # ASKING first
+    assert there.forwarded == [(b"one", 1, False), (b"two", 1, True)]
+    assert cluster.lost == 0
+
+
+def test_a_publish_moved_to_a_node_not_linked_yet_waits_for_the_new_map():
+    cluster = _cluster(Clock())
+    here = _Forwarding()
+    cluster.redirect(here, "MOVED 42 10.0.0.3:7002", b"one", 0)
+    assert cluster.lost == 0
+    new = cluster.links[("10.0.0.3", 7002)] = _Forwarding()
+    cluster._send_held()  # as _apply does once the new map is in
+    assert new.forwarded == [(b"one", 1, False)]
+    cluster.redirect(here, "MOVED 42 10.0.0.9:7009", b"two", 0)
+    cluster._send_held()  # the new map has no such node: lost, and counted
+    assert cluster.lost == 1
+
+
+def test_a_publish_that_cannot_be_sent_again_is_counted_lost():
+    cluster = _cluster(Clock())
+    cluster.links[("10.0.0.2", 7001)] = _Forwarding(takes=False)
+    here = _Forwarding()
+    cluster.redirect(here, "CLUSTERDOWN The cluster is down", b"a", 0)
+    cluster.redirect(here, "MOVED 42 10.0.0.2:7001", b"b", 2)  # redirected twice already
+    cluster.redirect(here, "ASK 42 10.0.0.2:7001", b"c", 0)  # that link is down
+    assert cluster.lost == 3
+    cluster.buffer_limit = 1
+    cluster.redirect(here, "MOVED 42 10.0.0.5:7005", b"too big to hold", 0)
+    assert cluster.lost == 4
