@@ -9,10 +9,10 @@ pubsub/Redis, and where each target of issue 4 stands; everything (raw runs,
 medians, machine, server logs, profile) goes to ``bench/results/<stamp>/``.
 
 The backplane scenarios (``--only backplane``) run the two fanout shapes on
-two other kinds instead: one pubsub node alone, and two nodes joined by one
-redis-server (class :class:`Backplane`), the publisher on node A and the
-subscribers on node B; they get a table of their own (one node, two nodes,
-the ratio) and no target.
+other kinds instead: one pubsub node alone, two nodes joined by one
+redis-server, and two nodes joined by a Redis Cluster (class
+:class:`Backplane`), the publisher on node A and the subscribers on node B;
+they get a table of their own (each kind, and the ratios) and no target.
 
 With ``--profile`` (the default) one extra fanout-pipelined run of pubsub is
 sampled with py-spy, and the top functions (self and inclusive time) are
@@ -52,9 +52,10 @@ COORDINATOR = BENCH / "loadgen" / "coordinator.js"
 
 PAYLOAD = 64
 
-# The backplane scenarios run on these two kinds, whatever --servers says: one
-# node alone, and two nodes over one Redis (class Backplane).
-BACKPLANE_KINDS = ["pubsub", "backplane"]
+# The backplane scenarios run on these kinds, whatever --servers says: one
+# node alone, two nodes over one Redis, and two nodes over a Redis Cluster of
+# three primaries with a replica each (class Backplane).
+BACKPLANE_KINDS = ["pubsub", "backplane", "backplane_cluster"]
 BACKPLANE = ("backplane_pipelined", "backplane_rate50")
 
 # Ratios pubsub/Redis (or patterns/no patterns) the issue asks us to report against.
@@ -274,29 +275,37 @@ class Server:
 
 
 class Backplane:
-    """Two pubsub nodes joined by one redis-server of their own, for one run.
+    """Two pubsub nodes joined by one redis-server of their own, or by a Redis
+    Cluster of their own (``kind`` "backplane_cluster": three primaries with a
+    replica each), for one run.
 
     Node B (``port``, ``pid``) holds the subscribers, node A (``publish_port``)
     the publisher, so every delivery goes node A -> Redis -> node B.  Each is
-    its own process; ``other_pids`` names all three for their CPU time.
+    its own process; ``other_pids`` names them all for their CPU time (the
+    cluster's nodes as ``redis``, ``redis_1``, ...).
     """
 
-    kind = "backplane"
-
-    def __init__(self, args: argparse.Namespace, outdir: Path, workdir: Path) -> None:
+    def __init__(
+        self, args: argparse.Namespace, outdir: Path, workdir: Path, kind: str = "backplane"
+    ) -> None:
+        self.kind = kind
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs = []
         try:
-            redis_port = free_port()
-            self._start(
-                "redis",
-                [
-                    args.redis_server, "--save", "", "--appendonly", "no",
-                    "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(workdir),
-                    "--daemonize", "no",
-                ],
-                redis_port, outdir / "backplane-redis.log", workdir,
-            )  # fmt: skip
+            if kind == "backplane_cluster":
+                url = self._start_cluster(args, outdir, workdir)
+            else:
+                redis_port = free_port()
+                self._start(
+                    "redis",
+                    [
+                        args.redis_server, "--save", "", "--appendonly", "no",
+                        "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(workdir),
+                        "--daemonize", "no",
+                    ],
+                    redis_port, outdir / "backplane-redis.log", workdir,
+                )  # fmt: skip
+                url = f"redis://127.0.0.1:{redis_port}/"
             ports = {}
             logs = {}
             for node in ("node_a", "node_b"):
@@ -309,7 +318,7 @@ class Backplane:
                         args.twistd, "-n", "--pidfile=", "pubsub",
                         "--port", f"tcp:{ports[node]}:interface=127.0.0.1",
                         "--max-connections", "20000",
-                        "--backplane", f"redis://127.0.0.1:{redis_port}/",
+                        "--backplane", url,
                     ],
                     ports[node], logs[node], workdir,
                 )  # fmt: skip
@@ -330,12 +339,50 @@ class Backplane:
         )
         wait_for_port(port, self.procs[name], 30)
 
+    def _start_cluster(self, args: argparse.Namespace, outdir: Path, workdir: Path) -> str:
+        """Six cluster-mode redis-servers, made a cluster by ``redis-cli --cluster
+        create``; the backplane URL naming two of them, once every node says ok."""
+        ports = [free_port() for _ in range(6)]
+        for i, port in enumerate(ports):
+            home = workdir / f"cluster-{port}"
+            home.mkdir()
+            self._start(
+                "redis" if i == 0 else f"redis_{i}",
+                [
+                    args.redis_server, "--save", "", "--appendonly", "no",
+                    "--port", str(port), "--bind", "127.0.0.1", "--dir", str(home),
+                    "--daemonize", "no", "--cluster-enabled", "yes",
+                    "--cluster-port", str(free_port()), "--cluster-node-timeout", "2000",
+                    # Replicas in sync at once (see tests/support/redis_cluster.py).
+                    "--repl-diskless-sync-delay", "0", "--repl-ping-replica-period", "1",
+                ],
+                port, outdir / "backplane-cluster.log", workdir,
+            )  # fmt: skip
+        cli = shutil.which("redis-cli", path=str(Path(args.redis_server).parent)) or "redis-cli"
+        created = subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports)]
+            + ["--cluster-replicas", "1", "--cluster-yes"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        if created.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout[-500:]}")
+        limit = time.monotonic() + 60
+        while time.monotonic() < limit:
+            infos = [command_output([cli, "-p", str(p), "cluster", "info"]) for p in ports]
+            if all("cluster_state:ok" in info for info in infos):
+                return f"redis+cluster://127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}/"
+            time.sleep(0.1)
+        raise RuntimeError("the Redis Cluster did not become ok within 60 s")
+
     def _wait_for_backplane(self, node: str, log: Path, start: int) -> None:
+        # One Redis: "connected to redis://..."; a cluster says it for the whole
+        # once every shard is up: "connected to redis+cluster://... (3 shards)".
+        ready = b"shards)" if self.kind == "backplane_cluster" else b"backplane: connected to"
         limit = time.monotonic() + 30
         while time.monotonic() < limit:
             with log.open("rb") as stream:
                 stream.seek(start)
-                if b"backplane: connected to" in stream.read():
+                if ready in stream.read():
                     return
             if self.procs[node].poll() is not None:
                 raise RuntimeError(f"{node} exited with {self.procs[node].returncode}")
@@ -344,7 +391,7 @@ class Backplane:
 
     def stop(self) -> None:
         # The nodes first, so that neither sees its Redis go away.
-        for name in ("node_a", "node_b", "redis"):
+        for name in ("node_a", "node_b", *(n for n in self.procs if n.startswith("redis"))):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
                 continue
@@ -368,8 +415,8 @@ def start_server(
     kind: str, spec: dict, args: argparse.Namespace, outdir: Path, workdir: Path
 ) -> Server | Backplane:
     """A fresh server of ``kind`` for one run: a :class:`Server` or a :class:`Backplane`."""
-    if kind == "backplane":
-        return Backplane(args, outdir, workdir)
+    if kind.startswith("backplane"):
+        return Backplane(args, outdir, workdir, kind)
     server = Server(kind, args, outdir / f"{kind}.log", workdir)
     if spec["name"] in BACKPLANE:
         # The one node is node A and node B at once; read its CPU as theirs are.
@@ -385,6 +432,12 @@ def backplane_figures(result: dict, kind: str) -> None:
     published = result.get("published") or 0
     deliveries = result.get("deliveries") or 0
     window = result.get("window_s") or 0
+    cpu = {name: result.get(f"cpu_ns_{name}") for name in ("node_a", "redis", "node_b")}
+    # A Redis Cluster's nodes (redis, redis_1, ...) count as one Redis.
+    for prefix in ("cpu_ns_redis", "idle_ns_per_s_redis"):
+        cluster = [v for k, v in result.items() if k.startswith(prefix + "_")]
+        if cluster and result.get(prefix) is not None:
+            result[prefix] += sum(cluster)
     cpu = {name: result.get(f"cpu_ns_{name}") for name in ("node_a", "redis", "node_b")}
     if not (published and deliveries and window) or cpu["node_b"] is None:
         return
@@ -402,7 +455,7 @@ def backplane_figures(result: dict, kind: str) -> None:
         idle = result.get(f"idle_ns_per_s_{name}")
         if idle is not None:
             result[f"{name}_idle_pct"] = 100 * idle / 1e9
-    if kind == "backplane" and "reply_sum_mismatch" in result:
+    if kind.startswith("backplane") and "reply_sum_mismatch" in result:
         # PUBLISH counts node A's own subscribers, none here (docs/protocol.md):
         # the replies must add up to 0, not to the deliveries.
         result["reply_sum_mismatch"] += result.get("expected_total") or 0
@@ -654,23 +707,29 @@ def table(med: dict, servers: list[str]) -> str:
 
 
 def backplane_table(med: dict, results: dict) -> str:
-    """One node alone against two nodes over one Redis, and their ratio."""
-    one, two = BACKPLANE_KINDS
+    """One node alone, two nodes over one Redis and over a Redis Cluster, and the ratios."""
+    one, two, cluster = BACKPLANE_KINDS
     lines = [
-        "| scenario | figure | one node | two nodes over Redis | two nodes / one node |",
-        "|---|---|---:|---:|---:|",
+        (
+            "| scenario | figure | one node | two nodes over Redis | two nodes over a Redis Cluster "
+            "| Redis / one node | Cluster / Redis |"
+        ),
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for name in BACKPLANE:
         if name not in med:
             continue
         for key in PER_SCENARIO[name]:
-            a, b = (med[name].get(k, {}).get(key) for k in (one, two))
-            q = ratio(b, a) if key != "lost" and not key.endswith("_idle_pct") else None
-            qs = f"{q:.2f}" if q is not None else ""
-            lines.append(f"| {name} | {label(key)} | {fmt(key, a)} | {fmt(key, b)} | {qs} |")
+            a, b, c = (med[name].get(k, {}).get(key) for k in (one, two, cluster))
+            ratios = key != "lost" and not key.endswith("_idle_pct")
+            qs = [ratio(b, a) if ratios else None, ratio(c, b) if ratios else None]
+            cells = " | ".join(f"{q:.2f}" if q is not None else "" for q in qs)
+            lines.append(
+                f"| {name} | {label(key)} | {fmt(key, a)} | {fmt(key, b)} | {fmt(key, c)} | {cells} |"
+            )
         lost = sum(med[name][k]["lost_total"] for k in med[name])
         runs = sum(len(rs) for rs in results[name].values())
-        lines.append(f"| {name} | lost messages, all {runs} runs | {lost:,} | | |")
+        lines.append(f"| {name} | lost messages, all {runs} runs | {lost:,} | | | | |")
     return "\n".join(lines)
 
 
@@ -1013,7 +1072,8 @@ def main() -> int:
             "",
             (
                 "Backplane (medians; publisher on node A, subscribers on node B, one Redis "
-                "between them; CPU from each process's schedstat):"
+                "or a Redis Cluster between them, whose six processes count as its Redis; "
+                "CPU from each process's schedstat):"
             ),
             "",
             backplane_table(med, results),
