@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -323,6 +324,9 @@ class Backplane:
                     ports[node], logs[node], workdir,
                 )  # fmt: skip
                 self._wait_for_backplane(node, logs[node], start)
+            if kind == "backplane_cluster":
+                for node in ("node_a", "node_b"):
+                    self._wait_for_no_broadcast(ports[node])
         except BaseException:
             self.stop()
             raise
@@ -373,6 +377,22 @@ class Backplane:
                 return f"redis+cluster://127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}/"
             time.sleep(0.1)
         raise RuntimeError("the Redis Cluster did not become ok within 60 s")
+
+    def _wait_for_no_broadcast(self, port: int) -> None:
+        """Until a node has listened to the census long enough (a few seconds),
+        it sends every publish cluster-wide too, for patterns it may not know
+        of; the run measures the steady state, with no pattern anywhere."""
+        limit = time.monotonic() + 30
+        while time.monotonic() < limit:
+            url = f"http://127.0.0.1:{port}/healthz"
+            with (
+                contextlib.suppress(OSError, ValueError),
+                urllib.request.urlopen(url, timeout=2) as response,
+            ):
+                if json.load(response)["backplane"]["broadcast"] is False:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"the node on {port} still broadcasts after 30 s")
 
     def _wait_for_backplane(self, node: str, log: Path, start: int) -> None:
         # One Redis: "connected to redis://..."; a cluster says it for the whole
