@@ -289,3 +289,49 @@ def test_a_slot_moved_to_another_primary_redirects_publishes_and_moves_subscript
     # One or two: "later" may leave before the new map is in.
     assert _counter(metrics, "redirected") >= 1 and _counter(metrics, "lost") == 0
     assert _counter((yield _metrics(ws_a)), "dropped") == 1
+
+
+@pytest.mark.timeout(240)
+@pytest_twisted.inlineCallbacks
+def test_a_primary_killed_is_replaced_and_every_subscription_renewed(
+    redis_cluster, nodes, resp_connect
+):
+    (ws_a, resp_a), (ws_b, resp_b) = yield nodes(cluster_url(redis_cluster), 2)
+    yield all_connected(ws_a, ws_b)
+    a = yield resp_connect(resp_a)
+    b = yield resp_connect(resp_b)
+    yield a.call("SUBSCRIBE", *CHANNELS)
+    yield subscribed_everywhere(redis_cluster, "channel", CHANNELS, 1)
+    # Not a seed of the URL: the nodes must find the map elsewhere too.
+    seeds = redis_cluster.seeds()[:2]
+    dead = next(p for p in redis_cluster.primaries() if p not in seeds)
+    replica = redis_cluster.replica_of(dead)
+    gone = [c for c in CHANNELS if owner(redis_cluster, "channel", c) == dead]
+    assert gone, "a channel should live on the killed primary"
+
+    redis_cluster.kill(dead)  # a crash: Redis promotes the replica after node_timeout
+    # Meanwhile a publish to the dead shard is refused on B (it says so);
+    # the others go on.
+    refused = []
+    while True:
+        reply = (yield b.call("PUBLISH", gone[0], "meanwhile"))[0]
+        if reply == 0:
+            break  # the dead shard's slots are served again
+        assert str(reply).startswith("BACKPLANE "), reply
+        refused.append(reply)
+        yield task.deferLater(reactor, 0.05, lambda: None)
+    assert owner(redis_cluster, "channel", gone[0]) == replica
+    assert refused, "a publish to a dead shard should be refused, not lost silently"
+
+    yield all_connected(ws_a, ws_b)
+    yield subscribed_everywhere(redis_cluster, "channel", CHANNELS, 1)
+    for channel in CHANNELS:
+        b.send("PUBLISH", channel, f"after {channel}")
+    assert (yield b.drain()) == [0] * len(CHANNELS)
+    received = []
+    for _ in CHANNELS:
+        received.append((yield a.next_value()))
+    received += yield a.drain()
+    texts = [m[2].decode() for m in received if m[2] != b"meanwhile"]
+    assert sorted(texts) == sorted(f"after {c}" for c in CHANNELS)
+    assert [m for m in received if m[2] == b"meanwhile"] in ([], [received[0]]), received
