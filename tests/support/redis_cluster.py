@@ -7,6 +7,12 @@ mode on, in its own subdirectory of the work directory (a node's
 65535).  ``redis-cli --cluster create`` assigns the slots and the replicas;
 :meth:`RedisCluster.start` then waits until every node agrees.
 
+With ``tls`` (a :class:`~tests.support.redis_server.RedisTLS`), every node
+listens on a TLS port only, and its cluster bus and replication speak TLS
+too (``tls-cluster``, ``tls-replication``), so CLUSTER SLOTS announces the
+TLS ports; a node shows the RedisTLS's client certificate when it connects
+to another (``tls-client-cert-file``), and redis-cli speaks TLS with it.
+
 A missing redis-server or redis-cli is a skip, or a failure under
 PUBSUB_REQUIRE_REDIS, as in redis_server.py.
 """
@@ -24,7 +30,7 @@ from typing import Any
 import hiredis
 import pytest
 
-from tests.support.redis_server import RedisServer, _binary, _free_port, required
+from tests.support.redis_server import RedisServer, RedisTLS, _binary, _free_port, required
 
 SLOTS = 16384
 POLL = 0.05  # seconds between two looks at the cluster while waiting
@@ -41,6 +47,21 @@ POLL = 0.05  # seconds between two looks at the cluster while waiting
 AGAIN = 6.0
 
 QUICK = ("--repl-diskless-sync-delay", "0", "--repl-ping-replica-period", "1")
+
+
+def _cluster_tls(tls: RedisTLS) -> list[str]:
+    """A node's TLS beyond its port: the cluster bus and replication over TLS,
+    and the certificate it shows as their client."""
+    return [
+        "--tls-cluster",
+        "yes",
+        "--tls-replication",
+        "yes",
+        "--tls-client-cert-file",
+        tls.client_cert,
+        "--tls-client-key-file",
+        tls.client_key,
+    ]
 
 
 def _cli() -> str:
@@ -88,7 +109,9 @@ class RedisCluster:
     ``primaries`` and ``replicas`` (per primary) change the shape;
     ``node_timeout_ms`` is Redis's ``cluster-node-timeout`` (short, so a
     killed primary is failed over quickly); ``options`` go to every
-    redis-server.  Ports are the nodes' client ports throughout.
+    redis-server; ``tls`` makes every port, bus and link TLS (the module's
+    docstring).  Ports are the nodes' client ports throughout (the TLS ones
+    with ``tls``).
     """
 
     def __init__(
@@ -98,9 +121,11 @@ class RedisCluster:
         replicas: int = 1,
         node_timeout_ms: int = 2000,
         *options: str,
+        tls: RedisTLS | None = None,
     ) -> None:
         _binary()
         self.cli = _cli()
+        self.tls = tls
         self.workdir = workdir
         self.primary_count = primaries
         self.replica_count = replicas
@@ -121,7 +146,9 @@ class RedisCluster:
                     "--cluster-port",
                     str(_free_port()),
                     *QUICK,
+                    *(_cluster_tls(tls) if tls is not None else ()),
                     *options,
+                    tls=tls,
                 )
             )
 
@@ -138,6 +165,7 @@ class RedisCluster:
             create = subprocess.run(
                 [
                     self.cli,
+                    *self.cli_options(),
                     "--cluster",
                     "create",
                     *(f"127.0.0.1:{node.port}" for node in self.nodes),
@@ -219,6 +247,21 @@ class RedisCluster:
             node.port
             for node in self.nodes
             if node.process is not None and node.process.poll() is None
+        ]
+
+    def cli_options(self) -> list[str]:
+        """What every redis-cli call needs before its own arguments: with ``tls``,
+        TLS with the CA and the client certificate; nothing without."""
+        if self.tls is None:
+            return []
+        return [
+            "--tls",
+            "--cacert",
+            self.tls.ca,
+            "--cert",
+            self.tls.client_cert,
+            "--key",
+            self.tls.client_key,
         ]
 
     # -- looking ------------------------------------------------------------------------
@@ -319,12 +362,16 @@ class RedisCluster:
 
 @contextmanager
 def redis_cluster(
-    *options: str, primaries: int = 3, replicas: int = 1, node_timeout_ms: int = 2000
+    *options: str,
+    primaries: int = 3,
+    replicas: int = 1,
+    node_timeout_ms: int = 2000,
+    tls: RedisTLS | None = None,
 ) -> Iterator[RedisCluster]:
-    """Run a RedisCluster (``options`` for every redis-server) in a temporary
-    directory for the duration of the block; every node stops after it."""
+    """Run a RedisCluster (``options`` for every redis-server, ``tls`` as there)
+    in a temporary directory for the duration of the block; every node stops after it."""
     with tempfile.TemporaryDirectory() as workdir:
-        cluster = RedisCluster(workdir, primaries, replicas, node_timeout_ms, *options)
+        cluster = RedisCluster(workdir, primaries, replicas, node_timeout_ms, *options, tls=tls)
         try:
             cluster.start()
             yield cluster
