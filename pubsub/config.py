@@ -18,10 +18,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 __all__ = [
-    "BackplaneTLS",
     "ConfigError",
     "Settings",
-    "backplane_tls",
     "endpoint_description",
     "listen_description",
     "load_settings",
@@ -196,7 +194,8 @@ class Settings:
             )
 
     def _check_backplane_tls(self) -> None:
-        """What can be told without reading the files; :func:`backplane_tls` reads them."""
+        """What can be told without reading the files;
+        :func:`pubsub.backplane.tls.backplane_tls` reads them."""
         cert, key = self.backplane_tls_cert.strip(), self.backplane_tls_key.strip()
         if cert and not key:
             raise ConfigError(
@@ -221,77 +220,6 @@ class Settings:
                 f"setting {used[0]} is for TLS, but backplane is a {scheme}:// URL "
                 f"(plain TCP): use {scheme.replace('redis', 'rediss', 1)}:// for TLS"
             )
-
-
-@dataclass(frozen=True)
-class BackplaneTLS:
-    """What the backplane's TLS needs, read from the files the settings name."""
-
-    #: The CAs that sign Redis's certificate (an IOpenSSLTrustRoot); None:
-    #: the system's trust store.
-    trust_root: Any = None
-    #: The client certificate with its key (a PrivateCertificate); None: none.
-    client_certificate: Any = None
-
-
-def _read(name: str, path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as error:
-        raise ConfigError(f"setting {name}: cannot read {path}: {error.strerror}") from None
-
-
-#: A PEM certificate block; a CA file may hold several (a bundle).
-_PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
-
-
-def backplane_tls(settings: Settings) -> BackplaneTLS:
-    """Read and check the backplane's TLS files, at start-up: a ConfigError
-    names the setting and the file when one is missing or does not load, rather
-    than every TLS handshake failing later."""
-    # Imported here: the settings themselves need neither Twisted nor OpenSSL.
-    from OpenSSL.crypto import Error as CryptoError
-    from twisted.internet.error import VerifyError
-    from twisted.internet.ssl import Certificate, PrivateCertificate, trustRootFromCertificates
-
-    trust_root = None
-    ca = settings.backplane_tls_ca.strip()
-    if ca:
-        data = _read("backplane_tls_ca", ca)
-        blocks = [_PEM_CERTIFICATE + block for block in data.split(_PEM_CERTIFICATE)[1:]]
-        try:
-            certificates = [Certificate.loadPEM(block) for block in blocks]
-        except CryptoError:
-            certificates = []
-        if not certificates:
-            raise ConfigError(
-                f"setting backplane_tls_ca: {ca} holds no PEM certificate "
-                "(BEGIN CERTIFICATE) that loads"
-            )
-        trust_root = trustRootFromCertificates(certificates)
-    client_certificate = None
-    cert, key = settings.backplane_tls_cert.strip(), settings.backplane_tls_key.strip()
-    if cert and key:
-        cert_data = _read("backplane_tls_cert", cert)
-        key_data = _read("backplane_tls_key", key)
-        try:
-            Certificate.loadPEM(cert_data)
-        except CryptoError:
-            raise ConfigError(
-                f"setting backplane_tls_cert: {cert} holds no PEM certificate "
-                "(BEGIN CERTIFICATE) that loads"
-            ) from None
-        try:
-            client_certificate = PrivateCertificate.loadPEM(cert_data + b"\n" + key_data)
-        except CryptoError:
-            raise ConfigError(
-                f"setting backplane_tls_key: {key} holds no unencrypted PEM private key that loads"
-            ) from None
-        except VerifyError:
-            raise ConfigError(
-                f"setting backplane_tls_key: {key} is not the key of the certificate in {cert}"
-            ) from None
-    return BackplaneTLS(trust_root, client_certificate)
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:

@@ -25,10 +25,10 @@ from twisted.python.logfile import LogFile
 from twisted.web.server import Site
 
 from pubsub.backplane import RedisBackplane, RedisClusterBackplane, is_cluster_url
+from pubsub.backplane.tls import backplane_tls
 from pubsub.config import (
     ConfigError,
     Settings,
-    backplane_tls,
     endpoint_description,
     listen_description,
     load_settings,

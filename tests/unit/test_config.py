@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 from twisted.python import usage
 
+from pubsub.backplane.tls import BackplaneTLS, backplane_tls
 from pubsub.config import (
-    BackplaneTLS,
     ConfigError,
     Settings,
-    backplane_tls,
     endpoint_description,
     listen_description,
     load_settings,
