@@ -77,10 +77,14 @@ fuzz: install
 	  grep -E '^Done [0-9]+ runs|not present yet' reports/fuzz/$$target.log || true; \
 	done
 
-# pytest last, so its summary is the closing line; a short fuzzing run before it.
+# pytest last, under coverage (setup.cfg), whose figure closes the run and fails
+# it below the floor; a short fuzzing run before it.
 test: FUZZ_SECONDS = 15
 test: install redis-server node-clients browser lint conformance fuzz
-	PUBSUB_REQUIRE_REDIS=1 $(BIN)/python -m pytest
+	rm -f .coverage .coverage.*
+	PUBSUB_REQUIRE_REDIS=1 $(BIN)/coverage run -m pytest
+	$(BIN)/coverage combine --quiet
+	$(BIN)/coverage report
 
 # pubsub against a real redis-server, same machine, same run; see docs/benchmarks.md.
 # Quick look: make bench ROUNDS=1 SCALE=0.1 (more options: BENCH_ARGS=--help).
