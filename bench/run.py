@@ -160,9 +160,20 @@ def scenarios(scale: float, seconds: float) -> list[dict]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: bound all at once, since one bind at a
+    time the kernel may hand out the same port again."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, seconds: float) -> None:
@@ -346,7 +357,8 @@ class Backplane:
     def _start_cluster(self, args: argparse.Namespace, outdir: Path, workdir: Path) -> str:
         """Six cluster-mode redis-servers, made a cluster by ``redis-cli --cluster
         create``; the backplane URL naming two of them, once every node says ok."""
-        ports = [free_port() for _ in range(6)]
+        every = free_ports(12)  # the six nodes' ports and their cluster-bus ports
+        ports, bus_ports = every[:6], every[6:]
         for i, port in enumerate(ports):
             home = workdir / f"cluster-{port}"
             home.mkdir()
@@ -356,7 +368,7 @@ class Backplane:
                     args.redis_server, "--save", "", "--appendonly", "no",
                     "--port", str(port), "--bind", "127.0.0.1", "--dir", str(home),
                     "--daemonize", "no", "--cluster-enabled", "yes",
-                    "--cluster-port", str(free_port()), "--cluster-node-timeout", "2000",
+                    "--cluster-port", str(bus_ports[i]), "--cluster-node-timeout", "2000",
                     # Replicas in sync at once (see tests/support/redis_cluster.py).
                     "--repl-diskless-sync-delay", "0", "--repl-ping-replica-period", "1",
                 ],

@@ -30,7 +30,7 @@ from typing import Any
 import hiredis
 import pytest
 
-from tests.support.redis_server import RedisServer, RedisTLS, _binary, _free_port, required
+from tests.support.redis_server import RedisServer, RedisTLS, _binary, _free_ports, required
 
 SLOTS = 16384
 POLL = 0.05  # seconds between two looks at the cluster while waiting
@@ -131,7 +131,11 @@ class RedisCluster:
         self.replica_count = replicas
         self.output = ""  # what redis-cli --cluster create said, for failure messages
         self.nodes: list[RedisServer] = []
-        for index in range(primaries * (1 + replicas)):
+        count = primaries * (1 + replicas)
+        # Every node's port and cluster-bus port, distinct: a port handed out
+        # twice would leave one node unstarted while its twin answers for it.
+        ports = _free_ports(2 * count)
+        for index in range(count):
             directory = os.path.join(workdir, f"node{index}")
             os.makedirs(directory, exist_ok=True)
             self.nodes.append(
@@ -144,11 +148,12 @@ class RedisCluster:
                     "--cluster-node-timeout",
                     str(node_timeout_ms),
                     "--cluster-port",
-                    str(_free_port()),
+                    str(ports[count + index]),
                     *QUICK,
                     *(_cluster_tls(tls) if tls is not None else ()),
                     *options,
                     tls=tls,
+                    port=ports[index],
                 )
             )
 

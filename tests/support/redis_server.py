@@ -28,9 +28,21 @@ import pytest
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return _free_ports(1)[0]
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports: all bound at once, so that the
+    kernel cannot hand the same one out twice (it may, one bind at a time,
+    once the first socket is closed)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 @dataclass(frozen=True)
@@ -110,14 +122,17 @@ class RedisServer:
     """A redis-server on a free loopback port that a test may kill and start
     again on the same port (the backplane tests).
 
-    With ``tls``, ``port`` is a TLS port and the plain one is off."""
+    With ``tls``, ``port`` is a TLS port and the plain one is off.  ``port``
+    is a free one unless given (several servers at once: :func:`_free_ports`)."""
 
-    def __init__(self, workdir: str, *options: str, tls: RedisTLS | None = None) -> None:
+    def __init__(
+        self, workdir: str, *options: str, tls: RedisTLS | None = None, port: int | None = None
+    ) -> None:
         self.binary = _binary()
         self.options = options  # more redis-server arguments, such as --requirepass
         self.workdir = workdir
         self.tls = tls
-        self.port = _free_port()
+        self.port = port if port is not None else _free_port()
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
