@@ -241,6 +241,13 @@ class _Query(Protocol):
             self.done.errback(error)
 
 
+def _named_node(message: str) -> tuple[str, int] | None:
+    """The node a ``MOVED``/``ASK`` redirect names (``MOVED 3999 host:port``)."""
+    word, _, rest = message.partition(" ")
+    host, _, port = (rest.split() or [""])[-1].rpartition(":")
+    return (host, int(port)) if word in ("MOVED", "ASK") and port.isdigit() else None
+
+
 def parse_slots(reply: Any, asked: str) -> dict[tuple[int, int], tuple[str, int]]:
     """``CLUSTER SLOTS``'s answer as {(first, last): (host, port) of the primary}.
     A primary announced with an empty or unknown address is on ``asked``'s host."""
@@ -283,6 +290,8 @@ class _ShardLink(RedisBackplane):
         #: redirected), to send again where Redis redirects one.
         self._in_flight: deque[tuple[int, bytes, int]] = deque()
         self._redirect: str | None = None  # the redirect the reply at hand is
+        #: (kind, name) of our subscriptions Redis dropped, until renewed.
+        self._dropped: set[tuple[str, bytes]] = set()
         for kind, part in _CARRIED.items():
             self._subscribing[kind] = _SUBSCRIBE["shard"]
             self._unsubscribing[kind] = _UNSUBSCRIBE["shard"]
@@ -365,17 +374,33 @@ class _ShardLink(RedisBackplane):
             and len(reply) == 3
             and reply[0] == b"sunsubscribe"
             and connection is self._subscriber
-            and self._still_wanted(reply[1])
         ):
-            self.dropped += 1
-            self.cluster.map_changed(f"{self.url} dropped our subscription of {reply[1]!r}")
+            wanted = self._still_wanted(reply[1])
+            if wanted is not None:
+                self.dropped += 1
+                self._dropped.add(wanted)
+                self.cluster.map_changed(
+                    f"{self.url} dropped our subscription of {reply[1]!r}", self.address
+                )
 
-    def _still_wanted(self, wire: bytes) -> bool:
+    def _still_wanted(self, wire: bytes) -> tuple[str, bytes] | None:
+        """(kind, name) of a sharded name this link carries, or None."""
         for kind in _CARRIED:  # every prefix is checked: the census's is a prefix of the others
             prefix = self._wire_prefix[kind]
             if wire.startswith(prefix) and wire[len(prefix) :] in self.interest[kind]:
-                return True
-        return False
+                return kind, wire[len(prefix) :]
+        return None
+
+    def renew_dropped(self) -> bool:
+        """Subscribe again to the names Redis dropped that the map still puts
+        here (it may be out of date: then Redis answers MOVED, and the map is
+        asked for again); whether there were any."""
+        dropped = [(k, n) for k, n in self._dropped if n in self.interest[k]]
+        self._dropped.clear()
+        if dropped and self._subscriber is not None:
+            for kind, name in dropped:
+                self._subscriber.send(_SUBSCRIBE["shard"], self._wire_name(kind, name))
+        return bool(dropped)
 
     def _answered(self, replies: int) -> None:
         """The publisher's reply number ``replies`` came: if it answered a
@@ -392,7 +417,7 @@ class _ShardLink(RedisBackplane):
         message = str(reply)
         if message.startswith(_REDIRECTS):
             self._redirect = message
-            self.cluster.map_changed(f"{self.url} answered {message}")
+            self.cluster.map_changed(f"{self.url} answered {message}", _named_node(message))
             return
         super()._reply_error(connection, reply)
 
@@ -471,6 +496,8 @@ class RedisClusterBackplane(MultiService):
         self._slots: list[_ShardLink | None] = [None] * SLOTS
         self._refused_by: _ShardLink | None = None
         self._refreshing: defer.Deferred[None] | None = None
+        self._again = False  # news came while asking: ask once more after
+        self._ask_first: tuple[str, int] | None = None
         self._doubt: str | None = "starting"  # why the map must be asked for again
         self._ticker: LoopingCall | None = None
         self._since_calm = 0.0
@@ -575,21 +602,22 @@ class RedisClusterBackplane(MultiService):
         settled = self._quiet_since is not None and now - self._quiet_since >= self.census_ttl
         self.broadcast = bool(self._holders) or not settled
 
-    def map_changed(self, why: str) -> None:
-        """Something says the slot map moved: ask for it now."""
+    def map_changed(self, why: str, ask: tuple[str, int] | None = None) -> None:
+        """Something says the slot map moved: ask for it now, of ``ask``
+        first (the node that said so, or that a redirect names)."""
         if self._doubt is None:
             _log.warn("backplane: {why}; asking for the slot map again", why=why)
         self._doubt = why
+        if ask is not None:
+            self._ask_first = ask
         self._refresh()
 
     def redirect(self, link: _ShardLink, message: str, data: bytes, hops: int) -> None:
         """Redis answered a publish sent on ``link`` with ``message`` (MOVED,
         ASK, CLUSTERDOWN, TRYAGAIN): send it again where it says, now or, for
         a node not linked yet, once the new map is in; else it is lost."""
-        word, _, rest = message.partition(" ")
-        where = rest.split()[-1] if word in ("MOVED", "ASK") else ""
-        host, _, port = where.rpartition(":")
-        address = (host, int(port)) if port.isdigit() else None
+        word = message.partition(" ")[0]
+        address = _named_node(message)
         if address is None or hops >= _MAX_HOPS:
             self._lose(link.url, message)
             return
@@ -628,7 +656,10 @@ class RedisClusterBackplane(MultiService):
         self._update_state()
 
     def _refresh(self) -> None:
-        if self._refreshing is not None or not self.running:
+        if self._refreshing is not None:
+            self._again = True  # what it learns may predate this news: once more after
+            return
+        if not self.running:
             return
         self._since_calm = 0.0
         self._refreshing = defer.ensureDeferred(self._ask_for_map())
@@ -638,11 +669,16 @@ class RedisClusterBackplane(MultiService):
         self._refreshing = None
         if isinstance(result, Failure):
             _log.failure("backplane: fault applying the slot map of {url}", result, url=self.url)
+        if self._again:
+            self._again = False
+            self._refresh()
 
     def _candidates(self) -> Iterator[tuple[str, int]]:
         seen = set()
+        first = [self._ask_first] if self._ask_first is not None else []
+        self._ask_first = None
         up = [a for a, link in self.links.items() if link.state == "connected"]
-        for address in (*up, *self.links, *self.target.seeds):
+        for address in (*first, *up, *self.links, *self.target.seeds):
             if address not in seen:
                 seen.add(address)
                 yield address
@@ -693,7 +729,11 @@ class RedisClusterBackplane(MultiService):
                     owner.interest_gained(kind, name)
         for address in [a for a in self.links if a not in owners]:
             self._retire(self.links.pop(address))
-        if all(link.state == "connected" for link in self.links.values()):
+        # Names dropped that this map still places where they were: renewed
+        # there, and the map asked for again until it moves them, or Redis
+        # takes them back.
+        renewed = [link.renew_dropped() for link in self.links.values()]
+        if all(link.state == "connected" for link in self.links.values()) and not any(renewed):
             self._doubt = None
         self._update_state()
         if self._held:
