@@ -816,36 +816,19 @@ class RedisClusterBackplane(MultiService):
         return self._retired[name] + sum(getattr(link, name) for link in self.links.values())
 
     @property
-    def sent(self) -> int:
-        return self._total("sent")
-
-    @property
     def failed(self) -> int:
         return self._unmapped + self._total("failed")
-
-    @property
-    def received(self) -> int:
-        return self._total("received")
-
-    @property
-    def reconnects(self) -> int:
-        return self._total("reconnects")
-
-    @property
-    def timeouts(self) -> int:
-        return self._total("timeouts")
 
     @property
     def lost(self) -> int:
         return self._lost
 
-    @property
-    def redirected(self) -> int:
-        return self._total("redirected")
-
-    @property
-    def dropped(self) -> int:
-        return self._total("dropped")
+    sent = property(lambda self: self._total("sent"))
+    received = property(lambda self: self._total("received"))
+    reconnects = property(lambda self: self._total("reconnects"))
+    timeouts = property(lambda self: self._total("timeouts"))
+    redirected = property(lambda self: self._total("redirected"))
+    dropped = property(lambda self: self._total("dropped"))
 
     def health(self) -> dict[str, Any]:
         """What /healthz shows of the backplane: the whole, then each shard."""

@@ -63,6 +63,17 @@ def subscribed_everywhere(cluster, kind: str, names, count: int):
         )
 
 
+@defer.inlineCallbacks
+def two_nodes(cluster, nodes, resp_connect):
+    """Two twistd nodes over ``cluster``, both connected: (WebSocket port of A,
+    of B, a RESP client of A, of B)."""
+    (ws_a, resp_a), (ws_b, resp_b) = yield nodes(cluster_url(cluster), 2)
+    yield all_connected(ws_a, ws_b)
+    a = yield resp_connect(resp_a)
+    b = yield resp_connect(resp_b)
+    return ws_a, ws_b, a, b
+
+
 @pytest.mark.timeout(180)
 @pytest_twisted.inlineCallbacks
 def test_two_nodes_act_as_one_broker_over_a_redis_cluster(
@@ -132,10 +143,7 @@ def test_a_primarys_failover_keeps_every_subscription_and_duplicates_nothing(
     nodes,
     resp_connect,
 ):
-    (ws_a, resp_a), (ws_b, resp_b) = yield nodes(cluster_url(redis_cluster), 2)
-    yield all_connected(ws_a, ws_b)
-    a = yield resp_connect(resp_a)
-    b = yield resp_connect(resp_b)
+    ws_a, ws_b, a, b = yield two_nodes(redis_cluster, nodes, resp_connect)
     yield a.call("SUBSCRIBE", *CHANNELS)
     yield subscribed_everywhere(redis_cluster, "channel", CHANNELS, 1)
     failing = owner(redis_cluster, "channel", CHANNELS[0])
@@ -253,10 +261,7 @@ def test_patterns_cross_a_redis_cluster_while_a_node_holds_one(redis_cluster, no
 def test_a_slot_moved_to_another_primary_redirects_publishes_and_moves_subscriptions(
     redis_cluster, nodes, resp_connect
 ):
-    (ws_a, resp_a), (ws_b, resp_b) = yield nodes(cluster_url(redis_cluster), 2)
-    yield all_connected(ws_a, ws_b)
-    a = yield resp_connect(resp_a)
-    b = yield resp_connect(resp_b)
+    ws_a, ws_b, a, b = yield two_nodes(redis_cluster, nodes, resp_connect)
     yield a.call("SUBSCRIBE", "news.0")
     yield subscribed_everywhere(redis_cluster, "channel", ["news.0"], 1)
     assert (yield b.call("PUBLISH", "news.0", "before")) == [0]  # B's map: the old owner
@@ -296,10 +301,7 @@ def test_a_slot_moved_to_another_primary_redirects_publishes_and_moves_subscript
 def test_a_primary_killed_is_replaced_and_every_subscription_renewed(
     redis_cluster, nodes, resp_connect
 ):
-    (ws_a, resp_a), (ws_b, resp_b) = yield nodes(cluster_url(redis_cluster), 2)
-    yield all_connected(ws_a, ws_b)
-    a = yield resp_connect(resp_a)
-    b = yield resp_connect(resp_b)
+    ws_a, ws_b, a, b = yield two_nodes(redis_cluster, nodes, resp_connect)
     yield a.call("SUBSCRIBE", *CHANNELS)
     yield subscribed_everywhere(redis_cluster, "channel", CHANNELS, 1)
     # Not a seed of the URL: the nodes must find the map elsewhere too.
