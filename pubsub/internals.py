@@ -10,12 +10,15 @@ and twisted to the major versions tested.
 
 Autobahn, ``autobahn.websocket.protocol.WebSocketProtocol`` and its server side:
 
+- ``__init__``: what a new connection holds (:func:`init_protocol`, which
+  leaves out the names in :data:`LAZY`; :func:`init_as_autobahn` is
+  Autobahn's own).
 - :data:`OPENED`: the attributes ``_connectionMade``, ``processHandshake``
   and ``succeedHandshake`` leave in a connection that has just opened,
   written by :func:`open_as_autobahn` (among them ``_perMessageCompress``
-  and ``_wskey``); the names in :data:`LAZY`, ``_transport_details`` among
-  them, are class attributes of ``websocket._LeanReader`` that build each
-  connection's own object on first use.
+  and ``_wskey``); the names in :data:`LAZY`, ``_transport_details`` and
+  ``is_open`` among them, are class attributes of ``websocket._LeanReader``
+  that build each connection's own object on first use.
 - ``_onOpen``: how a TLS connection opens (it records the TLS channel id
   and the peer's certificate): :func:`open_tls`.
 - ``_sendAutoPing``, ``_cancelAutoPingTimeoutCall``: the keepalive ping
@@ -63,6 +66,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+import txaio
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import abstract
 from twisted.protocols.policies import ProtocolWrapper
@@ -83,6 +87,8 @@ __all__ = [
     "fast_paths",
     "forget_exit_signal",
     "hand_over",
+    "init_as_autobahn",
+    "init_protocol",
     "open_as_autobahn",
     "open_tls",
     "origin_allowed",
@@ -134,7 +140,21 @@ OPENED: dict[str, Any] = {
 
 #: Built on first use by the fast path (``websocket._OnFirstUse``), up front
 #: by Autobahn: what each holds, by name.
-LAZY = ("utf8validator", "trafficStats", "_transport_details")
+LAZY = ("utf8validator", "trafficStats", "_transport_details", "is_open")
+
+
+def init_protocol(protocol: Any) -> None:
+    """What Autobahn's ``WebSocketProtocol.__init__`` leaves in a new
+    connection, but for the names in :data:`LAZY` (its ``is_open`` future
+    and its placeholder ``_transport_details``, which the fast path builds
+    only if someone reads them)."""
+    protocol.is_closed = txaio.create_future()
+    protocol.set_valid_events(["message"])
+
+
+def init_as_autobahn(protocol: Any) -> None:
+    """Autobahn's own ``__init__``, for a connection with nothing left lazy."""
+    WebSocketProtocol.__init__(protocol)
 
 
 def open_as_autobahn(protocol: Any, key: str, handshake: dict[str, Any], factory: Any) -> None:
@@ -143,7 +163,6 @@ def open_as_autobahn(protocol: Any, key: str, handshake: dict[str, Any], factory
     ``factory``'s timer; ``handshake`` holds the request's figures
     (``http_*``, ``websocket_*``) and the per-connection objects."""
     state = protocol.__dict__
-    state.pop("_transport_details", None)  # Autobahn's placeholder: built on first use
     state.update(OPENED)
     state.update(handshake)
     state["_wskey"] = key

@@ -295,6 +295,13 @@ class _OnFirstUse:
         return value
 
 
+def _is_open(protocol: _LeanReader) -> Any:
+    """The future that fires when the connection opens."""
+    if protocol._lean_opened:
+        return txaio.create_future_success(None)
+    return txaio.create_future()
+
+
 def _transport_details(protocol: WebSocketServerProtocol) -> TransportDetails:
     """What Autobahn's ``connectionMade`` records of a connection's transport."""
     details = create_transport_details(protocol.transport, protocol.is_server)
@@ -318,11 +325,20 @@ class _LeanReader(WebSocketServerProtocol):
     # Whether Autobahn's reader has been given bytes (the handshake, a frame
     # the lean path does not take): only then can it hold part of one.
     _autobahn_read = False
+    _lean_opened = False  # whether open_upgrade opened this connection
     utf8validator = _OnFirstUse(lambda _: Utf8Validator())
     trafficStats = _OnFirstUse(lambda _: TrafficStats())
     # Its two system calls (the process and thread ids) and its objects, only
     # for whoever reads ``transport_details``.
     _transport_details = _OnFirstUse(_transport_details)
+    # Fired at open; Autobahn's handshake reads (so builds) it then.
+    is_open = _OnFirstUse(_is_open)
+
+    def __init__(self) -> None:
+        if internals.fast_paths:
+            internals.init_protocol(self)
+        else:
+            internals.init_as_autobahn(self)
 
     def open_upgrade(self, transport: Any, upgrade: Upgrade, head: bytes) -> bool:
         """Open on ``upgrade``, read from ``head`` (the request's head with the
@@ -404,7 +420,10 @@ class _LeanReader(WebSocketServerProtocol):
             internals.open_tls(self)
         else:
             self.onOpen()
-        txaio.resolve(self.is_open, None)
+        self._lean_opened = True
+        waiting = self.__dict__.get("is_open")  # someone asked for it before now
+        if waiting is not None:
+            txaio.resolve(waiting, None)
         return True
 
     def _origin_allowed(self, origin: str) -> bool:
@@ -876,9 +895,11 @@ def check_fast_paths() -> list[str]:
             found = ["the front's handshake did not open a plain request"]
         else:
             autobahns = factory.buildProtocol(address)
+            internals.init_as_autobahn(autobahns)
             autobahns.makeConnection(StringTransport())
             autobahns.dataReceived(head)
-            del autobahns._autobahn_read  # the lean reader's own note, not Autobahn's
+            del autobahns._autobahn_read  # the lean reader's own notes, not Autobahn's
+            del fast._lean_opened
             found = internals.differences(fast, autobahns)
     except Exception as error:  # noqa: BLE001 - any failure here means: use Autobahn's paths
         found = [f"{type(error).__name__}: {error}"]

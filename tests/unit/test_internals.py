@@ -26,6 +26,10 @@ from tests.unit.test_front import connect
 from tests.unit.test_handshake import head, opened_here, through_autobahn
 
 
+def opened_here_protocol(protocol) -> bool:
+    return bool(protocol._lean_opened) and "utf8validator" not in vars(protocol)
+
+
 def autobahn_opened(make_front, **settings):
     """A connection opened by Autobahn's own handshake, on a fresh factory."""
     front = make_front(**settings)
@@ -42,6 +46,39 @@ def test_an_autobahn_opened_connection_holds_every_name_written_at_open(make_fro
     assert set(internals.LAZY) <= set(held)
     assert held["state"] == internals.OPENED["state"]
     assert "_wskey" in held
+
+
+def test_a_new_connection_holds_what_autobahns_init_sets_but_what_is_built_on_first_use():
+    factory = WebSocketServerFactory()
+    ours = websocket.PubSubServerProtocol()
+    theirs = websocket.PubSubServerProtocol()
+    internals.init_as_autobahn(theirs)
+    assert set(vars(theirs)) - set(vars(ours)) == {"is_open", "_transport_details"}
+    assert set(internals.LAZY) >= set(vars(theirs)) - set(vars(ours))
+    ours.factory = theirs.factory = factory
+    assert internals.differences(ours, theirs) == []
+
+
+def test_is_open_fires_at_open_whenever_it_was_first_read(make_front):
+    """Read before the front opens the connection (in ``onConnect``), or after."""
+    front = make_front()
+    asked_early = []
+    factory = front.resource.factory
+    connect_as_autobahn = factory.protocol.onConnect
+
+    def on_connect(protocol, request):
+        asked_early.append(protocol.is_open)
+        assert not protocol.is_open.called
+        return connect_as_autobahn(protocol, request)
+
+    factory.protocol = type("Asking", (factory.protocol,), {"onConnect": on_connect})
+    early = connect(front, head()).protocol
+    assert opened_here_protocol(early) and asked_early[0].called
+    late = connect(make_front(), head()).protocol
+    assert opened_here_protocol(late) and late.is_open.called
+    # Refused by Autobahn's handshake: never opened, so it never fires.
+    refused = connect(make_front(), head(drop=("Host",))).protocol
+    assert refused is not None and not refused.is_open.called
 
 
 def test_the_methods_called_exist_on_autobahns_server_protocol():
@@ -226,6 +263,21 @@ def test_a_difference_turns_the_fast_paths_off_with_one_log_line(make_front, clo
     ]
     factory = front.resource.factory
     assert (factory.lean_opens, factory.lean_reads) == (0, 0)
+    # Nothing is left to be built on first use: Autobahn's own __init__ ran.
+    assert {"is_open", "_transport_details"} <= set(vars(factory.buildProtocol(None)))
+
+
+def test_a_name_autobahns_init_sets_anew_is_a_difference(monkeypatch):
+    monkeypatch.setattr(internals, "fast_paths", True)
+    init = websocket.WebSocketProtocol.__init__
+
+    def changed(protocol):
+        init(protocol)
+        protocol.a_name_autobahn_sets_at_init = 1
+
+    monkeypatch.setattr(websocket.WebSocketProtocol, "__init__", changed)
+    assert websocket.check_fast_paths() == ["Autobahn sets a_name_autobahn_sets_at_init"]
+    assert not internals.fast_paths
 
 
 @pytest.mark.parametrize("broken", ["_onOpen", "_fail_connection"])
