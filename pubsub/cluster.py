@@ -109,7 +109,7 @@ class _Worker(protocol.ProcessProtocol):
         self.cluster = cluster
         self.number = number
         self.started = time.monotonic()
-        self.ended: defer.Deferred = defer.Deferred()
+        self.ended: defer.Deferred[None] = defer.Deferred()
 
     def processEnded(self, reason: Any) -> None:
         self.ended.callback(None)
@@ -174,14 +174,19 @@ class _Cluster:
         )
         self.reactor.callLater(1.0, self._respawn, worker.number)
 
+    def spawn_all(self, count: int) -> None:
+        """Workers 0 to ``count`` - 1, once the reactor runs."""
+        for number in range(count):
+            self.spawn(number)
+
     def _respawn(self, number: int) -> None:
         if not self.stopping and number not in self.workers:
             self.spawn(number)
 
-    def stop(self) -> defer.Deferred:
+    def stop(self) -> defer.Deferred[list[tuple[bool, None]]]:
         """SIGTERM to every worker; fires when all have exited (or were killed)."""
         self.stopping = True
-        ended = []
+        ended: list[defer.Deferred[None]] = []
         for worker in list(self.workers.values()):
             ended.append(worker.ended)
             _signal(worker, "TERM")
@@ -200,8 +205,12 @@ class _Cluster:
 
 def _signal(worker: _Worker, name: str) -> None:
     # It may have exited meanwhile: then there is nothing to stop.
+    transport = worker.transport
+    assert transport is not None  # spawnProcess connected it: every listed worker was spawned
     with contextlib.suppress(ProcessExitedAlready):
-        worker.transport.signalProcess(name)
+        # zope.interface methods are declared without self, which mypy reads as
+        # one argument too many (no zope plugin here).
+        transport.signalProcess(name)  # type: ignore[call-arg, misc]
 
 
 def _adopted(sock: socket.socket, name: str) -> str:
@@ -229,8 +238,11 @@ def _parser() -> argparse.ArgumentParser:
 def _settings(arguments: list[str]) -> Settings:
     from pubsub.service import Options
 
-    options = Options()
-    options.parseOptions(arguments)
+    # Options inherits twisted.python.usage.Options's unannotated __init__ and
+    # parseOptions, which untyped_calls_exclude misses when called through a
+    # subclass of ours.
+    options = Options()  # type: ignore[no-untyped-call]
+    options.parseOptions(arguments)  # type: ignore[no-untyped-call]
     settings: Settings = options.settings
     return settings
 
@@ -272,12 +284,17 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"pubsub-cluster: {error}") from None
     from twisted.internet import reactor
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    # FileLogObserver provides ILogObserver through @implementer, which mypy
+    # cannot see without a zope plugin.
+    observers = [textFileLogObserver(sys.stdout)]
+    globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)  # type: ignore[arg-type]
     cluster = _Cluster(reactor, arguments, sockets)
     _log.info(
         "pubsub-cluster: {workers} workers, {listening}", workers=workers, listening=listening
     )
-    reactor.callWhenRunning(lambda: [cluster.spawn(n) for n in range(workers)])
-    reactor.addSystemEventTrigger("before", "shutdown", cluster.stop)
-    reactor.run()
+    reactor.callWhenRunning(cluster.spawn_all, workers)
+    # IReactorCore's methods are declared without self (zope.interface), so
+    # mypy shifts their arguments by one.
+    reactor.addSystemEventTrigger("before", "shutdown", cluster.stop)  # type: ignore[arg-type]
+    reactor.run()  # type: ignore[misc]
     sys.exit(cluster.exit_code)

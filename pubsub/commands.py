@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from pubsub.auth import AuthError
 from pubsub.engine import Engine
@@ -29,6 +29,7 @@ __all__ = [
     "Limits",
     "Pong",
     "Reply",
+    "ReplyValue",
     "Result",
     "Session",
     "Status",
@@ -51,6 +52,10 @@ class Confirm:
     count: int
 
 
+#: What a :class:`Reply` carries: HELLO's map holds a list, so the type nests.
+ReplyValue: TypeAlias = "int | bytes | list[ReplyValue] | dict[bytes, ReplyValue] | None"
+
+
 @dataclass(frozen=True)
 class Reply:
     """A command's value: None, an integer, bytes, or a list or dict of these.
@@ -59,7 +64,7 @@ class Reply:
     :class:`Verbatim`; transports without those kinds send them as strings.
     """
 
-    value: int | bytes | list | dict | None
+    value: ReplyValue
 
 
 class Status(bytes):
@@ -145,7 +150,9 @@ class Session:
         self.bucket = bucket
 
 
-Handler = Callable[[Any, Sequence[bytes]], list]
+#: A command's handler: the session (a :class:`Session`, or a transport's
+#: richer one for its own commands) and the arguments, to the results.
+Handler = Callable[[Any, Sequence[bytes]], list[Result]]
 
 
 @dataclass(frozen=True)
@@ -162,7 +169,7 @@ class Command:
     arity: int
     handler: Handler | None  # None for a container of subcommands
     payload_index: int | None = None
-    subcommands: dict | None = None
+    subcommands: dict[str, Command] | None = None
 
 
 def _text(data: bytes) -> str:
@@ -221,7 +228,7 @@ def _subscriber(kind: str, confirm: str, what: str) -> Handler:
     """SUBSCRIBE, PSUBSCRIBE and SSUBSCRIBE: checked, then all or nothing."""
     method_name = {"channel": "subscribe", "pattern": "psubscribe", "shard": "ssubscribe"}[kind]
 
-    def handler(session: Session, args: Sequence[bytes]) -> list:
+    def handler(session: Session, args: Sequence[bytes]) -> list[Result]:
         names = args[1:]
         error = _name_too_long(session, names, what) or _subscription_limit(session, kind, names)
         if error:
@@ -233,7 +240,7 @@ def _subscriber(kind: str, confirm: str, what: str) -> Handler:
 
 
 def _unsubscriber(method_name: str) -> Handler:
-    def handler(session: Session, args: Sequence[bytes]) -> list:
+    def handler(session: Session, args: Sequence[bytes]) -> list[Result]:
         confirmations = getattr(session.engine, method_name)(session.token, args[1:])
         return [Confirm(method_name, name, count) for name, count in confirmations]
 
@@ -241,7 +248,7 @@ def _unsubscriber(method_name: str) -> Handler:
 
 
 def _publisher(method_name: str, what: str) -> Handler:
-    def handler(session: Session, args: Sequence[bytes]) -> list:
+    def handler(session: Session, args: Sequence[bytes]) -> list[Result]:
         error = _name_too_long(session, args[1:2], what)
         if error:
             return [error]
@@ -255,7 +262,7 @@ def _publisher(method_name: str, what: str) -> Handler:
     return handler
 
 
-def _ping(session: Session, args: Sequence[bytes]) -> list:
+def _ping(session: Session, args: Sequence[bytes]) -> list[Result]:
     if len(args) > 2:
         return [_wrong_arity("ping")]
     return [Pong(args[1] if len(args) == 2 else None)]
@@ -264,7 +271,7 @@ def _ping(session: Session, args: Sequence[bytes]) -> list:
 def _list_names(method_name: str) -> Handler:
     """PUBSUB CHANNELS / SHARDCHANNELS [pattern]."""
 
-    def handler(session: Session, args: Sequence[bytes]) -> list:
+    def handler(session: Session, args: Sequence[bytes]) -> list[Result]:
         if len(args) > 3:
             return [
                 Error(
@@ -285,8 +292,8 @@ def _list_names(method_name: str) -> Handler:
 def _count_subscribers(method_name: str) -> Handler:
     """PUBSUB NUMSUB / SHARDNUMSUB: a flat [name, count, ...] list."""
 
-    def handler(session: Session, args: Sequence[bytes]) -> list:
-        flat: list = []
+    def handler(session: Session, args: Sequence[bytes]) -> list[Result]:
+        flat: list[ReplyValue] = []
         for name, count in getattr(session.engine, method_name)(args[2:]):
             flat += (name, count)
         return [Reply(flat)]
@@ -294,7 +301,7 @@ def _count_subscribers(method_name: str) -> Handler:
     return handler
 
 
-def _numpat(session: Session, args: Sequence[bytes]) -> list:
+def _numpat(session: Session, args: Sequence[bytes]) -> list[Result]:
     return [Reply(session.engine.numpat())]
 
 
@@ -315,7 +322,7 @@ def authenticate(session: Session, username: bytes | None, token: bytes) -> Erro
     return None
 
 
-def _auth(session: Session, args: Sequence[bytes]) -> list:
+def _auth(session: Session, args: Sequence[bytes]) -> list[Result]:
     if len(args) > 3:
         return [Error("ERR syntax error")]
     if len(args) == 2 and session.guard is None:
@@ -329,11 +336,11 @@ def _auth(session: Session, args: Sequence[bytes]) -> list:
     return [authenticate(session, username, args[-1]) or Reply(Status(b"OK"))]
 
 
-def help_reply(*lines: bytes) -> list:
+def help_reply(*lines: bytes) -> Handler:
     """A HELP command's handler: its lines as status texts, as Redis sends them."""
     reply = Reply([Status(line) for line in lines])
 
-    def handler(session: Any, args: Sequence[bytes]) -> list:
+    def handler(session: Any, args: Sequence[bytes]) -> list[Result]:
         return [reply]
 
     return handler
@@ -358,7 +365,7 @@ _pubsub_help = help_reply(
 )
 
 
-def _table(*commands: Command) -> dict:
+def _table(*commands: Command) -> dict[str, Command]:
     return {command.name.lower(): command for command in commands}
 
 
@@ -417,7 +424,9 @@ def resolve(args: Sequence[bytes], table: Mapping[str, Command] = COMMANDS) -> C
     return Command(full_name, sub.arity, sub.handler, sub.payload_index)
 
 
-def execute(session: Any, args: Sequence[bytes], table: Mapping[str, Command] = COMMANDS) -> list:
+def execute(
+    session: Any, args: Sequence[bytes], table: Mapping[str, Command] = COMMANDS
+) -> list[Result]:
     """Run one command (``args[0]`` is its name); returns its results in order.
 
     ``session`` is a :class:`Session`, or a transport's richer one for the
@@ -447,5 +456,7 @@ def refused(session: Any, command: Command, args: Sequence[bytes]) -> Error | No
         if refusal is not None:
             return Error(refusal)
     if bucket is not None:
-        return bucket.limit.refusal(bucket, name)
+        # The bucket is a pubsub.policy.TokenBucket, which this layer may not import.
+        refusal_by_rate: Error | None = bucket.limit.refusal(bucket, name)
+        return refusal_by_rate
     return None

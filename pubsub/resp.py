@@ -37,6 +37,7 @@ from pubsub.commands import (
     Limits,
     Pong,
     Reply,
+    Result,
     Session,
     Status,
     Verbatim,
@@ -47,7 +48,7 @@ from pubsub.commands import (
     resolve,
 )
 from pubsub.config import Settings
-from pubsub.engine import Engine
+from pubsub.engine import Encoder, Engine
 from pubsub.flow import Flusher, Outbox, OutboxProducer, OutputLimits
 from pubsub.policy import IdleTimer, PeerCounter, PublishLimit, TokenBucket, peer_host
 from pubsub.resp_reader import ProtocolError, RequestReader, redis_int
@@ -161,7 +162,8 @@ class RespProtocol(OutboxProducer, Protocol):
     def __init__(self) -> None:
         self.session: RespSession | None = None
         self.resp3 = False
-        self.encoder: _Frames = RESP2_FRAMES
+        # An Encoder, as the engine's Subscriber declares it: use_resp swaps it.
+        self.encoder: Encoder = RESP2_FRAMES
         #: CLIENT SETNAME's name and CLIENT SETINFO's attributes.
         self.name: bytes | None = None
         self.lib_name: bytes | None = None
@@ -171,7 +173,7 @@ class RespProtocol(OutboxProducer, Protocol):
         self._closing = False
         #: Set by QUIT: close once this request's replies are sent.
         self.quitting = False
-        self.lost: defer.Deferred = defer.Deferred()
+        self.lost: defer.Deferred[None] = defer.Deferred()
         self._idle: IdleTimer | None = None
         self._counted_as: str | None = None  # the address max_connections_per_ip counts
 
@@ -348,7 +350,7 @@ class RespProtocol(OutboxProducer, Protocol):
             self._idle.touch()
         command = resolve(args, RESP_COMMANDS)
         if isinstance(command, Error):
-            results: list = [command]
+            results: list[Result] = [command]
         elif (refusal := refused(session, command, args)) is not None:
             results = [refusal]
         elif (
@@ -364,6 +366,8 @@ class RespProtocol(OutboxProducer, Protocol):
                 )
             ]
         else:
+            # resolve answers with a handler's entry, never a container's.
+            assert command.handler is not None
             results = command.handler(session, args)
         outbox = self._outbox
         if outbox is None:
@@ -401,7 +405,7 @@ def _valid_attribute(value: bytes) -> bool:
 _BAD_NAME = Error("ERR Client names cannot contain spaces, newlines or special characters.")
 
 
-def _hello(session: RespSession, args: Sequence[bytes]) -> list:
+def _hello(session: RespSession, args: Sequence[bytes]) -> list[Result]:
     connection = session.connection
     version = 3 if connection.resp3 else 2
     name: bytes | None = None
@@ -456,7 +460,7 @@ def _hello(session: RespSession, args: Sequence[bytes]) -> list:
     ]
 
 
-def _reset(session: RespSession, args: Sequence[bytes]) -> list:
+def _reset(session: RespSession, args: Sequence[bytes]) -> list[Result]:
     engine, token = session.engine, session.token
     engine.unsubscribe(token)  # silently, as Redis does on RESET
     engine.punsubscribe(token)
@@ -469,16 +473,16 @@ def _reset(session: RespSession, args: Sequence[bytes]) -> list:
     return [Reply(Status(b"RESET"))]
 
 
-def _quit(session: RespSession, args: Sequence[bytes]) -> list:
+def _quit(session: RespSession, args: Sequence[bytes]) -> list[Result]:
     session.connection.quitting = True
     return [Reply(Status(b"OK"))]
 
 
-def _echo(session: RespSession, args: Sequence[bytes]) -> list:
+def _echo(session: RespSession, args: Sequence[bytes]) -> list[Result]:
     return [Reply(args[1])]
 
 
-def _select(session: RespSession, args: Sequence[bytes]) -> list:
+def _select(session: RespSession, args: Sequence[bytes]) -> list[Result]:
     # Pub/Sub ignores databases in Redis too; clients select one on connect.
     index = redis_int(args[1])
     if index is None or not -(2**31) <= index < 2**31:
@@ -488,22 +492,22 @@ def _select(session: RespSession, args: Sequence[bytes]) -> list:
     return [Reply(Status(b"OK"))]
 
 
-def _client_id(session: RespSession, args: Sequence[bytes]) -> list:
+def _client_id(session: RespSession, args: Sequence[bytes]) -> list[Result]:
     return [Reply(session.token)]
 
 
-def _client_setname(session: RespSession, args: Sequence[bytes]) -> list:
+def _client_setname(session: RespSession, args: Sequence[bytes]) -> list[Result]:
     if not _valid_attribute(args[2]):
         return [_BAD_NAME]
     session.connection.name = args[2] or None
     return [Reply(Status(b"OK"))]
 
 
-def _client_getname(session: RespSession, args: Sequence[bytes]) -> list:
+def _client_getname(session: RespSession, args: Sequence[bytes]) -> list[Result]:
     return [Reply(session.connection.name)]
 
 
-def _client_setinfo(session: RespSession, args: Sequence[bytes]) -> list:
+def _client_setinfo(session: RespSession, args: Sequence[bytes]) -> list[Result]:
     attribute = args[2].lower()
     if attribute not in (b"lib-name", b"lib-ver"):
         text = args[2].decode("utf-8", "surrogateescape")
@@ -539,10 +543,10 @@ def _version() -> str:
         return "unknown"
 
 
-def _info(session: RespSession, args: Sequence[bytes]) -> list:
+def _info(session: RespSession, args: Sequence[bytes]) -> list[Result]:
     factory = session.connection.factory
     engine = session.engine
-    sections = {
+    sections: dict[str, list[tuple[str, str | int]]] = {
         "server": [
             ("redis_version", REDIS_VERSION),
             ("pubsub_version", _version()),
@@ -596,7 +600,7 @@ RESP_COMMANDS: dict[str, Command] = {
 }
 
 
-class RespFactory(Factory):
+class RespFactory(Factory[RespProtocol]):
     """Builds RESP connections that share one engine, under one set of limits."""
 
     protocol = RespProtocol
@@ -628,9 +632,9 @@ class RespFactory(Factory):
         #: Connections closed by idle_timeout since start-up.
         self.idle_disconnects = 0
 
-    def close_all(self) -> defer.Deferred:
+    def close_all(self) -> defer.Deferred[list[tuple[bool, None]]]:
         """Close every connection once what is queued for it is sent."""
-        closing = []
+        closing: list[defer.Deferred[None]] = []
         for connection in list(self.connections):
             closing.append(connection.lost)
             connection.close_after_reply()
