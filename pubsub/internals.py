@@ -148,7 +148,9 @@ def init_protocol(protocol: Any) -> None:
     connection, but for the names in :data:`LAZY` (its ``is_open`` future
     and its placeholder ``_transport_details``, which the fast path builds
     only if someone reads them)."""
-    protocol.is_closed = txaio.create_future()
+    # txaio binds its API (create_future, ...) at run time, to the framework
+    # in use, so its py.typed module declares none of it.
+    protocol.is_closed = txaio.create_future()  # type: ignore[attr-defined]
     protocol.set_valid_events(["message"])
 
 

@@ -28,12 +28,13 @@ fault (1011) closes the connection.
 from __future__ import annotations
 
 import codecs
+import re
 import struct
 import types
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import txaio
 from autobahn.twisted.util import create_transport_details, peer2str
@@ -48,7 +49,7 @@ from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from autobahn.websocket.utf8validator import Utf8Validator
 from twisted.internet import defer
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IAddress, ISSLTransport
 from twisted.logger import Logger
 
 from pubsub import internals, json_codec
@@ -191,7 +192,8 @@ class _DeflateAccept(PerMessageDeflateOfferAccept):
     """
 
     def get_extension_string(self) -> str:
-        extension: str = super().get_extension_string()
+        # Autobahn's, unannotated; untyped_calls_exclude does not reach super().
+        extension: str = super().get_extension_string()  # type: ignore[no-untyped-call]
         if self.no_context_takeover and not self.offer.request_no_context_takeover:
             name = self.EXTENSION_NAME
             extension = name + "; server_no_context_takeover" + extension[len(name) :]
@@ -206,7 +208,8 @@ class _ConfiguredFactory(WebSocketServerFactory):
     ) -> None:
         if not _checked:
             check_fast_paths()
-        super().__init__(url, reactor=reactor)
+        # Autobahn's, unannotated; untyped_calls_exclude does not reach super().
+        super().__init__(url, reactor=reactor)  # type: ignore[no-untyped-call]
         # Pings and handshake timeouts, on this factory's clock.
         internals.use_batched_timer(self, BatchedTimer(self.reactor))
         #: Connections opened by the front's own handshake, not Autobahn's,
@@ -231,7 +234,8 @@ class _ConfiguredFactory(WebSocketServerFactory):
         self.setProtocolOptions(**options)
 
     def setProtocolOptions(self, *args: Any, **kwargs: Any) -> None:
-        super().setProtocolOptions(*args, **kwargs)
+        # Autobahn's, unannotated; untyped_calls_exclude does not reach super().
+        super().setProtocolOptions(*args, **kwargs)  # type: ignore[no-untyped-call]
         # Autobahn copies each of its ~40 protocol options from the factory
         # into every connection's __dict__, and pretty-prints them all for a
         # debug line nobody sees: a fifth of what a connection costs to open.
@@ -240,17 +244,23 @@ class _ConfiguredFactory(WebSocketServerFactory):
         # cost nothing per connection.
         base = type(self).protocol
         options = {name: _class_value(getattr(self, name)) for name in base.CONFIG_ATTRS}
-        self.protocol = type(
-            base.__name__,
-            (base,),
-            {**options, "CONFIG_ATTRS": (), "__module__": base.__module__},
+        # type() makes a subclass of base, which mypy can only call a type.
+        self.protocol = cast(
+            "type[WebSocketServerProtocol]",
+            type(
+                base.__name__,
+                (base,),
+                {**options, "CONFIG_ATTRS": (), "__module__": base.__module__},
+            ),
         )
 
     @staticmethod
     def _accept_deflate(offers: list[Any]) -> PerMessageDeflateOfferAccept | None:
         for offer in offers:
             if isinstance(offer, PerMessageDeflateOffer):
-                return _DeflateAccept(
+                # Autobahn's __init__, unannotated, which untyped_calls_exclude
+                # does not reach through a subclass.
+                return _DeflateAccept(  # type: ignore[no-untyped-call]
                     offer,
                     # Our side compresses every message on its own, so one
                     # compressed frame serves every connection of a group.
@@ -297,14 +307,21 @@ class _OnFirstUse:
 
 def _is_open(protocol: _LeanReader) -> Any:
     """The future that fires when the connection opens."""
+    # txaio binds its API at run time, to the framework in use, so its
+    # py.typed module declares none of it.
     if protocol._lean_opened:
-        return txaio.create_future_success(None)
-    return txaio.create_future()
+        return txaio.create_future_success(None)  # type: ignore[attr-defined]
+    return txaio.create_future()  # type: ignore[attr-defined]
 
 
 def _transport_details(protocol: WebSocketServerProtocol) -> TransportDetails:
     """What Autobahn's ``connectionMade`` records of a connection's transport."""
-    details = create_transport_details(protocol.transport, protocol.is_server)
+    # Autobahn's annotation leaves out the None of a connection not yet made,
+    # which it takes (peer "unknown").
+    details = create_transport_details(
+        protocol.transport,  # type: ignore[arg-type]
+        protocol.is_server,
+    )
     details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
     return details
 
@@ -333,6 +350,19 @@ class _LeanReader(WebSocketServerProtocol):
     _transport_details = _OnFirstUse(_transport_details)
     # Fired at open; Autobahn's handshake reads (so builds) it then.
     is_open = _OnFirstUse(_is_open)
+    # The factory's protocol options read here, which Autobahn sets without
+    # declaring them (class attributes of the factory's own subclass, see
+    # _ConfiguredFactory.setProtocolOptions).
+    maxMessagePayloadSize: int
+    maxConnections: int
+    tcpNoDelay: bool
+    trustXForwardedFor: int
+    versions: list[int]
+    allowedOriginsPatterns: list[re.Pattern[str]]
+    # peer2str's text once connected. Autobahn's two bases disagree on it
+    # (str | None, and str), which mypy reports for a subclass with two bases
+    # of its own (PubSubServerProtocol) unless a class in between declares it.
+    peer: str
 
     def __init__(self) -> None:
         if internals.fast_paths:
@@ -423,7 +453,8 @@ class _LeanReader(WebSocketServerProtocol):
         self._lean_opened = True
         waiting = self.__dict__.get("is_open")  # someone asked for it before now
         if waiting is not None:
-            txaio.resolve(waiting, None)
+            # txaio binds its API at run time, so its py.typed module declares none of it.
+            txaio.resolve(waiting, None)  # type: ignore[attr-defined]
         return True
 
     def _origin_allowed(self, origin: str) -> bool:
@@ -717,7 +748,11 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
                 self.factory.errors[error_kind(result.message)] += 1
             data = json_codec.encode_result(result)
             if compressing:
-                self.sendMessage(data, doNotCompress=not self.factory.should_compress(len(data)))
+                # Autobahn's, unannotated; untyped_calls_exclude does not
+                # reach it through a subclass.
+                self.sendMessage(  # type: ignore[no-untyped-call]
+                    data, doNotCompress=not self.factory.should_compress(len(data))
+                )
             else:  # framed here: what sendMessage would send, without its bookkeeping
                 self.sendData(text_frame(data))
 
@@ -773,7 +808,9 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
 class PubSubServerFactory(_ConfiguredFactory):
     """Builds connections that share one engine, under one set of limits."""
 
-    protocol = PubSubServerProtocol
+    # Twisted types a factory's protocol as one whose factory is a Factory[Self],
+    # which no protocol of Autobahn's unparameterised factory can declare.
+    protocol = PubSubServerProtocol  # type: ignore[assignment]
     #: This transport's label in the metrics.
     transport_name = "websocket"
 
@@ -820,13 +857,16 @@ class PubSubServerFactory(_ConfiguredFactory):
             encoder = self._deflate_groups[group] = JsonFrames(framer)
         return encoder
 
-    def close_all(self, reason: str = "server shutting down") -> defer.Deferred:
+    def close_all(
+        self, reason: str = "server shutting down"
+    ) -> defer.Deferred[list[tuple[bool, Any]]]:
         """Close every connection with 1001; fires when all have closed.
 
         A peer that does not answer is dropped by Autobahn's close handshake
         timeout, so this does not wait on anyone for long.
         """
-        closing = []
+        # Autobahn's is_closed futures (each fires with its connection).
+        closing: list[defer.Deferred[Any]] = []
         for connection in list(self.connections):
             connection.sendCloseFrame(
                 code=WebSocketProtocol.CLOSE_STATUS_CODE_GOING_AWAY,
@@ -845,7 +885,9 @@ class EchoServerProtocol(_LeanReader):
         # Autobahn still delivers messages once our close frame is out, and
         # refuses to send then: nothing is echoed.
         if self.state == WebSocketProtocol.STATE_OPEN:
-            self.sendMessage(
+            # Autobahn's, unannotated; untyped_calls_exclude does not reach it
+            # through a subclass.
+            self.sendMessage(  # type: ignore[no-untyped-call]
                 payload, isBinary, doNotCompress=not self.factory.should_compress(len(payload))
             )
 
@@ -856,7 +898,9 @@ class EchoServerProtocol(_LeanReader):
 class EchoServerFactory(_ConfiguredFactory):
     """The echo endpoint, under exactly the pub/sub endpoint's protocol options."""
 
-    protocol = EchoServerProtocol
+    # Twisted types a factory's protocol as one whose factory is a Factory[Self],
+    # which no protocol of Autobahn's unparameterised factory can declare.
+    protocol = EchoServerProtocol  # type: ignore[assignment]
 
 
 _checked = False
@@ -886,17 +930,22 @@ def check_fast_paths() -> list[str]:
         b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
         b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: pubsub.json\r\n\r\n"
     )
-    address = IPv4Address("TCP", "127.0.0.1", 1)
+    # The casts: mypy does not see zope's @implementer, and Twisted's factory
+    # returns what its protocol attribute is declared to build (see
+    # PubSubServerFactory.protocol).
+    address = cast(IAddress, IPv4Address("TCP", "127.0.0.1", 1))
     try:
         factory = PubSubServerFactory(Engine(), Settings(), reactor=Clock())
-        fast = factory.buildProtocol(address)
+        fast = cast(PubSubServerProtocol, factory.buildProtocol(address))
         upgrade = read_upgrade(head[:-4])
         if upgrade is None or not fast.open_upgrade(StringTransport(), upgrade, head):
             found = ["the front's handshake did not open a plain request"]
         else:
-            autobahns = factory.buildProtocol(address)
+            autobahns = cast(PubSubServerProtocol, factory.buildProtocol(address))
             internals.init_as_autobahn(autobahns)
-            autobahns.makeConnection(StringTransport())
+            # Twisted's, unannotated; untyped_calls_exclude does not reach it
+            # through a subclass.
+            autobahns.makeConnection(StringTransport())  # type: ignore[no-untyped-call]
             autobahns.dataReceived(head)
             del autobahns._autobahn_read  # the lean reader's own notes, not Autobahn's
             del fast._lean_opened
