@@ -182,7 +182,9 @@ class Authenticator:
         if not self._keys:
             raise AuthError("no token can be checked: the server has no JWT key configured")
         try:
-            algorithm = jwt.get_unverified_header(token).get("alg")
+            # The unverified header is the token's own JSON: "alg" may be
+            # absent or any value; only one of our keys' names finds a key.
+            algorithm: Any = jwt.get_unverified_header(token).get("alg")
             key = self._keys.get(algorithm)
             if key is None:
                 expected = " or ".join(sorted(self._keys))

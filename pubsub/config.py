@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 __all__ = [
@@ -224,7 +224,9 @@ class Settings:
 
 def _coerce(name: str, value: Any, source: str) -> Any:
     """Check and convert one value to the type of the field ``name``."""
-    kinds = {f.name: f.type for f in fields(Settings)}
+    # This module's annotations are strings (from __future__ import
+    # annotations), so every field's type is its name: "str", "int"...
+    kinds = {f.name: cast(str, f.type) for f in fields(Settings)}
     if name not in kinds:
         known = ", ".join(sorted(kinds))
         raise ConfigError(f"{source}: unknown setting {name!r} (known: {known})")
