@@ -124,7 +124,10 @@ TOKEN_CLOSE_REASONS = (
 
 def is_token_close(code: int | None, reason: str | None) -> bool:
     """Whether a close frame is the server refusing the connection's token."""
-    return code == TOKEN_CLOSE_CODE and bool(reason) and reason.startswith(TOKEN_CLOSE_REASONS)
+    # None of TOKEN_CLOSE_REASONS is empty: an empty reason is no token close.
+    return (
+        code == TOKEN_CLOSE_CODE and reason is not None and reason.startswith(TOKEN_CLOSE_REASONS)
+    )
 
 
 @dataclass(frozen=True)
@@ -358,7 +361,7 @@ class ClientCore:
             return self._finish(request)
         return self._confirmation(request, frame)
 
-    def _message(self, frame: list) -> Message:
+    def _message(self, frame: list[Any]) -> Message:
         kind = frame[0]
         if kind == "pmessage" and len(frame) == 4:
             return Message(kind, _received(frame[2]), _received(frame[3]), _received(frame[1]))
@@ -373,7 +376,7 @@ class ClientCore:
         request.error = request.error or error
         return self._finish(request)
 
-    def _confirmation(self, request: Request, frame: list) -> list[Event]:
+    def _confirmation(self, request: Request, frame: list[Any]) -> list[Event]:
         if len(frame) != 3 or not isinstance(frame[2], int):
             raise ProtocolViolation(f"a malformed confirmation: {frame!r}")
         name = None if frame[1] is None else _received(frame[1])
@@ -391,7 +394,7 @@ class ClientCore:
                 return self._finish(request)
         return []
 
-    def _value(self, request: Request, frame: list) -> Any:
+    def _value(self, request: Request, frame: list[Any]) -> Any:
         if len(frame) != 2:
             raise ProtocolViolation(f"a malformed answer: {frame!r}")
         value = frame[1]
@@ -439,7 +442,7 @@ class ClientCore:
         return ([handler] if handler is not None else []) + list(self._catch_all)
 
 
-def numsub(flat: list) -> dict[Name, int]:
+def numsub(flat: list[Any]) -> dict[Name, int]:
     """PUBSUB NUMSUB's flat ``[name, count, ...]`` as an ordered dict."""
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
@@ -463,7 +466,8 @@ class Backoff:
 
     def next(self) -> float:
         """The delay before the next attempt."""
-        ceiling = min(self.max_delay, self.min_delay * 2 ** min(self.attempts, 64))
+        # float: typeshed gives int ** int as Any (a negative power is a float).
+        ceiling: float = min(self.max_delay, self.min_delay * 2 ** min(self.attempts, 64))
         self.attempts += 1
         return ceiling / 2 + ceiling / 2 * self._random()
 

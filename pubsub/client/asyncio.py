@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import inspect
 import logging
 import ssl as _ssl
 from collections.abc import Callable
-from typing import Any, Self
+from typing import Any, Final, Self
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as _ws_connect
 from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
 
 from pubsub.client._core import (
     CHANNEL,
@@ -40,10 +42,13 @@ from pubsub.client._core import (
     SHARD,
     Backoff,
     ClientCore,
+    Event,
     Handler,
     Message,
+    Name,
     ProtocolViolation,
     Rejected,
+    Request,
     Resolved,
     StateCallback,
     numsub,
@@ -84,14 +89,21 @@ async def connect(
     return client
 
 
+class _End(enum.Enum):
+    """The end of a stream's queue: a sentinel of its own type, which an
+    ``is`` test tells apart from the messages."""
+
+    END = enum.auto()
+
+
 class MessageStream:
     """Every message from the moment it was made; ends when the client closes."""
 
-    _END = object()
+    _END: Final = _End.END
 
     def __init__(self, client: PubSubClient) -> None:
         self._client = client
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._queue: asyncio.Queue[Message | _End] = asyncio.Queue()
         client._streams.append(self)
         if client.state == CLOSED:
             self._queue.put_nowait(self._END)
@@ -134,7 +146,7 @@ class PubSubClient:
         self._timeout = timeout
         self._ssl = ssl
         self._core = ClientCore()
-        self._waiting: dict[Any, asyncio.Future[Any]] = {}
+        self._waiting: dict[Request, asyncio.Future[Any]] = {}
         self._ws: ClientConnection | None = None
         # Requests must reach the core in the order their frames are sent.
         self._send_lock = asyncio.Lock()
@@ -182,7 +194,7 @@ class PubSubClient:
         try:
             return await _ws_connect(
                 url_with_token(self.url, token),
-                subprotocols=["pubsub.json"],
+                subprotocols=[Subprotocol("pubsub.json")],
                 open_timeout=self._timeout,
                 ssl=(self._ssl or True) if self._address.secure else None,
                 # The server bounds message sizes; a delivery is never refused here.
@@ -281,18 +293,19 @@ class PubSubClient:
 
     # -- frames -------------------------------------------------------------------------
 
-    def _settle(self, events: list[Any]) -> None:
+    def _settle(self, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, Message):
                 self._dispatch(event)
                 continue
             future = self._waiting.pop(event.request, None)
-            done = future is None or future.done()
+            if future is not None and future.done():
+                future = None  # its caller gave up on it (cancelled)
             if isinstance(event, Resolved):
-                if not done:
+                if future is not None:
                     future.set_result(event.value)
             elif isinstance(event, Rejected):
-                if not done:
+                if future is not None:
                     future.set_exception(event.error)
                 elif event.request.internal:
                     _log.error(
@@ -314,7 +327,9 @@ class PubSubClient:
 
     # -- commands -----------------------------------------------------------------------
 
-    async def _call(self, build: Callable[..., Any], *args: Any) -> Any:
+    async def _call(self, build: Callable[..., tuple[Request, list[str]]], *args: Any) -> Any:
+        """Send the frames of ``build(*args)``; the answer, as the server sent
+        it (JSON): each command's caller names its type."""
         async with self._send_lock:
             ws = self._ws
             if ws is None:
@@ -342,45 +357,58 @@ class PubSubClient:
 
     async def subscribe(self, *channels: str, handler: Handler | None = None) -> int:
         """SUBSCRIBE; returns the count of channels and patterns held after it."""
-        return await self._call(self._core.subscribe, CHANNEL, channels, handler)
+        held: int = await self._call(self._core.subscribe, CHANNEL, channels, handler)
+        return held
 
     async def psubscribe(self, *patterns: str, handler: Handler | None = None) -> int:
-        return await self._call(self._core.subscribe, PATTERN, patterns, handler)
+        held: int = await self._call(self._core.subscribe, PATTERN, patterns, handler)
+        return held
 
     async def ssubscribe(self, *channels: str, handler: Handler | None = None) -> int:
-        return await self._call(self._core.subscribe, SHARD, channels, handler)
+        held: int = await self._call(self._core.subscribe, SHARD, channels, handler)
+        return held
 
     async def unsubscribe(self, *channels: str) -> int:
         """UNSUBSCRIBE these channels (none: all); returns the count left."""
-        return await self._call(self._core.unsubscribe, CHANNEL, channels)
+        left: int = await self._call(self._core.unsubscribe, CHANNEL, channels)
+        return left
 
     async def punsubscribe(self, *patterns: str) -> int:
-        return await self._call(self._core.unsubscribe, PATTERN, patterns)
+        left: int = await self._call(self._core.unsubscribe, PATTERN, patterns)
+        return left
 
     async def sunsubscribe(self, *channels: str) -> int:
-        return await self._call(self._core.unsubscribe, SHARD, channels)
+        left: int = await self._call(self._core.unsubscribe, SHARD, channels)
+        return left
 
     async def publish(self, channel: str, message: str | bytes) -> int:
         """PUBLISH; returns the receiver count. Bytes travel as base64."""
-        return await self._call(self._core.publish, channel, message)
+        receivers: int = await self._call(self._core.publish, channel, message)
+        return receivers
 
     async def spublish(self, channel: str, message: str | bytes) -> int:
-        return await self._call(self._core.publish, channel, message, True)
+        receivers: int = await self._call(self._core.publish, channel, message, True)
+        return receivers
 
-    async def pubsub_channels(self, pattern: str | None = None) -> list:
+    async def pubsub_channels(self, pattern: str | None = None) -> list[Any]:
+        # The names are str, or bytes when not UTF-8 (Name); pubsub.cli hands
+        # them on to pubsub_numsub, which takes str.
         args = ("PUBSUB", "CHANNELS") + ((pattern,) if pattern is not None else ())
-        return await self._call(self._core.command, *args)
+        channels: list[Any] = await self._call(self._core.command, *args)
+        return channels
 
-    async def pubsub_numsub(self, *channels: str) -> dict:
+    async def pubsub_numsub(self, *channels: str) -> dict[Name, int]:
         """PUBSUB NUMSUB as ``{channel: subscribers}`` in the order asked."""
         return numsub(await self._call(self._core.command, "PUBSUB", "NUMSUB", *channels))
 
     async def pubsub_numpat(self) -> int:
-        return await self._call(self._core.command, "PUBSUB", "NUMPAT")
+        patterns: int = await self._call(self._core.command, "PUBSUB", "NUMPAT")
+        return patterns
 
     async def ping(self, text: str | None = None) -> str | bytes:
         """PING; returns the text echoed ("" without one)."""
-        return await self._call(self._core.ping, text)
+        echoed: Name = await self._call(self._core.ping, text)
+        return echoed
 
     async def auth(self, token: str) -> None:
         """AUTH with a (new) token; a plain-string token is replaced by it for
