@@ -75,7 +75,8 @@ class Subscriber(Protocol):
     Twisted's transports do).
     """
 
-    encoder: Encoder
+    @property
+    def encoder(self) -> Encoder: ...
 
     def deliver(self, frame: Any) -> None: ...
 
