@@ -238,11 +238,8 @@ def _parser() -> argparse.ArgumentParser:
 def _settings(arguments: list[str]) -> Settings:
     from pubsub.service import Options
 
-    # Options inherits twisted.python.usage.Options's unannotated __init__ and
-    # parseOptions, which untyped_calls_exclude misses when called through a
-    # subclass of ours.
-    options = Options()  # type: ignore[no-untyped-call]
-    options.parseOptions(arguments)  # type: ignore[no-untyped-call]
+    options = Options()
+    options.parseOptions(arguments)
     settings: Settings = options.settings
     return settings
 

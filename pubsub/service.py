@@ -83,9 +83,7 @@ class PubSubService(MultiService):
         reactor: Any,
         resp_factory: RespFactory | None = None,
     ) -> None:
-        # Twisted's unannotated __init__: untyped_calls_exclude does not
-        # reach a call through super().
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self.factory = factory
         self.resp_factory = resp_factory
         self.engine = factory.engine
@@ -101,7 +99,7 @@ class PubSubService(MultiService):
         # the application names, if any: the one way a plugin chooses it.
         if self.log_observer is not None and hasattr(parent, "setComponent"):
             parent.setComponent(ILogObserver, self.log_observer)
-        super().setServiceParent(parent)  # type: ignore[no-untyped-call]  # Twisted's, as above
+        super().setServiceParent(parent)  # Twisted's, as above
 
     def listen(self, setting: str, factory: Any) -> None:
         """Serve ``factory`` while running, on the port the setting names."""
@@ -199,10 +197,7 @@ def make_service(
         service.listen("resp_port", resp_factory)
     if settings.backplane.strip():
         service.backplane = _backplane(engine, settings, reactor)
-        # Either kind is a Service: seen as one, the (unannotated) method is
-        # Twisted's, which untyped_calls_exclude covers; the union is not.
-        joining: Service = service.backplane
-        joining.setServiceParent(service)
+        service.backplane.setServiceParent(service)
         resource.health.backplane = service.backplane
     return service
 

@@ -62,16 +62,14 @@ class _WebSocketUpgrade(WebSocketResource):
     channel that no longer owns the connection.
     """
 
-    # Autobahn's methods are unannotated, and untyped_calls_exclude does not
-    # reach a call through super(): hence the ignores on those calls here.
     def __init__(self, factory: PubSubServerFactory | EchoServerFactory) -> None:
-        super().__init__(factory)  # type: ignore[no-untyped-call]
+        super().__init__(factory)
 
     def render(self, request: Request) -> object:
         request.channel.setTimeout(None)
         transport = request.channel.transport
         front = internals.protocol_of(transport) if transport is not None else None
-        result = super().render(request)  # type: ignore[no-untyped-call]
+        result = super().render(request)
         if isinstance(front, _Front):
             # Autobahn put its protocol where the front was; the front must
             # stay in between to count the connection's end.
@@ -90,9 +88,7 @@ class StaticFile(Resource):
     isLeaf = True
 
     def __init__(self, name: str, content_type: bytes, cache_control: bytes) -> None:
-        # Twisted's Resource.__init__ is unannotated, and untyped_calls_exclude
-        # does not reach a call through super(); so in each resource below.
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self.body = resources.files("pubsub").joinpath("static", name).read_bytes()
         self.etag = b'"%s"' % hashlib.sha256(self.body).hexdigest()[:32].encode("ascii")
         self._content_type = content_type
@@ -128,7 +124,7 @@ class HealthResource(Resource):
     isLeaf = True
 
     def __init__(self, factory: PubSubServerFactory, clock: _Clock) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         #: Every transport's factory on this engine; their slow consumers add up.
         self.factories: list[Any] = [factory]
         #: The WebSocket factories by endpoint: "pubsub", and "echo" when it is on.
@@ -375,7 +371,7 @@ class MetricsResource(Resource):
     isLeaf = True
 
     def __init__(self, health: HealthResource) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         # The same factories and start time as /healthz.
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(_Figures(health))
@@ -390,7 +386,7 @@ class PubSubResource(Resource):
     """The pub/sub endpoint as a twisted.web resource; mount it anywhere."""
 
     def __init__(self, factory: PubSubServerFactory, clock: IReactorTime | None = None) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         if clock is None:
             from twisted.internet import reactor
 

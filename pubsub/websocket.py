@@ -192,8 +192,7 @@ class _DeflateAccept(PerMessageDeflateOfferAccept):
     """
 
     def get_extension_string(self) -> str:
-        # Autobahn's, unannotated; untyped_calls_exclude does not reach super().
-        extension: str = super().get_extension_string()  # type: ignore[no-untyped-call]
+        extension: str = super().get_extension_string()
         if self.no_context_takeover and not self.offer.request_no_context_takeover:
             name = self.EXTENSION_NAME
             extension = name + "; server_no_context_takeover" + extension[len(name) :]
@@ -208,8 +207,7 @@ class _ConfiguredFactory(WebSocketServerFactory):
     ) -> None:
         if not _checked:
             check_fast_paths()
-        # Autobahn's, unannotated; untyped_calls_exclude does not reach super().
-        super().__init__(url, reactor=reactor)  # type: ignore[no-untyped-call]
+        super().__init__(url, reactor=reactor)
         # Pings and handshake timeouts, on this factory's clock.
         internals.use_batched_timer(self, BatchedTimer(self.reactor))
         #: Connections opened by the front's own handshake, not Autobahn's,
@@ -234,8 +232,7 @@ class _ConfiguredFactory(WebSocketServerFactory):
         self.setProtocolOptions(**options)
 
     def setProtocolOptions(self, *args: Any, **kwargs: Any) -> None:
-        # Autobahn's, unannotated; untyped_calls_exclude does not reach super().
-        super().setProtocolOptions(*args, **kwargs)  # type: ignore[no-untyped-call]
+        super().setProtocolOptions(*args, **kwargs)
         # Autobahn copies each of its ~40 protocol options from the factory
         # into every connection's __dict__, and pretty-prints them all for a
         # debug line nobody sees: a fifth of what a connection costs to open.
@@ -258,9 +255,7 @@ class _ConfiguredFactory(WebSocketServerFactory):
     def _accept_deflate(offers: list[Any]) -> PerMessageDeflateOfferAccept | None:
         for offer in offers:
             if isinstance(offer, PerMessageDeflateOffer):
-                # Autobahn's __init__, unannotated, which untyped_calls_exclude
-                # does not reach through a subclass.
-                return _DeflateAccept(  # type: ignore[no-untyped-call]
+                return _DeflateAccept(
                     offer,
                     # Our side compresses every message on its own, so one
                     # compressed frame serves every connection of a group.
@@ -748,11 +743,7 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
                 self.factory.errors[error_kind(result.message)] += 1
             data = json_codec.encode_result(result)
             if compressing:
-                # Autobahn's, unannotated; untyped_calls_exclude does not
-                # reach it through a subclass.
-                self.sendMessage(  # type: ignore[no-untyped-call]
-                    data, doNotCompress=not self.factory.should_compress(len(data))
-                )
+                self.sendMessage(data, doNotCompress=not self.factory.should_compress(len(data)))
             else:  # framed here: what sendMessage would send, without its bookkeeping
                 self.sendData(text_frame(data))
 
@@ -885,9 +876,7 @@ class EchoServerProtocol(_LeanReader):
         # Autobahn still delivers messages once our close frame is out, and
         # refuses to send then: nothing is echoed.
         if self.state == WebSocketProtocol.STATE_OPEN:
-            # Autobahn's, unannotated; untyped_calls_exclude does not reach it
-            # through a subclass.
-            self.sendMessage(  # type: ignore[no-untyped-call]
+            self.sendMessage(
                 payload, isBinary, doNotCompress=not self.factory.should_compress(len(payload))
             )
 
@@ -943,9 +932,7 @@ def check_fast_paths() -> list[str]:
         else:
             autobahns = cast(PubSubServerProtocol, factory.buildProtocol(address))
             internals.init_as_autobahn(autobahns)
-            # Twisted's, unannotated; untyped_calls_exclude does not reach it
-            # through a subclass.
-            autobahns.makeConnection(StringTransport())  # type: ignore[no-untyped-call]
+            autobahns.makeConnection(StringTransport())
             autobahns.dataReceived(head)
             del autobahns._autobahn_read  # the lean reader's own notes, not Autobahn's
             del fast._lean_opened

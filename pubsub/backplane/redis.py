@@ -517,9 +517,7 @@ class RedisBackplane(Service):
     # -- the service: two connections that come back -------------------------
 
     def startService(self) -> None:
-        # Service's own is unannotated, and untyped_calls_exclude cannot see
-        # through super().
-        super().startService()  # type: ignore[no-untyped-call]
+        super().startService()
         _log.info("backplane: connecting to {url}", url=self.url)
         endpoint = self._endpoint
         if endpoint is None:
@@ -557,7 +555,7 @@ class RedisBackplane(Service):
         return lambda failed_attempts: policy(max(failed_attempts, self._unanswered[role]))
 
     def stopService(self) -> defer.Deferred[list[tuple[bool, None]]]:
-        super().stopService()  # type: ignore[no-untyped-call]  # as in startService
+        super().stopService()  # as in startService
         if self._publisher is not None:
             # ClientService closes it with loseConnection, which under TLS
             # waits for the producer to go (see _Connection.close).

@@ -461,9 +461,7 @@ class RedisClusterBackplane(MultiService):
         refresh_interval: float = 1.0,
         endpoint_for: Callable[[str, int], Any] | None = None,
     ) -> None:
-        # MultiService's methods are unannotated, and untyped_calls_exclude
-        # cannot see through super() (nor through a subclass: _ShardLink's).
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         if clock is None:
             from twisted.internet import reactor as clock
         self.engine = engine
@@ -562,7 +560,7 @@ class RedisClusterBackplane(MultiService):
     # -- the service -------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]  # as in __init__
+        super().startService()  # as in __init__
         _log.info("backplane: asking {url} for its slot map", url=self.url)
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = self.clock
@@ -722,7 +720,7 @@ class RedisClusterBackplane(MultiService):
             if address not in self.links:
                 link = _ShardLink(self, *address)
                 self.links[address] = link
-                link.setServiceParent(self)  # type: ignore[no-untyped-call]  # as in __init__
+                link.setServiceParent(self)  # as in __init__
         for (first, last), address in ranges.items():
             link = self.links[address]
             slots[first : last + 1] = [link] * (last - first + 1)
@@ -752,7 +750,7 @@ class RedisClusterBackplane(MultiService):
         """Close a link to a node that no longer serves slots; keep its counts."""
         for name in _COUNTS:
             self._retired[name] += getattr(link, name)
-        link.disownServiceParent()  # type: ignore[no-untyped-call]  # as in __init__
+        link.disownServiceParent()  # as in __init__
 
     def _owner(self, kind: str, name: bytes) -> _ShardLink | None:
         if kind == "pattern":

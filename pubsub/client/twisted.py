@@ -195,13 +195,11 @@ class PubSubClient:
         self._set_state(CONNECTING)
         try:
             token = yield self._fetch_token()
-            # Autobahn's factory is unannotated, and untyped_calls_exclude goes
-            # by the receiver's class, which is ours.
-            factory = _Factory(  # type: ignore[no-untyped-call]
+            factory = _Factory(
                 url_with_token(self.url, token), protocols=["pubsub.json"], reactor=self._reactor
             )
             factory.protocol = _Connection
-            factory.setProtocolOptions(  # type: ignore[no-untyped-call]
+            factory.setProtocolOptions(
                 openHandshakeTimeout=self._timeout, autoPingInterval=20, autoPingTimeout=20
             )
             host, port = self._address.host, self._address.port
@@ -224,7 +222,7 @@ class PubSubClient:
         self._backoff.reset()
         for frame in self._core.opened():
             # Autobahn's, unannotated: as for the factory in _attempt.
-            connection.sendMessage(frame.encode("utf-8"))  # type: ignore[no-untyped-call]
+            connection.sendMessage(frame.encode("utf-8"))
         self._set_state(CONNECTED)
 
     def _on_close(self, connection: _Connection, code: int | None, reason: str | None) -> None:
@@ -342,7 +340,7 @@ class PubSubClient:
         d: defer.Deferred[Any] = defer.Deferred()
         self._waiting[request] = d
         for frame in frames:
-            connection.sendMessage(frame.encode("utf-8"))  # type: ignore[no-untyped-call]  # _attempt
+            connection.sendMessage(frame.encode("utf-8"))  # _attempt
         return d
 
     def on_message(self, handler: Handler) -> Callable[[], None]:
