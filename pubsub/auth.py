@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from pubsub.config import ConfigError
+from pubsub.engine import Kind
 from pubsub.glob import compile_pattern
 
 __all__ = ["AuthError", "Authenticator", "Grant", "Guard"]
@@ -223,7 +224,7 @@ class Guard:
     ``revoke`` is called with a reason when the connection must end: its
     token expired without a renewing AUTH, a renewing token no longer allows
     what it holds, or it never authenticated in time.  The transport closes
-    the connection (1008 on WebSocket).
+    the connection (WebSocket: close code 4001, ``vocabulary.CLOSE_TOKEN``).
     """
 
     def __init__(
@@ -320,12 +321,12 @@ def _noperm(grant: Grant, channel: bytes) -> str:
 def _first_lost(grant: Grant, session: Any) -> str | None:
     """A subscription the session holds that ``grant`` would not allow."""
     engine, token = session.engine, session.token
-    for kind, what, is_pattern in (
-        ("channel", "channel", False),
-        ("shard", "shard channel", False),
-        ("pattern", "pattern", True),
+    for kind, what in (
+        (Kind.CHANNEL, "channel"),
+        (Kind.SHARD, "shard channel"),
+        (Kind.PATTERN, "pattern"),
     ):
         for name in engine.held(token, kind):
-            if not grant.allows("subscribe", name, is_pattern):
+            if not grant.allows("subscribe", name, kind is Kind.PATTERN):
                 return f"{what} '{name.decode('utf-8', 'replace')}'"
     return None

@@ -30,7 +30,7 @@ _SUB_HELP = (
     "jittered delays and subscribes again, saying so on stderr; messages "
     "published while it was away are lost, as in Redis. With --no-reconnect a "
     "lost connection ends the command with status 1, and so does a token the "
-    "server refuses or lets expire (close 1008): the token is fixed, so "
+    "server refuses or lets expire (close 4001): the token is fixed, so "
     "reconnecting with it would be refused again."
 )
 
@@ -115,7 +115,7 @@ class Output:
         print(line, file=self.stream, flush=True)
 
     def message(self, message: Message) -> None:
-        obj: dict[str, Any] = {"type": message.kind, "channel": _wire(message.channel)}
+        obj: dict[str, Any] = {"type": message.type, "channel": _wire(message.channel)}
         where = _text(message.channel)
         if message.pattern is not None:
             obj["pattern"] = _wire(message.pattern)

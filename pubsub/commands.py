@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from pubsub.auth import AuthError
-from pubsub.engine import Engine
+from pubsub.engine import Engine, Kind
 
 __all__ = [
     "COMMANDS",
@@ -45,9 +45,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Confirm:
-    """An (un)subscribe confirmation: ``kind`` is e.g. "subscribe"."""
+    """An (un)subscribe confirmation: ``verb`` is the command's, e.g. "subscribe"."""
 
-    kind: str
+    verb: str
     name: bytes | None
     count: int
 
@@ -210,7 +210,7 @@ def _name_too_long(session: Session, names: Sequence[bytes], what: str) -> Error
     return None
 
 
-def _subscription_limit(session: Session, kind: str, names: Sequence[bytes]) -> Error | None:
+def _subscription_limit(session: Session, kind: Kind, names: Sequence[bytes]) -> Error | None:
     limit = session.limits.max_subscriptions
     if not limit:
         return None
@@ -224,25 +224,28 @@ def _subscription_limit(session: Session, kind: str, names: Sequence[bytes]) -> 
     return None
 
 
-def _subscriber(kind: str, confirm: str, what: str) -> Handler:
+def _subscriber(kind: Kind) -> Handler:
     """SUBSCRIBE, PSUBSCRIBE and SSUBSCRIBE: checked, then all or nothing."""
-    method_name = {"channel": "subscribe", "pattern": "psubscribe", "shard": "ssubscribe"}[kind]
+    verb, noun = kind.subscribe, kind.noun
 
     def handler(session: Session, args: Sequence[bytes]) -> list[Result]:
         names = args[1:]
-        error = _name_too_long(session, names, what) or _subscription_limit(session, kind, names)
+        error = _name_too_long(session, names, noun) or _subscription_limit(session, kind, names)
         if error:
             return [error]
-        confirmations = getattr(session.engine, method_name)(session.token, names)
-        return [Confirm(confirm, name, count) for name, count in confirmations]
+        confirmations = getattr(session.engine, verb)(session.token, names)
+        return [Confirm(verb, name, count) for name, count in confirmations]
 
     return handler
 
 
-def _unsubscriber(method_name: str) -> Handler:
+def _unsubscriber(kind: Kind) -> Handler:
+    """UNSUBSCRIBE, PUNSUBSCRIBE and SUNSUBSCRIBE: the names given, or all held."""
+    verb = kind.unsubscribe
+
     def handler(session: Session, args: Sequence[bytes]) -> list[Result]:
-        confirmations = getattr(session.engine, method_name)(session.token, args[1:])
-        return [Confirm(method_name, name, count) for name, count in confirmations]
+        confirmations = getattr(session.engine, verb)(session.token, args[1:])
+        return [Confirm(verb, name, count) for name, count in confirmations]
 
     return handler
 
@@ -281,7 +284,7 @@ def _list_names(method_name: str) -> Handler:
             ]
         pattern = args[2] if len(args) == 3 else None
         if pattern is not None:
-            error = _name_too_long(session, [pattern], "pattern")
+            error = _name_too_long(session, [pattern], Kind.PATTERN.noun)
             if error:
                 return [error]
         return [Reply(getattr(session.engine, method_name)(pattern))]
@@ -380,14 +383,14 @@ _PUBSUB_SUBCOMMANDS = _table(
 
 
 COMMANDS: dict[str, Command] = _table(
-    Command("subscribe", -2, _subscriber("channel", "subscribe", "channel name")),
-    Command("unsubscribe", -1, _unsubscriber("unsubscribe")),
-    Command("psubscribe", -2, _subscriber("pattern", "psubscribe", "pattern")),
-    Command("punsubscribe", -1, _unsubscriber("punsubscribe")),
-    Command("ssubscribe", -2, _subscriber("shard", "ssubscribe", "shard channel name")),
-    Command("sunsubscribe", -1, _unsubscriber("sunsubscribe")),
-    Command("publish", 3, _publisher("publish", "channel name"), payload_index=2),
-    Command("spublish", 3, _publisher("spublish", "shard channel name"), payload_index=2),
+    Command("subscribe", -2, _subscriber(Kind.CHANNEL)),
+    Command("unsubscribe", -1, _unsubscriber(Kind.CHANNEL)),
+    Command("psubscribe", -2, _subscriber(Kind.PATTERN)),
+    Command("punsubscribe", -1, _unsubscriber(Kind.PATTERN)),
+    Command("ssubscribe", -2, _subscriber(Kind.SHARD)),
+    Command("sunsubscribe", -1, _unsubscriber(Kind.SHARD)),
+    Command("publish", 3, _publisher("publish", Kind.CHANNEL.noun), payload_index=2),
+    Command("spublish", 3, _publisher("spublish", Kind.SHARD.noun), payload_index=2),
     Command("pubsub", -2, None, subcommands=_PUBSUB_SUBCOMMANDS),
     Command("ping", -1, _ping),
     Command("auth", -2, _auth),

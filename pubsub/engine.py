@@ -41,8 +41,13 @@ from typing import Any, Protocol, TypeAlias
 from sortedcontainers import SortedSet  # type: ignore[import-untyped]
 
 from pubsub.glob import Matcher, compile_pattern, literal_prefix
+from pubsub.vocabulary import Kind
 
-__all__ = ["Encoder", "Engine", "Relay", "Subscriber", "UnknownClient"]
+__all__ = ["Encoder", "Engine", "Kind", "Relay", "Subscriber", "UnknownClient"]
+
+# The members, as plain names: reading one through the Enum class is a
+# lookup in its metaclass, dearer than a global.
+_CHANNEL, _PATTERN, _SHARD = Kind.CHANNEL, Kind.PATTERN, Kind.SHARD
 
 #: The subscribers of one name, in token order: a 1-tuple or a SortedSet.
 Tokens: TypeAlias = "tuple[int] | SortedSet"
@@ -53,10 +58,12 @@ Confirmation = tuple[bytes | None, int]
 
 
 class Encoder(Protocol):
-    """Builds the frame a kind of transport sends for each delivery.
+    """Builds the frame a transport sends for each delivery: one method per
+    message type (``Kind.message``).
 
-    One encoder is shared by every client of the same kind, and it must be
-    hashable: a publish calls it once per kind of receiver and reuses the frame.
+    One encoder is shared by every client of the same transport and format,
+    and it must be hashable: a publish calls each encoder of its receivers
+    once and reuses the frame.
     """
 
     def message(self, channel: bytes, payload: bytes) -> Any: ...
@@ -84,7 +91,7 @@ class Subscriber(Protocol):
 class Relay(Protocol):
     """Carries this engine's interest and publishes elsewhere (another node).
 
-    ``kind`` is "channel", "pattern" or "shard".  The engine calls these
+    ``kind`` is a :class:`Kind` (a ``str``: "channel", "pattern" or "shard").  The engine calls these
     synchronously, after its own state changed; they must not raise and must
     not call back into the engine.  ``refusal`` is for hosts, not the engine:
     after a publish that reached ``receivers`` local subscribers, the error to
@@ -92,11 +99,11 @@ class Relay(Protocol):
     None when it was.
     """
 
-    def interest_gained(self, kind: str, name: bytes) -> None: ...
+    def interest_gained(self, kind: Kind, name: bytes) -> None: ...
 
-    def interest_lost(self, kind: str, name: bytes) -> None: ...
+    def interest_lost(self, kind: Kind, name: bytes) -> None: ...
 
-    def published(self, kind: str, channel: bytes, payload: bytes) -> None: ...
+    def published(self, kind: Kind, channel: bytes, payload: bytes) -> None: ...
 
     def refusal(self, receivers: int) -> str | None: ...
 
@@ -124,11 +131,14 @@ class _Client:
     def shard_count(self) -> int:
         return len(self.shard_channels)
 
-    def held(self, kind: str) -> dict[bytes, None]:
-        """The names held as "channel", "pattern" or "shard"."""
-        if kind == "channel":
-            return self.channels
-        return self.patterns if kind == "pattern" else self.shard_channels
+    def held(self, kind: Kind) -> dict[bytes, None]:
+        """The names held as ``kind``."""
+        held: dict[bytes, None] = getattr(self, _HELD_AS[kind])
+        return held
+
+
+#: The attribute of a client that holds the names of each kind.
+_HELD_AS = {_CHANNEL: "channels", _PATTERN: "patterns", _SHARD: "shard_channels"}
 
 
 def _as_bytes(value: bytes | str) -> bytes:
@@ -144,6 +154,12 @@ class Engine:
         self._channels: dict[bytes, Tokens] = {}
         self._shard_channels: dict[bytes, Tokens] = {}
         self._patterns: dict[bytes, Tokens] = {}
+        #: Each kind's names and their subscribers (pubsubtype's serverPubSubChannels).
+        self._registries = {
+            _CHANNEL: self._channels,
+            _PATTERN: self._patterns,
+            _SHARD: self._shard_channels,
+        }
         self._pattern_index: dict[int, dict[bytes, dict[bytes, Matcher]]] = {}
         #: PUBLISH and SPUBLISH calls, and the deliveries they made, since start.
         self.publishes = 0
@@ -168,8 +184,8 @@ class Engine:
         client = self._clients.pop(token, None)
         if client is None:
             return
-        for kind in ("channel", "shard", "pattern"):
-            registry = self._registry(kind)
+        for kind in (_CHANNEL, _SHARD, _PATTERN):
+            registry = self._registries[kind]
             for name in client.held(kind):
                 if self._discard(registry, name, token):
                     self._lost(kind, name)
@@ -189,55 +205,49 @@ class Engine:
         client = self._client(token)
         return client.count() + client.shard_count()
 
-    def new_subscriptions(self, token: int, kind: str, names: Iterable[bytes]) -> int:
+    def new_subscriptions(self, token: int, kind: Kind, names: Iterable[bytes]) -> int:
         """How many of ``names`` the client does not yet hold as ``kind``.
 
-        ``kind`` is "channel", "pattern" or "shard"; hosts use this to enforce
-        a per-client subscription limit before subscribing.
+        Hosts use this to enforce a per-client subscription limit before
+        subscribing.
         """
         held = self._client(token).held(kind)
         return len({name for name in names if name not in held})
 
-    def held(self, token: int, kind: str) -> list[bytes]:
-        """The names the client holds as ``kind`` ("channel", "pattern" or
-        "shard"), in the order it subscribed to them."""
+    def held(self, token: int, kind: Kind) -> list[bytes]:
+        """The names the client holds as ``kind``, in the order it subscribed to them."""
         return list(self._client(token).held(kind))
 
     # -- subscribing -------------------------------------------------------
 
     def subscribe(self, token: int, channels: Iterable[bytes]) -> list[Confirmation]:
         """SUBSCRIBE: one confirmation per name given, duplicates included."""
-        return self._join(token, "channel", channels)
+        return self._join(token, _CHANNEL, channels)
 
     def unsubscribe(self, token: int, channels: Iterable[bytes] = ()) -> list[Confirmation]:
         """UNSUBSCRIBE: the names given, or every channel held when none are."""
-        return self._leave(token, "channel", channels)
+        return self._leave(token, _CHANNEL, channels)
 
     def psubscribe(self, token: int, patterns: Iterable[bytes]) -> list[Confirmation]:
         """PSUBSCRIBE: one confirmation per pattern given."""
-        return self._join(token, "pattern", patterns)
+        return self._join(token, _PATTERN, patterns)
 
     def punsubscribe(self, token: int, patterns: Iterable[bytes] = ()) -> list[Confirmation]:
         """PUNSUBSCRIBE: the patterns given, or every pattern held."""
-        return self._leave(token, "pattern", patterns)
+        return self._leave(token, _PATTERN, patterns)
 
     def ssubscribe(self, token: int, channels: Iterable[bytes]) -> list[Confirmation]:
         """SSUBSCRIBE: counts only shard channels, as Redis does."""
-        return self._join(token, "shard", channels)
+        return self._join(token, _SHARD, channels)
 
     def sunsubscribe(self, token: int, channels: Iterable[bytes] = ()) -> list[Confirmation]:
         """SUNSUBSCRIBE: the shard channels given, or every one held."""
-        return self._leave(token, "shard", channels)
+        return self._leave(token, _SHARD, channels)
 
-    def _registry(self, kind: str) -> dict[bytes, Tokens]:
-        if kind == "channel":
-            return self._channels
-        return self._patterns if kind == "pattern" else self._shard_channels
-
-    def _join(self, token: int, kind: str, names: Iterable[bytes]) -> list[Confirmation]:
+    def _join(self, token: int, kind: Kind, names: Iterable[bytes]) -> list[Confirmation]:
         client = self._client(token)
-        held, registry = client.held(kind), self._registry(kind)
-        count = client.shard_count if kind == "shard" else client.count
+        held, registry = client.held(kind), self._registries[kind]
+        count = client.shard_count if kind.sharded else client.count
         replies: list[Confirmation] = []
         for name in names:
             if name not in held:
@@ -247,10 +257,10 @@ class Engine:
             replies.append((name, count()))
         return replies
 
-    def _leave(self, token: int, kind: str, names: Iterable[bytes]) -> list[Confirmation]:
+    def _leave(self, token: int, kind: Kind, names: Iterable[bytes]) -> list[Confirmation]:
         client = self._client(token)
-        held, registry = client.held(kind), self._registry(kind)
-        count = client.shard_count if kind == "shard" else client.count
+        held, registry = client.held(kind), self._registries[kind]
+        count = client.shard_count if kind.sharded else client.count
         names = list(names)
         if not names:
             if not held:
@@ -265,16 +275,16 @@ class Engine:
             replies.append((name, count()))
         return replies
 
-    def _gained(self, kind: str, name: bytes) -> None:
+    def _gained(self, kind: Kind, name: bytes) -> None:
         """``name`` has its first subscriber of ``kind``."""
-        if kind == "pattern":
+        if kind is _PATTERN:
             self._index_pattern(name)
         if self.relay is not None:
             self.relay.interest_gained(kind, name)
 
-    def _lost(self, kind: str, name: bytes) -> None:
+    def _lost(self, kind: Kind, name: bytes) -> None:
         """``name`` lost its last subscriber of ``kind``."""
-        if kind == "pattern":
+        if kind is _PATTERN:
             self._unindex_pattern(name)
         if self.relay is not None:
             self.relay.interest_lost(kind, name)
@@ -340,16 +350,16 @@ class Engine:
         receivers = 0
         tokens = self._channels.get(channel)
         if tokens:
-            receivers += self._fan_out(tokens, "message", channel, payload)
+            receivers += self._fan_out(tokens, _CHANNEL.message, channel, payload)
         if self._pattern_index:
             for pattern in self._matching_patterns(channel):
                 receivers += self._fan_out(
-                    self._patterns[pattern], "pmessage", pattern, channel, payload
+                    self._patterns[pattern], _PATTERN.message, pattern, channel, payload
                 )
         self.publishes += 1
         self.deliveries += receivers
         if self.relay is not None:
-            self.relay.published("channel", channel, payload)
+            self.relay.published(_CHANNEL, channel, payload)
         return receivers
 
     def spublish(self, channel: bytes | str, payload: bytes | str) -> int:
@@ -358,8 +368,8 @@ class Engine:
         payload = _as_bytes(payload)
         self.publishes += 1
         if self.relay is not None:
-            self.relay.published("shard", channel, payload)
-        return self._deliver(self._shard_channels, channel, "smessage", channel, payload)
+            self.relay.published(_SHARD, channel, payload)
+        return self._deliver(self._shard_channels, channel, _SHARD.message, channel, payload)
 
     # -- messages from elsewhere (a relay's other nodes) ------------------
 
@@ -370,25 +380,25 @@ class Engine:
         publish once per matching pattern, see :meth:`deliver_pmessage`.
         Returns the deliveries made; ``publishes`` does not count it.
         """
-        return self._deliver(self._channels, channel, "message", channel, payload)
+        return self._deliver(self._channels, channel, _CHANNEL.message, channel, payload)
 
     def deliver_pmessage(self, pattern: bytes, channel: bytes, payload: bytes) -> int:
         """A message published elsewhere on ``channel``, to the subscribers of
         ``pattern`` only (the relay already knows that it matches)."""
-        return self._deliver(self._patterns, pattern, "pmessage", pattern, channel, payload)
+        return self._deliver(self._patterns, pattern, _PATTERN.message, pattern, channel, payload)
 
     def deliver_smessage(self, channel: bytes, payload: bytes) -> int:
         """A shard message published elsewhere, to this shard channel's subscribers."""
-        return self._deliver(self._shard_channels, channel, "smessage", channel, payload)
+        return self._deliver(self._shard_channels, channel, _SHARD.message, channel, payload)
 
     def _deliver(
-        self, registry: dict[bytes, Tokens], name: bytes, kind: str, *fields: bytes
+        self, registry: dict[bytes, Tokens], name: bytes, message_type: str, *fields: bytes
     ) -> int:
         """Fan out to the subscribers of ``name`` in ``registry`` and count the deliveries."""
         tokens = registry.get(name)
         if not tokens:
             return 0
-        receivers = self._fan_out(tokens, kind, *fields)
+        receivers = self._fan_out(tokens, message_type, *fields)
         self.deliveries += receivers
         return receivers
 
@@ -403,14 +413,16 @@ class Engine:
         matched.sort()
         return matched
 
-    def _fan_out(self, tokens: Tokens, kind: str, *fields: bytes) -> int:
+    def _fan_out(self, tokens: Tokens, message_type: str, *fields: bytes) -> int:
+        """Hand each subscriber in ``tokens`` the frame its encoder's
+        ``message_type`` method builds of ``fields`` (built once per encoder)."""
         clients = self._clients
         frames: dict[Any, Any] = {}  # encoder -> frame; encoders are hashable
         for token in tokens:
             client = clients[token]
             frame = frames.get(client.encoder)
             if frame is None:
-                frame = frames[client.encoder] = getattr(client.encoder, kind)(*fields)
+                frame = frames[client.encoder] = getattr(client.encoder, message_type)(*fields)
             client.deliver(frame)
         return len(tokens)
 

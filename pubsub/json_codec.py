@@ -112,7 +112,7 @@ def _frame(value: list[Any]) -> bytes:
 def encode_result(result: Result) -> bytes:
     """One command result as one text frame."""
     if isinstance(result, Confirm):
-        return _frame([result.kind, wire_value(result.name), result.count])
+        return _frame([result.verb, wire_value(result.name), result.count])
     if isinstance(result, Reply):
         value = result.value
         if type(value) is int:  # PUBLISH's count: the reply sent most

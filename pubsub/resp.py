@@ -298,8 +298,8 @@ class RespProtocol(OutboxProducer, Protocol):
             name = result.name
             return b"%s3\r\n$%d\r\n%s\r\n%s:%d\r\n" % (
                 b">" if self.resp3 else b"*",
-                len(result.kind),
-                result.kind.encode("ascii"),
+                len(result.verb),
+                result.verb.encode("ascii"),
                 encode(name, self.resp3),
                 result.count,
             )

@@ -60,6 +60,14 @@ from pubsub.engine import Engine
 from pubsub.flow import Flusher, OutboxProducer, OutputLimits
 from pubsub.handshake import Upgrade, accept_response
 from pubsub.policy import BatchedTimer, IdleTimer, OriginPolicy, PeerCounter, PublishLimit
+from pubsub.vocabulary import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_POLICY,
+    CLOSE_TOKEN,
+    REASON_INTERNAL_ERROR,
+    REASON_SHUTDOWN,
+)
 
 __all__ = [
     "SUBPROTOCOL",
@@ -618,9 +626,7 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
             self._open()
         except Exception:  # noqa: BLE001 - Autobahn would swallow it and leave the client hanging
             _log.failure("internal fault opening a connection from {peer}", peer=self.peer)
-            internals.fail(
-                self, WebSocketProtocol.CLOSE_STATUS_CODE_INTERNAL_ERROR, "internal error"
-            )
+            internals.fail(self, CLOSE_INTERNAL_ERROR, REASON_INTERNAL_ERROR)
 
     def _open(self) -> None:
         factory = self.factory
@@ -648,7 +654,7 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
             self._check_in(self._guard)
 
     def _check_in(self, guard: Guard) -> None:
-        """Take the handshake's token, if any; a bad one closes with 1008."""
+        """Take the handshake's token, if any; a bad one closes with CLOSE_TOKEN."""
         token, self._token = self._token, None
         if token is not None:
             try:
@@ -659,8 +665,8 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
         guard.expect_login(self.factory.settings.open_handshake_timeout)
 
     def _revoke(self, reason: str) -> None:
-        """Authentication ended or failed: close with 1008 and say why."""
-        self._close_for_policy(reason)
+        """Authentication ended or failed: close with the token's code and say why."""
+        self._close_for_policy(reason, CLOSE_TOKEN)
         self._leave_engine()
 
     def _refuse_origin(self, origin: str) -> None:
@@ -678,14 +684,11 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
         seconds = self.factory.settings.idle_timeout
         self._close_for_policy(f"idle for {seconds:g} s (idle_timeout)")
 
-    def _close_for_policy(self, reason: str) -> None:
-        # A close handshake with 1008 (sendClose takes only application
-        # codes), without the warning line per connection that failing it
+    def _close_for_policy(self, reason: str, code: int = CLOSE_POLICY) -> None:
+        # A close handshake (sendClose takes only application codes, not
+        # 1008), without the warning line per connection that failing it
         # would log: the metrics count these.
-        self.sendCloseFrame(
-            code=WebSocketProtocol.CLOSE_STATUS_CODE_POLICY_VIOLATION,
-            reasonUtf8=close_reason(reason).encode("utf-8"),
-        )
+        self.sendCloseFrame(code=code, reasonUtf8=close_reason(reason).encode("utf-8"))
 
     def onPing(self, payload: bytes) -> None:
         # A client's own keepalive is activity, as Redis counts its PING;
@@ -732,9 +735,7 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
             self._reply(results)
         except Exception:  # noqa: BLE001 - any bug here must cost this client only
             _log.failure("internal fault handling a message from {peer}", peer=self.peer)
-            internals.fail(
-                self, WebSocketProtocol.CLOSE_STATUS_CODE_INTERNAL_ERROR, "internal error"
-            )
+            internals.fail(self, CLOSE_INTERNAL_ERROR, REASON_INTERNAL_ERROR)
 
     def _reply(self, results: list[Any]) -> None:
         compressing = self._compressing
@@ -778,7 +779,7 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
         # later publishes no longer count it.
         self._outbox = None
         self.factory.slow_consumers += 1
-        internals.fail(self, WebSocketProtocol.CLOSE_STATUS_CODE_POLICY_VIOLATION, reason)
+        internals.fail(self, CLOSE_POLICY, reason)
         self.factory.reactor.callLater(0, self._leave_engine)
 
     def _leave_engine(self) -> None:
@@ -848,9 +849,7 @@ class PubSubServerFactory(_ConfiguredFactory):
             encoder = self._deflate_groups[group] = JsonFrames(framer)
         return encoder
 
-    def close_all(
-        self, reason: str = "server shutting down"
-    ) -> defer.Deferred[list[tuple[bool, Any]]]:
+    def close_all(self, reason: str = REASON_SHUTDOWN) -> defer.Deferred[list[tuple[bool, Any]]]:
         """Close every connection with 1001; fires when all have closed.
 
         A peer that does not answer is dropped by Autobahn's close handshake
@@ -860,7 +859,7 @@ class PubSubServerFactory(_ConfiguredFactory):
         closing: list[defer.Deferred[Any]] = []
         for connection in list(self.connections):
             connection.sendCloseFrame(
-                code=WebSocketProtocol.CLOSE_STATUS_CODE_GOING_AWAY,
+                code=CLOSE_GOING_AWAY,
                 reasonUtf8=reason.encode("utf-8"),
             )
             closing.append(connection.is_closed)

@@ -77,7 +77,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pubsub.engine import Engine
+from pubsub.engine import Engine, Kind
 
 __all__ = ["STATES", "RedisBackplane", "RedisTarget", "backoff", "parse_url"]
 
@@ -91,9 +91,12 @@ STATES = ("connecting", "connected", "down")
 #: enough that Redis answers each promptly, big enough to be few commands.
 RESUBSCRIBE_BATCH = 500
 
-_SUBSCRIBE = {"channel": b"SUBSCRIBE", "pattern": b"PSUBSCRIBE", "shard": b"SSUBSCRIBE"}
-_UNSUBSCRIBE = {"channel": b"UNSUBSCRIBE", "pattern": b"PUNSUBSCRIBE", "shard": b"SUNSUBSCRIBE"}
-_PUBLISH = {"channel": b"*3\r\n$7\r\nPUBLISH\r\n", "shard": b"*3\r\n$8\r\nSPUBLISH\r\n"}
+_SUBSCRIBE: dict[str, bytes] = {kind: kind.subscribe.upper().encode() for kind in Kind}
+_UNSUBSCRIBE: dict[str, bytes] = {kind: kind.unsubscribe.upper().encode() for kind in Kind}
+_PUBLISH: dict[str, bytes] = {
+    Kind.CHANNEL: b"*3\r\n$7\r\nPUBLISH\r\n",
+    Kind.SHARD: b"*3\r\n$8\r\nSPUBLISH\r\n",
+}
 
 #: Bytes of the node id that starts every envelope; a space follows it.
 NODE_ID_SIZE = 16
@@ -477,7 +480,12 @@ class RedisBackplane(Service):
         self._subscribing = dict(_SUBSCRIBE)
         self._unsubscribing = dict(_UNSUBSCRIBE)
         self._publishing = dict(_PUBLISH)
-        self._wire_prefix = {"channel": prefix, "pattern": self._pattern_prefix, "shard": prefix}
+        # By kind: a Kind, or a word of a subclass of its own (the cluster's census).
+        self._wire_prefix: dict[str, bytes] = {
+            Kind.CHANNEL: prefix,
+            Kind.PATTERN: self._pattern_prefix,
+            Kind.SHARD: prefix,
+        }
         self.clock = clock
         self.max_delay = max_delay
         self.node_id = node_id if node_id is not None else new_node_id()
@@ -488,9 +496,9 @@ class RedisBackplane(Service):
         #: Redis Cluster's shard link is given its share, and is not the relay.
         if interest is None:
             interest = {
-                "channel": set(engine.channels()),
-                "pattern": set(engine.patterns()),
-                "shard": set(engine.shard_channels()),
+                Kind.CHANNEL: set(engine.channels()),
+                Kind.PATTERN: set(engine.patterns()),
+                Kind.SHARD: set(engine.shard_channels()),
             }
             engine.relay = self
         self.interest = interest
@@ -661,17 +669,17 @@ class RedisBackplane(Service):
         if connection is not self._subscriber:
             return
         if isinstance(reply, list) and reply:
-            kind = reply[0]
-            if kind == b"message" and len(reply) == 3:
+            push = reply[0]
+            if push == b"message" and len(reply) == 3:
                 self._deliver(self.engine.deliver_message, reply[2], self._local(reply[1]))
-            elif kind == b"pmessage" and len(reply) == 4:
+            elif push == b"pmessage" and len(reply) == 4:
                 pattern = reply[1][len(self._pattern_prefix) :]
                 self._deliver(
                     self.engine.deliver_pmessage, reply[3], pattern, self._local(reply[2])
                 )
-            elif kind == b"smessage" and len(reply) == 3:
+            elif push == b"smessage" and len(reply) == 3:
                 self._smessage(reply[1], reply[2])
-            elif kind == b"pong":
+            elif push == b"pong":
                 self._pong(connection)
         elif reply == b"PONG":
             self._pong(connection)
@@ -779,7 +787,7 @@ def health_of(backplane: Any) -> dict[str, Any]:
         "state": backplane.state,
         "since": round(float(backplane.since), 3),
         "node": backplane.node_id.decode(),
-        "channels": len(backplane.interest["channel"]),
-        "patterns": len(backplane.interest["pattern"]),
-        "shard_channels": len(backplane.interest["shard"]),
+        "channels": len(backplane.interest[Kind.CHANNEL]),
+        "patterns": len(backplane.interest[Kind.PATTERN]),
+        "shard_channels": len(backplane.interest[Kind.SHARD]),
     }

@@ -89,7 +89,7 @@ from pubsub.backplane.redis import (
     health_of,
     new_node_id,
 )
-from pubsub.engine import Engine
+from pubsub.engine import Engine, Kind
 
 __all__ = ["ClusterTarget", "RedisClusterBackplane", "keyslot", "parse_cluster_url"]
 
@@ -101,10 +101,10 @@ SLOTS = 16384
 #: prefix: the engine's channels and shard channels, and the census, the one
 #: sharded channel (``prefix + "patterns"``) on which nodes say whether they
 #: hold patterns.
-_CARRIED = {"channel": b"c:", "shard": b"s:", "census": b""}
+_CARRIED: dict[str, bytes] = {Kind.CHANNEL: b"c:", Kind.SHARD: b"s:", "census": b""}
 _CENSUS = b"patterns"
 #: Every kind a link holds names of: patterns live on the census's shard.
-_KINDS = (*_CARRIED, "pattern")
+_KINDS = (*_CARRIED, Kind.PATTERN)
 
 #: Replies that say the slot map we hold is out of date.
 _REDIRECTS = ("MOVED ", "ASK ", "CLUSTERDOWN ", "TRYAGAIN ")
@@ -299,19 +299,19 @@ class _ShardLink(RedisBackplane):
         #: (kind, name) of our subscriptions Redis dropped, until renewed.
         self._dropped: set[tuple[str, bytes]] = set()
         for kind, part in _CARRIED.items():
-            self._subscribing[kind] = _SUBSCRIBE["shard"]
-            self._unsubscribing[kind] = _UNSUBSCRIBE["shard"]
-            self._publishing[kind] = self._publishing["shard"]
+            self._subscribing[kind] = _SUBSCRIBE[Kind.SHARD]
+            self._unsubscribing[kind] = _UNSUBSCRIBE[Kind.SHARD]
+            self._publishing[kind] = self._publishing[Kind.SHARD]
             self._wire_prefix[kind] = cluster.prefix + part
-        self._channels = cluster.prefix + _CARRIED["channel"]
-        self._shards = cluster.prefix + _CARRIED["shard"]
+        self._channels = cluster.prefix + _CARRIED[Kind.CHANNEL]
+        self._shards = cluster.prefix + _CARRIED[Kind.SHARD]
         self._census = cluster.prefix + _CENSUS
         # Patterns stay classic Pub/Sub (PSUBSCRIBE), over the channels'
         # names: they hear the classic PUBLISH a node sends besides SPUBLISH
         # while some node holds a pattern ("broadcast").
         self._pattern_prefix = escape_glob(self._channels)
-        self._wire_prefix["pattern"] = self._pattern_prefix
-        self._publishing["broadcast"] = _PUBLISH["channel"]
+        self._wire_prefix[Kind.PATTERN] = self._pattern_prefix
+        self._publishing["broadcast"] = _PUBLISH[Kind.CHANNEL]
         self._wire_prefix["broadcast"] = self._channels
 
     def _resubscribe(self, connection: _Connection) -> None:
@@ -322,9 +322,9 @@ class _ShardLink(RedisBackplane):
             for name in self.interest[kind]:
                 wire = self._wire_name(kind, name)
                 by_slot.setdefault(keyslot(wire), []).append(wire)
-        batches = [(_SUBSCRIBE["shard"], names) for names in by_slot.values()]
-        patterns = [self._wire_name("pattern", name) for name in self.interest["pattern"]]
-        batches.append((_SUBSCRIBE["pattern"], patterns))
+        batches = [(_SUBSCRIBE[Kind.SHARD], names) for names in by_slot.values()]
+        patterns = [self._wire_name(Kind.PATTERN, name) for name in self.interest[Kind.PATTERN]]
+        batches.append((_SUBSCRIBE[Kind.PATTERN], patterns))
         for subscribe, names in batches:
             for start in range(0, len(names), RESUBSCRIBE_BATCH):
                 connection.send(subscribe, *names[start : start + RESUBSCRIBE_BATCH])
@@ -405,7 +405,7 @@ class _ShardLink(RedisBackplane):
         self._dropped.clear()
         if dropped and self._subscriber is not None:
             for kind, name in dropped:
-                self._subscriber.send(_SUBSCRIBE["shard"], self._wire_name(kind, name))
+                self._subscriber.send(_SUBSCRIBE[Kind.SHARD], self._wire_name(kind, name))
         return bool(dropped)
 
     def _answered(self, replies: int) -> None:
@@ -483,9 +483,9 @@ class RedisClusterBackplane(MultiService):
         self.refresh_interval = refresh_interval
         self._endpoint_for = endpoint_for
         self.interest: dict[str, set[bytes]] = {
-            "channel": set(engine.channels()),
-            "pattern": set(engine.patterns()),
-            "shard": set(engine.shard_channels()),
+            Kind.CHANNEL: set(engine.channels()),
+            Kind.PATTERN: set(engine.patterns()),
+            Kind.SHARD: set(engine.shard_channels()),
             "census": {_CENSUS},
         }
         #: Nodes that said they hold patterns, and when they last said so.
@@ -575,7 +575,7 @@ class RedisClusterBackplane(MultiService):
         self._since_calm += self.refresh_interval
         if self._doubt is not None or self._since_calm >= self.calm_refresh:
             self._refresh()
-        if self.interest["pattern"]:
+        if self.interest[Kind.PATTERN]:
             self._announce(b"on")
         self._count_holders()
 
@@ -753,7 +753,7 @@ class RedisClusterBackplane(MultiService):
         link.disownServiceParent()  # as in __init__
 
     def _owner(self, kind: str, name: bytes) -> _ShardLink | None:
-        if kind == "pattern":
+        if kind == Kind.PATTERN:
             kind, name = "census", _CENSUS
         return self._slots[keyslot(self.prefix + _CARRIED[kind] + name)]
 
@@ -785,7 +785,7 @@ class RedisClusterBackplane(MultiService):
         owner = self._owner(kind, name)
         if owner is not None:
             owner.interest_gained(kind, name)
-        if kind == "pattern" and len(names) == 1:
+        if kind == Kind.PATTERN and len(names) == 1:
             self._announce(b"on")  # other nodes broadcast from now on
 
     def interest_lost(self, kind: str, name: bytes) -> None:
@@ -794,7 +794,7 @@ class RedisClusterBackplane(MultiService):
         owner = self._owner(kind, name)
         if owner is not None and name in owner.interest[kind]:
             owner.interest_lost(kind, name)
-        if kind == "pattern" and not names:
+        if kind == Kind.PATTERN and not names:
             self._announce(b"off")
 
     def published(self, kind: str, channel: bytes, payload: bytes) -> None:
@@ -804,7 +804,7 @@ class RedisClusterBackplane(MultiService):
             self._unmapped += 1
             return
         link.published(kind, channel, payload)
-        if self.broadcast and kind == "channel" and link.refusal(0) is None:
+        if self.broadcast and kind == Kind.CHANNEL and link.refusal(0) is None:
             link.published("broadcast", channel, payload)
 
     def refusal(self, receivers: int) -> str | None:

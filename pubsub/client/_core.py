@@ -15,9 +15,10 @@ What lives here:
 - the subscriptions held (confirmed and not given up), replayed on reconnect;
 - message handlers per channel, pattern and shard channel, and catch-alls;
 - the reconnect backoff and the connection URL with its token;
-- telling a close over the token (1008 with one of the server's token
-  reasons) from any other, and stopping for good when the token is a fixed
-  string that the server will only refuse again.
+- telling a close over the token (code 4001, ``CLOSE_TOKEN``; from an older
+  server, 1008 with one of its token reasons) from any other, and stopping
+  for good when the token is a fixed string that the server will only
+  refuse again.
 
 Nothing here imports Twisted, asyncio or a WebSocket library, and nothing here
 does I/O or keeps time.
@@ -33,6 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from pubsub.vocabulary import CLOSE_POLICY, CLOSE_TOKEN, Kind
 
 __all__ = [
     "CHANNEL",
@@ -68,12 +71,12 @@ Name = str | bytes
 #: A client's states: opening a connection, open, lost and about to retry, finished.
 CONNECTING, CONNECTED, DISCONNECTED, CLOSED = "connecting", "connected", "disconnected", "closed"
 
-#: The three namespaces a subscription lives in.
-CHANNEL, PATTERN, SHARD = "channel", "pattern", "shard"
+#: The three kinds of subscription (each a ``str``: "channel", "pattern", "shard").
+CHANNEL, PATTERN, SHARD = Kind.CHANNEL, Kind.PATTERN, Kind.SHARD
 
-_SUBSCRIBE = {CHANNEL: "SUBSCRIBE", PATTERN: "PSUBSCRIBE", SHARD: "SSUBSCRIBE"}
-_UNSUBSCRIBE = {CHANNEL: "UNSUBSCRIBE", PATTERN: "PUNSUBSCRIBE", SHARD: "SUNSUBSCRIBE"}
-_PUSH_NAMESPACE = {"message": CHANNEL, "pmessage": PATTERN, "smessage": SHARD}
+_SUBSCRIBE: dict[str, str] = {kind: kind.subscribe.upper() for kind in Kind}
+_UNSUBSCRIBE: dict[str, str] = {kind: kind.unsubscribe.upper() for kind in Kind}
+_PUSH_KIND = {kind.message: kind for kind in Kind}
 
 
 class ReplyError(Exception):
@@ -92,24 +95,22 @@ class ProtocolViolation(Exception):
 class TokenRefused(ConnectionError):
     """The server closed the connection over the client's token (bad, expired,
     or never given in time) and the token cannot be renewed, as it is a fixed
-    string: the client has stopped. ``reason`` is the server's close reason."""
+    string: the client has stopped. ``reason`` is the server's close reason,
+    ``code`` its close code (``CLOSE_TOKEN``, or 1008 from an older server)."""
 
-    def __init__(self, url: str, reason: str) -> None:
+    def __init__(self, url: str, reason: str, code: int = CLOSE_TOKEN) -> None:
         super().__init__(
-            f"{url} closed the connection: {reason} (1008); the token is fixed, "
+            f"{url} closed the connection: {reason} ({code}); the token is fixed, "
             "so the client will not reconnect with it"
         )
         self.url = url
         self.reason = reason
+        self.code = code
 
 
-#: The close code the server uses for a token it will not take (and for other
-#: policy closes, such as a full output buffer: the reason tells them apart).
-TOKEN_CLOSE_CODE = 1008
-
-#: How the server's token close reasons begin (pubsub/auth.py: Guard's own
-#: reasons, then the AuthError texts a handshake token can fail with). A new
-#: reason in the server must be added here, or a fixed token is retried.
+#: How an older server's token close reasons begin: before ``CLOSE_TOKEN`` it
+#: closed over a token with 1008, which other policy closes (a full output
+#: buffer) use too, and only the reason told them apart.
 TOKEN_CLOSE_REASONS = (
     "authentication required",  # no AUTH within open_handshake_timeout
     "token expired",  # exp passed without a renewing AUTH
@@ -124,21 +125,26 @@ TOKEN_CLOSE_REASONS = (
 
 def is_token_close(code: int | None, reason: str | None) -> bool:
     """Whether a close frame is the server refusing the connection's token."""
+    if code == CLOSE_TOKEN:
+        return True
     # None of TOKEN_CLOSE_REASONS is empty: an empty reason is no token close.
-    return (
-        code == TOKEN_CLOSE_CODE and reason is not None and reason.startswith(TOKEN_CLOSE_REASONS)
-    )
+    return code == CLOSE_POLICY and reason is not None and reason.startswith(TOKEN_CLOSE_REASONS)
 
 
 @dataclass(frozen=True)
 class Message:
-    """One delivery. ``kind`` is "message", "pmessage" (``pattern`` is set) or
+    """One delivery. ``type`` is "message", "pmessage" (``pattern`` is set) or
     "smessage"; ``data`` is ``str`` when the payload is UTF-8, else ``bytes``."""
 
-    kind: str
+    type: str
     channel: Name
     data: Name
     pattern: Name | None = None
+
+    @property
+    def kind(self) -> str:
+        """``type``, by its earlier name."""
+        return self.type
 
 
 @dataclass(eq=False)
@@ -147,9 +153,9 @@ class Request:
     have no caller waiting."""
 
     command: str
-    answer: str  # the frame kind that answers it: "reply", "pong" or a confirmation
+    answer: str  # the frame type that answers it: "reply", "pong" or a confirmation
     expected: int | None  # confirmations still due; None: until the closing pong
-    namespace: str | None = None
+    kind: str | None = None
     names: tuple[str, ...] = ()
     internal: bool = False
     values: list[Any] = field(default_factory=list)
@@ -172,7 +178,7 @@ Event = Resolved | Rejected | Message
 Handler = Callable[[Message], object]
 #: ``callback(state, reason)``; reason says why a connection ended, else None.
 StateCallback = Callable[[str, "str | None"], object]
-#: A handler's key: (namespace, name).
+#: A handler's key: (kind, name).
 Target = tuple[str, str]
 
 
@@ -220,7 +226,7 @@ class ClientCore:
         #: Set when the client has stopped for good over its token; every
         #: later command fails with a copy (see :meth:`refusal`).
         self.stopped: TokenRefused | None = None
-        #: Subscriptions held, per namespace, in the order they were confirmed.
+        #: Subscriptions held, per kind, in the order they were confirmed.
         self.held: dict[str, dict[str, None]] = {CHANNEL: {}, PATTERN: {}, SHARD: {}}
         self._pending: deque[Request] = deque()
         self._handlers: dict[Target, Handler] = {}
@@ -232,9 +238,9 @@ class ClientCore:
         """The connection is open: the frames that subscribe again to all held."""
         self.connected = True
         frames = []
-        for namespace, names in self.held.items():
+        for kind, names in self.held.items():
             if names:
-                _, frame = self._subscribe(namespace, tuple(names), internal=True)
+                _, frame = self._subscribe(kind, tuple(names), internal=True)
                 frames.append(frame)
         return frames
 
@@ -252,7 +258,7 @@ class ClientCore:
         """A fresh :class:`TokenRefused` when the client has stopped over its
         token (one per failed call, so tracebacks do not pile up), else None."""
         stopped = self.stopped
-        return None if stopped is None else TokenRefused(stopped.url, stopped.reason)
+        return None if stopped is None else TokenRefused(stopped.url, stopped.reason, stopped.code)
 
     def closed(
         self, url: str, code: int | None, reason: str | None, renewable: bool
@@ -262,9 +268,8 @@ class ClientCore:
         renewed (not ``renewable``: a fixed string, or none) stops the client
         (:attr:`stopped`), as reconnecting would only be refused again. A
         token function can return a fresh token, so it goes on."""
-        if not renewable and is_token_close(code, reason):
-            assert reason is not None
-            self.stopped = TokenRefused(url, reason)
+        if not renewable and code is not None and is_token_close(code, reason):
+            self.stopped = TokenRefused(url, reason or "token refused", code)
         why = f"{code} {reason}" if reason else f"code {code}"
         return self.lost(f"connection to {url} lost: {why}")
 
@@ -279,39 +284,39 @@ class ClientCore:
         self._pending.append(request)
 
     def subscribe(
-        self, namespace: str, names: Sequence[Any], handler: Handler | None = None
+        self, kind: str, names: Sequence[Any], handler: Handler | None = None
     ) -> tuple[Request, list[str]]:
         """SUBSCRIBE, PSUBSCRIBE or SSUBSCRIBE; ``handler`` gets these names' messages."""
         if not names:
-            raise ValueError(f"{_SUBSCRIBE[namespace]} needs at least one name")
-        request, frame = self._subscribe(namespace, tuple(_name(n) for n in names))
+            raise ValueError(f"{_SUBSCRIBE[kind]} needs at least one name")
+        request, frame = self._subscribe(kind, tuple(_name(n) for n in names))
         if handler is not None:
             for name in request.names:
-                self._handlers[namespace, name] = handler
+                self._handlers[kind, name] = handler
         return request, [frame]
 
     def _subscribe(
-        self, namespace: str, names: tuple[str, ...], internal: bool = False
+        self, kind: str, names: tuple[str, ...], internal: bool = False
     ) -> tuple[Request, str]:
-        command = _SUBSCRIBE[namespace]
-        request = Request(command, command.lower(), len(names), namespace, names, internal)
+        command = _SUBSCRIBE[kind]
+        request = Request(command, command.lower(), len(names), kind, names, internal)
         self._send(request)
         return request, encode(command, *names)
 
-    def unsubscribe(self, namespace: str, names: Sequence[Any]) -> tuple[Request, list[str]]:
-        """(P|S)UNSUBSCRIBE; no names gives up every one held in the namespace.
+    def unsubscribe(self, kind: str, names: Sequence[Any]) -> tuple[Request, list[str]]:
+        """(P|S)UNSUBSCRIBE; no names gives up every one of that kind held.
 
         The names stop being held at once, so a reconnect before the answer
         does not bring them back."""
-        command = _UNSUBSCRIBE[namespace]
+        command = _UNSUBSCRIBE[kind]
         wanted = tuple(_name(n) for n in names)
         expected = len(wanted) if wanted else None
-        request = Request(command, command.lower(), expected, namespace, wanted)
+        request = Request(command, command.lower(), expected, kind, wanted)
         self._send(request)
-        dropped = wanted or tuple(self.held[namespace])
+        dropped = wanted or tuple(self.held[kind])
         for name in dropped:
-            self.held[namespace].pop(name, None)
-            self._handlers.pop((namespace, name), None)
+            self.held[kind].pop(name, None)
+            self._handlers.pop((kind, name), None)
         if wanted:
             return request, [encode(command, *wanted)]
         # How many confirmations come depends on what the server holds; the
@@ -344,30 +349,32 @@ class ClientCore:
             raise ProtocolViolation(f"a frame that is not JSON: {text[:80]!r}") from None
         if not isinstance(frame, list) or not frame or not isinstance(frame[0], str):
             raise ProtocolViolation(f"a frame that is not a tagged array: {frame!r}")
-        kind = frame[0]
-        if kind in _PUSH_NAMESPACE:
+        frame_type = frame[0]
+        if frame_type in _PUSH_KIND:
             return [self._message(frame)]
         if not self._pending:
             raise ProtocolViolation(f"an answer nobody asked for: {frame!r}")
         request = self._pending[0]
-        if kind == "error" and len(frame) == 2 and isinstance(frame[1], str):
+        if frame_type == "error" and len(frame) == 2 and isinstance(frame[1], str):
             return self._error(request, ReplyError(frame[1]))
-        if request.expected is None and kind == "pong":
+        if request.expected is None and frame_type == "pong":
             return self._finish(request)
-        if kind != request.answer:
+        if frame_type != request.answer:
             raise ProtocolViolation(f"{frame!r} in answer to {request.command}")
-        if kind in ("reply", "pong"):
+        if frame_type in ("reply", "pong"):
             request.values.append(self._value(request, frame))
             return self._finish(request)
         return self._confirmation(request, frame)
 
     def _message(self, frame: list[Any]) -> Message:
-        kind = frame[0]
-        if kind == "pmessage" and len(frame) == 4:
-            return Message(kind, _received(frame[2]), _received(frame[3]), _received(frame[1]))
-        if kind != "pmessage" and len(frame) == 3:
-            return Message(kind, _received(frame[1]), _received(frame[2]))
-        raise ProtocolViolation(f"a malformed {kind} frame: {frame!r}")
+        frame_type = frame[0]
+        if frame_type == "pmessage" and len(frame) == 4:
+            return Message(
+                frame_type, _received(frame[2]), _received(frame[3]), _received(frame[1])
+            )
+        if frame_type != "pmessage" and len(frame) == 3:
+            return Message(frame_type, _received(frame[1]), _received(frame[2]))
+        raise ProtocolViolation(f"a malformed {frame_type} frame: {frame!r}")
 
     def _error(self, request: Request, error: ReplyError) -> list[Event]:
         if request.expected is None and request.error is None:
@@ -380,13 +387,13 @@ class ClientCore:
         if len(frame) != 3 or not isinstance(frame[2], int):
             raise ProtocolViolation(f"a malformed confirmation: {frame!r}")
         name = None if frame[1] is None else _received(frame[1])
-        namespace = request.namespace
-        assert namespace is not None
+        kind = request.kind
+        assert kind is not None
         if isinstance(name, str):
             if request.answer.endswith("unsubscribe"):
-                self.held[namespace].pop(name, None)
+                self.held[kind].pop(name, None)
             else:
-                self.held[namespace][name] = None
+                self.held[kind][name] = None
         request.values.append(frame[2])
         if request.expected is not None:
             request.expected -= 1
@@ -415,14 +422,14 @@ class ClientCore:
 
     def _forget_refused(self, request: Request) -> None:
         """A refused subscription is not held, and its handlers go."""
-        namespace = request.namespace
-        if namespace is None or request.answer.endswith("unsubscribe"):
+        kind = request.kind
+        if kind is None or request.answer.endswith("unsubscribe"):
             return
         for name in request.names:
             if request.internal:
-                self.held[namespace].pop(name, None)
-            if name not in self.held[namespace]:
-                self._handlers.pop((namespace, name), None)
+                self.held[kind].pop(name, None)
+            if name not in self.held[kind]:
+                self._handlers.pop((kind, name), None)
 
     # -- handlers -----------------------------------------------------------------------
 
@@ -436,9 +443,9 @@ class ClientCore:
 
     def handlers_for(self, message: Message) -> list[Handler]:
         """The handler of the message's channel or pattern, then the catch-alls."""
-        namespace = _PUSH_NAMESPACE[message.kind]
-        key = message.pattern if namespace == PATTERN else message.channel
-        handler = self._handlers.get((namespace, key)) if isinstance(key, str) else None
+        kind = _PUSH_KIND[message.type]
+        key = message.pattern if kind == PATTERN else message.channel
+        handler = self._handlers.get((kind, key)) if isinstance(key, str) else None
         return ([handler] if handler is not None else []) + list(self._catch_all)
 
 

@@ -6,7 +6,7 @@ frames the core returns, feeds it what arrives, and fires Deferreds from the
 core's events. When a connection drops it reconnects with jittered exponential
 backoff, and the core subscribes again to everything held. Commands given
 while there is no connection fail at once with :class:`ConnectionError`.
-When the server closes over the token (1008) and the token is a fixed string,
+When the server closes over the token (4001) and the token is a fixed string,
 the client stops instead: state closed, and every call fails with
 :class:`pubsub.client.TokenRefused` naming the server's reason.
 

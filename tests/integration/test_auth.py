@@ -9,6 +9,7 @@ import pytest
 import pytest_twisted
 import redis
 
+from pubsub.vocabulary import CLOSE_TOKEN
 from tests.integration.test_metrics import figure, scrape
 from tests.integration.test_resp import in_thread, next_message, redis_py
 
@@ -48,10 +49,10 @@ def test_websocket_clients_get_what_their_tokens_allow(auth_server, connect):
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_bad_token_closes_with_1008_and_is_counted(auth_server, connect):
+def test_a_bad_token_closes_with_the_token_code_and_is_counted(auth_server, connect):
     client = yield connect(auth_server.port, "/?token=forged")
     _, code, reason = yield client.closed
-    assert code == 1008
+    assert code == CLOSE_TOKEN
     assert reason.startswith("invalid token")
     samples = yield scrape(auth_server.port)
     assert figure(samples, "pubsub_auth_failures_total", transport="websocket") == 1
@@ -65,7 +66,7 @@ def test_an_expiring_token_closes_the_connection_unless_renewed(auth_server, con
     yield lapsing.call("SUBSCRIBE", "x")
     assert (yield renewed.call("AUTH", token(lifetime=60, subscribe=["x"]))) == [["reply", "OK"]]
     _, code, reason = yield lapsing.closed
-    assert (code, reason) == (1008, "token expired")
+    assert (code, reason) == (CLOSE_TOKEN, "token expired")
     assert (yield renewed.call("SUBSCRIBE", "x")) == [["subscribe", "x", 1]]
     assert auth_server.engine.numsub([b"x"]) == [(b"x", 1)]
 

@@ -180,7 +180,7 @@ def test_sub_exits_1_naming_the_reason_when_its_token_expires(make_server):
     assert (status, out) == (1, "subscribed to news\n")
     assert len(err.splitlines()) == 1, err
     assert err.startswith("pubsub-cli: ")
-    assert "token expired (1008)" in err
+    assert "token expired (4001)" in err
     assert "reconnecting" not in err
 
 

@@ -297,7 +297,7 @@ def test_an_expired_token_from_a_function_is_replaced_on_reconnect(auth_server, 
     received = defer.DeferredQueue()
     yield client.subscribe("news", handler=received.put)
     lost, back = state_reached(client, DISCONNECTED), state_reached(client, CONNECTED)
-    assert (yield lost) == "1008 token expired"
+    assert (yield lost) == "4001 token expired"
     yield back
     yield client.ping()
     assert lifetimes == []
@@ -312,7 +312,7 @@ def test_an_expired_fixed_token_stops_the_client_with_the_reason(auth_server, op
     client.on_state(lambda state, _: retried.append(state))
     yield client.subscribe("news")
     reason = yield state_reached(client, CLOSED)
-    assert "token expired (1008)" in reason
+    assert "token expired (4001)" in reason
     assert retried == [CLOSED]  # no attempt to reconnect with the dead token
     with pytest.raises(TokenRefused, match="token expired") as later:
         yield client.ping()
@@ -490,7 +490,7 @@ def test_asyncio_token_function_is_asked_again_on_drop_and_on_expiry(auth_server
     reasons, lifetimes, receivers, message = yield in_own_loop(
         _asyncio_token_function_through_drop_and_expiry, url(auth_server), drop_everyone
     )
-    assert reasons == ["1001 server shutting down", "1008 token expired"]
+    assert reasons == ["1001 server shutting down", "4001 token expired"]
     assert lifetimes == []
     assert receivers == 1
     assert message == Message("message", "news", "renewed")
@@ -521,7 +521,7 @@ async def _asyncio_fixed_token_expires(address: str):
 def test_asyncio_fixed_token_expiry_stops_the_client(auth_server):
     states, remaining, reason = yield in_own_loop(_asyncio_fixed_token_expires, url(auth_server))
     [(state, why)] = states  # closed at once: no reconnect attempt
-    assert state == CLOSED and "token expired (1008)" in why
+    assert state == CLOSED and "token expired (4001)" in why
     assert remaining == []
     assert reason == "token expired"
 

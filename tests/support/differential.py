@@ -6,7 +6,7 @@ seed).  A :class:`Side` runs a step on one server for every client and returns
 the frames each client received during the step.  Three pairings are compared:
 
 * this server over WebSocket against Redis over RESP3, both in the JSON frame
-  model of PROTOCOL.md (:func:`json_frame` translates Redis's frames);
+  model of docs/protocol.md (:func:`json_frame` translates Redis's frames);
 * this server's RESP port against Redis, both in RESP2, and both in RESP3
   (a :class:`RespSide` each, the same client code on both): every frame
   byte for byte (:func:`raw_frame`), which includes RESP2's subscribed mode,
@@ -255,7 +255,7 @@ def _plain(value: Any) -> Any:
 
 
 def resp3_frame(value: Any, step: Step) -> list:
-    """One RESP3 reply or push as the JSON frame PROTOCOL.md gives for it."""
+    """One RESP3 reply or push as the JSON frame docs/protocol.md gives for it."""
     if isinstance(value, Push):
         return _plain(list(value))
     if isinstance(value, RespError):

@@ -14,6 +14,7 @@ from pubsub.auth import Authenticator, AuthError, Grant, Guard
 from pubsub.config import ConfigError, Settings
 from pubsub.engine import Engine
 from pubsub.resp import RespFactory
+from pubsub.vocabulary import CLOSE_TOKEN
 from tests.support.clocked import websocket_factory
 from tests.support.wsframes import CLOSE, command
 from tests.unit import test_resp as resp
@@ -257,15 +258,15 @@ def test_websocket_without_a_token_must_auth_first(ws_factory, clock):
     clock.advance(59)
     assert client.frames() == []
     clock.advance(1)
-    assert close_frame(client) == (1008, "token expired")
+    assert close_frame(client) == (CLOSE_TOKEN, "token expired")
     assert factory.engine.client_count == 0
 
 
-def test_websocket_bad_token_in_the_url_closes_with_1008_and_the_reason(ws_factory):
+def test_websocket_bad_token_in_the_url_closes_with_the_token_code_and_the_reason(ws_factory):
     factory = ws_factory()
     client = ws_connect(factory, "?token=" + token(exp=-5))
     assert client.response.startswith(b"HTTP/1.1 101")
-    assert close_frame(client) == (1008, "token has expired")
+    assert close_frame(client) == (CLOSE_TOKEN, "token has expired")
     assert factory.engine.client_count == 0
     assert factory.authenticator.failures == 1
 
@@ -276,7 +277,7 @@ def test_websocket_client_that_never_authenticates_is_closed_after_the_handshake
     factory = ws_factory(open_handshake_timeout=5)
     client = ws_connect(factory)
     clock.advance(5)
-    assert close_frame(client) == (1008, "authentication required")
+    assert close_frame(client) == (CLOSE_TOKEN, "authentication required")
 
 
 def test_websocket_anonymous_allowed_clients_may_do_anything_token_holders_what_it_says(
@@ -299,7 +300,7 @@ def test_websocket_renewing_with_a_token_that_drops_a_held_channel_closes(ws_fac
         "error",
         "WRONGPASS the new token does not allow channel 'b', which this client holds",
     ]
-    assert close == (CLOSE, b"\x03\xf0token does not allow channel 'b'")
+    assert close == (CLOSE, CLOSE_TOKEN.to_bytes(2, "big") + b"token does not allow channel 'b'")
     assert factory.engine.client_count == 0
 
 
@@ -307,7 +308,7 @@ def test_a_long_reason_is_cut_to_fit_a_close_frame(ws_factory):
     factory = ws_factory()
     client = ws_connect(factory, "?token=" + "x" * 400)
     code, reason = close_frame(client)
-    assert code == 1008 and reason.startswith("invalid token")
+    assert code == CLOSE_TOKEN and reason.startswith("invalid token")
     assert len(reason.encode("utf-8")) <= 123
 
 

@@ -23,6 +23,7 @@ from pubsub.client._core import (
     parse_url,
     url_with_token,
 )
+from pubsub.vocabulary import CLOSE_TOKEN
 
 
 def frame(*items) -> str:
@@ -148,9 +149,14 @@ def test_a_lost_connection_fails_every_waiting_request_and_refuses_new_ones(core
         "no token can be checked: the server has no JWT key configured",
     ],
 )
-def test_the_server_s_token_reasons_with_1008_are_token_closes(reason):
+def test_an_older_server_s_token_reasons_with_1008_are_token_closes(reason):
     assert is_token_close(1008, reason)
     assert not is_token_close(1001, reason)
+
+
+@pytest.mark.parametrize("reason", ["token expired", "anything a newer server says", "", None])
+def test_the_token_close_code_is_a_token_close_whatever_the_reason(reason):
+    assert is_token_close(CLOSE_TOKEN, reason)
 
 
 @pytest.mark.parametrize(
@@ -169,12 +175,13 @@ def test_other_closes_are_not_token_closes(code, reason):
 
 def test_a_token_close_stops_a_client_whose_token_cannot_be_renewed(core):
     waiting, _ = core.subscribe(CHANNEL, ["news"])
-    events = core.closed("ws://h/", 1008, "token expired", renewable=False)
+    events = core.closed("ws://h/", CLOSE_TOKEN, "token expired", renewable=False)
     [event] = events
     assert event.request is waiting
     assert isinstance(event.error, TokenRefused)
     assert event.error.reason == "token expired"
-    assert str(event.error).startswith("ws://h/ closed the connection: token expired (1008)")
+    assert str(event.error).startswith("ws://h/ closed the connection: token expired (4001)")
+    assert event.error.code == CLOSE_TOKEN
     assert core.stopped is not None
     # Later calls, even on a new connection, fail with a fresh error naming the reason.
     core.opened()

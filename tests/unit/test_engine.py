@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pubsub.engine import Engine, UnknownClient
+from pubsub.engine import Engine, Kind, UnknownClient
 
 
 class Encoder:
@@ -725,9 +725,10 @@ def test_unregister_costs_only_the_clients_own_subscriptions(world: World) -> No
     engine.psubscribe(leaver, [b"p1*", b"mine*", b"[m]ine"])
     engine.ssubscribe(leaver, [b"s1"])
     spies = {}
-    for name in ("_channels", "_patterns", "_shard_channels"):
+    for kind, name in zip(Kind, ("_channels", "_patterns", "_shard_channels"), strict=True):
         spies[name] = _SpyDict(getattr(engine, name))
         setattr(engine, name, spies[name])
+        engine._registries[kind] = spies[name]
     engine.unregister(leaver)
     assert spies["_channels"].used == ["getitem", "getitem"]
     assert spies["_patterns"].used == ["getitem", "getitem", "getitem"]
