@@ -186,7 +186,7 @@ class Authenticator:
             # The unverified header is the token's own JSON: "alg" may be
             # absent or any value; only one of our keys' names finds a key.
             algorithm: Any = jwt.get_unverified_header(token).get("alg")
-            key = self._keys.get(algorithm)
+            key = self._keys.get(algorithm) if isinstance(algorithm, str) else None
             if key is None:
                 expected = " or ".join(sorted(self._keys))
                 raise AuthError(f"token signed with {algorithm}, expected {expected}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 
 import jwt
@@ -53,6 +56,17 @@ def test_an_hs256_token_grants_its_subject_expiry_and_globs():
     assert grant == Grant("alice", 3600.0, (b"news.*", b"chat"), (b"chat",))
 
 
+def _with_header(header: dict) -> str:
+    """A token signed with SECRET whose header is ``header``, as sent."""
+
+    def part(value: object) -> bytes:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=")
+
+    signed = part(header) + b"." + part({"sub": "alice", "exp": 3600})
+    signature = hmac.new(SECRET.encode(), signed, hashlib.sha256).digest()
+    return (signed + b"." + base64.urlsafe_b64encode(signature).rstrip(b"=")).decode()
+
+
 @pytest.mark.parametrize(
     "bad, reason",
     [
@@ -66,6 +80,10 @@ def test_an_hs256_token_grants_its_subject_expiry_and_globs():
         (token(algorithm="HS512"), "token signed with HS512, expected HS256"),
         ("not.a.token", "invalid token"),
         ("", "invalid token"),
+        # A header's alg of any JSON type, unhashable ones included.
+        (_with_header({"alg": []}), r"token signed with \[\], expected HS256"),
+        (_with_header({"alg": {"x": 1}}), "token signed with"),
+        (_with_header({"alg": None}), "token signed with None"),
     ],
 )
 def test_a_bad_token_is_refused_saying_why(bad, reason):
