@@ -180,14 +180,21 @@ async def _publish(args: argparse.Namespace, out: Output) -> int:
 async def _stats(args: argparse.Namespace, out: Output) -> int:
     async with await connect(args.url, args.token, reconnect=False, timeout=args.timeout) as c:
         channels = await c.pubsub_channels(args.pattern)
-        counts = await c.pubsub_numsub(*channels) if channels else {}
+        # A name is text over WebSocket: one that is not UTF-8 (subscribed
+        # over RESP) is listed, but its count can only be asked over RESP.
+        text = [name for name in channels if isinstance(name, str)]
+        asked = await c.pubsub_numsub(*text) if text else {}
+        counts = {name: asked.get(name) if isinstance(name, str) else None for name in channels}
         numpat = await c.pubsub_numpat()
     obj = {
         "type": "stats",
         "channels": {_text(name): count for name, count in counts.items()},
         "numpat": numpat,
     }
-    lines = [f"{_text(name)}: {count}" for name, count in counts.items()] or ["no channels"]
+    lines = [
+        f"{_text(name)}: {count if count is not None else 'unknown (not UTF-8: ask over RESP)'}"
+        for name, count in counts.items()
+    ] or ["no channels"]
     lines.append(f"patterns: {numpat}")
     out.emit(obj, "\n".join(lines))
     return 0

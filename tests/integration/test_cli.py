@@ -131,6 +131,30 @@ def test_stats_lists_channels_numsub_and_numpat(server, connect):
 
 
 @pytest_twisted.inlineCallbacks
+def test_stats_lists_a_channel_whose_name_is_not_utf8_without_a_count(server, connect):
+    """Such a name comes from a RESP client; over WebSocket it can be listed, not asked about."""
+    alice = yield connect(server.port)
+    yield alice.call("SUBSCRIBE", "news")
+    token = server.engine.register(_Silent())
+    server.engine.subscribe(token, [b"caf\xe9"])
+    status, out, err = yield run("--url", url(server), "stats")
+    assert (status, out) == (
+        0,
+        "caf\\xe9: unknown (not UTF-8: ask over RESP)\nnews: 1\npatterns: 0\n",
+    ), err
+    status, out, err = yield run("--url", url(server), "stats", "--json")
+    assert status == 0, err
+    assert json.loads(out)["channels"] == {"caf\\xe9": None, "news": 1}
+
+
+class _Silent:
+    encoder = None
+
+    def deliver(self, frame: object) -> None:
+        pass
+
+
+@pytest_twisted.inlineCallbacks
 def test_an_unreachable_server_is_one_line_and_status_1():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
