@@ -63,7 +63,7 @@ def _argument(value: Any, position: int, payload_index: int | None) -> bytes:
 def decode_command(frame: bytes | str) -> list[bytes]:
     """Parse one text frame into the command's arguments, name first."""
     try:
-        # orjson reads JSON as the json module does, ~10x faster. What it
+        # orjson reads JSON as the json module does, in C. What it
         # refuses (lone surrogates, NaN, Infinity, nesting past 1,024) the
         # json module judges, as it always has; the numbers it reads
         # otherwise (integers past 64 bits) are refused as arguments anyway.
@@ -101,7 +101,7 @@ def _wire_item(item: Any) -> Any:
 
 def _frame(value: list[Any]) -> bytes:
     try:
-        # orjson writes what _dumps writes (compact, UTF-8), ~20x faster.
+        # orjson writes what _dumps writes (compact, UTF-8), in C.
         return orjson.dumps(value)
     except orjson.JSONEncodeError:
         # Error texts may hold undecodable bytes as lone surrogates, which

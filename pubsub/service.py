@@ -297,12 +297,12 @@ def tune_collector() -> None:
 
     CPython runs a full collection once the objects that outlived the younger
     generations have grown by a quarter and 10 middle collections have run.
-    While 10,000 clients connect that is six full collections, each a pause
-    of about 100 ms that walks every open connection: a fifth of the
-    server's CPU per connect in the idle benchmark. Waiting for 100 middle
-    collections (about 700,000 allocations of objects the collector tracks)
-    means none during such a burst; cyclic garbage that reached the oldest
-    generation (closed connections) waits for the next full collection.
+    While thousands of clients connect that is several full collections,
+    each a pause that walks every open connection, so the cost of a connect
+    grows with the connections already open. Waiting for 100 middle
+    collections means none during such a burst; cyclic garbage that reached
+    the oldest generation (closed connections) waits for the next full
+    collection. docs/benchmarks.md's idle scenario measures the effect.
     """
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
