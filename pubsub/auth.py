@@ -320,13 +320,13 @@ def _noperm(grant: Grant, channel: bytes) -> str:
 
 def _first_lost(grant: Grant, session: Any) -> str | None:
     """A subscription the session holds that ``grant`` would not allow."""
-    engine, token = session.engine, session.token
+    engine, client_id = session.engine, session.client_id
     for kind, what in (
         (Kind.CHANNEL, "channel"),
         (Kind.SHARD, "shard channel"),
         (Kind.PATTERN, "pattern"),
     ):
-        for name in engine.held(token, kind):
+        for name in engine.held(client_id, kind):
             if not grant.allows("subscribe", name, kind is Kind.PATTERN):
                 return f"{what} '{name.decode('utf-8', 'replace')}'"
     return None

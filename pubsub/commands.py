@@ -129,21 +129,21 @@ class Limits:
 
 
 class Session:
-    """One client's view of the engine: its token, the limits it runs under,
-    and its :class:`pubsub.auth.Guard` when tokens are in use (else None)."""
+    """One client's view of the engine: its client id, the limits it runs
+    under, and its :class:`pubsub.auth.Guard` when tokens are in use (else None)."""
 
-    __slots__ = ("bucket", "engine", "guard", "limits", "token")
+    __slots__ = ("bucket", "client_id", "engine", "guard", "limits")
 
     def __init__(
         self,
         engine: Engine,
-        token: int,
+        client_id: int,
         limits: Limits = Limits(),
         guard: Any = None,
         bucket: Any = None,
     ) -> None:
         self.engine = engine
-        self.token = token
+        self.client_id = client_id
         self.limits = limits
         self.guard = guard
         #: The client's publish rate :class:`pubsub.policy.TokenBucket`, or None.
@@ -214,8 +214,8 @@ def _subscription_limit(session: Session, kind: Kind, names: Sequence[bytes]) ->
     limit = session.limits.max_subscriptions
     if not limit:
         return None
-    engine, token = session.engine, session.token
-    wanted = engine.subscription_count(token) + engine.new_subscriptions(token, kind, names)
+    engine, client_id = session.engine, session.client_id
+    wanted = engine.subscription_count(client_id) + engine.new_subscriptions(client_id, kind, names)
     if wanted > limit:
         return Error(
             f"ERR subscription limit reached: a client may hold at most {limit} "
@@ -233,7 +233,7 @@ def _subscriber(kind: Kind) -> Handler:
         error = _name_too_long(session, names, noun) or _subscription_limit(session, kind, names)
         if error:
             return [error]
-        confirmations = getattr(session.engine, verb)(session.token, names)
+        confirmations = getattr(session.engine, verb)(session.client_id, names)
         return [Confirm(verb, name, count) for name, count in confirmations]
 
     return handler
@@ -244,7 +244,7 @@ def _unsubscriber(kind: Kind) -> Handler:
     verb = kind.unsubscribe
 
     def handler(session: Session, args: Sequence[bytes]) -> list[Result]:
-        confirmations = getattr(session.engine, verb)(session.token, args[1:])
+        confirmations = getattr(session.engine, verb)(session.client_id, args[1:])
         return [Confirm(verb, name, count) for name, count in confirmations]
 
     return handler

@@ -3,17 +3,17 @@
 This is Redis 7's ``src/pubsub.c`` as a plain Python library.  It knows nothing
 of sockets, frames or event loops: a host (the WebSocket server, an embedding
 application, a test) registers each of its clients with a *subscriber* object
-and gets back a token; it then calls the command methods with that token and
+and gets back a client id; it then calls the command methods with that id and
 turns their results into whatever its wire format needs.
 
 Data, all keyed by bytes exactly as Redis keys them:
 
-* ``_clients``: token -> client record (the subscriber's ``deliver`` and
+* ``_clients``: client id -> client record (the subscriber's ``deliver`` and
   ``encoder``, and the client's own channels, patterns and shard channels, so
   that unsubscribing everything or disconnecting costs only what it held);
 * ``_channels``, ``_shard_channels``, ``_patterns``: name -> ``SortedSet`` of
-  tokens, or a 1-tuple while there is one subscriber (48 bytes instead of
-  1.5 KB).  Tokens grow with each registration, so every set is in
+  client ids, or a 1-tuple while there is one subscriber (48 bytes instead
+  of 1.5 KB).  Ids grow with each registration, so every set is in
   connection-age order and delivery follows it;
 * ``_pattern_index``: literal-prefix length -> prefix -> {pattern: matcher}, so
   that a publish tries only the patterns whose literal prefix the channel
@@ -49,8 +49,8 @@ __all__ = ["Encoder", "Engine", "Kind", "Relay", "Subscriber", "UnknownClient"]
 # lookup in its metaclass, dearer than a global.
 _CHANNEL, _PATTERN, _SHARD = Kind.CHANNEL, Kind.PATTERN, Kind.SHARD
 
-#: The subscribers of one name, in token order: a 1-tuple or a SortedSet.
-Tokens: TypeAlias = "tuple[int] | SortedSet"
+#: The subscribers of one name, in client id order: a 1-tuple or a SortedSet.
+ClientIds: TypeAlias = "tuple[int] | SortedSet"
 
 #: One (un)subscribe confirmation: the name (None for "held nothing") and the
 #: client's subscription count after the change.
@@ -109,7 +109,7 @@ class Relay(Protocol):
 
 
 class UnknownClient(KeyError):
-    """A command named a token that is not (or no longer) registered."""
+    """A command named a client id that is not (or no longer) registered."""
 
 
 class _Client:
@@ -146,14 +146,14 @@ def _as_bytes(value: bytes | str) -> bytes:
 
 
 class Engine:
-    """Redis Pub/Sub semantics over a token-keyed client map."""
+    """Redis Pub/Sub semantics over a client map keyed by client id."""
 
     def __init__(self) -> None:
-        self._tokens = itertools.count(1)
+        self._client_ids = itertools.count(1)
         self._clients: dict[int, _Client] = {}
-        self._channels: dict[bytes, Tokens] = {}
-        self._shard_channels: dict[bytes, Tokens] = {}
-        self._patterns: dict[bytes, Tokens] = {}
+        self._channels: dict[bytes, ClientIds] = {}
+        self._shard_channels: dict[bytes, ClientIds] = {}
+        self._patterns: dict[bytes, ClientIds] = {}
         #: Each kind's names and their subscribers (pubsubtype's serverPubSubChannels).
         self._registries = {
             _CHANNEL: self._channels,
@@ -170,95 +170,95 @@ class Engine:
     # -- clients -----------------------------------------------------------
 
     def register(self, subscriber: Subscriber) -> int:
-        """Add a client; returns its token for every later call."""
-        token = next(self._tokens)
-        self._clients[token] = _Client(subscriber)
-        return token
+        """Add a client; returns its id for every later call."""
+        client_id = next(self._client_ids)
+        self._clients[client_id] = _Client(subscriber)
+        return client_id
 
-    def unregister(self, token: int) -> None:
+    def unregister(self, client_id: int) -> None:
         """Drop a client and everything it held, silently (as on disconnect).
 
-        Unknown tokens are ignored, so a host may call this from every
+        Unknown ids are ignored, so a host may call this from every
         close path without keeping track of which ran first.
         """
-        client = self._clients.pop(token, None)
+        client = self._clients.pop(client_id, None)
         if client is None:
             return
         for kind in (_CHANNEL, _SHARD, _PATTERN):
             registry = self._registries[kind]
             for name in client.held(kind):
-                if self._discard(registry, name, token):
+                if self._discard(registry, name, client_id):
                     self._lost(kind, name)
 
-    def set_encoder(self, token: int, encoder: Encoder) -> None:
+    def set_encoder(self, client_id: int, encoder: Encoder) -> None:
         """Deliver to this client in another format from now on (RESP's HELLO 3)."""
-        self._client(token).encoder = encoder
+        self._client(client_id).encoder = encoder
 
-    def _client(self, token: int) -> _Client:
+    def _client(self, client_id: int) -> _Client:
         try:
-            return self._clients[token]
+            return self._clients[client_id]
         except KeyError:
-            raise UnknownClient(token) from None
+            raise UnknownClient(client_id) from None
 
-    def subscription_count(self, token: int) -> int:
+    def subscription_count(self, client_id: int) -> int:
         """Channels, patterns and shard channels the client holds."""
-        client = self._client(token)
+        client = self._client(client_id)
         return client.count() + client.shard_count()
 
-    def new_subscriptions(self, token: int, kind: Kind, names: Iterable[bytes]) -> int:
+    def new_subscriptions(self, client_id: int, kind: Kind, names: Iterable[bytes]) -> int:
         """How many of ``names`` the client does not yet hold as ``kind``.
 
         Hosts use this to enforce a per-client subscription limit before
         subscribing.
         """
-        held = self._client(token).held(kind)
+        held = self._client(client_id).held(kind)
         return len({name for name in names if name not in held})
 
-    def held(self, token: int, kind: Kind) -> list[bytes]:
+    def held(self, client_id: int, kind: Kind) -> list[bytes]:
         """The names the client holds as ``kind``, in the order it subscribed to them."""
-        return list(self._client(token).held(kind))
+        return list(self._client(client_id).held(kind))
 
     # -- subscribing -------------------------------------------------------
 
-    def subscribe(self, token: int, channels: Iterable[bytes]) -> list[Confirmation]:
+    def subscribe(self, client_id: int, channels: Iterable[bytes]) -> list[Confirmation]:
         """SUBSCRIBE: one confirmation per name given, duplicates included."""
-        return self._join(token, _CHANNEL, channels)
+        return self._join(client_id, _CHANNEL, channels)
 
-    def unsubscribe(self, token: int, channels: Iterable[bytes] = ()) -> list[Confirmation]:
+    def unsubscribe(self, client_id: int, channels: Iterable[bytes] = ()) -> list[Confirmation]:
         """UNSUBSCRIBE: the names given, or every channel held when none are."""
-        return self._leave(token, _CHANNEL, channels)
+        return self._leave(client_id, _CHANNEL, channels)
 
-    def psubscribe(self, token: int, patterns: Iterable[bytes]) -> list[Confirmation]:
+    def psubscribe(self, client_id: int, patterns: Iterable[bytes]) -> list[Confirmation]:
         """PSUBSCRIBE: one confirmation per pattern given."""
-        return self._join(token, _PATTERN, patterns)
+        return self._join(client_id, _PATTERN, patterns)
 
-    def punsubscribe(self, token: int, patterns: Iterable[bytes] = ()) -> list[Confirmation]:
+    def punsubscribe(self, client_id: int, patterns: Iterable[bytes] = ()) -> list[Confirmation]:
         """PUNSUBSCRIBE: the patterns given, or every pattern held."""
-        return self._leave(token, _PATTERN, patterns)
+        return self._leave(client_id, _PATTERN, patterns)
 
-    def ssubscribe(self, token: int, channels: Iterable[bytes]) -> list[Confirmation]:
+    def ssubscribe(self, client_id: int, channels: Iterable[bytes]) -> list[Confirmation]:
         """SSUBSCRIBE: counts only shard channels, as Redis does."""
-        return self._join(token, _SHARD, channels)
+        return self._join(client_id, _SHARD, channels)
 
-    def sunsubscribe(self, token: int, channels: Iterable[bytes] = ()) -> list[Confirmation]:
+    def sunsubscribe(self, client_id: int, channels: Iterable[bytes] = ()) -> list[Confirmation]:
         """SUNSUBSCRIBE: the shard channels given, or every one held."""
-        return self._leave(token, _SHARD, channels)
+        return self._leave(client_id, _SHARD, channels)
 
-    def _join(self, token: int, kind: Kind, names: Iterable[bytes]) -> list[Confirmation]:
-        client = self._client(token)
+    def _join(self, client_id: int, kind: Kind, names: Iterable[bytes]) -> list[Confirmation]:
+        client = self._client(client_id)
         held, registry = client.held(kind), self._registries[kind]
         count = client.shard_count if kind.sharded else client.count
         replies: list[Confirmation] = []
         for name in names:
             if name not in held:
                 held[name] = None
-                if self._add(registry, name, token):
+                if self._add(registry, name, client_id):
                     self._gained(kind, name)
             replies.append((name, count()))
         return replies
 
-    def _leave(self, token: int, kind: Kind, names: Iterable[bytes]) -> list[Confirmation]:
-        client = self._client(token)
+    def _leave(self, client_id: int, kind: Kind, names: Iterable[bytes]) -> list[Confirmation]:
+        client = self._client(client_id)
         held, registry = client.held(kind), self._registries[kind]
         count = client.shard_count if kind.sharded else client.count
         names = list(names)
@@ -270,7 +270,7 @@ class Engine:
         for name in names:
             if name in held:
                 del held[name]
-                if self._discard(registry, name, token):
+                if self._discard(registry, name, client_id):
                     self._lost(kind, name)
             replies.append((name, count()))
         return replies
@@ -290,32 +290,32 @@ class Engine:
             self.relay.interest_lost(kind, name)
 
     @staticmethod
-    def _add(registry: dict[bytes, Tokens], name: bytes, token: int) -> bool:
-        """Add ``token`` under ``name``; True when the name is new.
+    def _add(registry: dict[bytes, ClientIds], name: bytes, client_id: int) -> bool:
+        """Add ``client_id`` under ``name``; True when the name is new.
 
         A name with one subscriber holds a 1-tuple (48 bytes, where a
         SortedSet takes 1.5 KB): most channels of a big server have one.
         """
-        tokens = registry.get(name)
-        if tokens is None:
-            registry[name] = (token,)
+        client_ids = registry.get(name)
+        if client_ids is None:
+            registry[name] = (client_id,)
             return True
-        if isinstance(tokens, tuple):
-            registry[name] = SortedSet((tokens[0], token))
+        if isinstance(client_ids, tuple):
+            registry[name] = SortedSet((client_ids[0], client_id))
         else:
-            tokens.add(token)
+            client_ids.add(client_id)
         return False
 
     @staticmethod
-    def _discard(registry: dict[bytes, Tokens], name: bytes, token: int) -> bool:
-        """Remove ``token`` from ``name``; True when that emptied the name."""
-        tokens = registry[name]
-        if isinstance(tokens, tuple):
+    def _discard(registry: dict[bytes, ClientIds], name: bytes, client_id: int) -> bool:
+        """Remove ``client_id`` from ``name``; True when that emptied the name."""
+        client_ids = registry[name]
+        if isinstance(client_ids, tuple):
             del registry[name]
             return True
-        tokens.discard(token)
-        if len(tokens) == 1:
-            registry[name] = (tokens[0],)
+        client_ids.discard(client_id)
+        if len(client_ids) == 1:
+            registry[name] = (client_ids[0],)
         return False
 
     def _index_pattern(self, pattern: bytes) -> None:
@@ -348,9 +348,9 @@ class Engine:
         channel = _as_bytes(channel)
         payload = _as_bytes(payload)
         receivers = 0
-        tokens = self._channels.get(channel)
-        if tokens:
-            receivers += self._fan_out(tokens, _CHANNEL.message, channel, payload)
+        client_ids = self._channels.get(channel)
+        if client_ids:
+            receivers += self._fan_out(client_ids, _CHANNEL.message, channel, payload)
         if self._pattern_index:
             for pattern in self._matching_patterns(channel):
                 receivers += self._fan_out(
@@ -392,13 +392,13 @@ class Engine:
         return self._deliver(self._shard_channels, channel, _SHARD.message, channel, payload)
 
     def _deliver(
-        self, registry: dict[bytes, Tokens], name: bytes, message_type: str, *fields: bytes
+        self, registry: dict[bytes, ClientIds], name: bytes, message_type: str, *fields: bytes
     ) -> int:
         """Fan out to the subscribers of ``name`` in ``registry`` and count the deliveries."""
-        tokens = registry.get(name)
-        if not tokens:
+        client_ids = registry.get(name)
+        if not client_ids:
             return 0
-        receivers = self._fan_out(tokens, message_type, *fields)
+        receivers = self._fan_out(client_ids, message_type, *fields)
         self.deliveries += receivers
         return receivers
 
@@ -413,18 +413,18 @@ class Engine:
         matched.sort()
         return matched
 
-    def _fan_out(self, tokens: Tokens, message_type: str, *fields: bytes) -> int:
-        """Hand each subscriber in ``tokens`` the frame its encoder's
+    def _fan_out(self, client_ids: ClientIds, message_type: str, *fields: bytes) -> int:
+        """Hand each subscriber in ``client_ids`` the frame its encoder's
         ``message_type`` method builds of ``fields`` (built once per encoder)."""
         clients = self._clients
         frames: dict[Any, Any] = {}  # encoder -> frame; encoders are hashable
-        for token in tokens:
-            client = clients[token]
+        for client_id in client_ids:
+            client = clients[client_id]
             frame = frames.get(client.encoder)
             if frame is None:
                 frame = frames[client.encoder] = getattr(client.encoder, message_type)(*fields)
             client.deliver(frame)
-        return len(tokens)
+        return len(client_ids)
 
     # -- introspection (PUBSUB) -------------------------------------------
 
@@ -437,7 +437,7 @@ class Engine:
         return self._names(self._shard_channels, pattern)
 
     @staticmethod
-    def _names(registry: dict[bytes, Tokens], pattern: bytes | None) -> list[bytes]:
+    def _names(registry: dict[bytes, ClientIds], pattern: bytes | None) -> list[bytes]:
         if pattern is None:
             return sorted(registry)
         matcher = compile_pattern(pattern)
@@ -469,9 +469,9 @@ class Engine:
     def subscription_total(self) -> int:
         """Channel, pattern and shard channel subscriptions of every client."""
         return sum(
-            len(tokens)
+            len(client_ids)
             for registry in (self._channels, self._patterns, self._shard_channels)
-            for tokens in registry.values()
+            for client_ids in registry.values()
         )
 
     @property

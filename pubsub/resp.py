@@ -144,13 +144,13 @@ class RespSession(Session):
     def __init__(
         self,
         engine: Engine,
-        token: int,
+        client_id: int,
         limits: Limits,
         connection: RespProtocol,
         guard: Guard | None = None,
         bucket: TokenBucket | None = None,
     ):
-        super().__init__(engine, token, limits, guard, bucket)
+        super().__init__(engine, client_id, limits, guard, bucket)
         self.connection = connection
 
 
@@ -240,7 +240,7 @@ class RespProtocol(OutboxProducer, Protocol):
 
     def _leave_engine(self) -> None:
         if self.session is not None:
-            self.factory.engine.unregister(self.session.token)
+            self.factory.engine.unregister(self.session.client_id)
             self.session = None
 
     def close_after_reply(self) -> None:
@@ -284,11 +284,11 @@ class RespProtocol(OutboxProducer, Protocol):
         self.resp3 = version == 3
         self.encoder = RESP3_FRAMES if self.resp3 else RESP2_FRAMES
         if self.session is not None:
-            self.factory.engine.set_encoder(self.session.token, self.encoder)
+            self.factory.engine.set_encoder(self.session.client_id, self.encoder)
 
     def _subscribed(self) -> bool:
         session = self.session
-        return session is not None and session.engine.subscription_count(session.token) > 0
+        return session is not None and session.engine.subscription_count(session.client_id) > 0
 
     def _encode_result(self, result: Any) -> bytes:
         kind = type(result)
@@ -451,7 +451,7 @@ def _hello(session: RespSession, args: Sequence[bytes]) -> list[Result]:
                 b"server": b"pubsub",
                 b"version": REDIS_VERSION.encode(),
                 b"proto": version,
-                b"id": session.token,
+                b"id": session.client_id,
                 b"mode": b"standalone",
                 b"role": b"master",
                 b"modules": [],
@@ -461,10 +461,10 @@ def _hello(session: RespSession, args: Sequence[bytes]) -> list[Result]:
 
 
 def _reset(session: RespSession, args: Sequence[bytes]) -> list[Result]:
-    engine, token = session.engine, session.token
-    engine.unsubscribe(token)  # silently, as Redis does on RESET
-    engine.punsubscribe(token)
-    engine.sunsubscribe(token)
+    engine, client_id = session.engine, session.client_id
+    engine.unsubscribe(client_id)  # silently, as Redis does on RESET
+    engine.punsubscribe(client_id)
+    engine.sunsubscribe(client_id)
     connection = session.connection
     connection.name = connection.lib_name = connection.lib_ver = None
     connection.use_resp(2)
@@ -493,7 +493,7 @@ def _select(session: RespSession, args: Sequence[bytes]) -> list[Result]:
 
 
 def _client_id(session: RespSession, args: Sequence[bytes]) -> list[Result]:
-    return [Reply(session.token)]
+    return [Reply(session.client_id)]
 
 
 def _client_setname(session: RespSession, args: Sequence[bytes]) -> list[Result]:

@@ -678,7 +678,7 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
 
     def _subscribed(self) -> bool:
         session = self.session
-        return session is not None and session.engine.subscription_count(session.token) > 0
+        return session is not None and session.engine.subscription_count(session.client_id) > 0
 
     def _idled(self) -> None:
         self.factory.idle_disconnects += 1
@@ -785,7 +785,7 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
 
     def _leave_engine(self) -> None:
         if self.session is not None:
-            self.factory.engine.unregister(self.session.token)
+            self.factory.engine.unregister(self.session.client_id)
             self.session = None
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:

@@ -136,7 +136,7 @@ def test_error_texts(case: tuple[list[bytes], str]) -> None:
     args, expected = case
     session = new_session()
     assert execute(session, args) == [Error(expected)]
-    assert session.engine.subscription_count(session.token) == 0
+    assert session.engine.subscription_count(session.client_id) == 0
 
 
 def test_error_texts_agree_with_live_redis() -> None:
@@ -311,7 +311,7 @@ def _is_limit_error(results: list, limit: int) -> bool:
 def test_subscriptions_up_to_the_limit_pass() -> None:
     session = _limited(3)
     assert len(run(session, b"SUBSCRIBE", b"a", b"b", b"c")) == 3
-    assert session.engine.subscription_count(session.token) == 3
+    assert session.engine.subscription_count(session.client_id) == 3
 
 
 def test_one_subscription_over_the_limit_is_refused() -> None:
@@ -351,7 +351,7 @@ def test_channels_patterns_and_shard_channels_share_the_limit() -> None:
     run(session, b"SUBSCRIBE", b"a")
     run(session, b"PSUBSCRIBE", b"a")  # the same name as a pattern is another one
     run(session, b"SSUBSCRIBE", b"a")
-    assert session.engine.subscription_count(session.token) == 3
+    assert session.engine.subscription_count(session.client_id) == 3
     for command in (b"SUBSCRIBE", b"PSUBSCRIBE", b"SSUBSCRIBE"):
         assert _is_limit_error(run(session, command, b"b"), 3)
     run(session, b"SUNSUBSCRIBE", b"a")
@@ -380,7 +380,7 @@ def test_zero_means_no_subscription_limit() -> None:
     names = [b"c%d" % i for i in range(10_001)]  # more than the default limit
     assert len(run(session, b"SUBSCRIBE", *names)) == len(names)
     assert len(run(session, b"PSUBSCRIBE", b"p1", b"p2")) == 2
-    assert session.engine.subscription_count(session.token) == len(names) + 2
+    assert session.engine.subscription_count(session.client_id) == len(names) + 2
 
 
 def test_default_subscription_limit() -> None:
@@ -403,7 +403,7 @@ def test_subscribing_to_a_name_over_the_length_limit_is_refused(command: bytes) 
     [error] = run(session, command, b"ok", b"123456")
     assert isinstance(error, Error) and error.message.startswith("ERR ")
     assert "5" in error.message
-    assert session.engine.subscription_count(session.token) == 0
+    assert session.engine.subscription_count(session.client_id) == 0
     assert len(run(session, command, b"12345", b"ok")) == 2
 
 

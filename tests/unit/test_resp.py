@@ -165,8 +165,8 @@ class Client:
         self.protocol.makeConnection(self.transport)
 
     @property
-    def token(self) -> int:
-        return self.protocol.session.token
+    def client_id(self) -> int:
+        return self.protocol.session.client_id
 
     def send(self, data: bytes) -> None:
         self.protocol.dataReceived(data)
@@ -221,7 +221,7 @@ def connect(factory):
 
 def resp3_client(factory: RespFactory) -> Client:
     client = Client(factory)
-    assert client.call("HELLO", "3") == hello_reply(3, client.token)
+    assert client.call("HELLO", "3") == hello_reply(3, client.client_id)
     return client
 
 
@@ -886,7 +886,7 @@ def test_resp3_has_no_subscribed_mode(factory):
     assert client.call("PUBLISH", "c", "x") == message("c", "x", resp3=True) + b":1\r\n"
     assert client.call("ECHO", "a") == bulk("a")
     assert client.call("PUBSUB", "CHANNELS") == b"*1\r\n$1\r\nc\r\n"
-    assert client.call("CLIENT", "ID") == integer(client.token)
+    assert client.call("CLIENT", "ID") == integer(client.client_id)
     assert client.call("SELECT", "0") == OK
 
 
@@ -895,19 +895,19 @@ def test_resp3_has_no_subscribed_mode(factory):
 
 def test_hello_without_arguments_answers_in_the_current_protocol(connect):
     client = connect()
-    assert client.call("HELLO") == hello_reply(2, client.token)
-    assert client.call("HELLO", "3") == hello_reply(3, client.token)
-    assert client.call("HELLO") == hello_reply(3, client.token)
+    assert client.call("HELLO") == hello_reply(2, client.client_id)
+    assert client.call("HELLO", "3") == hello_reply(3, client.client_id)
+    assert client.call("HELLO") == hello_reply(3, client.client_id)
 
 
 def test_hello_2_and_hello_3(connect):
     client = connect()
-    assert client.call("HELLO", "2") == hello_reply(2, client.token)
+    assert client.call("HELLO", "2") == hello_reply(2, client.client_id)
     assert client.call("CLIENT", "GETNAME") == b"$-1\r\n"
-    assert client.call("HELLO", "3") == hello_reply(3, client.token)
+    assert client.call("HELLO", "3") == hello_reply(3, client.client_id)
     assert client.call("HELLO", "3").startswith(b"%7\r\n")
     assert client.call("CLIENT", "GETNAME") == b"_\r\n"
-    assert client.call("HELLO", "2") == hello_reply(2, client.token)
+    assert client.call("HELLO", "2") == hello_reply(2, client.client_id)
     assert client.call("CLIENT", "GETNAME") == b"$-1\r\n"
 
 
@@ -940,7 +940,7 @@ def test_hello_reads_the_version_as_redis_reads_an_integer(connect, version):
 
 def test_hello_setname(connect):
     client = connect()
-    assert client.call("HELLO", "3", "SETNAME", "n") == hello_reply(3, client.token)
+    assert client.call("HELLO", "3", "SETNAME", "n") == hello_reply(3, client.client_id)
     assert client.call("CLIENT", "GETNAME") == bulk("n")
     assert client.protocol.name == b"n"
     client.call("HELLO", "3", "setname", "a", "SETNAME", "b")
@@ -957,9 +957,9 @@ def test_hello_setname_with_a_bad_name(connect):
 
 def test_hello_auth_as_the_default_user(connect):
     client = connect()
-    assert client.call("HELLO", "3", "AUTH", "default", "any") == hello_reply(3, client.token)
+    assert client.call("HELLO", "3", "AUTH", "default", "any") == hello_reply(3, client.client_id)
     assert client.call("HELLO", "2", "auth", "default", "pw", "SETNAME", "n") == hello_reply(
-        2, client.token
+        2, client.client_id
     )
     assert client.call("CLIENT", "GETNAME") == bulk("n")
 
@@ -1000,10 +1000,10 @@ def test_hello_while_subscribed_in_resp3_keeps_subscriptions_and_switches_frames
     subscriber, publisher = resp3_client(factory), Client(factory)
     subscriber.call("SUBSCRIBE", "c")
     subscriber.call("PSUBSCRIBE", "c*")
-    assert subscriber.call("HELLO", "3") == hello_reply(3, subscriber.token)
+    assert subscriber.call("HELLO", "3") == hello_reply(3, subscriber.client_id)
     assert publisher.call("PUBLISH", "c", "1") == b":2\r\n"
     assert subscriber.output() == message("c", "1", True) + pmessage("c*", "c", "1", True)
-    assert subscriber.call("HELLO", "2") == hello_reply(2, subscriber.token)
+    assert subscriber.call("HELLO", "2") == hello_reply(2, subscriber.client_id)
     assert publisher.call("PUBLISH", "c", "2") == b":2\r\n"
     assert subscriber.output() == message("c", "2") + pmessage("c*", "c", "2")
     # Back in RESP2, the subscribed-mode rule applies again.
@@ -1017,14 +1017,14 @@ def test_hello_while_subscribed_in_resp3_keeps_subscriptions_and_switches_frames
 def test_reset_unsubscribes_silently_and_restores_the_connection(factory):
     client = Client(factory)
     client_id = client.call("CLIENT", "ID")
-    assert client_id == integer(client.token)
+    assert client_id == integer(client.client_id)
     client.call("HELLO", "3", "SETNAME", "nm")
     client.call("SUBSCRIBE", "a", "b")
     client.call("PSUBSCRIBE", "p*")
     client.call("SSUBSCRIBE", "s")
     assert client.call("RESET") == b"+RESET\r\n"  # no confirmations
     engine = factory.engine
-    assert engine.subscription_count(client.token) == 0
+    assert engine.subscription_count(client.client_id) == 0
     assert engine.numsub([b"a"]) == [(b"a", 0)] and engine.numpat() == 0
     assert engine.shard_channels() == []
     assert client.call("CLIENT", "GETNAME") == b"$-1\r\n"  # RESP2, and no name
@@ -1073,9 +1073,9 @@ def test_quit_takes_any_arguments(connect):
 
 def test_client_id(factory):
     first, second = Client(factory), Client(factory)
-    assert first.call("CLIENT", "ID") == integer(first.token)
-    assert second.call("client", "id") == integer(second.token)
-    assert first.token != second.token
+    assert first.call("CLIENT", "ID") == integer(first.client_id)
+    assert second.call("client", "id") == integer(second.client_id)
+    assert first.client_id != second.client_id
 
 
 def test_client_setname_and_getname(connect):
@@ -1355,7 +1355,7 @@ def test_max_subscriptions(make_factory):
 def test_max_name_length(make_factory, args, what):
     client = Client(make_factory(max_name_length=5))
     assert client.call(*args) == error(f"ERR {what} is longer than the limit of 5 bytes")
-    assert client.factory.engine.subscription_count(client.token) == 0
+    assert client.factory.engine.subscription_count(client.client_id) == 0
 
 
 def test_a_stalled_subscriber_is_cut_off_past_the_hard_limit(make_factory):

@@ -252,7 +252,7 @@ def test_compressed_deliveries_on_the_wire(make_factory):
         b"Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover"
         in connection.response
     )
-    factory.engine.subscribe(connection.protocol.session.token, [b"c"])
+    factory.engine.subscribe(connection.protocol.session.client_id, [b"c"])
     big, small = "b" * 500, "s"
     factory.engine.publish("c", big)
     factory.engine.publish("c", small)
