@@ -14,6 +14,12 @@ runs the end-of-turn flush).
 
     .venv/bin/python bench/connect_cost.py             # min and median of 15 batches of 1,000
     .venv/bin/python bench/connect_cost.py --profile   # and where the time goes (cProfile)
+    .venv/bin/python bench/connect_cost.py --trickle 60000   # instead: one frame a byte per read
+
+With ``--trickle N`` it opens one connection instead and feeds it one masked
+PUBLISH text frame with an N-byte payload, one byte per ``dataReceived``, as
+the hostile scenario's trickle does over a socket, and reports the CPU per
+read.
 """
 
 from __future__ import annotations
@@ -132,11 +138,29 @@ def batch(front: Any, n: int, start: int) -> tuple[float, list[Any]]:
     return elapsed, opened
 
 
+def trickle(front: Any, size: int) -> None:
+    """Feed one connection a PUBLISH frame of ``size`` payload bytes a byte per read."""
+    _, [transport] = batch(front, 1, 0)
+    # batch() closed the client's socket: what the server answers goes nowhere.
+    transport.write = transport.writeSequence = lambda data: None
+    payload = b'["PUBLISH","c","%s"]' % (b"x" * size)
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    frame = b"\x81\xff" + len(payload).to_bytes(8, "big") + mask + masked
+    reads = [frame[i : i + 1] for i in range(len(frame))]
+    t0 = time.process_time()
+    for data in reads:
+        transport.protocol.dataReceived(data)
+    elapsed = time.process_time() - t0
+    print(f"server Python per 1-byte read: {elapsed / len(reads) * 1e6:.2f} us")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=15)
     parser.add_argument("--size", type=int, default=1000)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--trickle", type=int, metavar="N", help="see above")
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # two sockets a connection
@@ -145,6 +169,9 @@ def main() -> None:
     front = next(s.factory for s in service if hasattr(s, "factory"))
     tune_collector()  # as twistd's process has it
     gc.freeze()
+    if args.trickle is not None:
+        trickle(front, args.trickle)
+        return
     kept = []
     batch(front, 200, 10**6)  # warm-up: first-use costs
     times = []
