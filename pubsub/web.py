@@ -62,9 +62,6 @@ class _WebSocketUpgrade(WebSocketResource):
     channel that no longer owns the connection.
     """
 
-    def __init__(self, factory: PubSubServerFactory | EchoServerFactory) -> None:
-        super().__init__(factory)
-
     def render(self, request: Request) -> object:
         request.channel.setTimeout(None)
         transport = request.channel.transport
