@@ -19,7 +19,6 @@ Redis disconnects it.
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
@@ -28,7 +27,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from pubsub.auth import Authenticator, Guard
+from pubsub.auth import Guard
 from pubsub.commands import (
     COMMANDS,
     Command,
@@ -49,8 +48,9 @@ from pubsub.commands import (
 )
 from pubsub.config import Settings
 from pubsub.engine import Encoder, Engine
-from pubsub.flow import Flusher, Outbox, OutboxProducer, OutputLimits
-from pubsub.policy import IdleTimer, PeerCounter, PublishLimit, TokenBucket, peer_host
+from pubsub.flow import Outbox
+from pubsub.hosting import HostedClient, Port
+from pubsub.policy import TokenBucket, peer_host
 from pubsub.resp_reader import ProtocolError, RequestReader, redis_int
 
 __all__ = ["REDIS_VERSION", "RespFactory", "RespProtocol"]
@@ -154,7 +154,7 @@ class RespSession(Session):
         self.connection = connection
 
 
-class RespProtocol(OutboxProducer, Protocol):
+class RespProtocol(HostedClient, Protocol):
     """One RESP client: parses requests, runs them, writes replies and messages."""
 
     factory: RespFactory
@@ -174,7 +174,6 @@ class RespProtocol(OutboxProducer, Protocol):
         #: Set by QUIT: close once this request's replies are sent.
         self.quitting = False
         self.lost: defer.Deferred[None] = defer.Deferred()
-        self._idle: IdleTimer | None = None
         self._counted_as: str | None = None  # the address max_connections_per_ip counts
 
     # -- connection life ---------------------------------------------------------------
@@ -195,29 +194,25 @@ class RespProtocol(OutboxProducer, Protocol):
             self.transport.loseConnection()
             return
         self._counted_as = host
-        self._start_outbox(factory, self._slow_consumer)
         # As Redis and Autobahn do: a reply written right after a push must
         # not wait for the client's delayed ACK (Nagle), ~40 ms each time.
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
-        engine = factory.engine
-        guard = None
-        if factory.authenticator is not None:
-            guard = Guard(factory.authenticator, factory.reactor, self._revoke)
+        guard = self._host()
+        if guard is not None:
             guard.expect_login(factory.settings.open_handshake_timeout)
-        self.session = RespSession(
-            engine,
-            engine.register(self),
+
+    def _new_session(self, client_id: int, guard: Guard | None) -> RespSession:
+        factory = self.factory
+        return RespSession(
+            factory.engine,
+            client_id,
             factory.limits,
             self,
             guard,
             factory.publish_limit.bucket(),
         )
-        factory.connections.add(self)
-        idle_timeout = factory.settings.idle_timeout
-        if idle_timeout:
-            self._idle = IdleTimer(factory.reactor, idle_timeout, self._subscribed, self._idled)
 
     def _idled(self) -> None:
         # As Redis's timeout: the client is closed without a word.
@@ -225,23 +220,12 @@ class RespProtocol(OutboxProducer, Protocol):
         self.close_after_reply()
 
     def connectionLost(self, reason: Any = None) -> None:
-        if self.session is not None and self.session.guard is not None:
-            self.session.guard.close()
         if self._counted_as is not None:
             self.factory.peers.release(self._counted_as)
             self._counted_as = None
-        if self._idle is not None:
-            self._idle.cancel()
         self._closing = True
-        self._drop_outbox()
-        self.factory.connections.discard(self)
-        self._leave_engine()
+        self._unhost()
         self.lost.callback(None)
-
-    def _leave_engine(self) -> None:
-        if self.session is not None:
-            self.factory.engine.unregister(self.session.client_id)
-            self.session = None
 
     def close_after_reply(self) -> None:
         """Send what is queued, then close (QUIT, protocol errors, shutdown)."""
@@ -285,10 +269,6 @@ class RespProtocol(OutboxProducer, Protocol):
         self.encoder = RESP3_FRAMES if self.resp3 else RESP2_FRAMES
         if self.session is not None:
             self.factory.engine.set_encoder(self.session.client_id, self.encoder)
-
-    def _subscribed(self) -> bool:
-        session = self.session
-        return session is not None and session.engine.subscription_count(session.client_id) > 0
 
     def _encode_result(self, result: Any) -> bytes:
         kind = type(result)
@@ -600,11 +580,10 @@ RESP_COMMANDS: dict[str, Command] = {
 }
 
 
-class RespFactory(Factory[RespProtocol]):
+class RespFactory(Port, Factory[RespProtocol]):
     """Builds RESP connections that share one engine, under one set of limits."""
 
     protocol = RespProtocol
-    #: This transport's label in the metrics.
     transport_name = "resp"
 
     def __init__(
@@ -612,25 +591,8 @@ class RespFactory(Factory[RespProtocol]):
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
-        self.engine = engine if engine is not None else Engine()
-        self.settings = settings if settings is not None else Settings()
-        self.reactor = reactor
+        self._build_port(engine, settings if settings is not None else Settings(), reactor)
         self.started = reactor.seconds()
-        self.flusher = Flusher(reactor)
-        self.output_limits = OutputLimits.from_settings(self.settings)
-        self.limits = Limits.from_settings(self.settings)
-        #: Checks tokens when authentication is configured, else None.
-        self.authenticator = Authenticator.from_settings(self.settings)
-        #: Connections cut off by the output buffer limits since start-up.
-        self.slow_consumers = 0
-        #: Error replies sent since start-up, by error_kind.
-        self.errors: Counter[str] = Counter()
-        #: Open RESP connections.
-        self.connections: set[RespProtocol] = set()
-        self.peers = PeerCounter(self.settings.max_connections_per_ip)
-        self.publish_limit = PublishLimit.from_settings(self.settings, reactor)
-        #: Connections closed by idle_timeout since start-up.
-        self.idle_disconnects = 0
 
     def close_all(self) -> defer.Deferred[list[tuple[bool, None]]]:
         """Close every connection once what is queued for it is sent."""

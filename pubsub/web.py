@@ -39,6 +39,7 @@ from twisted.web.server import Request, Site
 
 from pubsub import internals
 from pubsub.handshake import read_upgrade
+from pubsub.hosting import Port
 from pubsub.policy import Deadlines, PeerCounter, peer_host
 from pubsub.websocket import EchoServerFactory, PubSubServerFactory
 
@@ -122,10 +123,12 @@ class HealthResource(Resource):
 
     def __init__(self, factory: PubSubServerFactory, clock: _Clock) -> None:
         super().__init__()
-        #: Every transport's factory on this engine; their slow consumers add up.
-        self.factories: list[Any] = [factory]
+        #: Every transport's factory (port) on this engine; their slow consumers add up.
+        self.factories: list[Port] = [factory]
+        #: The pub/sub WebSocket port (the first of the factories).
+        self.websocket = factory
         #: The WebSocket factories by endpoint: "pubsub", and "echo" when it is on.
-        self.endpoints: dict[str, Any] = {"pubsub": factory}
+        self.endpoints: dict[str, PubSubServerFactory | EchoServerFactory] = {"pubsub": factory}
         self._engine = factory.engine
         self._clock = clock
         self._started = clock.seconds()
@@ -195,8 +198,9 @@ _ENGINE_FIGURES: tuple[tuple[Any, str, str, Callable[[Any], float]], ...] = (
 )
 
 
-def _policy_figures(factories: list[Any]) -> Iterator[Any]:
-    """The counters of :mod:`pubsub.policy`'s limits, per transport."""
+def _policy_figures(factories: list[Port], websocket: PubSubServerFactory) -> Iterator[Any]:
+    """The counters of :mod:`pubsub.policy`'s limits, per transport, and the
+    WebSocket endpoint's own (``websocket``)."""
     counters: tuple[tuple[str, str, Callable[[Any], float]], ...] = (
         (
             "pubsub_connections_refused_per_ip",
@@ -219,7 +223,6 @@ def _policy_figures(factories: list[Any]) -> Iterator[Any]:
         for factory in factories:
             family.add_metric([factory.transport_name], value(factory))
         yield family
-    websocket = factories[0]
     yield CounterMetricFamily(
         "pubsub_ping_timeouts",
         "WebSocket clients dropped for not answering a ping within ping_timeout",
@@ -243,7 +246,7 @@ class _Figures:
 
     def collect(self) -> Iterator[Any]:
         factories = self._factories
-        engine = factories[0].engine
+        engine = self._health.websocket.engine  # every port shares it
 
         def per_transport(kind: Any, name: str, doc: str, value: Callable[[Any], float]) -> Any:
             family = kind(name, doc, labels=["transport"])
@@ -284,16 +287,16 @@ class _Figures:
             "Subscribers cut off by the output buffer limits",
             lambda f: f.slow_consumers,
         )
-        yield from _policy_figures(factories)
+        yield from _policy_figures(factories, self._health.websocket)
         lean = CounterMetricFamily(
             "pubsub_websocket_fast_path",
             "WebSocket connections opened by the server's own handshake (step=opened), "
             "and with frames read by its own frame reader (step=read), not Autobahn's",
             labels=["endpoint", "step"],
         )
-        for endpoint, factory in self._health.endpoints.items():
-            lean.add_metric([endpoint, "opened"], factory.lean_opens)
-            lean.add_metric([endpoint, "read"], factory.lean_reads)
+        for endpoint, websocket in self._health.endpoints.items():
+            lean.add_metric([endpoint, "opened"], websocket.lean_opens)
+            lean.add_metric([endpoint, "read"], websocket.lean_reads)
         yield lean
         yield GaugeMetricFamily(
             "pubsub_uptime_seconds",

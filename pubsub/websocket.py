@@ -32,7 +32,7 @@ import re
 import struct
 import types
 import zlib
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -53,13 +53,13 @@ from twisted.internet.interfaces import IAddress, ISSLTransport
 from twisted.logger import Logger
 
 from pubsub import internals, json_codec
-from pubsub.auth import Authenticator, AuthError, Guard
-from pubsub.commands import Error, Limits, Session, error_kind, execute
+from pubsub.auth import AuthError, Guard
+from pubsub.commands import Error, error_kind, execute
 from pubsub.config import Settings
 from pubsub.engine import Engine
-from pubsub.flow import Flusher, OutboxProducer, OutputLimits
 from pubsub.handshake import Upgrade, accept_response
-from pubsub.policy import BatchedTimer, IdleTimer, OriginPolicy, PeerCounter, PublishLimit
+from pubsub.hosting import HostedClient, Port
+from pubsub.policy import BatchedTimer, OriginPolicy
 from pubsub.vocabulary import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
@@ -584,7 +584,7 @@ class _LeanReader(WebSocketServerProtocol):
         raise NotImplementedError
 
 
-class PubSubServerProtocol(OutboxProducer, _LeanReader):
+class PubSubServerProtocol(HostedClient, _LeanReader):
     """One client connection: a subscriber of the factory's engine.
 
     It is also the streaming producer of its transport: once the transport
@@ -593,11 +593,8 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
     """
 
     factory: PubSubServerFactory
-    session: Session | None = None
     encoder: JsonFrames
-    _idle: IdleTimer | None = None
     _refused_origin: str | None = None  # set by onConnect, refused in onOpen
-    _guard: Guard | None = None
     _token: str | None = None  # the handshake's ?token=, checked once open
     _compressing = False  # permessage-deflate negotiated (set once open)
 
@@ -630,29 +627,13 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
             internals.fail(self, CLOSE_INTERNAL_ERROR, REASON_INTERNAL_ERROR)
 
     def _open(self) -> None:
-        factory = self.factory
         # Only Autobahn's own handshake negotiates compression.
         compression = internals.compression(self) if self._autobahn_read else None
         self._compressing = compression is not None
-        self.encoder = factory.encoder_for(compression)
-        self._start_outbox(factory, self._slow_consumer)
-        engine = factory.engine
-        authenticator = factory.authenticator
-        if authenticator is not None:
-            self._guard = Guard(authenticator, factory.reactor, self._revoke)
-        self.session = Session(
-            engine,
-            engine.register(self),
-            factory.limits,
-            self._guard,
-            factory.publish_limit.bucket(),
-        )
-        factory.connections.add(self)
-        idle_timeout = factory.settings.idle_timeout
-        if idle_timeout:
-            self._idle = IdleTimer(factory.reactor, idle_timeout, self._subscribed, self._idled)
-        if self._guard is not None:
-            self._check_in(self._guard)
+        self.encoder = self.factory.encoder_for(compression)
+        guard = self._host()
+        if guard is not None:
+            self._check_in(guard)
 
     def _check_in(self, guard: Guard) -> None:
         """Take the handshake's token, if any; a bad one closes with CLOSE_TOKEN."""
@@ -675,10 +656,6 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
         # reason; an HTTP 403 would reach its script as a bare failure.
         self.factory.origin_refusals += 1
         self._close_for_policy(f"origin not allowed: {origin}")
-
-    def _subscribed(self) -> bool:
-        session = self.session
-        return session is not None and session.engine.subscription_count(session.client_id) > 0
 
     def _idled(self) -> None:
         self.factory.idle_disconnects += 1
@@ -783,22 +760,11 @@ class PubSubServerProtocol(OutboxProducer, _LeanReader):
         internals.fail(self, CLOSE_POLICY, reason)
         self.factory.reactor.callLater(0, self._leave_engine)
 
-    def _leave_engine(self) -> None:
-        if self.session is not None:
-            self.factory.engine.unregister(self.session.client_id)
-            self.session = None
-
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        if self._guard is not None:
-            self._guard.close()
-        if self._idle is not None:
-            self._idle.cancel()
-        self._drop_outbox()
-        self.factory.connections.discard(self)
-        self._leave_engine()
+        self._unhost()
 
 
-class PubSubServerFactory(_ConfiguredFactory):
+class PubSubServerFactory(Port, _ConfiguredFactory):
     """Builds connections that share one engine, under one set of limits."""
 
     # Twisted types a factory's protocol as one whose factory is a Factory[Self],
@@ -815,26 +781,12 @@ class PubSubServerFactory(_ConfiguredFactory):
         reactor: Any = None,
     ) -> None:
         super().__init__(settings, url, reactor)
-        self.engine = engine if engine is not None else Engine()
-        self.flusher = Flusher(self.reactor)
-        self.output_limits = OutputLimits.from_settings(self.settings)
-        #: Connections cut off by the output buffer limits since start-up.
-        self.slow_consumers = 0
-        #: Error replies sent since start-up, by error_kind.
-        self.errors: Counter[str] = Counter()
-        #: Open pub/sub connections.
-        self.connections: set[PubSubServerProtocol] = set()
-        self.limits = Limits.from_settings(self.settings)
-        #: Checks tokens when authentication is configured, else None.
-        self.authenticator = Authenticator.from_settings(self.settings)
+        # The front door counts connections per address (peers) for this port.
+        self._build_port(engine, self.settings, self.reactor)
         self.origins = OriginPolicy(self.settings.allowed_origins)
-        #: Connections per address on this port; the front door counts them.
-        self.peers = PeerCounter(self.settings.max_connections_per_ip)
-        self.publish_limit = PublishLimit.from_settings(self.settings, self.reactor)
         #: Handshakes closed with 1008 for their Origin since start-up.
         self.origin_refusals = 0
-        #: Connections closed by idle_timeout, or dropped for a missing pong.
-        self.idle_disconnects = 0
+        #: Connections dropped for a missing pong since start-up.
         self.ping_timeouts = 0
         self.frames = JsonFrames(text_frame)
         self._deflate_groups: dict[tuple[int, int], JsonFrames] = {}

@@ -372,6 +372,17 @@ def test_resp_reset_forgets_the_token_and_expiry_closes(resp_factory, clock):
     assert resp_factory.engine.client_count == 0
 
 
+def test_a_resp_client_that_quits_leaves_no_expiry_timer_behind(resp_factory, clock):
+    """QUIT leaves the engine before the connection is lost; the token's timer
+    (and the connection it holds) must go with the connection all the same."""
+    client = resp.Client(resp_factory)
+    client.call("AUTH", token(exp=3600, subscribe=["x"]))
+    assert clock.getDelayedCalls() != []
+    assert client.call("QUIT") == b"+OK\r\n"
+    client.lose()
+    assert clock.getDelayedCalls() == []
+
+
 def test_without_tokens_auth_behaves_as_redis_without_a_password(clock):
     factory = RespFactory(Engine(), Settings(), reactor=clock)
     client = resp.Client(factory)
