@@ -15,6 +15,7 @@ runs the end-of-turn flush).
     .venv/bin/python bench/connect_cost.py             # min and median of 15 batches of 1,000
     .venv/bin/python bench/connect_cost.py --profile   # and where the time goes (cProfile)
     .venv/bin/python bench/connect_cost.py --trickle 60000   # instead: one frame a byte per read
+    .venv/bin/python bench/connect_cost.py --trickle 60000 --autobahn   # read by Autobahn's reader
 
 With ``--trickle N`` it opens one connection instead and feeds it one masked
 PUBLISH text frame with an N-byte payload, one byte per ``dataReceived``, as
@@ -138,15 +139,25 @@ def batch(front: Any, n: int, start: int) -> tuple[float, list[Any]]:
     return elapsed, opened
 
 
-def trickle(front: Any, size: int) -> None:
-    """Feed one connection a PUBLISH frame of ``size`` payload bytes a byte per read."""
+def trickle(front: Any, size: int, autobahn: bool = False) -> None:
+    """Feed one connection a PUBLISH frame of ``size`` payload bytes a byte per
+    read: to the lean reader, or with ``autobahn`` to Autobahn's (its length
+    in 64 bits, an encoding only Autobahn's reader judges)."""
     _, [transport] = batch(front, 1, 0)
     # batch() closed the client's socket: what the server answers goes nowhere.
     transport.write = transport.writeSequence = lambda data: None
     payload = b'["PUBLISH","c","%s"]' % (b"x" * size)
+    if len(payload) > 0xFFFF:
+        raise SystemExit("--trickle takes at most 65,000 bytes: one frame the lean reader reads")
     mask = os.urandom(4)
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    frame = b"\x81\xff" + len(payload).to_bytes(8, "big") + mask + masked
+    # The 16-bit length of a frame under 64 KiB, as clients send it (and as
+    # the lean reader takes it; Autobahn judges any other encoding).
+    if autobahn:
+        header = b"\x81\xff" + len(payload).to_bytes(8, "big")
+    else:
+        header = b"\x81\xfe" + len(payload).to_bytes(2, "big")
+    frame = header + mask + masked
     reads = [frame[i : i + 1] for i in range(len(frame))]
     t0 = time.process_time()
     for data in reads:
@@ -161,6 +172,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1000)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--trickle", type=int, metavar="N", help="see above")
+    parser.add_argument("--autobahn", action="store_true", help="--trickle to Autobahn's reader")
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # two sockets a connection
@@ -170,7 +182,7 @@ def main() -> None:
     tune_collector()  # as twistd's process has it
     gc.freeze()
     if args.trickle is not None:
-        trickle(front, args.trickle)
+        trickle(front, args.trickle, args.autobahn)
         return
     kept = []
     batch(front, 200, 10**6)  # warm-up: first-use costs

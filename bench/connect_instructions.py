@@ -7,7 +7,9 @@ difference of the two totals by 200, so start-up and the one-off costs cancel
 out. Each connection is also closed in the run, so the figure is a connect,
 its SUBSCRIBE and its close. The same with ``--trickle`` 10,000 and 20,000
 gives the instructions of one 1-byte read of a frame sent a byte at a time
-(the hostile scenario's WebSocket trickle, without its system calls).
+(the hostile scenario's WebSocket trickle, without its system calls), by the
+lean reader and by Autobahn's (which reads what the lean one leaves to it:
+compressed frames, control frames, fragments).
 
 Python seeds its string hashes at random in each process, and how the names
 of a connection's attribute dict collide moves the count by thousands of
@@ -63,6 +65,7 @@ def main() -> None:
     measures = (
         ("connect", lambda n: ["--batches", "1", "--size", str(n)], (200, 400)),
         ("1-byte read", lambda n: ["--trickle", str(n)], (10_000, 20_000)),
+        ("1-byte read by Autobahn", lambda n: ["--trickle", str(n), "--autobahn"], (5_000, 10_000)),
     )
     with tempfile.TemporaryDirectory() as scratch:
         for seed in args.seeds:

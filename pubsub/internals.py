@@ -32,6 +32,9 @@ Autobahn, ``autobahn.websocket.protocol.WebSocketProtocol`` and its server side:
   reader holds part of a frame or a message: :func:`reader_busy`.
 - ``_is_same_origin``, ``_url_to_origin``: Autobahn's own origin check,
   applied as its handshake applies it: :func:`origin_allowed`.
+- ``autobahn.util._HAS_CLICK``: whether Autobahn colours the values of its
+  debug lines, which it formats whatever the log level:
+  :func:`plain_debug_values`.
 
 txaio, through Autobahn's factory:
 
@@ -66,6 +69,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+import autobahn.util
 import txaio
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import abstract
@@ -92,6 +96,7 @@ __all__ = [
     "open_as_autobahn",
     "open_tls",
     "origin_allowed",
+    "plain_debug_values",
     "protocol_of",
     "reader_busy",
     "send_now",
@@ -244,6 +249,20 @@ def differences(fast: Any, autobahns: Any) -> list[str]:
         elif type(ours) is not type(value):
             found.append(f"{name} is a {type(value).__name__}, not a {type(ours).__name__}")
     return found
+
+
+def plain_debug_values() -> None:
+    """Have Autobahn format its debug lines' values as plain text.
+
+    Autobahn builds the arguments of each ``log.debug`` call, a line per
+    frame read and per connection event, even when debug is off; with click
+    installed (as it often is) each value goes through ``click.style``,
+    several calls per frame Autobahn reads (every frame of a compressed
+    connection, pongs, fragments). Colour in debug lines nobody shows is
+    not worth that. Without the name, nothing changes.
+    """
+    if hasattr(autobahn.util, "_HAS_CLICK"):
+        autobahn.util._HAS_CLICK = False
 
 
 def use_batched_timer(factory: Any, timer: Any) -> None:

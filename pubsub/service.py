@@ -34,7 +34,7 @@ from pubsub.config import (
     load_settings,
 )
 from pubsub.engine import Engine
-from pubsub.internals import forget_exit_signal
+from pubsub.internals import forget_exit_signal, plain_debug_values
 from pubsub.resp import RespFactory, RespProtocol
 from pubsub.web import FrontFactory, PubSubResource
 from pubsub.websocket import PubSubServerFactory, PubSubServerProtocol
@@ -182,6 +182,7 @@ def make_service(
     # Autobahn logs every frame at debug level; a server logs events, not messages.
     # (txaio binds its functions at run time, when a framework is chosen.)
     txaio.set_global_log_level("info")  # type: ignore[attr-defined]
+    plain_debug_values()
     settings = settings if settings is not None else Settings()
     engine = engine if engine is not None else Engine()
     factory = build_factory(engine, settings)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 
+import autobahn.util
 import pytest
 import pytest_twisted
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -79,6 +80,20 @@ def test_is_open_fires_at_open_whenever_it_was_first_read(make_front):
     # Refused by Autobahn's handshake: never opened, so it never fires.
     refused = connect(make_front(), head(drop=("Host",))).protocol
     assert refused is not None and not refused.is_open.called
+
+
+def test_autobahns_debug_values_become_plain_text(monkeypatch):
+    pytest.importorskip("click")  # installed with the development extras
+    monkeypatch.setattr(autobahn.util, "_HAS_CLICK", True)
+    assert autobahn.util.hl("x") != "x"  # coloured: the name does what the seam expects
+    internals.plain_debug_values()
+    assert autobahn.util.hl("x") == "x"
+
+
+def test_without_the_name_plain_debug_values_changes_nothing(monkeypatch):
+    monkeypatch.delattr(autobahn.util, "_HAS_CLICK")
+    internals.plain_debug_values()
+    assert not hasattr(autobahn.util, "_HAS_CLICK")
 
 
 def test_the_methods_called_exist_on_autobahns_server_protocol():
