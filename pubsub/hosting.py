@@ -25,7 +25,7 @@ from typing import Any
 from pubsub.auth import Authenticator, Guard
 from pubsub.commands import Limits, Session
 from pubsub.config import Settings
-from pubsub.engine import Engine
+from pubsub.engine import Encoder, Engine
 from pubsub.flow import Flusher, OutboxProducer, OutputLimits
 from pubsub.policy import IdleTimer, PeerCounter, PublishLimit
 
@@ -66,7 +66,7 @@ class Port:
 class HostedClient(OutboxProducer):
     """One connection of a :class:`Port`: a client of the port's engine."""
 
-    factory: Any  # the transport's Port
+    factory: Port
     session: Session | None = None
     _guard: Guard | None = None
     _idle: IdleTimer | None = None
@@ -110,9 +110,12 @@ class HostedClient(OutboxProducer):
         session = self.session
         return session is not None and session.engine.subscription_count(session.client_id) > 0
 
-    # Each transport's own: told of a breach of the output limits (inside a
-    # publish: it must not raise nor touch the engine), of the Guard ending
-    # the client's authentication, and of idle_timeout passing.
+    # Each transport's own: what the engine calls it with (a Subscriber's),
+    # and how it is told of a breach of the output limits (inside a publish:
+    # it must not raise nor touch the engine), of the Guard ending the
+    # client's authentication, and of idle_timeout passing.
+    encoder: Encoder
+    deliver: Callable[[Any], None]
     _slow_consumer: Callable[[str], None]
     _revoke: Callable[[str], None]
     _idled: Callable[[], None]
