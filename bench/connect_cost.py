@@ -47,9 +47,9 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
-from pubsub.config import Settings
-from pubsub.engine import Engine
-from pubsub.service import make_service, tune_collector
+from pubsub.core.engine import Engine
+from pubsub.operations.config import Settings
+from pubsub.operations.service import make_service, tune_collector
 
 _CLIENT = IPv4Address("TCP", "127.0.0.1", 50000)
 _SERVER = IPv4Address("TCP", "127.0.0.1", 9000)

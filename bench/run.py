@@ -882,7 +882,7 @@ def profile(args: argparse.Namespace, spec: dict, outdir: Path, workdir: Path) -
 
 # Where a delivery's time goes, by the functions that mark each stage.
 _LANDMARKS = [
-    ("_LeanReader.dataReceived", "incoming frames: parse, unmask, dispatch (all below)"),
+    ("LeanReader.dataReceived", "incoming frames: parse, unmask, dispatch (all below)"),
     ("WebSocketProtocol.processData", "frames left to Autobahn (control, fragments, ...)"),
     ("PubSubServerProtocol._handle", "one command: JSON decode, execute, reply"),
     ("Engine.publish", "the publish: channel lookup and fan-out"),

@@ -9,12 +9,12 @@ The public embedding API, and nothing else::
 See docs/embedding.md.
 """
 
-from pubsub.config import ConfigError, Settings, load_settings
-from pubsub.engine import Engine
-from pubsub.resp import RespFactory
-from pubsub.service import build_factory, build_resource, make_service
-from pubsub.web import PubSubResource
-from pubsub.websocket import PubSubServerFactory, PubSubServerProtocol
+from pubsub.core.engine import Engine
+from pubsub.operations.config import ConfigError, Settings, load_settings
+from pubsub.operations.service import build_factory, build_resource, make_service
+from pubsub.resp.protocol import RespFactory
+from pubsub.web.site import PubSubResource
+from pubsub.websocket.protocol import PubSubServerFactory, PubSubServerProtocol
 
 __all__ = [
     "ConfigError",

@@ -17,8 +17,9 @@ Autobahn, ``autobahn.websocket.protocol.WebSocketProtocol`` and its server side:
   and ``succeedHandshake`` leave in a connection that has just opened,
   written by :func:`open_as_autobahn` (among them ``_perMessageCompress``
   and ``_wskey``); the names in :data:`LAZY`, ``_transport_details`` and
-  ``is_open`` among them, are class attributes of ``websocket._LeanReader``
-  that build each connection's own object on first use.
+  ``is_open`` among them, are class attributes of
+  ``pubsub.websocket.reader.LeanReader`` that build each connection's own
+  object on first use.
 - ``_onOpen``: how a TLS connection opens (it records the TLS channel id
   and the peer's certificate): :func:`open_tls`.
 - ``_sendAutoPing``, ``_cancelAutoPingTimeoutCall``: the keepalive ping

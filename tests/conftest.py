@@ -9,11 +9,11 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.web.server import Site
 
-from pubsub.config import Settings
-from pubsub.engine import Engine
-from pubsub.resp import RespFactory
-from pubsub.service import build_resource
-from pubsub.web import FrontFactory
+from pubsub.core.engine import Engine
+from pubsub.operations.config import Settings
+from pubsub.operations.service import build_resource
+from pubsub.resp.protocol import RespFactory
+from pubsub.web.front import FrontFactory
 from tests.support import respclient, wsclient
 from tests.support.redis_server import RedisServer, required
 

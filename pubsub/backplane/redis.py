@@ -4,7 +4,7 @@ What a node does, in Redis's own terms:
 
 * It subscribes in Redis to exactly the channels, patterns and shard channels
   its own clients hold: the engine tells the bridge (a
-  :class:`pubsub.engine.Relay`) when a name gets its first local subscriber
+  :class:`pubsub.core.engine.Relay`) when a name gets its first local subscriber
   or loses its last, and the bridge sends (P|S)SUBSCRIBE or
   (P|S)UNSUBSCRIBE.  Redis traffic follows interest, not every message.
 * Every local publish is delivered to local subscribers at once by the
@@ -77,7 +77,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pubsub.engine import Engine, Kind
+from pubsub.core.engine import Engine, Kind
 
 __all__ = ["STATES", "RedisBackplane", "RedisTarget", "backoff", "parse_url"]
 
@@ -415,7 +415,7 @@ class _ConnectionFactory(Factory):
 
 
 class RedisBackplane(Service):
-    """This node's side of the backplane; the engine's :class:`~pubsub.engine.Relay`.
+    """This node's side of the backplane; the engine's :class:`~pubsub.core.engine.Relay`.
 
     ``endpoint`` is where to connect (default: the URL's host and port, in TLS
     for ``rediss://``: see :meth:`build_endpoint`).  For ``rediss://``,

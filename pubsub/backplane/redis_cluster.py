@@ -89,7 +89,7 @@ from pubsub.backplane.redis import (
     health_of,
     new_node_id,
 )
-from pubsub.engine import Engine, Kind
+from pubsub.core.engine import Engine, Kind
 
 __all__ = ["ClusterTarget", "RedisClusterBackplane", "keyslot", "parse_cluster_url"]
 

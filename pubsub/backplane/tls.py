@@ -1,6 +1,6 @@
 """The backplane's TLS files, read once at start-up into what Twisted's TLS takes.
 
-The settings only name the files (:mod:`pubsub.config` checks what can be
+The settings only name the files (:mod:`pubsub.operations.config` checks what can be
 told without reading them); here they are read and loaded, so that a
 missing or bad file stops the start-up with one line naming the setting,
 rather than every TLS handshake with Redis failing later.
@@ -16,7 +16,7 @@ from OpenSSL.crypto import Error as CryptoError
 from twisted.internet.error import VerifyError
 from twisted.internet.ssl import Certificate, PrivateCertificate, trustRootFromCertificates
 
-from pubsub.config import ConfigError, Settings
+from pubsub.operations.config import ConfigError, Settings
 
 __all__ = ["BackplaneTLS", "backplane_tls"]
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pubsub.vocabulary import CLOSE_POLICY, CLOSE_TOKEN, Kind
+from pubsub.core.vocabulary import CLOSE_POLICY, CLOSE_TOKEN, Kind
 
 __all__ = [
     "CHANNEL",

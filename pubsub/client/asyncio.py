@@ -391,7 +391,7 @@ class PubSubClient:
         return receivers
 
     async def pubsub_channels(self, pattern: str | None = None) -> list[Any]:
-        # The names are str, or bytes when not UTF-8 (Name); pubsub.cli hands
+        # The names are str, or bytes when not UTF-8 (Name); pubsub.client.cli hands
         # them on to pubsub_numsub, which takes str.
         args = ("PUBSUB", "CHANNELS") + ((pattern,) if pattern is not None else ())
         channels: list[Any] = await self._call(self._core.command, *args)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fuzz the JSON command decoder, ``pubsub.json_codec.decode_command``.
+"""Fuzz the JSON command decoder, ``pubsub.websocket.json_codec.decode_command``.
 
 The contract held here: for any input, as bytes (what Autobahn's general
 path hands over) or as text (what the lean reader hands over, lone
@@ -23,7 +23,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from pubsub import json_codec
+    from pubsub.websocket import json_codec
 
 
 def _check(frame: bytes | str) -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fuzz the RESP request reader, ``pubsub.resp_reader.RequestReader``.
+"""Fuzz the RESP request reader, ``pubsub.resp.reader.RequestReader``.
 
 The contract held here, for any bytes a client sends:
 
@@ -23,8 +23,8 @@ Input layout: a mode byte (the limits), a count of cuts, two bytes per cut
 (offsets, little-endian), then the client's bytes.
 
 Run: ``python tests/fuzz/fuzz_resp.py [libFuzzer options] CORPUS_DIR`` (``make fuzz``
-runs it on a copy of tests/fuzz/corpus/resp); until pubsub/resp_reader.py
-exists it says so and exits 0. ``--write-seeds DIR`` writes the seeds.
+runs it on a copy of tests/fuzz/corpus/resp). ``--write-seeds DIR`` writes
+the seeds.
 """
 
 from __future__ import annotations
@@ -35,13 +35,8 @@ from pathlib import Path
 
 import atheris
 
-try:
-    with atheris.instrument_imports():
-        from pubsub import resp_reader
-except ModuleNotFoundError as error:
-    if error.name != "pubsub.resp_reader":
-        raise
-    resp_reader = None
+with atheris.instrument_imports():
+    from pubsub.resp import reader as resp_reader
 
 MAX_CUTS = 16
 
@@ -143,9 +138,6 @@ def write_seeds(directory: Path) -> None:
 
 
 def main() -> None:
-    if resp_reader is None:
-        print("fuzz_resp: pubsub.resp_reader is not present yet; skipped")
-        return
     if sys.argv[1:2] == ["--write-seeds"]:
         write_seeds(Path(sys.argv[2]))
         return

@@ -2,7 +2,7 @@
 """Fuzz the WebSocket reader: what a client sends after (or as) its opening handshake.
 
 Each input opens one fresh connection through the port's front door
-(``pubsub.web.FrontFactory``), as the unit tests do, on a StringTransport
+(``pubsub.web.front.FrontFactory``), as the unit tests do, on a StringTransport
 with every timer on a ``Clock``: a pub/sub connection (``PubSubServerProtocol``)
 or an echo connection (``EchoServerProtocol``, the conformance suite's
 target), under one of two sets of settings (the defaults; compression on
@@ -83,10 +83,11 @@ with atheris.instrument_imports():
     from twisted.python.failure import Failure
     from twisted.web.server import Site
 
-    from pubsub.config import Settings
-    from pubsub.engine import Engine
-    from pubsub.web import FrontFactory, PubSubResource
-    from pubsub.websocket import EchoServerFactory, PubSubServerFactory
+    from pubsub.core.engine import Engine
+    from pubsub.operations.config import Settings
+    from pubsub.web.front import FrontFactory
+    from pubsub.web.site import PubSubResource
+    from pubsub.websocket.protocol import EchoServerFactory, PubSubServerFactory
 
 TEXT, BINARY, CONT, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
 KEY = base64.b64encode(b"0123456789abcdef").decode("ascii")

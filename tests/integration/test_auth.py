@@ -9,7 +9,7 @@ import pytest
 import pytest_twisted
 import redis
 
-from pubsub.vocabulary import CLOSE_TOKEN
+from pubsub.core.vocabulary import CLOSE_TOKEN
 from tests.integration.test_metrics import figure, scrape
 from tests.integration.test_resp import in_thread, next_message, redis_py
 

@@ -21,10 +21,10 @@ from twisted.web.server import Site
 from pubsub.client import CLOSED, CONNECTED, DISCONNECTED, Message, ReplyError, TokenRefused
 from pubsub.client import asyncio as aio
 from pubsub.client.twisted import connect
-from pubsub.config import Settings
-from pubsub.engine import Engine
-from pubsub.service import build_resource
-from pubsub.web import FrontFactory
+from pubsub.core.engine import Engine
+from pubsub.operations.config import Settings
+from pubsub.operations.service import build_resource
+from pubsub.web.front import FrontFactory
 from tests.integration.test_auth import SECRET, token
 from tests.integration.test_tls import make_certificate
 

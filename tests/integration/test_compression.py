@@ -12,7 +12,7 @@ from autobahn.websocket.compress import (
     PerMessageDeflateResponseAccept,
 )
 
-from pubsub import websocket
+from pubsub.websocket import framing
 
 
 def deflate_options(**offer):
@@ -38,7 +38,7 @@ def count_deflates(monkeypatch):
         calls.append(args)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(websocket.zlib, "compressobj", counting)
+    monkeypatch.setattr(framing.zlib, "compressobj", counting)
     return calls
 
 

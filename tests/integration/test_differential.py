@@ -22,7 +22,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import serverFromString
 
-from pubsub.resp import RespFactory
+from pubsub.resp.protocol import RespFactory
 from tests.support.differential import (
     JSON_FRAMES,
     KINDS,

@@ -15,9 +15,9 @@ from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from pubsub.config import Settings
-from pubsub.engine import Engine
-from pubsub.service import build_resource
+from pubsub.core.engine import Engine
+from pubsub.operations.config import Settings
+from pubsub.operations.service import build_resource
 from tests.support import wsframes
 
 SCRIPT = resources.files("pubsub").joinpath("static/pubsub.js").read_bytes()

@@ -22,11 +22,11 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString, wra
 from twisted.internet.protocol import Factory, Protocol
 from twisted.web.server import Site
 
-from pubsub.config import Settings
-from pubsub.engine import Engine
-from pubsub.resp import RespFactory
-from pubsub.service import build_resource
-from pubsub.web import FrontFactory
+from pubsub.core.engine import Engine
+from pubsub.operations.config import Settings
+from pubsub.operations.service import build_resource
+from pubsub.resp.protocol import RespFactory
+from pubsub.web.front import FrontFactory
 from tests.integration.test_resp import in_thread
 from tests.support import wsclient
 

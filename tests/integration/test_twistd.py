@@ -15,7 +15,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.error import ConnectionDone
 
-from pubsub.config import Settings
+from pubsub.operations.config import Settings
 from tests.support.processes import ServerProcess
 from tests.support.resp3 import SimpleString
 from tests.support.respclient import CLOSED

@@ -6,9 +6,9 @@ from typing import Any
 
 from twisted.internet.task import Clock
 
-from pubsub.config import Settings
-from pubsub.engine import Engine
-from pubsub.websocket import PubSubServerFactory
+from pubsub.core.engine import Engine
+from pubsub.operations.config import Settings
+from pubsub.websocket.protocol import PubSubServerFactory
 
 
 def websocket_factory(clock: Clock, **settings: Any) -> PubSubServerFactory:

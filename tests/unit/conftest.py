@@ -7,7 +7,8 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.web.server import Site
 
-from pubsub.web import FrontFactory, PubSubResource
+from pubsub.web.front import FrontFactory
+from pubsub.web.site import PubSubResource
 from tests.support.clocked import websocket_factory
 
 

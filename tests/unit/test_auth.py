@@ -13,11 +13,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from twisted.internet.task import Clock
 
-from pubsub.auth import Authenticator, AuthError, Grant, Guard
-from pubsub.config import ConfigError, Settings
-from pubsub.engine import Engine
-from pubsub.resp import RespFactory
-from pubsub.vocabulary import CLOSE_TOKEN
+from pubsub.core.engine import Engine
+from pubsub.core.vocabulary import CLOSE_TOKEN
+from pubsub.operations.config import ConfigError, Settings
+from pubsub.policy.auth import Authenticator, AuthError, Grant, Guard
+from pubsub.resp.protocol import RespFactory
 from tests.support.clocked import websocket_factory
 from tests.support.wsframes import CLOSE, command
 from tests.unit import test_resp as resp

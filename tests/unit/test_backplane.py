@@ -28,8 +28,8 @@ from pubsub.backplane.redis import (
     escape_glob,
     parse_url,
 )
-from pubsub.commands import Error, Reply, Session, error_kind, execute
-from pubsub.engine import Engine
+from pubsub.core.commands import Error, Reply, Session, error_kind, execute
+from pubsub.core.engine import Engine
 from tests.support.tuples import TupleFrames
 
 NODE = b"0123456789abcdef"
@@ -706,7 +706,7 @@ def test_both_connections_turn_tcp_keepalive_on_with_short_probes():
 
 
 def test_metrics_count_the_links_closed_for_silence():
-    from pubsub.web import _backplane_figures
+    from pubsub.operations.metrics import _backplane_figures
 
     node = Node()
     node.connect_both()

@@ -23,7 +23,7 @@ from pubsub.client._core import (
     parse_url,
     url_with_token,
 )
-from pubsub.vocabulary import CLOSE_TOKEN
+from pubsub.core.vocabulary import CLOSE_TOKEN
 
 
 def frame(*items) -> str:

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 
-from pubsub import cluster
-from pubsub.cluster import ClusterError, _Cluster, bind_sockets, prepare, tcp_address
+from pubsub.operations import cluster
+from pubsub.operations.cluster import ClusterError, _Cluster, bind_sockets, prepare, tcp_address
 
 
 class Reactor(Clock):

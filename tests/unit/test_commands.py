@@ -1,4 +1,4 @@
-"""pubsub.commands.execute: Redis 7's exact error texts, the command table and limits.
+"""pubsub.core.commands.execute: Redis 7's exact error texts, the command table and limits.
 
 Every error text in ERROR_CASES is what redis-server 7.0.15 answers to the same
 arguments; test_error_texts_agree_with_live_redis checks the table against a
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from pubsub.commands import (
+from pubsub.core.commands import (
     COMMANDS,
     Confirm,
     Error,
@@ -20,7 +20,7 @@ from pubsub.commands import (
     Session,
     execute,
 )
-from pubsub.engine import Engine
+from pubsub.core.engine import Engine
 from tests.support.redis_server import redis_server
 from tests.support.resp3 import Resp3Client, RespError
 from tests.support.tuples import TupleSubscriber as Recorder

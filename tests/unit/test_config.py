@@ -10,14 +10,14 @@ import pytest
 from twisted.python import usage
 
 from pubsub.backplane.tls import BackplaneTLS, backplane_tls
-from pubsub.config import (
+from pubsub.operations.config import (
     ConfigError,
     Settings,
     endpoint_description,
     listen_description,
     load_settings,
 )
-from pubsub.service import Options, make_service
+from pubsub.operations.service import Options, make_service
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf" / "pubsub.toml"

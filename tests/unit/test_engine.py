@@ -1,4 +1,4 @@
-"""pubsub.engine: every command and its corners, with fake subscribers and encoders.
+"""pubsub.core.engine: every command and its corners, with fake subscribers and encoders.
 
 Counts, confirmations and PUBSUB answers follow redis-server 7.0.15 (checked by
 hand against a live server: e.g. UNSUBSCRIBE with no names from a client that holds
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pubsub.engine import Engine, Kind, UnknownClient
+from pubsub.core.engine import Engine, Kind, UnknownClient
 
 
 class Encoder:

@@ -1,7 +1,7 @@
 """The Engine held against a naive reference model by a hypothesis state machine.
 
 The model is plain dicts, sorted lists and a line-by-line recursive port of Redis
-7's ``stringmatchlen`` (``src/util.c``) written here, not pubsub.glob.  Several
+7's ``stringmatchlen`` (``src/util.c``) written here, not pubsub.core.glob.  Several
 clients, on two encoders, subscribe, unsubscribe, publish and leave with names from
 a small alphabet where channels and patterns collide; every confirmation, receiver
 count, delivery (and its order), encoder call and PUBSUB answer is compared, and
@@ -29,8 +29,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from pubsub.engine import Engine, UnknownClient
-from pubsub.glob import match
+from pubsub.core.engine import Engine, UnknownClient
+from pubsub.core.glob import match
 from tests.support.redis_server import redis_server
 from tests.support.resp3 import Resp3Client
 

@@ -8,8 +8,8 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.web.http import _GenericHTTPChannelProtocol
 
-from pubsub import web
-from pubsub.websocket import EchoServerProtocol, PubSubServerProtocol
+from pubsub.web import front as front_module
+from pubsub.websocket.protocol import EchoServerProtocol, PubSubServerProtocol
 from tests.support import wsframes
 from tests.support.searches import counting_bytearray
 from tests.unit.test_websocket import Transport
@@ -64,7 +64,7 @@ def test_an_upgrade_goes_straight_to_autobahn_even_in_pieces(make_front):
 
 def test_a_head_sent_a_byte_at_a_time_is_searched_once_and_still_opens(make_front, monkeypatch):
     Counting = counting_bytearray()
-    monkeypatch.setattr(web, "bytearray", Counting, raising=False)
+    monkeypatch.setattr(front_module, "bytearray", Counting, raising=False)
     front = make_front()
     head = upgrade("/").replace(b"\r\n\r\n", b"\r\nX-Pad: " + b"p" * 12_000 + b"\r\n\r\n")
     transport = connect(front)

@@ -1,7 +1,7 @@
-"""pubsub.glob against Redis 7's stringmatchlen, case by case.
+"""pubsub.core.glob against Redis 7's stringmatchlen, case by case.
 
 Every expected value in CASES is what redis-server 7.0.15 answers; the live tests
-at the bottom check the table (and pubsub.glob on every pattern x channel pair of
+at the bottom check the table (and pubsub.core.glob on every pattern x channel pair of
 it) against a private redis-server through PUBSUB CHANNELS.
 """
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pubsub.glob import compile_pattern, literal_prefix, match
+from pubsub.core.glob import compile_pattern, literal_prefix, match
 from tests.support.redis_server import redis_server
 from tests.support.resp3 import Push, Resp3Client
 

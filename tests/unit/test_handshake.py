@@ -20,9 +20,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
-from pubsub.handshake import accept_response, read_upgrade
-from pubsub.vocabulary import CLOSE_TOKEN
-from pubsub.websocket import EchoServerProtocol, PubSubServerProtocol
+from pubsub.core.vocabulary import CLOSE_TOKEN
+from pubsub.websocket.handshake import accept_response, read_upgrade
+from pubsub.websocket.protocol import EchoServerProtocol, PubSubServerProtocol
 from tests.support import wsframes
 from tests.support.wsframes import TEXT, command
 from tests.unit.test_front import connect

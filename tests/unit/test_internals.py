@@ -20,8 +20,9 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, c
 from twisted.logger import globalLogPublisher
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
-from pubsub import internals, websocket
-from pubsub.policy import BatchedTimer
+from pubsub import internals
+from pubsub.hosting.timers import BatchedTimer
+from pubsub.websocket import protocol as websocket
 from tests.support import wsframes
 from tests.unit.test_front import connect
 from tests.unit.test_handshake import head, opened_here, through_autobahn

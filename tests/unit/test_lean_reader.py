@@ -1,6 +1,6 @@
 """The lean frame reader against Autobahn's own: the same input, the same behaviour.
 
-The lean path (``websocket._LeanReader``) takes whole and split masked text
+The lean path (``pubsub.websocket.reader.LeanReader``) takes whole and split masked text
 frames itself and hands everything else to Autobahn.  Hypothesis sends
 random frame sequences (text, binary, control, fragmented, bad UTF-8,
 reserved opcodes and bits, oversize, unmasked, non-minimal lengths), split
@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 
-from pubsub.config import Settings
-from pubsub.websocket import EchoServerFactory
+from pubsub.operations.config import Settings
+from pubsub.websocket.protocol import EchoServerFactory
 from tests.support import wsframes
 from tests.support.clocked import websocket_factory
 from tests.unit.test_websocket import Connection, Transport

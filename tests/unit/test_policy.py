@@ -12,21 +12,21 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
-from pubsub import policy
-from pubsub.commands import Reply, Session, execute
-from pubsub.config import Settings
-from pubsub.engine import Engine
-from pubsub.policy import (
-    BatchedTimer,
-    Deadlines,
+from pubsub.core.commands import Reply, Session, execute
+from pubsub.core.engine import Engine
+from pubsub.hosting import timers
+from pubsub.hosting.timers import BatchedTimer, Deadlines
+from pubsub.operations.config import Settings
+from pubsub.policy.limits import (
     IdleTimer,
     OriginPolicy,
     PeerCounter,
     PublishLimit,
     TokenBucket,
 )
-from pubsub.resp import RespFactory
-from pubsub.web import FrontFactory, PubSubResource
+from pubsub.resp.protocol import RespFactory
+from pubsub.web.front import FrontFactory
+from pubsub.web.site import PubSubResource
 from tests.support import wsframes
 from tests.support.wsframes import CLOSE, PING, PONG, TEXT, client_frame, close_code, command
 from tests.unit.test_front import connect
@@ -206,7 +206,7 @@ def test_batched_timer_runs_calls_on_time_on_one_reactor_timer_per_slot(clock):
 
 def test_batched_timer_runs_a_crowd_in_chunks_and_survives_a_faulty_call(clock, monkeypatch):
     events = []
-    monkeypatch.setattr(policy, "_log", Logger(observer=events.append))
+    monkeypatch.setattr(timers, "_log", Logger(observer=events.append))
     timer = BatchedTimer(clock, resolution=1, chunk=3)
     ran = []
 

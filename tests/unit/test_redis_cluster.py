@@ -16,7 +16,7 @@ from pubsub.backplane.redis_cluster import (
     parse_cluster_url,
     parse_slots,
 )
-from pubsub.engine import Engine
+from pubsub.core.engine import Engine
 
 
 def _crc16_bitwise(data: bytes) -> int:

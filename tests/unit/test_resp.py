@@ -21,11 +21,12 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pubsub import resp
-from pubsub.config import Settings
-from pubsub.engine import Engine
-from pubsub.resp import REDIS_VERSION, RespFactory
-from pubsub.resp_reader import INLINE_MAX, split_inline
+from pubsub.core.engine import Engine
+from pubsub.operations.config import Settings
+from pubsub.resp import protocol as resp
+from pubsub.resp.commands import REDIS_VERSION
+from pubsub.resp.protocol import RespFactory
+from pubsub.resp.reader import INLINE_MAX, split_inline
 from tests.support.redis_server import redis_server
 from tests.support.tuples import TupleSubscriber
 

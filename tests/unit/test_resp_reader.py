@@ -14,8 +14,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from pubsub import resp_reader
-from pubsub.resp_reader import (
+from pubsub.resp import reader as resp_reader
+from pubsub.resp.reader import (
     INLINE_MAX,
     PROTO_MAX_BULK_LEN,
     ProtocolError,

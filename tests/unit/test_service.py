@@ -17,8 +17,8 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
-from pubsub.config import Settings
-from pubsub.service import (
+from pubsub.operations.config import Settings
+from pubsub.operations.service import (
     FULL_COLLECTION_EVERY,
     Options,
     json_log_observer,

@@ -13,8 +13,9 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
-from pubsub import websocket
-from pubsub.websocket import PubSubServerFactory, PubSubServerProtocol
+from pubsub.websocket import framing, json_codec
+from pubsub.websocket import protocol as websocket
+from pubsub.websocket.protocol import PubSubServerFactory, PubSubServerProtocol
 from tests.support import wsframes
 from tests.support.wsframes import BINARY, CLOSE, TEXT, client_frame, command
 
@@ -177,7 +178,7 @@ def test_a_publish_frames_its_message_once_for_all_subscribers(factory, monkeypa
         subscriber.call("SUBSCRIBE", "news")
         subscriber.call("PSUBSCRIBE", "n*")
     prepared = []
-    original = websocket.text_frame
+    original = framing.text_frame
 
     def counting_prepare(payload, *args, **kwargs):
         prepared.append(payload)
@@ -424,7 +425,7 @@ def test_frames_are_utf8_json_and_undecodable_bytes_in_an_error_become_question_
         "ERR unknown command 'NO\u00e9PE', with args beginning with: '\u2028' ",
     ]
     # Error texts keep a client's undecodable bytes as lone surrogates.
-    assert websocket.json_codec._frame(["error", "bad \udcff byte"]) == b'["error","bad ? byte"]'
+    assert json_codec._frame(["error", "bad \udcff byte"]) == b'["error","bad ? byte"]'
 
 
 def test_protocol_options_are_read_from_the_class_not_copied_into_each_connection(factory):

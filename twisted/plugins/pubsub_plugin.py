@@ -1,10 +1,10 @@
-"""twistd plugin: ``twistd pubsub`` builds the server from pubsub.service."""
+"""twistd plugin: ``twistd pubsub`` builds the server from pubsub.operations.service."""
 
 from twisted.application.service import ServiceMaker
 
 pubsub = ServiceMaker(
     "pubsub",
-    "pubsub.service",
+    "pubsub.operations.service",
     "Redis Pub/Sub over WebSocket (JSON protocol)",
     "pubsub",
 )

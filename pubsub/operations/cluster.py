@@ -33,7 +33,7 @@ from twisted.internet.error import ProcessExitedAlready
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.python import usage
 
-from pubsub.config import Settings, endpoint_description
+from pubsub.operations.config import Settings, endpoint_description
 
 __all__ = ["EARLY_EXIT", "bind_sockets", "main", "tcp_address"]
 
@@ -236,7 +236,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(arguments: list[str]) -> Settings:
-    from pubsub.service import Options
+    from pubsub.operations.service import Options
 
     options = Options()
     options.parseOptions(arguments)

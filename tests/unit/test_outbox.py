@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pubsub.flow import Flusher, Outbox, OutputLimits
+from pubsub.hosting.outbox import Flusher, Outbox, OutputLimits
 
 
 class Transport:

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from pubsub.commands import Confirm, Error, Pong, Reply, Result, lookup
+from pubsub.core.commands import Confirm, Error, Pong, Reply, Result, lookup
 
 __all__ = [
     "ProtocolError",

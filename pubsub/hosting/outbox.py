@@ -42,7 +42,7 @@ class OutputLimits:
 
     @classmethod
     def from_settings(cls, settings: Any) -> OutputLimits:
-        """The ``output_buffer_*`` fields of :class:`pubsub.config.Settings`."""
+        """The ``output_buffer_*`` fields of :class:`pubsub.operations.config.Settings`."""
         return cls(
             settings.output_buffer_hard,
             settings.output_buffer_soft,

@@ -3,7 +3,7 @@
 A policy between a transport and the command table, never inside the engine:
 a transport gives each connection a :class:`Guard` when authentication is
 configured, and the command layer asks the session's guard about every
-command before running it (see ``pubsub.commands.run``).
+command before running it (see :func:`pubsub.core.commands.execute`).
 
 Tokens are JWTs checked by PyJWT: HS256 with a shared secret
 (``jwt_secret``), RS256 or ES256 with a public key file (``jwt_public_key``).
@@ -34,9 +34,10 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from pubsub.config import ConfigError
-from pubsub.engine import Kind
-from pubsub.glob import compile_pattern
+from pubsub.core.commands import AuthError
+from pubsub.core.glob import compile_pattern
+from pubsub.core.vocabulary import Kind
+from pubsub.operations.config import ConfigError
 
 __all__ = ["AuthError", "Authenticator", "Grant", "Guard"]
 
@@ -57,10 +58,6 @@ _ONE_NAME = frozenset({"publish", "spublish"})
 #: Commands a client may send before it has authenticated, as Redis allows
 #: AUTH, HELLO, QUIT and RESET (HELLO checks for itself).
 _BEFORE_AUTH = frozenset({"auth", "hello", "quit", "reset"})
-
-
-class AuthError(Exception):
-    """A token that cannot be used; the text says why, for the client."""
 
 
 class _Globs:

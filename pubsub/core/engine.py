@@ -40,8 +40,8 @@ from typing import Any, Protocol, TypeAlias
 
 from sortedcontainers import SortedSet  # type: ignore[import-untyped]
 
-from pubsub.glob import Matcher, compile_pattern, literal_prefix
-from pubsub.vocabulary import Kind
+from pubsub.core.glob import Matcher, compile_pattern, literal_prefix
+from pubsub.core.vocabulary import Kind
 
 __all__ = ["Encoder", "Engine", "Kind", "Relay", "Subscriber", "UnknownClient"]
 

@@ -18,11 +18,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from pubsub.auth import AuthError
-from pubsub.engine import Engine, Kind
+from pubsub.core.engine import Engine, Kind
 
 __all__ = [
     "COMMANDS",
+    "AuthError",
     "Command",
     "Confirm",
     "Error",
@@ -41,6 +41,15 @@ __all__ = [
     "refused",
     "resolve",
 ]
+
+
+class AuthError(Exception):
+    """A token that cannot be used; the text says why, for the client.
+
+    Declared here, where AUTH turns it into an error reply, so that this
+    layer needs nothing of the token policy that raises it
+    (:mod:`pubsub.policy.auth`).
+    """
 
 
 @dataclass(frozen=True)
@@ -124,13 +133,13 @@ class Limits:
 
     @classmethod
     def from_settings(cls, settings: Any) -> Limits:
-        """The matching fields of :class:`pubsub.config.Settings`."""
+        """The matching fields of :class:`pubsub.operations.config.Settings`."""
         return cls(settings.max_subscriptions, settings.max_name_length)
 
 
 class Session:
     """One client's view of the engine: its client id, the limits it runs
-    under, and its :class:`pubsub.auth.Guard` when tokens are in use (else None)."""
+    under, and its :class:`pubsub.policy.auth.Guard` when tokens are in use (else None)."""
 
     __slots__ = ("bucket", "client_id", "engine", "guard", "limits")
 
@@ -146,7 +155,7 @@ class Session:
         self.client_id = client_id
         self.limits = limits
         self.guard = guard
-        #: The client's publish rate :class:`pubsub.policy.TokenBucket`, or None.
+        #: The client's publish rate :class:`pubsub.policy.limits.TokenBucket`, or None.
         self.bucket = bucket
 
 
@@ -459,7 +468,7 @@ def refused(session: Any, command: Command, args: Sequence[bytes]) -> Error | No
         if refusal is not None:
             return Error(refusal)
     if bucket is not None:
-        # The bucket is a pubsub.policy.TokenBucket, which this layer may not import.
+        # The bucket is a pubsub.policy.limits.TokenBucket, which this layer may not import.
         refusal_by_rate: Error | None = bucket.limit.refusal(bucket, name)
         return refusal_by_rate
     return None

@@ -2,62 +2,52 @@
 
 Any Redis client library, and ``redis-cli``, is a client of the engine here,
 and its messages cross to and from WebSocket clients unchanged: payloads are
-bytes end to end.  Requests are read by :mod:`pubsub.resp_reader`, with
+bytes end to end.  Requests are read by :mod:`pubsub.resp.reader`, with
 Redis's limits and error texts (multibulk, as every client library sends,
-and inline, what a person types into ``telnet``).  Commands run through the same table as
-WebSocket's (:mod:`pubsub.commands`), plus the connection commands only this
-transport has: HELLO, AUTH, RESET, QUIT, ECHO, CLIENT, SELECT and INFO.
+and inline, what a person types into ``telnet``).  Commands run through the
+same table as WebSocket's (:mod:`pubsub.core.commands`), plus the connection
+commands only this transport has (:mod:`pubsub.resp.commands`).
 
 Redis's rules hold: in RESP2 a client holding subscriptions may only run
 the (P|S)(UN)SUBSCRIBE family, PING, QUIT and RESET; a malformed request gets
 ``-ERR Protocol error: ...`` and the connection is closed once that is sent.
-Output goes through the same :class:`~pubsub.flow.Outbox` as WebSocket's, so
-the output buffer limits apply; a subscriber past them is disconnected, as
+Output goes through the same :class:`~pubsub.hosting.outbox.Outbox` as
+WebSocket's, so the output buffer limits apply; a subscriber past them is disconnected, as
 Redis disconnects it.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from importlib import metadata
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from pubsub.auth import Guard
-from pubsub.commands import (
-    COMMANDS,
-    Command,
+from pubsub.core.commands import (
     Confirm,
     Error,
-    Limits,
     Pong,
     Reply,
     Result,
-    Session,
     Status,
     Verbatim,
-    authenticate,
     error_kind,
-    help_reply,
     refused,
     resolve,
 )
-from pubsub.config import Settings
-from pubsub.engine import Encoder, Engine
-from pubsub.flow import Outbox
-from pubsub.hosting import HostedClient, Port
-from pubsub.policy import TokenBucket, peer_host
-from pubsub.resp_reader import ProtocolError, RequestReader, redis_int
+from pubsub.core.engine import Encoder, Engine
+from pubsub.hosting.outbox import Outbox
+from pubsub.hosting.port import HostedClient, Port
+from pubsub.operations.config import Settings
+from pubsub.policy.auth import Guard
+from pubsub.policy.limits import peer_host
+from pubsub.resp.commands import RESP_COMMANDS, RespSession
+from pubsub.resp.reader import ProtocolError, RequestReader
 
-__all__ = ["REDIS_VERSION", "RespFactory", "RespProtocol"]
+__all__ = ["RespFactory", "RespProtocol", "encode"]
 
-#: The Redis release whose Pub/Sub behaviour this server reproduces.  HELLO
-#: and INFO report it, since client libraries choose features by it.
-REDIS_VERSION = "7.0.15"
 
 _log = Logger()
 
@@ -134,24 +124,6 @@ def encode(value: Any, resp3: bool) -> bytes:
     if value is None:
         return b"_\r\n" if resp3 else b"$-1\r\n"
     raise TypeError(f"no RESP form for {kind.__name__}")
-
-
-class RespSession(Session):
-    """A RESP client's session: the command layer's, plus its connection."""
-
-    __slots__ = ("connection",)
-
-    def __init__(
-        self,
-        engine: Engine,
-        client_id: int,
-        limits: Limits,
-        connection: RespProtocol,
-        guard: Guard | None = None,
-        bucket: TokenBucket | None = None,
-    ):
-        super().__init__(engine, client_id, limits, guard, bucket)
-        self.connection = connection
 
 
 class RespProtocol(HostedClient, Protocol):
@@ -372,212 +344,6 @@ def _error_line(message: str) -> bytes:
     may quote a client's bytes, kept as they were by surrogateescape)."""
     line = message.encode("utf-8", "surrogateescape")
     return b"-%s\r\n" % line.replace(b"\r", b" ").replace(b"\n", b" ")
-
-
-# -- the connection commands only RESP has -----------------------------------------------
-
-
-def _valid_attribute(value: bytes) -> bool:
-    """Redis's rule for client names and library attributes: printable, no spaces."""
-    return all(0x21 <= c <= 0x7E for c in value)
-
-
-_BAD_NAME = Error("ERR Client names cannot contain spaces, newlines or special characters.")
-
-
-def _hello(session: RespSession, args: Sequence[bytes]) -> list[Result]:
-    connection = session.connection
-    version = 3 if connection.resp3 else 2
-    name: bytes | None = None
-    if len(args) >= 2:
-        parsed = redis_int(args[1])
-        if parsed is None:
-            return [Error("ERR Protocol version is not an integer or out of range")]
-        version = parsed
-        if version not in (2, 3):
-            return [Error("NOPROTO unsupported protocol version")]
-    position = 2
-    while position < len(args):
-        option = args[position].lower()
-        more = len(args) - 1 - position
-        if option == b"auth" and more >= 2:
-            error = authenticate(session, args[position + 1], args[position + 2])
-            if error:
-                return [error]
-            position += 3
-        elif option == b"setname" and more >= 1:
-            name = args[position + 1]
-            if not _valid_attribute(name):
-                return [_BAD_NAME]
-            position += 2
-        else:
-            option_text = args[position].decode("utf-8", "surrogateescape")
-            return [Error(f"ERR Syntax error in HELLO option '{option_text}'")]
-    guard = session.guard
-    if guard is not None and not guard.authenticated:
-        return [
-            Error(
-                "NOAUTH HELLO must be called with the client already authenticated, "
-                "otherwise the HELLO <proto> AUTH <user> <pass> option can be used to "
-                "authenticate the client and select the RESP protocol version at the same time"
-            )
-        ]
-    if name is not None:
-        connection.name = name or None
-    connection.use_resp(version)
-    return [
-        Reply(
-            {
-                b"server": b"pubsub",
-                b"version": REDIS_VERSION.encode(),
-                b"proto": version,
-                b"id": session.client_id,
-                b"mode": b"standalone",
-                b"role": b"master",
-                b"modules": [],
-            }
-        )
-    ]
-
-
-def _reset(session: RespSession, args: Sequence[bytes]) -> list[Result]:
-    engine, client_id = session.engine, session.client_id
-    engine.unsubscribe(client_id)  # silently, as Redis does on RESET
-    engine.punsubscribe(client_id)
-    engine.sunsubscribe(client_id)
-    connection = session.connection
-    connection.name = connection.lib_name = connection.lib_ver = None
-    connection.use_resp(2)
-    if session.guard is not None:
-        session.guard.logout()  # back to the default user, as Redis's RESET
-    return [Reply(Status(b"RESET"))]
-
-
-def _quit(session: RespSession, args: Sequence[bytes]) -> list[Result]:
-    session.connection.quitting = True
-    return [Reply(Status(b"OK"))]
-
-
-def _echo(session: RespSession, args: Sequence[bytes]) -> list[Result]:
-    return [Reply(args[1])]
-
-
-def _select(session: RespSession, args: Sequence[bytes]) -> list[Result]:
-    # Pub/Sub ignores databases in Redis too; clients select one on connect.
-    index = redis_int(args[1])
-    if index is None or not -(2**31) <= index < 2**31:
-        return [Error("ERR value is not an integer or out of range")]
-    if not 0 <= index < 16:
-        return [Error("ERR DB index is out of range")]
-    return [Reply(Status(b"OK"))]
-
-
-def _client_id(session: RespSession, args: Sequence[bytes]) -> list[Result]:
-    return [Reply(session.client_id)]
-
-
-def _client_setname(session: RespSession, args: Sequence[bytes]) -> list[Result]:
-    if not _valid_attribute(args[2]):
-        return [_BAD_NAME]
-    session.connection.name = args[2] or None
-    return [Reply(Status(b"OK"))]
-
-
-def _client_getname(session: RespSession, args: Sequence[bytes]) -> list[Result]:
-    return [Reply(session.connection.name)]
-
-
-def _client_setinfo(session: RespSession, args: Sequence[bytes]) -> list[Result]:
-    attribute = args[2].lower()
-    if attribute not in (b"lib-name", b"lib-ver"):
-        text = args[2].decode("utf-8", "surrogateescape")
-        return [Error(f"ERR Unrecognized option '{text}'")]
-    if not _valid_attribute(args[3]):
-        text = attribute.decode("ascii")
-        return [Error(f"ERR {text} cannot contain spaces, newlines or special characters.")]
-    setattr(session.connection, attribute.decode("ascii").replace("-", "_"), args[3] or None)
-    return [Reply(Status(b"OK"))]
-
-
-_client_help = help_reply(
-    b"CLIENT <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
-    b"GETNAME",
-    b"    Return the name of the current connection.",
-    b"ID",
-    b"    Return the ID of the current connection.",
-    b"SETINFO <option> <value>",
-    b"    Set client meta attr. Options are:",
-    b"    * LIB-NAME: the client lib name.",
-    b"    * LIB-VER: the client lib version.",
-    b"SETNAME <name>",
-    b"    Assign the name <name> to the current connection.",
-    b"HELP",
-    b"    Prints this help.",
-)
-
-
-def _version() -> str:
-    try:
-        return metadata.version("pubsub")
-    except metadata.PackageNotFoundError:  # running from a source tree
-        return "unknown"
-
-
-def _info(session: RespSession, args: Sequence[bytes]) -> list[Result]:
-    factory = session.connection.factory
-    engine = session.engine
-    sections: dict[str, list[tuple[str, str | int]]] = {
-        "server": [
-            ("redis_version", REDIS_VERSION),
-            ("pubsub_version", _version()),
-            ("redis_mode", "standalone"),
-            ("process_id", os.getpid()),
-            ("uptime_in_seconds", int(factory.reactor.seconds() - factory.started)),
-        ],
-        "clients": [("connected_clients", engine.client_count)],
-        "stats": [
-            ("pubsub_channels", engine.channel_count),
-            ("pubsub_patterns", engine.numpat()),
-            ("pubsubshard_channels", engine.shard_channel_count),
-            ("client_output_buffer_limit_disconnections", factory.slow_consumers),
-        ],
-    }
-    wanted = {arg.decode("latin-1").lower() for arg in args[1:]}
-    if not wanted or wanted & {"default", "all", "everything"}:
-        wanted = set(sections)
-    text = "\r\n".join(
-        f"# {name.capitalize()}\r\n" + "".join(f"{key}:{value}\r\n" for key, value in fields)
-        for name, fields in sections.items()
-        if name in wanted
-    )
-    return [Reply(Verbatim(text.encode("ascii")))]
-
-
-def _table(*commands: Command) -> dict[str, Command]:
-    return {command.name: command for command in commands}
-
-
-_CLIENT_SUBCOMMANDS = _table(
-    Command("id", 2, _client_id),
-    Command("setname", 3, _client_setname),
-    Command("getname", 2, _client_getname),
-    Command("setinfo", 4, _client_setinfo),
-    Command("help", 2, _client_help),
-)
-
-#: The shared command table plus the connection commands of RESP.
-RESP_COMMANDS: dict[str, Command] = {
-    **COMMANDS,
-    **_table(
-        Command("hello", -1, _hello),
-        Command("reset", 1, _reset),
-        Command("quit", -1, _quit),
-        Command("echo", 2, _echo),
-        Command("select", 2, _select),
-        Command("info", -1, _info),
-        Command("client", -2, None, subcommands=_CLIENT_SUBCOMMANDS),
-    ),
-}
 
 
 class RespFactory(Port, Factory[RespProtocol]):

@@ -2,13 +2,13 @@
 life of each client it hosts.
 
 A *port* is a transport's factory (WebSocket's, RESP's). :class:`Port` builds
-from :class:`~pubsub.config.Settings`, once, what every connection of the port
+from :class:`~pubsub.operations.config.Settings`, once, what every connection of the port
 uses: the engine, the output limits and the flusher that writes each
 reactor turn, the command limits, the token checker, the per-address and
 publish-rate policies, and the figures /healthz and /metrics read.
 
 A *hosted client* is one connection of a port. :class:`HostedClient` opens
-it (an outbox under the output limits, a :class:`~pubsub.auth.Guard` when
+it (an outbox under the output limits, a :class:`~pubsub.policy.auth.Guard` when
 tokens are in use, a session registered with the engine, the idle timer) and
 ends it (the same, undone) the same way on both transports. Each transport
 adds only what its wire needs: when to open (WebSocket: once the handshake is
@@ -22,12 +22,12 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from pubsub.auth import Authenticator, Guard
-from pubsub.commands import Limits, Session
-from pubsub.config import Settings
-from pubsub.engine import Encoder, Engine
-from pubsub.flow import Flusher, OutboxProducer, OutputLimits
-from pubsub.policy import IdleTimer, PeerCounter, PublishLimit
+from pubsub.core.commands import Limits, Session
+from pubsub.core.engine import Encoder, Engine
+from pubsub.hosting.outbox import Flusher, OutboxProducer, OutputLimits
+from pubsub.operations.config import Settings
+from pubsub.policy.auth import Authenticator, Guard
+from pubsub.policy.limits import IdleTimer, PeerCounter, PublishLimit
 
 __all__ = ["HostedClient", "Port"]
 

@@ -1,6 +1,6 @@
 """Build the server from settings: used by the twistd plugin and by embedders.
 
-:func:`make_service` turns :class:`~pubsub.config.Settings` into a
+:func:`make_service` turns :class:`~pubsub.operations.config.Settings` into a
 ``MultiService`` that listens on the configured endpoint; :class:`Options` and
 :func:`makeService` are the ``twistd pubsub`` command line around it.  The
 plugin module itself holds no logic.
@@ -26,18 +26,19 @@ from twisted.web.server import Site
 
 from pubsub.backplane import RedisBackplane, RedisClusterBackplane, is_cluster_url
 from pubsub.backplane.tls import backplane_tls
-from pubsub.config import (
+from pubsub.core.engine import Engine
+from pubsub.internals import forget_exit_signal, plain_debug_values
+from pubsub.operations.config import (
     ConfigError,
     Settings,
     endpoint_description,
     listen_description,
     load_settings,
 )
-from pubsub.engine import Engine
-from pubsub.internals import forget_exit_signal, plain_debug_values
-from pubsub.resp import RespFactory, RespProtocol
-from pubsub.web import FrontFactory, PubSubResource
-from pubsub.websocket import PubSubServerFactory, PubSubServerProtocol
+from pubsub.resp.protocol import RespFactory, RespProtocol
+from pubsub.web.front import FrontFactory
+from pubsub.web.site import PubSubResource
+from pubsub.websocket.protocol import PubSubServerFactory, PubSubServerProtocol
 
 __all__ = [
     "Options",
