@@ -112,12 +112,14 @@ _ERROR_KINDS = (
     ("NOPERM", "auth"),
     ("NOAUTH", "auth"),
     ("BACKPLANE", "backplane"),
+    ("the server's middleware", "middleware"),
 )
 
 
 def error_kind(message: str) -> str:
     """What an error reply was about, for the metrics: protocol,
-    unknown_command, wrong_arity, subscribed_mode, limit, auth, backplane or other."""
+    unknown_command, wrong_arity, subscribed_mode, limit, auth, backplane,
+    middleware (one that failed or did not answer in time) or other."""
     for marker, kind in _ERROR_KINDS:
         if marker in message:
             return kind

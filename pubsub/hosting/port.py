@@ -18,18 +18,28 @@ told, and its own commands.
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from pubsub.core.commands import Limits, Session
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from pubsub.core.commands import Command, Error, Limits, Result, Session, refused, resolve
 from pubsub.core.engine import Encoder, Engine
 from pubsub.hosting.outbox import Flusher, OutboxProducer, OutputLimits
 from pubsub.operations.config import Settings
 from pubsub.policy.auth import Authenticator, Guard
 from pubsub.policy.limits import IdleTimer, PeerCounter, PublishLimit
+from pubsub.policy.middleware import Chain, Client
 
 __all__ = ["HostedClient", "Port"]
+
+_log = Logger()
+
+
+def _fault(failure: Any) -> None:
+    _log.failure("internal fault after a middleware answered", failure)
 
 
 class Port:
@@ -41,7 +51,13 @@ class Port:
     settings: Settings
     reactor: Any
 
-    def _build_port(self, engine: Engine | None, settings: Settings, reactor: Any) -> None:
+    def _build_port(
+        self,
+        engine: Engine | None,
+        settings: Settings,
+        reactor: Any,
+        middleware: Sequence[Any] = (),
+    ) -> None:
         self.engine = engine if engine is not None else Engine()
         self.settings = settings
         self.reactor = reactor
@@ -53,6 +69,8 @@ class Port:
         #: Connections per address on this port.
         self.peers = PeerCounter(settings.max_connections_per_ip)
         self.publish_limit = PublishLimit.from_settings(settings, reactor)
+        #: The application's middlewares (pubsub.policy.middleware), or None.
+        self.middleware = Chain.build(middleware, reactor, settings.middleware_timeout)
         #: Open connections.
         self.connections: set[Any] = set()
         #: Connections cut off by the output buffer limits since start-up.
@@ -70,6 +88,10 @@ class HostedClient(OutboxProducer):
     session: Session | None = None
     _guard: Guard | None = None
     _idle: IdleTimer | None = None
+    #: What the port's middlewares know of this client, once it is admitted.
+    _client: Client | None = None
+    #: While a middleware decides: what arrived meanwhile, to handle in order.
+    _waiting: deque[tuple[Callable[[Any], None], Any]] | None = None
 
     def _host(self) -> Guard | None:
         """Open this connection as a client of the engine; its Guard, when
@@ -93,6 +115,10 @@ class HostedClient(OutboxProducer):
 
     def _unhost(self) -> None:
         """The connection ended: undo :meth:`_host` (each step at most once)."""
+        client = self._client
+        if client is not None:
+            self._client = None
+            self.factory.middleware.disconnect(client)  # type: ignore[union-attr]
         if self._guard is not None:
             self._guard.close()
         if self._idle is not None:
@@ -110,6 +136,82 @@ class HostedClient(OutboxProducer):
         session = self.session
         return session is not None and session.engine.subscription_count(session.client_id) > 0
 
+    def _peer(self) -> str:
+        """The client's address, ``host:port``."""
+        peer = self.transport.getPeer()
+        return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+
+    # -- middlewares: admission, commands screened, order kept while they decide ----------
+
+    def _admit(self, client: Client) -> None:
+        """Ask the port's middlewares whether ``client`` (hosted) may stay."""
+        self._client = client
+        verdict = self.factory.middleware.connect(client)  # type: ignore[union-attr]
+        if isinstance(verdict, defer.Deferred):
+            self._wait(verdict.addCallback(self._admitted))
+        else:
+            self._admitted(verdict)
+
+    def _admitted(self, verdict: Any) -> list[Result]:
+        if verdict is not None and self.session is not None:
+            self._client = None  # never admitted: nothing to observe at its end
+            self._turn_away(verdict.message.partition(" ")[2])
+        return []
+
+    def _screened(self, args: Sequence[bytes], table: Mapping[str, Command]) -> Any:
+        """:func:`~pubsub.core.commands.execute`, with the middlewares asked
+        where Redis checks its ACLs: the results, or a Deferred of them."""
+        command = resolve(args, table)
+        if isinstance(command, Error):
+            return [command]
+        refusal = refused(self.session, command, args)
+        if refusal is not None:
+            return [refusal]
+        return self._run_screened(command, args)
+
+    def _run_screened(self, command: Command, args: Sequence[bytes]) -> Any:
+        """Run a resolved, allowed ``command`` once the middlewares agree."""
+        chain, client = self.factory.middleware, self._client
+        assert chain is not None and client is not None  # only called when admitted
+        verdict = chain.screen(client, command.name, args)
+        if isinstance(verdict, defer.Deferred):
+            return verdict.addCallback(self._run_verdict, command, args)
+        return self._run_verdict(verdict, command, args)
+
+    def _run_verdict(self, verdict: Any, command: Command, args: Sequence[bytes]) -> list[Result]:
+        if type(verdict) is Error:
+            return [verdict]
+        session = self.session
+        if session is None:
+            return []  # closed while a middleware decided
+        assert command.handler is not None  # resolve gives a handler's entry
+        results: list[Result] = command.handler(session, args if verdict is None else verdict)
+        return results
+
+    def _wait(self, answer: defer.Deferred[list[Result]]) -> None:
+        """Read nothing more, and keep what was read, until ``answer``."""
+        self._waiting = deque()
+        self.transport.pauseProducing()
+        answer.addCallback(self._answered)
+        answer.addErrback(_fault)
+
+    def _answered(self, results: list[Result]) -> None:
+        waiting, self._waiting = self._waiting, None
+        if self.session is None or not self._open_for_commands():
+            return  # the connection ended, or began to end, meanwhile
+        self._reply(results)
+        self._drain(waiting or deque())
+
+    def _drain(self, waiting: deque[tuple[Callable[[Any], None], Any]]) -> None:
+        """Handle what waited, in order, until a middleware makes it wait again."""
+        while waiting:
+            handle, item = waiting.popleft()
+            handle(item)
+            if self._waiting is not None:
+                self._waiting.extend(waiting)
+                return
+        self.transport.resumeProducing()
+
     # Each transport's own: what the engine calls it with (a Subscriber's),
     # and how it is told of a breach of the output limits (inside a publish:
     # it must not raise nor touch the engine), of the Guard ending the
@@ -119,3 +221,10 @@ class HostedClient(OutboxProducer):
     _slow_consumer: Callable[[str], None]
     _revoke: Callable[[str], None]
     _idled: Callable[[], None]
+    # How results are sent, whether commands are still run (not once the
+    # connection has begun to close), and how a client the middlewares
+    # refuse is told.
+    _reply: Callable[[list[Result]], None]
+    _open_for_commands: Callable[[], bool]
+    _turn_away: Callable[[str], None]
+    transport: Any

@@ -109,6 +109,13 @@ class Settings:
     publish_burst: int = _setting(
         0, "Publishes a client may send at once above publish_rate; 0: one second's worth"
     )
+    middleware: str = _setting(
+        "",
+        "Middlewares to load, in order: comma-separated module:factory (docs/embedding.md)",
+    )
+    middleware_timeout: float = _setting(
+        5.0, "Seconds a middleware has to answer before the command or client is refused"
+    )
     ping_interval: float = _setting(
         30.0, "Seconds between WebSocket pings the server sends to each client; 0: none"
     )
@@ -166,6 +173,11 @@ class Settings:
             raise ConfigError("setting port must not be empty")
         self._check_backplane_health()
         self._check_backplane_tls()
+        if not math.isfinite(self.middleware_timeout) or self.middleware_timeout <= 0:
+            raise ConfigError(
+                "setting middleware_timeout must be a positive number of seconds, "
+                f"got {self.middleware_timeout}"
+            )
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(
                 f"setting log_format must be one of {', '.join(LOG_FORMATS)}, "
@@ -233,6 +245,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     kind = kinds[name]
     try:
         if kind == "str":
+            if name == "middleware" and isinstance(value, list):
+                # The TOML file may list them: the same as the comma-separated text.
+                if not all(isinstance(item, str) and "," not in item for item in value):
+                    raise TypeError
+                return ",".join(value)
             if isinstance(value, bool) or not isinstance(value, (str, int)):
                 raise TypeError
             return str(value)

@@ -139,6 +139,16 @@ def _policy_figures(factories: list[Port], websocket: PubSubServerFactory) -> It
             "Clients closed by idle_timeout",
             lambda f: f.idle_disconnects,
         ),
+        (
+            "pubsub_middleware_refusals",
+            "Commands and clients a middleware refused",
+            lambda f: f.middleware.refusals if f.middleware is not None else 0,
+        ),
+        (
+            "pubsub_middleware_failures",
+            "Middleware answers that failed or came too late: the command or client was refused",
+            lambda f: f.middleware.failures if f.middleware is not None else 0,
+        ),
     )
     for name, doc, value in counters:
         family = CounterMetricFamily(name, doc, labels=["transport"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import MISSING, fields
 from typing import Any, ClassVar, cast
 
@@ -35,6 +36,7 @@ from pubsub.operations.config import (
     listen_description,
     load_settings,
 )
+from pubsub.policy.middleware import load as load_middleware
 from pubsub.resp.protocol import RespFactory, RespProtocol
 from pubsub.web.front import FrontFactory
 from pubsub.web.site import PubSubResource
@@ -53,20 +55,25 @@ log = Logger()
 
 
 def build_factory(
-    engine: Engine | None = None, settings: Settings | None = None
+    engine: Engine | None = None,
+    settings: Settings | None = None,
+    middleware: Sequence[Any] = (),
 ) -> PubSubServerFactory:
-    """A WebSocket server factory whose connections share ``engine``."""
-    return PubSubServerFactory(engine, settings)
+    """A WebSocket server factory whose connections share ``engine``, under
+    ``middleware`` (:class:`~pubsub.policy.middleware.Middleware`s, in order)."""
+    return PubSubServerFactory(engine, settings, middleware=middleware)
 
 
 def build_resource(
-    engine: Engine | None = None, settings: Settings | None = None
+    engine: Engine | None = None,
+    settings: Settings | None = None,
+    middleware: Sequence[Any] = (),
 ) -> PubSubResource:
     """A twisted.web resource serving pub/sub WebSocket connections on ``engine``.
 
     Mount it in any ``Site``: ``root.putChild(b"pubsub", build_resource(engine))``.
     """
-    return PubSubResource(build_factory(engine, settings))
+    return PubSubResource(build_factory(engine, settings, middleware))
 
 
 class PubSubService(MultiService):
@@ -175,9 +182,16 @@ def _cancelling(result: Any, call: Any) -> Any:
 
 
 def make_service(
-    settings: Settings | None = None, engine: Engine | None = None, reactor: Any = None
+    settings: Settings | None = None,
+    engine: Engine | None = None,
+    reactor: Any = None,
+    middleware: Sequence[Any] = (),
 ) -> PubSubService:
-    """The server as a Twisted service, listening per ``settings``."""
+    """The server as a Twisted service, listening per ``settings``.
+
+    Its clients, WebSocket and RESP, pass through ``middleware`` and then
+    the middlewares the ``middleware`` setting names, in that order.
+    """
     if reactor is None:
         from twisted.internet import reactor
     # Autobahn logs every frame at debug level; a server logs events, not messages.
@@ -186,12 +200,13 @@ def make_service(
     plain_debug_values()
     settings = settings if settings is not None else Settings()
     engine = engine if engine is not None else Engine()
-    factory = build_factory(engine, settings)
+    middleware = [*middleware, *load_middleware(settings.middleware)]
+    factory = build_factory(engine, settings, middleware)
     resource = PubSubResource(factory, clock=reactor)
     site = Site(resource, timeout=settings.open_handshake_timeout or None)
     resp_factory = None
     if settings.resp_port.strip():
-        resp_factory = RespFactory(engine, settings, reactor)
+        resp_factory = RespFactory(engine, settings, reactor, middleware)
         resource.health.factories.append(resp_factory)
     service = PubSubService(factory, settings, reactor, resp_factory)
     service.listen("port", FrontFactory(site, reactor))

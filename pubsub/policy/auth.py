@@ -25,8 +25,8 @@ The engine stays unaware of all this; nothing here touches sockets.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,8 @@ class Grant:
     expires: float
     subscribe: tuple[bytes, ...] = ()
     publish: tuple[bytes, ...] = ()
+    #: Every claim of the token, for middlewares (``Client.claims``).
+    claims: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_subscribe", _Globs(self.subscribe))
@@ -211,6 +213,7 @@ class Authenticator:
             float(expires),
             _glob_claim(claims, "subscribe"),
             _glob_claim(claims, "publish"),
+            claims,
         )
 
 

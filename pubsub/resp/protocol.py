@@ -43,6 +43,7 @@ from pubsub.hosting.port import HostedClient, Port
 from pubsub.operations.config import Settings
 from pubsub.policy.auth import Guard
 from pubsub.policy.limits import peer_host
+from pubsub.policy.middleware import Client
 from pubsub.resp.commands import RESP_COMMANDS, RespSession
 from pubsub.resp.reader import ProtocolError, RequestReader
 
@@ -174,6 +175,8 @@ class RespProtocol(HostedClient, Protocol):
         guard = self._host()
         if guard is not None:
             guard.expect_login(factory.settings.open_handshake_timeout)
+        if factory.middleware is not None and self.session is not None:
+            self._admit(Client("resp", self.session.client_id, self._peer(), guard=guard))
 
     def _new_session(self, client_id: int, guard: Guard | None) -> RespSession:
         factory = self.factory
@@ -208,6 +211,16 @@ class RespProtocol(HostedClient, Protocol):
             self._outbox = None
         self.transport.loseConnection()
 
+    def _open_for_commands(self) -> bool:
+        return not self._closing
+
+    def _turn_away(self, reason: str) -> None:
+        # A middleware refused the client: it is told why, as Redis tells a
+        # client over maxclients, and the connection closes.
+        if self._outbox is not None:
+            self._outbox.append(_error_line(f"ERR {reason}"))
+        self.close_after_reply()
+
     def _revoke(self, reason: str) -> None:
         # Redis has no way to tell a client why it is cut off; it closes.
         _log.info("disconnecting {peer}: {reason}", peer=self._peer(), reason=reason)
@@ -224,10 +237,6 @@ class RespProtocol(HostedClient, Protocol):
         )
         self.factory.reactor.callLater(0, self._leave_engine)
         self.transport.abortConnection()
-
-    def _peer(self) -> str:
-        peer = self.transport.getPeer()
-        return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
 
     # -- output ------------------------------------------------------------------------
 
@@ -282,7 +291,8 @@ class RespProtocol(HostedClient, Protocol):
         requests = self._requests
         requests.feed(data)
         guard = self.session.guard if self.session is not None else None
-        while not self._closing:
+        # While a middleware decides, requests wait here, in the reader.
+        while not self._closing and self._waiting is None:
             # Redis's smaller limits for a client that must still authenticate.
             requests.guarded = guard is not None and not guard.authenticated
             try:
@@ -317,10 +327,19 @@ class RespProtocol(HostedClient, Protocol):
                     "(P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
                 )
             ]
+        elif self._client is not None:
+            screened = self._run_screened(command, args)
+            if type(screened) is not list:
+                self._wait(screened)
+                return
+            results = screened
         else:
             # resolve answers with a handler's entry, never a container's.
             assert command.handler is not None
             results = command.handler(session, args)
+        self._reply(results)
+
+    def _reply(self, results: list[Result]) -> None:
         outbox = self._outbox
         if outbox is None:
             return  # QUIT has closed it, or the output limits have
@@ -330,6 +349,12 @@ class RespProtocol(HostedClient, Protocol):
             outbox.append(self._encode_result(result))
         if self.quitting:
             self.close_after_reply()
+
+    def _drain(self, waiting: Any) -> None:
+        # What waited is in the reader: read on from there.
+        self._answer(self._receive, b"")
+        if self._waiting is None and not self._closing:
+            self.transport.resumeProducing()
 
     def _refuse(self, message: str) -> None:
         """A protocol error: say so and close, as Redis does."""
@@ -353,11 +378,16 @@ class RespFactory(Port, Factory[RespProtocol]):
     transport_name = "resp"
 
     def __init__(
-        self, engine: Engine | None = None, settings: Settings | None = None, reactor: Any = None
+        self,
+        engine: Engine | None = None,
+        settings: Settings | None = None,
+        reactor: Any = None,
+        middleware: Sequence[Any] = (),
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
-        self._build_port(engine, settings if settings is not None else Settings(), reactor)
+        settings = settings if settings is not None else Settings()
+        self._build_port(engine, settings, reactor, middleware)
         self.started = reactor.seconds()
 
     def close_all(self) -> defer.Deferred[list[tuple[bool, None]]]:

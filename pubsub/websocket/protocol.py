@@ -19,6 +19,7 @@ fault (1011) closes the connection.
 from __future__ import annotations
 
 import types
+from collections.abc import Sequence
 from typing import Any, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -34,7 +35,7 @@ from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 
 from pubsub import internals
-from pubsub.core.commands import AuthError, Error, error_kind, execute
+from pubsub.core.commands import COMMANDS, AuthError, Error, error_kind, execute
 from pubsub.core.engine import Engine
 from pubsub.core.vocabulary import (
     CLOSE_GOING_AWAY,
@@ -49,6 +50,7 @@ from pubsub.hosting.timers import BatchedTimer
 from pubsub.operations.config import Settings
 from pubsub.policy.auth import Guard
 from pubsub.policy.limits import OriginPolicy
+from pubsub.policy.middleware import Client
 from pubsub.websocket import json_codec
 from pubsub.websocket.framing import (
     DeflateAccept,
@@ -206,6 +208,19 @@ class PubSubServerProtocol(HostedClient, LeanReader):
         guard = self._host()
         if guard is not None:
             self._check_in(guard)
+        session = self.session
+        if session is not None and self.factory.middleware is not None:
+            self._admit(
+                Client(
+                    "websocket",
+                    session.client_id,
+                    self._peer(),
+                    self.http_request_path,
+                    self.http_request_params,
+                    self.http_headers,
+                    guard,
+                )
+            )
 
     def _check_in(self, guard: Guard) -> None:
         """Take the handshake's token, if any; a bad one closes with CLOSE_TOKEN."""
@@ -221,6 +236,14 @@ class PubSubServerProtocol(HostedClient, LeanReader):
     def _revoke(self, reason: str) -> None:
         """Authentication ended or failed: close with the token's code and say why."""
         self._close_for_policy(reason, CLOSE_TOKEN)
+        self._leave_engine()
+
+    def _open_for_commands(self) -> bool:
+        return bool(self.state == WebSocketProtocol.STATE_OPEN)
+
+    def _turn_away(self, reason: str) -> None:
+        """A middleware refused this client: close with 1008 and say why."""
+        self._close_for_policy(reason)
         self._leave_engine()
 
     def _refuse_origin(self, origin: str) -> None:
@@ -256,12 +279,18 @@ class PubSubServerProtocol(HostedClient, LeanReader):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
-            if self.session is not None and self.state == WebSocketProtocol.STATE_OPEN:
-                if self._idle is not None:
-                    self._idle.touch()
-                self._reply([_BINARY_REFUSED])
+            self._binary(payload)
         else:
             self._handle(payload)
+
+    def _binary(self, payload: bytes) -> None:
+        if self.session is not None and self.state == WebSocketProtocol.STATE_OPEN:
+            if self._waiting is not None:
+                self._waiting.append((self._binary, payload))
+                return
+            if self._idle is not None:
+                self._idle.touch()
+            self._reply([_BINARY_REFUSED])
 
     def _on_text(self, text: str) -> None:
         self._handle(text)
@@ -273,15 +302,24 @@ class PubSubServerProtocol(HostedClient, LeanReader):
             # 5.5.1), so nothing more is run, as Redis reads nothing more from
             # a client it is closing.
             return
+        if self._waiting is not None:  # a middleware is deciding: keep the order
+            self._waiting.append((self._handle, text))
+            return
         if self._idle is not None:
             self._idle.touch()
         try:
             try:
                 args = json_codec.decode_command(text)
             except json_codec.ProtocolError as error:
-                results: list[Any] = [Error(str(error))]
+                results: Any = [Error(str(error))]
             else:
-                results = execute(self.session, args)
+                if self._client is None:
+                    results = execute(self.session, args)
+                else:
+                    results = self._screened(args, COMMANDS)
+                    if type(results) is not list:
+                        self._wait(results)
+                        return
             self._reply(results)
         except Exception:  # noqa: BLE001 - any bug here must cost this client only
             _log.failure("internal fault handling a message from {peer}", peer=self.peer)
@@ -351,10 +389,11 @@ class PubSubServerFactory(Port, _ConfiguredFactory):
         settings: Settings | None = None,
         url: str | None = None,
         reactor: Any = None,
+        middleware: Sequence[Any] = (),
     ) -> None:
         super().__init__(settings, url, reactor)
         # The front door counts connections per address (peers) for this port.
-        self._build_port(engine, self.settings, self.reactor)
+        self._build_port(engine, self.settings, self.reactor, middleware)
         self.origins = OriginPolicy(self.settings.allowed_origins)
         #: Handshakes closed with 1008 for their Origin since start-up.
         self.origin_refusals = 0

@@ -1,0 +1,338 @@
+"""Middlewares on both transports: decisions now and later, order kept, faults told."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from pubsub import Client, Middleware, Refused
+from pubsub.core.engine import Engine
+from pubsub.core.vocabulary import Kind
+from pubsub.operations.config import ConfigError, Settings
+from pubsub.policy import middleware as middleware_module
+from pubsub.policy.middleware import load
+from pubsub.resp.protocol import RespFactory
+from pubsub.websocket.protocol import PubSubServerFactory
+from tests.support.wsframes import CLOSE, command
+from tests.unit import test_resp as resp
+from tests.unit.test_auth import SECRET, token
+from tests.unit.test_websocket import Connection
+
+
+class Recorder(Middleware):
+    """Answers what it is told to, and records every call."""
+
+    def __init__(self, **answers):
+        self.answers = answers
+        self.calls = []
+
+    def _answer(self, hook, *args):
+        self.calls.append((hook, *args))
+        answer = self.answers.get(hook)
+        if isinstance(answer, Exception):
+            raise answer
+        if callable(answer):
+            return answer(*args)
+        return answer
+
+    def on_connect(self, client):
+        return self._answer("connect", client)
+
+    def on_subscribe(self, client, kind, name):
+        return self._answer("subscribe", kind, name)
+
+    def on_publish(self, client, kind, channel, payload):
+        return self._answer("publish", kind, channel, payload)
+
+    def on_refused(self, client, command, error):
+        self.calls.append(("refused", command, error))
+
+    def on_disconnect(self, client):
+        self.calls.append(("disconnect", client.client_id))
+
+
+@pytest.fixture
+def engine():
+    return Engine()
+
+
+@pytest.fixture
+def ports(engine, clock):
+    """``ports(*middlewares, **settings)``: a WebSocket and a RESP factory on one engine."""
+
+    def make(*middlewares, **settings):
+        settings = Settings(**settings)
+        return (
+            PubSubServerFactory(engine, settings, reactor=clock, middleware=middlewares),
+            RespFactory(engine, settings, reactor=clock, middleware=middlewares),
+        )
+
+    return make
+
+
+def test_without_middlewares_a_port_has_no_chain(ports):
+    websocket, redis = ports()
+    assert websocket.middleware is None and redis.middleware is None
+    assert Connection(websocket).protocol._client is None
+
+
+def test_a_refused_subscribe_is_a_noperm_error_on_both_transports_and_nothing_is_held(
+    ports, engine
+):
+    guard = Recorder(subscribe=lambda kind, name: _refuse_if(name == b"secret", "members only"))
+    websocket, redis = ports(guard)
+    browser, cli = Connection(websocket), resp.Client(redis)
+    assert browser.call("SUBSCRIBE", "news", "secret") == [["error", "NOPERM members only"]]
+    assert cli.call("PSUBSCRIBE", "secret") == resp.error("NOPERM members only")
+    assert engine.numsub([b"news", b"secret"]) == [(b"news", 0), (b"secret", 0)]
+    assert browser.call("SUBSCRIBE", "news") == [["subscribe", "news", 1]]
+    assert ("subscribe", Kind.PATTERN, b"secret") in guard.calls
+    refused = [call for call in guard.calls if call[0] == "refused"]
+    assert refused == [
+        ("refused", "subscribe", "NOPERM members only"),
+        ("refused", "psubscribe", "NOPERM members only"),
+    ]
+    assert websocket.errors["auth"] == 1 and redis.errors["auth"] == 1
+
+
+def _refuse_if(condition, reason):
+    if condition:
+        raise Refused(reason)
+
+
+def test_a_publish_may_be_refused_or_its_payload_replaced_and_the_next_sees_it(ports):
+    upper = Recorder(publish=lambda kind, channel, payload: payload.upper())
+    seen = Recorder(publish=lambda kind, channel, payload: _refuse_if(channel == b"x", "no x"))
+    websocket, redis = ports(upper, seen)
+    subscriber, publisher = Connection(websocket), resp.Client(redis)
+    subscriber.call("SUBSCRIBE", "news")
+    assert publisher.call("PUBLISH", "news", "hi") == resp.integer(1)
+    assert subscriber.messages() == [["message", "news", "HI"]]
+    assert [call for call in seen.calls if call[0] == "publish"] == [
+        ("publish", Kind.CHANNEL, b"news", b"HI")
+    ]
+    assert publisher.call("SPUBLISH", "x", "y") == resp.error("NOPERM no x")
+    assert subscriber.messages() == []
+
+
+def test_a_later_answer_keeps_the_clients_commands_in_order_and_pauses_its_reading(ports, clock):
+    answers = []
+    websocket, redis = ports(
+        Recorder(publish=lambda *_: answers.append(defer.Deferred()) or answers[-1])
+    )
+    subscriber, publisher = Connection(websocket), Connection(websocket)
+    subscriber.call("SUBSCRIBE", "news")
+    publisher.send(command("PUBLISH", "news", "first") + command("PING", "after"))
+    assert publisher.messages() == []  # nothing answered before the middleware does
+    assert publisher.transport.producerState == "paused"
+    publisher.send(command("PING", "later still"))  # a read already under way
+    answers[0].callback(None)
+    assert publisher.messages() == [["reply", 1], ["pong", "after"], ["pong", "later still"]]
+    assert publisher.transport.producerState == "producing"
+    assert subscriber.messages() == [["message", "news", "first"]]
+
+    cli = resp.Client(redis)
+    cli.send(resp.command("PUBLISH", "news", "a") + resp.command("PUBLISH", "news", "b"))
+    assert cli.output() == b""
+    assert cli.transport.producerState == "paused"
+    answers[1].callback(b"A")  # the second waits its turn, then for its own answer
+    assert cli.output() == resp.integer(1)
+    answers[2].callback(None)
+    assert cli.output() == resp.integer(1)
+    assert cli.transport.producerState == "producing"
+    assert subscriber.messages() == [["message", "news", "A"], ["message", "news", "b"]]
+
+
+def test_a_coroutine_answers_like_a_deferred(ports):
+    waiting = defer.Deferred()
+
+    class Async(Middleware):
+        async def on_publish(self, client, kind, channel, payload):
+            await waiting
+            return payload + b"!"
+
+    websocket, _ = ports(Async())
+    subscriber, publisher = Connection(websocket), Connection(websocket)
+    subscriber.call("SUBSCRIBE", "c")
+    publisher.send(command("PUBLISH", "c", "hey"))
+    assert publisher.messages() == []
+    waiting.callback(None)
+    assert publisher.messages() == [["reply", 1]]
+    assert subscriber.messages() == [["message", "c", "hey!"]]
+
+
+def test_no_answer_within_the_timeout_refuses_and_is_logged(ports, clock, monkeypatch):
+    logged = []
+    monkeypatch.setattr(middleware_module, "_log", Logger(observer=logged.append))
+    never = defer.Deferred()
+    websocket, redis = ports(Recorder(subscribe=lambda *_: never), middleware_timeout=2)
+    client = resp.Client(redis)
+    client.send(resp.command("SUBSCRIBE", "a") + resp.command("PING"))
+    clock.advance(1.9)
+    assert client.output() == b""
+    clock.advance(0.2)
+    assert client.output() == (
+        resp.error("ERR the server's middleware did not answer in time; subscribe refused")
+        + b"+PONG\r\n"
+    )
+    assert never.called  # cancelled
+    assert [e["log_format"] for e in logged] == [
+        "middleware did not answer {what} for {client} within {timeout:g} s; refused"
+    ]
+    assert redis.middleware.failures == 1 and websocket.middleware.failures == 0
+
+
+def test_a_middleware_that_raises_refuses_and_is_logged_now_or_later(ports, monkeypatch):
+    logged = []
+    monkeypatch.setattr(middleware_module, "_log", Logger(observer=logged.append))
+    later = defer.Deferred()
+    answers = iter([ValueError("bug"), later])
+
+    def publish(*_):
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    websocket, _ = ports(Recorder(publish=publish))
+    client = Connection(websocket)
+    failed = "ERR the server's middleware failed; publish refused"
+    assert client.call("PUBLISH", "c", "x") == [["error", failed]]
+    client.send(command("PUBLISH", "c", "y"))
+    later.errback(KeyError("also a bug"))
+    assert client.messages() == [["error", failed]]
+    assert [e["log_failure"].type for e in logged] == [ValueError, KeyError]
+    assert client.call("PING") == [["pong", ""]]
+
+
+def test_a_refused_client_is_closed_with_its_reason_and_never_observed_leaving(ports, engine):
+    guard = Recorder(connect=Refused("not on the list"))
+    websocket, redis = ports(guard)
+    browser = Connection(websocket)
+    [(opcode, payload)] = browser.frames()
+    assert opcode == CLOSE and payload == b"\x03\xf0not on the list"  # 1008
+    cli = resp.Client(redis)
+    assert cli.output() == resp.error("ERR not on the list")
+    assert cli.closing
+    assert engine.client_count == 0
+    browser.protocol.onClose(True, 1008, None)
+    cli.lose()
+    assert [call[0] for call in guard.calls] == ["connect", "refused", "connect", "refused"]
+
+
+def test_commands_wait_for_a_later_admission_then_run_with_the_identity_it_set(ports):
+    answer = defer.Deferred()
+    admitted, identities = [], []
+
+    class Door(Middleware):
+        def on_connect(self, client):
+            admitted.append(client)
+            return answer
+
+        def on_subscribe(self, client, kind, name):
+            identities.append(client.identity)
+
+    websocket, _ = ports(Door())
+    browser = Connection(websocket, path="/room?user=ann")
+    browser.send(command("SUBSCRIBE", "a"))
+    assert browser.messages() == []
+    [client] = admitted
+    assert (client.transport, client.path) == ("websocket", "/room")
+    assert client.params == {"user": ["ann"]} and client.headers["host"]
+    client.identity = "ann"
+    answer.callback(None)
+    assert browser.messages() == [["subscribe", "a", 1]]
+    assert identities == ["ann"]
+
+
+def test_disconnect_is_observed_once_for_an_admitted_client(ports):
+    recorder = Recorder()
+    _, redis = ports(recorder)
+    cli = resp.Client(redis)
+    client_id = cli.client_id
+    cli.lose()
+    assert recorder.calls[-1:] == [("disconnect", client_id)]
+    assert [call[0] for call in recorder.calls] == ["connect", "disconnect"]
+
+
+def test_a_connection_that_ends_while_a_middleware_decides_is_forgotten(ports, engine):
+    answer = defer.Deferred()
+    websocket, _ = ports(Recorder(subscribe=lambda *_: answer))
+    browser = Connection(websocket)
+    browser.send(command("SUBSCRIBE", "a"))
+    browser.protocol.onClose(False, 1006, None)
+    answer.callback(None)
+    assert engine.client_count == 0 and engine.numsub([b"a"]) == [(b"a", 0)]
+
+
+def test_nothing_is_sent_once_the_client_has_begun_to_close(ports):
+    answer = defer.Deferred()
+    websocket, _ = ports(Recorder(publish=lambda *_: answer))
+    browser = Connection(websocket)
+    browser.send(command("PUBLISH", "a", "b") + command("PING"))
+    browser.send(b"\x88\x82abcd" + bytes(x ^ y for x, y in zip(b"\x03\xe8", b"ab")))
+    [(opcode, _)] = browser.frames()  # the answer to its close frame
+    assert opcode == CLOSE
+    answer.callback(None)
+    assert browser.frames() == []
+
+
+def test_clients_claims_are_the_tokens_once_it_authenticates(ports):
+    claims = []
+    websocket, _ = ports(
+        Recorder(subscribe=lambda *_: None, connect=lambda client: claims.append(client)),
+        jwt_secret=SECRET,
+    )
+    Connection(websocket, path=f"/?token={token(room='blue')}")
+    [client] = claims
+    assert client.claims["sub"] == "alice" and client.claims["room"] == "blue"
+
+
+# -- loading from the settings -------------------------------------------------------------
+
+
+def make_recorder():
+    return Recorder()
+
+
+def test_the_setting_loads_each_factory_in_order():
+    loaded = load(f" {__name__}:make_recorder , {__name__}:Recorder")
+    assert [type(m) for m in loaded] == [Recorder, Recorder]
+    assert load("") == []
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("nocolon", "'nocolon' is not package.module:factory"),
+        ("no_such_module_here:f", "cannot import 'no_such_module_here'"),
+        (f"{__name__}:nothing", f"{__name__!r} has no 'nothing'"),
+        (f"{__name__}:SECRET", "is not callable"),
+        (f"{__name__}:Middleware.on_connect", "() failed: TypeError"),
+    ],
+)
+def test_a_middleware_that_cannot_be_loaded_stops_the_start_up(spec, message):
+    with pytest.raises(ConfigError, match="setting middleware: ") as raised:
+        load(spec)
+    assert message in str(raised.value)
+
+
+def test_the_conf_file_may_list_them(tmp_path):
+    conf = tmp_path / "pubsub.toml"
+    conf.write_text('middleware = ["a.b:c", "d:e"]\n')
+    from pubsub.operations.config import load_settings
+
+    assert load_settings(conf, environ={}).middleware == "a.b:c,d:e"
+    conf.write_text("middleware = [1]\n")
+    with pytest.raises(ConfigError, match="middleware must be a string"):
+        load_settings(conf, environ={})
+    with pytest.raises(ConfigError, match="middleware_timeout must be a positive"):
+        Settings(middleware_timeout=0)
+
+
+def test_the_client_says_who_it_is():
+    client = Client("resp", 7, "127.0.0.1:5000")
+    assert repr(client) == "<Client resp #7 from 127.0.0.1:5000>"
+    assert client.claims is None and client.identity is None
+    assert client.params == {} and client.headers == {}
