@@ -11,7 +11,7 @@ from twisted.web.server import Site
 
 from pubsub.core.engine import Engine
 from pubsub.operations.config import Settings
-from pubsub.operations.service import build_resource
+from pubsub.operations.service import build_resource, configured_middleware
 from pubsub.resp.protocol import RespFactory
 from pubsub.web.front import FrontFactory
 from tests.support import respclient, wsclient
@@ -26,16 +26,17 @@ class RunningServer:
     when ``resp_port`` is set.
     """
 
-    def __init__(self, settings: Settings, resp: bool = False) -> None:
+    def __init__(self, settings: Settings, resp: bool = False, middleware=()) -> None:
         self.settings = settings
         self.engine = Engine()
-        self.resource = build_resource(self.engine, settings)
+        middleware = [*middleware, *configured_middleware(settings, reactor)]
+        self.resource = build_resource(self.engine, settings, middleware)
         self.factory = self.resource.factory
         self.listening = None
         self.resp_factory: RespFactory | None = None
         self.resp_listening = None
         if resp:
-            self.resp_factory = RespFactory(self.engine, settings, reactor)
+            self.resp_factory = RespFactory(self.engine, settings, reactor, middleware)
             self.resource.health.factories.append(self.resp_factory)
 
     @property
@@ -75,8 +76,8 @@ def make_server():
     servers = []
 
     @defer.inlineCallbacks
-    def start(resp=False, **settings):
-        server = RunningServer(Settings(**settings), resp=resp)
+    def start(resp=False, middleware=(), **settings):
+        server = RunningServer(Settings(**settings), resp=resp, middleware=middleware)
         yield server.start()
         servers.append(server)
         return server

@@ -116,6 +116,19 @@ class Settings:
     middleware_timeout: float = _setting(
         5.0, "Seconds a middleware has to answer before the command or client is refused"
     )
+    middleware_url: str = _setting(
+        "",
+        "URL the server POSTs each connect, subscribe and publish to, and follows (JSON); "
+        "empty: none",
+    )
+    middleware_concurrency: int = _setting(
+        64, "Most requests to middleware_url in flight at once; more wait their turn"
+    )
+    middleware_cache: float = _setting(
+        0.0,
+        "Seconds a subscribe decision of middleware_url is reused for the same subject, "
+        "kind and name; 0: never",
+    )
     ping_interval: float = _setting(
         30.0, "Seconds between WebSocket pings the server sends to each client; 0: none"
     )

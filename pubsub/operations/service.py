@@ -36,6 +36,7 @@ from pubsub.operations.config import (
     listen_description,
     load_settings,
 )
+from pubsub.policy.http_callback import HttpCallback
 from pubsub.policy.middleware import load as load_middleware
 from pubsub.resp.protocol import RespFactory, RespProtocol
 from pubsub.web.front import FrontFactory
@@ -190,7 +191,7 @@ def make_service(
     """The server as a Twisted service, listening per ``settings``.
 
     Its clients, WebSocket and RESP, pass through ``middleware`` and then
-    the middlewares the ``middleware`` setting names, in that order.
+    the middlewares the settings ask for (:func:`configured_middleware`).
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -200,7 +201,7 @@ def make_service(
     plain_debug_values()
     settings = settings if settings is not None else Settings()
     engine = engine if engine is not None else Engine()
-    middleware = [*middleware, *load_middleware(settings.middleware)]
+    middleware = [*middleware, *configured_middleware(settings, reactor)]
     factory = build_factory(engine, settings, middleware)
     resource = PubSubResource(factory, clock=reactor)
     site = Site(resource, timeout=settings.open_handshake_timeout or None)
@@ -217,6 +218,14 @@ def make_service(
         service.backplane.setServiceParent(service)
         resource.health.backplane = service.backplane
     return service
+
+
+def configured_middleware(settings: Settings, reactor: Any) -> list[Any]:
+    """The middlewares the settings ask for: the ``middleware`` setting's,
+    in order, then the ``middleware_url`` callback."""
+    loaded = load_middleware(settings.middleware)
+    callback = HttpCallback.from_settings(settings, reactor)
+    return loaded if callback is None else [*loaded, callback]
 
 
 def _backplane(

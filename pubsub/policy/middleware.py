@@ -129,6 +129,10 @@ _SUBSCRIBERS = {kind.subscribe: kind for kind in Kind}
 _PUBLISHERS = {"publish": Kind.CHANNEL, "spublish": Kind.SHARD}
 
 
+def _late(result: Any, timeout: float) -> Failure:
+    return Failure(defer.TimeoutError(f"no answer within {timeout:g} s"))
+
+
 def _step(hook: Callable[..., Any], *args: Any) -> Callable[[Any], Any]:
     """``hook(*args)`` as a step that does not read the value so far."""
     return lambda _value: hook(*args)
@@ -210,7 +214,9 @@ class Chain:
         except Exception as error:  # noqa: BLE001 - a refusal or a fault: told, never raised
             return self._refusal(Failure(error), client, what, code)
         if isinstance(outcome, defer.Deferred):
-            outcome.addTimeout(self._timeout, self._clock)
+            # Whatever the cancelled Deferred fails with (an HTTP client's
+            # own errors, say), it is late.
+            outcome.addTimeout(self._timeout, self._clock, onTimeoutCancel=_late)
             outcome.addErrback(self._refusal, client, what, code)
         return outcome
 
@@ -241,7 +247,7 @@ class Chain:
             error = Error(f"{code} {failure.value}")
         else:
             self.failures += 1
-            late = failure.check(defer.TimeoutError, defer.CancelledError) is not None
+            late = failure.check(defer.TimeoutError) is not None
             if late:
                 _log.warn(
                     "middleware did not answer {what} for {client} within {timeout:g} s; refused",

@@ -271,7 +271,7 @@ def test_nothing_is_sent_once_the_client_has_begun_to_close(ports):
     websocket, _ = ports(Recorder(publish=lambda *_: answer))
     browser = Connection(websocket)
     browser.send(command("PUBLISH", "a", "b") + command("PING"))
-    browser.send(b"\x88\x82abcd" + bytes(x ^ y for x, y in zip(b"\x03\xe8", b"ab")))
+    browser.send(b"\x88\x82abcd" + bytes(x ^ y for x, y in zip(b"\x03\xe8", b"ab", strict=True)))
     [(opcode, _)] = browser.frames()  # the answer to its close frame
     assert opcode == CLOSE
     answer.callback(None)
