@@ -198,7 +198,10 @@ class HostedClient(OutboxProducer):
     def _answered(self, results: list[Result]) -> None:
         waiting, self._waiting = self._waiting, None
         if self.session is None or not self._open_for_commands():
-            return  # the connection ended, or began to end, meanwhile
+            # It ended, or began to end (turned away, say), meanwhile: what
+            # it sends now is its side of the close, and must be read.
+            self.transport.resumeProducing()
+            return
         self._reply(results)
         self._drain(waiting or deque())
 

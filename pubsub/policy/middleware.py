@@ -129,6 +129,35 @@ _SUBSCRIBERS = {kind.subscribe: kind for kind in Kind}
 _PUBLISHERS = {"publish": Kind.CHANNEL, "spublish": Kind.SHARD}
 
 
+def _now_or_later(answer: defer.Deferred[Any]) -> tuple[Any, defer.Deferred[Any] | None]:
+    """``(result, None)`` when ``answer`` has fired already (a Failure for an
+    error), else ``(None, later)``: a Deferred that fires with it, and
+    cancels it when cancelled.
+
+    A middleware that answers with an already-fired Deferred (``succeed``,
+    a coroutine that never waited) has answered at once, and the steps
+    after it run in the same loop: chained as callbacks, each would nest
+    one level deeper, and a SUBSCRIBE of thousands of names would overflow
+    the stack.
+    """
+    now: list[Any] = []
+    later: defer.Deferred[Any] | None = None
+
+    def landed(result: Any) -> None:
+        if later is None:
+            now.append(result)
+        elif isinstance(result, Failure):
+            later.errback(result)
+        else:
+            later.callback(result)
+
+    answer.addBoth(landed)
+    if now:
+        return now[0], None
+    later = defer.Deferred(lambda _: answer.cancel())
+    return None, later
+
+
 def _late(result: Any, timeout: float) -> Failure:
     return Failure(defer.TimeoutError(f"no answer within {timeout:g} s"))
 
@@ -227,9 +256,13 @@ class Chain:
             if inspect.isawaitable(result) and not isinstance(result, defer.Deferred):
                 result = defer.ensureDeferred(cast(Any, result))
             if isinstance(result, defer.Deferred):
-                return result.addCallback(self._then, value).addCallback(
-                    lambda later: self._go_on(steps, later)
-                )
+                result, later = _now_or_later(result)
+                if later is not None:
+                    return later.addCallback(self._then, value).addCallback(
+                        lambda after: self._go_on(steps, after)
+                    )
+                if isinstance(result, Failure):
+                    result.raiseException()
             value = self._then(result, value)
         return value
 

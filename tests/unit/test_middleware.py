@@ -278,6 +278,31 @@ def test_nothing_is_sent_once_the_client_has_begun_to_close(ports):
     assert browser.frames() == []
 
 
+def test_a_client_turned_away_later_is_read_again_for_its_side_of_the_close(ports):
+    answer = defer.Deferred()
+    websocket, _ = ports(Recorder(connect=lambda client: answer))
+    browser = Connection(websocket)
+    assert browser.transport.producerState == "paused"
+    answer.errback(Refused("no"))
+    [(opcode, _)] = browser.frames()
+    assert opcode == CLOSE
+    assert browser.transport.producerState == "producing"
+
+
+def test_answers_given_at_once_as_fired_deferreds_do_not_nest(ports, engine):
+    names = [f"c{i}" for i in range(3000)]
+    websocket, _ = ports(
+        Recorder(subscribe=lambda *_: defer.succeed(None)),
+        Recorder(subscribe=lambda *_: None),
+        max_subscriptions=0,
+    )
+    browser = Connection(websocket)
+    assert len(browser.call("SUBSCRIBE", *names)) == 3000
+    refusing = Recorder(subscribe=lambda *_: defer.fail(Refused("not now")))
+    websocket, _ = ports(refusing)
+    assert Connection(websocket).call("SUBSCRIBE", "x") == [["error", "NOPERM not now"]]
+
+
 def test_clients_claims_are_the_tokens_once_it_authenticates(ports):
     claims = []
     websocket, _ = ports(
