@@ -303,6 +303,31 @@ def test_answers_given_at_once_as_fired_deferreds_do_not_nest(ports, engine):
     assert Connection(websocket).call("SUBSCRIBE", "x") == [["error", "NOPERM not now"]]
 
 
+def test_an_observer_that_fails_is_logged_and_changes_nothing(ports, monkeypatch):
+    logged = []
+    monkeypatch.setattr(middleware_module, "_log", Logger(observer=logged.append))
+
+    class Clumsy(Middleware):
+        def on_subscribe(self, client, kind, name):
+            raise Refused("no")
+
+        def on_refused(self, client, command, error):
+            raise RuntimeError("observer bug")
+
+        def on_disconnect(self, client):
+            return defer.fail(RuntimeError("later observer bug"))
+
+    _, redis = ports(Clumsy())
+    cli = resp.Client(redis)
+    assert cli.call("SUBSCRIBE", "a") == resp.error("NOPERM no")
+    assert cli.call("PING") == b"+PONG\r\n"
+    cli.lose()
+    assert [e["log_failure"].getErrorMessage() for e in logged] == [
+        "observer bug",
+        "later observer bug",
+    ]
+
+
 def test_clients_claims_are_the_tokens_once_it_authenticates(ports):
     claims = []
     websocket, _ = ports(
