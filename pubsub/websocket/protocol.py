@@ -208,12 +208,11 @@ class PubSubServerProtocol(HostedClient, LeanReader):
         guard = self._host()
         if guard is not None:
             self._check_in(guard)
-        session = self.session
-        if session is not None and self.factory.middleware is not None:
+        if self.factory.middleware is not None and self.session is not None:
             self._admit(
                 Client(
                     "websocket",
-                    session.client_id,
+                    self.session.client_id,
                     self._peer(),
                     self.http_request_path,
                     self.http_request_params,
@@ -302,7 +301,9 @@ class PubSubServerProtocol(HostedClient, LeanReader):
             # 5.5.1), so nothing more is run, as Redis reads nothing more from
             # a client it is closing.
             return
-        if self._waiting is not None:  # a middleware is deciding: keep the order
+        client = self._client  # None without middlewares: one test, then as before
+        if client is not None and self._waiting is not None:
+            # A middleware is deciding: this waits its turn.
             self._waiting.append((self._handle, text))
             return
         if self._idle is not None:
@@ -313,7 +314,7 @@ class PubSubServerProtocol(HostedClient, LeanReader):
             except json_codec.ProtocolError as error:
                 results: Any = [Error(str(error))]
             else:
-                if self._client is None:
+                if client is None:
                     results = execute(self.session, args)
                 else:
                     results = self._screened(args, COMMANDS)
