@@ -115,10 +115,10 @@ class HostedClient(OutboxProducer):
 
     def _unhost(self) -> None:
         """The connection ended: undo :meth:`_host` (each step at most once)."""
-        client = self._client
-        if client is not None:
-            self._client = None
-            self.factory.middleware.disconnect(client)  # type: ignore[union-attr]
+        chain = self.factory.middleware
+        if chain is not None and self._client is not None:
+            client, self._client = self._client, None
+            chain.disconnect(client)
         if self._guard is not None:
             self._guard.close()
         if self._idle is not None:

@@ -148,6 +148,10 @@ class RespProtocol(HostedClient, Protocol):
         self.quitting = False
         self.lost: defer.Deferred[None] = defer.Deferred()
         self._counted_as: str | None = None  # the address max_connections_per_ip counts
+        # Read for every request: instance attributes cost less to read than
+        # HostedClient's class-level defaults.
+        self._client: Client | None = None
+        self._waiting: Any = None
 
     # -- connection life ---------------------------------------------------------------
 
@@ -327,7 +331,7 @@ class RespProtocol(HostedClient, Protocol):
                     "(P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
                 )
             ]
-        elif self._client is not None:
+        elif self._client is not None:  # a middleware chain: admitted
             screened = self._run_screened(command, args)
             if type(screened) is not list:
                 self._wait(screened)
