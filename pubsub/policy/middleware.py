@@ -16,7 +16,8 @@ WebSocket and RESP clients alike:
   nothing is subscribed);
 * ``on_publish(client, kind, channel, payload)`` for PUBLISH and SPUBLISH:
   return None to allow, bytes to deliver those instead of the payload, or
-  raise :class:`Refused` (``-NOPERM <reason>``, nothing delivered);
+  raise :class:`Refused` (``-NOPERM <reason>``, nothing delivered); any
+  other answer is a fault;
 * ``on_refused(client, command, error)`` when one of this server's
   middlewares refuses a command, and ``on_disconnect(client)`` when an
   accepted client goes: observe only (audit logs, metrics).
@@ -270,7 +271,10 @@ class Chain:
     def _then(result: Any, value: Any) -> Any:
         """The value after one step answered ``result``: a publish's payload
         replaced when it gave bytes, else as it was."""
-        if type(result) is bytes and type(value) is list:
+        if type(value) is list and result is not None:
+            if type(result) is not bytes:
+                # Not delivered as if allowed: a str meant as the payload, say.
+                raise TypeError(f"on_publish must return None or bytes, not {result!r:.80}")
             return [*value[:2], result]
         return value
 

@@ -303,6 +303,23 @@ def test_answers_given_at_once_as_fired_deferreds_do_not_nest(ports, engine):
     assert Connection(websocket).call("SUBSCRIBE", "x") == [["error", "NOPERM not now"]]
 
 
+def test_a_publish_answered_with_anything_but_bytes_is_refused_not_delivered(ports, monkeypatch):
+    logged = []
+    monkeypatch.setattr(middleware_module, "_log", Logger(observer=logged.append))
+    later = defer.Deferred()
+    answers = iter(["a str", later])
+    websocket, _ = ports(Recorder(publish=lambda *_: next(answers)))
+    subscriber, publisher = Connection(websocket), Connection(websocket)
+    subscriber.call("SUBSCRIBE", "c")
+    failed = [["error", "ERR the server's middleware failed; publish refused"]]
+    assert publisher.call("PUBLISH", "c", "x") == failed
+    publisher.send(command("PUBLISH", "c", "y"))
+    later.callback(42)
+    assert publisher.messages() == failed
+    assert subscriber.messages() == []
+    assert [e["log_failure"].type for e in logged] == [TypeError, TypeError]
+
+
 def test_an_observer_that_fails_is_logged_and_changes_nothing(ports, monkeypatch):
     logged = []
     monkeypatch.setattr(middleware_module, "_log", Logger(observer=logged.append))
