@@ -16,11 +16,15 @@ runs the end-of-turn flush).
     .venv/bin/python bench/connect_cost.py --profile   # and where the time goes (cProfile)
     .venv/bin/python bench/connect_cost.py --trickle 60000   # instead: one frame a byte per read
     .venv/bin/python bench/connect_cost.py --trickle 60000 --autobahn   # read by Autobahn's reader
+    .venv/bin/python bench/connect_cost.py --publishes 5000   # instead: PUBLISH to 10 subscribers
 
 With ``--trickle N`` it opens one connection instead and feeds it one masked
 PUBLISH text frame with an N-byte payload, one byte per ``dataReceived``, as
 the hostile scenario's trickle does over a socket, and reports the CPU per
-read.
+read. With ``--publishes N`` it opens ten subscribers of one channel and a
+publisher, sends N PUBLISH frames one read each, and reports the CPU per
+publish: its command, its reply and its ten deliveries, each turn's writes
+included.
 """
 
 from __future__ import annotations
@@ -96,7 +100,11 @@ class _Transport:
 
 
 def _subscribe_frame(channel: str) -> bytes:
-    payload = b'["SUBSCRIBE","%s"]' % channel.encode()
+    return _command_frame(b'["SUBSCRIBE","%s"]' % channel.encode())
+
+
+def _command_frame(payload: bytes) -> bytes:
+    """A masked client text frame carrying ``payload`` (under 126 bytes)."""
     mask = os.urandom(4)
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     return bytes([0x81, 0x80 | len(payload)]) + mask + masked
@@ -166,6 +174,40 @@ def trickle(front: Any, size: int, autobahn: bool = False) -> None:
     print(f"server Python per 1-byte read: {elapsed / len(reads) * 1e6:.2f} us")
 
 
+def _subscribers(front: Any, n: int, channel: str) -> list[tuple[_Transport, socket.socket]]:
+    """``n`` open connections subscribed to ``channel``, each with the client's socket."""
+    opened = []
+    for _ in range(n):
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        transport = _Transport(ours)
+        transport.protocol = front.buildProtocol(_CLIENT)
+        transport.protocol.makeConnection(transport)
+        transport.protocol.dataReceived(_head())
+        transport.protocol.dataReceived(_subscribe_frame(channel))
+        reactor.runUntilCurrent()
+        theirs.recv(65536)
+        opened.append((transport, theirs))
+    return opened
+
+
+def publishes(front: Any, n: int) -> None:
+    """Send ``n`` PUBLISH frames from one connection to a channel ten others hold;
+    each client's socket is read after each, so no send() ever waits."""
+    subscribers = _subscribers(front, 10, "news")
+    [(publisher, answers)] = _subscribers(front, 1, "replies")
+    frame = _command_frame(b'["PUBLISH","news","hello"]')
+    sockets = [answers] + [theirs for _, theirs in subscribers]
+    t0 = time.process_time()
+    for _ in range(n):
+        publisher.protocol.dataReceived(frame)
+        reactor.runUntilCurrent()
+        for theirs in sockets:
+            theirs.recv(65536)
+    elapsed = time.process_time() - t0
+    print(f"server Python per publish to 10 subscribers: {elapsed / n * 1e6:.2f} us")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=15)
@@ -173,6 +215,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--trickle", type=int, metavar="N", help="see above")
     parser.add_argument("--autobahn", action="store_true", help="--trickle to Autobahn's reader")
+    parser.add_argument("--publishes", type=int, metavar="N", help="see above")
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # two sockets a connection
@@ -183,6 +226,9 @@ def main() -> None:
     gc.freeze()
     if args.trickle is not None:
         trickle(front, args.trickle, args.autobahn)
+        return
+    if args.publishes is not None:
+        publishes(front, args.publishes)
         return
     kept = []
     batch(front, 200, 10**6)  # warm-up: first-use costs

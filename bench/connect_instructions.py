@@ -1,4 +1,4 @@
-"""Instructions the server executes per WebSocket connect and per trickled read, by valgrind.
+"""Instructions the server executes per WebSocket connect, trickled read and publish, by valgrind.
 
 ``bench/connect_cost.py`` measures in CPU time, which moves with whatever else
 the machine runs. Instructions do not: this runs it under ``valgrind
@@ -9,7 +9,10 @@ its SUBSCRIBE and its close. The same with ``--trickle`` 10,000 and 20,000
 gives the instructions of one 1-byte read of a frame sent a byte at a time
 (the hostile scenario's WebSocket trickle, without its system calls), by the
 lean reader and by Autobahn's (which reads what the lean one leaves to it:
-compressed frames, control frames, fragments).
+compressed frames, control frames, fragments). ``--publishes`` 2,000 and
+4,000 give one PUBLISH to ten subscribers: the command, its reply and the
+ten deliveries, with their send() calls (a checkout whose connect_cost.py
+predates ``--publishes`` cannot give it).
 
 Python seeds its string hashes at random in each process, and how the names
 of a connection's attribute dict collide moves the count by thousands of
@@ -66,6 +69,7 @@ def main() -> None:
         ("connect", lambda n: ["--batches", "1", "--size", str(n)], (200, 400)),
         ("1-byte read", lambda n: ["--trickle", str(n)], (10_000, 20_000)),
         ("1-byte read by Autobahn", lambda n: ["--trickle", str(n), "--autobahn"], (5_000, 10_000)),
+        ("publish to 10 subscribers", lambda n: ["--publishes", str(n)], (2_000, 4_000)),
     )
     with tempfile.TemporaryDirectory() as scratch:
         for seed in args.seeds:
