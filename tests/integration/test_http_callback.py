@@ -163,6 +163,32 @@ def test_subscribe_decisions_are_cached_per_subject(make_server, backend, connec
     assert asked == [("alice", "yes"), ("alice", "no"), ("bob", "yes")]
 
 
+@pytest_twisted.inlineCallbacks
+def test_bytes_go_as_base64_and_answers_it_cannot_follow_refuse(make_server, backend, connect):
+    answers = {
+        "raw": {"allow": True, "payload": {"base64": "AP8="}},
+        "text": (200, "not json"),
+        "vague": {"allow": "yes"},
+        "silent": {"allow": False},
+        "badb64": {"allow": True, "payload": {"base64": "!!"}},
+        "number": {"allow": True, "payload": 5},
+    }
+    decider = yield backend(lambda d: answers.get(d.get("channel"), {"allow": True}))
+    server = yield make_server(middleware_url=decider.url)
+    client = yield connect(server.port)
+    assert (yield client.call("SUBSCRIBE", "raw")) == [["subscribe", "raw", 1]]
+    assert (yield client.call("PUBLISH", "raw", {"base64": "/w=="})) == [
+        ["message", "raw", {"base64": "AP8="}],
+        ["reply", 1],
+    ]
+    assert decider.documents[-1]["payload"] == {"base64": "/w=="}
+    failed = ["error", "ERR the server's middleware failed; publish refused"]
+    for channel in ("text", "vague", "badb64", "number"):
+        assert (yield client.call("PUBLISH", channel, "x")) == [failed]
+    assert (yield client.call("PUBLISH", "silent", "x")) == [["error", "NOPERM refused"]]
+    assert server.factory.middleware.failures == 4
+
+
 @pytest.mark.parametrize(
     "url, concurrency, message",
     [
@@ -174,3 +200,28 @@ def test_subscribe_decisions_are_cached_per_subject(make_server, backend, connec
 def test_a_bad_url_or_concurrency_stops_the_start_up(url, concurrency, message):
     with pytest.raises(ConfigError, match=message):
         HttpCallback(url, reactor, concurrency)
+
+
+def test_cached_decisions_expire_and_the_oldest_go_first(monkeypatch):
+    from twisted.internet.task import Clock
+
+    from pubsub.policy import http_callback
+    from pubsub.policy.middleware import Client
+
+    monkeypatch.setattr(http_callback, "CACHE_SIZE", 2)
+    clock = Clock()
+    callback = HttpCallback("http://127.0.0.1:1/", clock, cache=10)
+    asked = []
+
+    def post(body):
+        asked.append(json.loads(body)["channel"])
+        return defer.succeed({"allow": True})
+
+    monkeypatch.setattr(callback, "_post", post)
+    client = Client("resp", 1, "127.0.0.1:5000")
+    for name in (b"a", b"a", b"b", b"c", b"a"):
+        callback.on_subscribe(client, "channel", name)
+    assert asked == ["a", "b", "c", "a"]  # a was the oldest when c came
+    clock.advance(11)
+    callback.on_subscribe(client, "channel", b"c")
+    assert asked[-1] == "c" and len(callback._cache) == 2
