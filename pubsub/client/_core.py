@@ -89,7 +89,7 @@ class ReplyError(Exception):
 
 
 class ProtocolViolation(Exception):
-    """A server frame that breaks PROTOCOL.md; the connection cannot be trusted."""
+    """A server frame that breaks docs/protocol.md; the connection cannot be trusted."""
 
 
 class TokenRefused(ConnectionError):

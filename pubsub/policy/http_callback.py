@@ -40,11 +40,14 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
+from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 
+from pubsub.core.wire import wire_value
 from pubsub.operations.config import ConfigError, Settings
 from pubsub.policy.middleware import Client, Middleware, Refused
 
@@ -53,6 +56,10 @@ __all__ = ["HttpCallback"]
 #: Most subscribe decisions kept at once; the oldest go first.
 CACHE_SIZE = 10_000
 
+#: What an answer may hold besides a replaced payload (which may be twice
+#: max_message_size in base64): past it the answer is not read further.
+ANSWER_MAX = 64 * 1024
+
 _HEADERS = Headers(
     {b"content-type": [b"application/json"], b"user-agent": [b"pubsub middleware_url"]}
 )
@@ -60,13 +67,6 @@ _HEADERS = Headers(
 
 class BackendError(Exception):
     """The backend's answer cannot be followed."""
-
-
-def _wire(data: bytes) -> Any:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return {"base64": base64.b64encode(data).decode("ascii")}
 
 
 def _from_wire(value: Any) -> bytes:
@@ -80,10 +80,62 @@ def _from_wire(value: Any) -> bytes:
     raise BackendError(f"payload must be a string or {{'base64': ...}}, got {value!r}")
 
 
+class _Answer(Protocol):
+    """A response's body, read up to ``limit`` bytes: past it the connection
+    is dropped and ``done`` fails, so an answer costs what its size allows."""
+
+    transport: Any  # Twisted's proxy to the response's connection
+
+    def __init__(self, limit: int, done: defer.Deferred[bytes]) -> None:
+        self._limit = limit
+        self._done = done
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._done.called:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self.transport.stopProducing()
+            self._done.errback(BackendError(f"answered more than {self._limit} bytes"))
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._done.callback(b"".join(self._chunks))
+        else:
+            self._done.errback(reason)
+
+
+def _read(response: Any, limit: int) -> defer.Deferred[bytes]:
+    """``response``'s body, at most ``limit`` bytes (as ``readBody``, bounded)."""
+    reader: _Answer | None = None
+
+    def cancel(_: Any) -> None:
+        if reader is not None and reader.transport is not None:
+            reader.transport.stopProducing()
+
+    done: defer.Deferred[bytes] = defer.Deferred(cancel)
+    reader = _Answer(limit, done)
+    response.deliverBody(reader)
+    return done
+
+
 class HttpCallback(Middleware):
     """Asks ``url`` about every connect, subscribe and publish (see the module)."""
 
-    def __init__(self, url: str, clock: Any, concurrency: int = 64, cache: float = 0.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        clock: Any,
+        concurrency: int = 64,
+        cache: float = 0.0,
+        answer_limit: int = ANSWER_MAX,
+    ) -> None:
         scheme = urlsplit(url).scheme
         if scheme not in ("http", "https") or not urlsplit(url).hostname:
             raise ConfigError(
@@ -100,9 +152,8 @@ class HttpCallback(Middleware):
         self._agent = Agent(clock, pool=pool)
         self._slots = defer.DeferredSemaphore(concurrency)
         self._cache_seconds = cache
+        self._answer_limit = answer_limit
         self._cache: dict[tuple[Any, str, bytes], tuple[float, str | None]] = {}
-        #: Requests sent since start-up (cached decisions are not).
-        self.requests = 0
 
     @classmethod
     def from_settings(cls, settings: Settings, clock: Any) -> HttpCallback | None:
@@ -110,7 +161,16 @@ class HttpCallback(Middleware):
         url = settings.middleware_url.strip()
         if not url:
             return None
-        return cls(url, clock, settings.middleware_concurrency, settings.middleware_cache)
+        # A replaced payload may be as large as a message, and base64 makes
+        # it a third larger; without max_message_size, Redis's 512 MB bound.
+        largest = settings.max_message_size or 512 * 1024 * 1024
+        return cls(
+            url,
+            clock,
+            settings.middleware_concurrency,
+            settings.middleware_cache,
+            ANSWER_MAX + 2 * largest,
+        )
 
     # -- the hooks ----------------------------------------------------------------------
 
@@ -127,14 +187,18 @@ class HttpCallback(Middleware):
                     raise Refused(reason)
                 return None
             del self._cache[key]
-        asked = self._ask("subscribe", client, kind=str(kind), channel=_wire(name))
+        asked = self._ask("subscribe", client, kind=str(kind), channel=wire_value(name))
         if self._cache_seconds:
             asked.addBoth(self._remembered, key)
         return asked
 
     def on_publish(self, client: Client, kind: str, channel: bytes, payload: bytes) -> Any:
         asked = self._ask(
-            "publish", client, kind=str(kind), channel=_wire(channel), payload=_wire(payload)
+            "publish",
+            client,
+            kind=str(kind),
+            channel=wire_value(channel),
+            payload=wire_value(payload),
         )
         return asked.addCallback(self._published)
 
@@ -189,7 +253,6 @@ class HttpCallback(Middleware):
             **fields,
         }
         body = json.dumps(document).encode("utf-8")
-        self.requests += 1
         asked: defer.Deferred[dict[str, Any]] = self._slots.run(self._post, body)
         return asked
 
@@ -199,7 +262,7 @@ class HttpCallback(Middleware):
         # cannot see without the zope plugin.
         producer = cast(IBodyProducer, FileBodyProducer(BytesIO(body)))
         response = yield self._agent.request(b"POST", self.url, _HEADERS, producer)
-        data = yield readBody(response)
+        data = yield _read(response, self._answer_limit)
         if response.code != 200:
             raise BackendError(f"{self.url.decode()} answered HTTP {response.code}")
         try:

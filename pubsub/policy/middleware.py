@@ -183,7 +183,6 @@ class Chain:
     """A port's middlewares in their order, and how their answers are awaited."""
 
     def __init__(self, middlewares: Sequence[Any], clock: Any, timeout: float) -> None:
-        self.middlewares = tuple(middlewares)
         self._clock = clock
         self._timeout = timeout
         self._connect = _overriding(middlewares, "on_connect")

@@ -1,4 +1,4 @@
-"""The JSON wire format of PROTOCOL.md: text frames to commands, results to frames.
+"""The JSON wire format of docs/protocol.md: text frames to commands, results to frames.
 
 A command frame is one JSON array: the command name, then its arguments, all
 strings; where a command takes a message payload (see ``Command.payload_index``)
@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from pubsub.core.commands import Confirm, Error, Pong, Reply, Result, lookup
+from pubsub.core.wire import wire_value
 
 __all__ = [
     "ProtocolError",
@@ -83,16 +84,6 @@ def decode_command(frame: bytes | str) -> list[bytes]:
     return [name] + [
         _argument(item, position, payload_index) for position, item in enumerate(value[1:], start=1)
     ]
-
-
-def wire_value(data: bytes | None) -> Any:
-    """Bytes as PROTOCOL.md carries them: text when UTF-8, else base64."""
-    if data is None:
-        return None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return {"base64": base64.b64encode(data).decode("ascii")}
 
 
 def _wire_item(item: Any) -> Any:

@@ -189,6 +189,19 @@ def test_bytes_go_as_base64_and_answers_it_cannot_follow_refuse(make_server, bac
     assert server.factory.middleware.failures == 4
 
 
+@pytest_twisted.inlineCallbacks
+def test_an_answer_past_its_bound_is_not_read_and_refuses(make_server, backend, connect):
+    # max_message_size 1,000: an answer may hold 64 KiB and twice that.
+    big = {"allow": True, "padding": "x" * 200_000}
+    decider = yield backend(lambda d: big if d.get("channel") == "big" else {"allow": True})
+    server = yield make_server(middleware_url=decider.url, max_message_size=1000)
+    client = yield connect(server.port)
+    assert (yield client.call("PUBLISH", "big", "x")) == [
+        ["error", "ERR the server's middleware failed; publish refused"]
+    ]
+    assert (yield client.call("PUBLISH", "small", "x")) == [["reply", 0]]
+
+
 @pytest.mark.parametrize(
     "url, concurrency, message",
     [
