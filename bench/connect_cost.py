@@ -17,6 +17,7 @@ runs the end-of-turn flush).
     .venv/bin/python bench/connect_cost.py --trickle 60000   # instead: one frame a byte per read
     .venv/bin/python bench/connect_cost.py --trickle 60000 --autobahn   # read by Autobahn's reader
     .venv/bin/python bench/connect_cost.py --publishes 5000   # instead: PUBLISH to 10 subscribers
+    .venv/bin/python bench/connect_cost.py --policies   # any of these, with every built-in policy on
 
 With ``--trickle N`` it opens one connection instead and feeds it one masked
 PUBLISH text frame with an N-byte payload, one byte per ``dataReceived``, as
@@ -25,6 +26,11 @@ read. With ``--publishes N`` it opens ten subscribers of one channel and a
 publisher, sends N PUBLISH frames one read each, and reports the CPU per
 publish: its command, its reply and its ten deliveries, each turn's writes
 included.
+
+With ``--policies`` the server runs with every built-in policy on (tokens
+required, an origin allow-list, a publish rate and a per-address limit, none
+of them reached) and each client connects with a token in its URL and an
+allowed ``Origin``: what those policies cost on the way.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from typing import Any
 # This checkout's pubsub, not the copy installed in the venv.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import jwt
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -57,6 +64,17 @@ from pubsub.operations.service import make_service, tune_collector
 
 _CLIENT = IPv4Address("TCP", "127.0.0.1", 50000)
 _SERVER = IPv4Address("TCP", "127.0.0.1", 9000)
+
+#: With --policies: the server's secret, and what each client's head adds.
+_SECRET = "connect-cost-benchmark-secret-of-32-bytes"
+_POLICIES = {
+    "jwt_secret": _SECRET,
+    "allowed_origins": "https://app.example",
+    "publish_rate": 1e9,
+    "max_connections_per_ip": 1_000_000,
+}
+_query = b""
+_origin = b""
 
 
 class _Transport:
@@ -113,8 +131,9 @@ def _command_frame(payload: bytes) -> bytes:
 def _head() -> bytes:
     key = base64.b64encode(os.urandom(16))
     return (
-        b"GET / HTTP/1.1\r\nHost: 127.0.0.1:9000\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % key
+        b"GET /%s HTTP/1.1\r\nHost: 127.0.0.1:9000\r\nUpgrade: websocket\r\n%s"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        % (_query, _origin, key)
     )
 
 
@@ -216,10 +235,17 @@ def main() -> None:
     parser.add_argument("--trickle", type=int, metavar="N", help="see above")
     parser.add_argument("--autobahn", action="store_true", help="--trickle to Autobahn's reader")
     parser.add_argument("--publishes", type=int, metavar="N", help="see above")
+    parser.add_argument("--policies", action="store_true", help="see above")
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # two sockets a connection
     settings = Settings(port="tcp:0", max_connections=100_000)
+    if args.policies:
+        global _query, _origin
+        settings = Settings(port="tcp:0", max_connections=100_000, **_POLICIES)
+        claims = {"sub": "bench", "exp": time.time() + 86400, "subscribe": ["*"], "publish": ["*"]}
+        _query = b"?token=" + jwt.encode(claims, _SECRET, algorithm="HS256").encode()
+        _origin = b"Origin: https://app.example\r\n"
     service = make_service(settings, Engine(), reactor)
     front = next(s.factory for s in service if hasattr(s, "factory"))
     tune_collector()  # as twistd's process has it

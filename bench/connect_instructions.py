@@ -25,6 +25,7 @@ checkout first on ``sys.path``.
 
     .venv/bin/python bench/connect_instructions.py                    # this checkout
     .venv/bin/python bench/connect_instructions.py --checkout ../old  # another one's code
+    .venv/bin/python bench/connect_instructions.py --policies  # every built-in policy on
 
 Needs valgrind. Takes about a minute per seed.
 """
@@ -61,7 +62,11 @@ def main() -> None:
     parser.add_argument(
         "--python", type=Path, default=Path(sys.executable), help="default: this one"
     )
+    parser.add_argument(
+        "--policies", action="store_true", help="connect_cost.py --policies: tokens, origins, ..."
+    )
     args = parser.parse_args()
+    extra = ["--policies"] if args.policies else []
     checkout = args.checkout.resolve()
     python = args.python
     script = checkout / "bench" / "connect_cost.py"
@@ -75,7 +80,9 @@ def main() -> None:
         for seed in args.seeds:
             for name, options, (small, large) in measures:
                 totals = [
-                    _total(python, script, options(n), seed, Path(scratch) / f"cg.{seed}.{n}")
+                    _total(
+                        python, script, options(n) + extra, seed, Path(scratch) / f"cg.{seed}.{n}"
+                    )
                     for n in (small, large)
                 ]
                 per = (totals[1] - totals[0]) / (large - small)
