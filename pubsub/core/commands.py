@@ -143,7 +143,7 @@ class Session:
     """One client's view of the engine: its client id, the limits it runs
     under, and its :class:`pubsub.policy.auth.Guard` when tokens are in use (else None)."""
 
-    __slots__ = ("bucket", "client_id", "engine", "guard", "limits")
+    __slots__ = ("client_id", "engine", "guard", "limits")
 
     def __init__(
         self,
@@ -151,14 +151,11 @@ class Session:
         client_id: int,
         limits: Limits = Limits(),
         guard: Any = None,
-        bucket: Any = None,
     ) -> None:
         self.engine = engine
         self.client_id = client_id
         self.limits = limits
         self.guard = guard
-        #: The client's publish rate :class:`pubsub.policy.limits.TokenBucket`, or None.
-        self.bucket = bucket
 
 
 #: A command's handler: the session (a :class:`Session`, or a transport's
@@ -449,28 +446,20 @@ def execute(
     command = resolve(args, table)
     if isinstance(command, Error):
         return [command]
-    refusal = refused(session, command, args)
+    refusal = refused(session, command)
     if refusal is not None:
         return [refusal]
     assert command.handler is not None
     return command.handler(session, args)
 
 
-def refused(session: Any, command: Command, args: Sequence[bytes]) -> Error | None:
-    """The policies' answer to a resolved command: an error when the client
-    may not run it (authentication, permissions, the publish rate), else
-    None.  Redis checks its own after the command's name and arity, before
-    anything else."""
-    guard, bucket = session.guard, session.bucket
-    if guard is None and bucket is None:
-        return None  # no policy in use: nothing to pay per command
-    name = command.name.partition("|")[0]
-    if guard is not None:
-        refusal = guard.check(name, args)
-        if refusal is not None:
-            return Error(refusal)
-    if bucket is not None:
-        # The bucket is a pubsub.policy.limits.TokenBucket, which this layer may not import.
-        refusal_by_rate: Error | None = bucket.limit.refusal(bucket, name)
-        return refusal_by_rate
-    return None
+def refused(session: Any, command: Command) -> Error | None:
+    """``NOAUTH`` for a resolved command a client that must authenticate
+    first may not run yet, else None: Redis checks it after the command's
+    name and arity, before anything else (its ACLs next, where a port's
+    middlewares decide: :mod:`pubsub.policy.middleware`)."""
+    guard = session.guard
+    if guard is None:
+        return None  # no tokens in use: nothing to pay per command
+    refusal = guard.check(command.name.partition("|")[0])
+    return None if refusal is None else Error(refusal)

@@ -4,8 +4,9 @@ life of each client it hosts.
 A *port* is a transport's factory (WebSocket's, RESP's). :class:`Port` builds
 from :class:`~pubsub.operations.config.Settings`, once, what every connection of the port
 uses: the engine, the output limits and the flusher that writes each
-reactor turn, the command limits, the token checker, the per-address and
-publish-rate policies, and the figures /healthz and /metrics read.
+reactor turn, the command limits, the token checker, the chain of
+middlewares (the built-in policies the settings turn on, then the
+application's), and the figures /healthz and /metrics read.
 
 A *hosted client* is one connection of a port. :class:`HostedClient` opens
 it (an outbox under the output limits, a :class:`~pubsub.policy.auth.Guard` when
@@ -29,9 +30,9 @@ from pubsub.core.commands import Command, Error, Limits, Result, Session, refuse
 from pubsub.core.engine import Encoder, Engine
 from pubsub.hosting.outbox import Flusher, OutboxProducer, OutputLimits
 from pubsub.operations.config import Settings
-from pubsub.policy.auth import Authenticator, Guard
+from pubsub.policy.auth import Authenticator, Guard, Tokens
 from pubsub.policy.limits import IdleTimer, PeerCounter, PublishLimit
-from pubsub.policy.middleware import Chain, Client
+from pubsub.policy.middleware import Chain, Client, Refused
 
 __all__ = ["HostedClient", "Port"]
 
@@ -57,7 +58,10 @@ class Port:
         settings: Settings,
         reactor: Any,
         middleware: Sequence[Any] = (),
+        on_connect: Sequence[Any] = (),
     ) -> None:
+        """``on_connect``: the transport's own policies, asked first when a
+        client connects (WebSocket's origins)."""
         self.engine = engine if engine is not None else Engine()
         self.settings = settings
         self.reactor = reactor
@@ -69,8 +73,18 @@ class Port:
         #: Connections per address on this port.
         self.peers = PeerCounter(settings.max_connections_per_ip)
         self.publish_limit = PublishLimit.from_settings(settings, reactor)
-        #: The application's middlewares (pubsub.policy.middleware), or None.
-        self.middleware = Chain.build(middleware, reactor, settings.middleware_timeout)
+        # The built-in policies the settings turn on, as middlewares, in
+        # the order Redis would check them, before the application's.
+        builtins = [
+            *([self.peers] if self.peers.limit else []),
+            *on_connect,
+            *([Tokens(settings.open_handshake_timeout)] if self.authenticator else []),
+            *([self.publish_limit] if self.publish_limit.rate else []),
+        ]
+        #: Every middleware of the port (pubsub.policy.middleware), or None.
+        self.middleware = Chain.build(
+            [*builtins, *middleware], reactor, settings.middleware_timeout
+        )
         #: Open connections.
         self.connections: set[Any] = set()
         #: Connections cut off by the output buffer limits since start-up.
@@ -109,9 +123,7 @@ class HostedClient(OutboxProducer):
 
     def _new_session(self, client_id: int, guard: Guard | None) -> Session:
         factory = self.factory
-        return Session(
-            factory.engine, client_id, factory.limits, guard, factory.publish_limit.bucket()
-        )
+        return Session(factory.engine, client_id, factory.limits, guard)
 
     def _unhost(self) -> None:
         """The connection ended: undo :meth:`_host` (each step at most once)."""
@@ -152,10 +164,10 @@ class HostedClient(OutboxProducer):
         else:
             self._admitted(verdict)
 
-    def _admitted(self, verdict: Any) -> list[Result]:
+    def _admitted(self, verdict: Refused | None) -> list[Result]:
         if verdict is not None and self.session is not None:
             self._client = None  # never admitted: nothing to observe at its end
-            self._turn_away(verdict.message.partition(" ")[2])
+            self._turn_away(verdict)
         return []
 
     def _screened(self, args: Sequence[bytes], table: Mapping[str, Command]) -> Any:
@@ -164,7 +176,7 @@ class HostedClient(OutboxProducer):
         command = resolve(args, table)
         if isinstance(command, Error):
             return [command]
-        refusal = refused(self.session, command, args)
+        refusal = refused(self.session, command)
         if refusal is not None:
             return [refusal]
         return self._run_screened(command, args)
@@ -184,8 +196,15 @@ class HostedClient(OutboxProducer):
         session = self.session
         if session is None:
             return []  # closed while a middleware decided
+        return self._run_allowed(session, command, args if verdict is None else verdict)
+
+    def _run_allowed(
+        self, session: Session, command: Command, args: Sequence[bytes]
+    ) -> list[Result]:
+        """Run a command the middlewares allowed (RESP checks its
+        subscribed mode here first, after the ACLs as Redis)."""
         assert command.handler is not None  # resolve gives a handler's entry
-        results: list[Result] = command.handler(session, args if verdict is None else verdict)
+        results: list[Result] = command.handler(session, args)
         return results
 
     def _wait(self, answer: defer.Deferred[list[Result]]) -> None:
@@ -229,5 +248,5 @@ class HostedClient(OutboxProducer):
     # refuse is told.
     _reply: Callable[[list[Result]], None]
     _open_for_commands: Callable[[], bool]
-    _turn_away: Callable[[str], None]
+    _turn_away: Callable[[Refused], None]
     transport: Any

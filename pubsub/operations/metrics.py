@@ -141,7 +141,7 @@ def _policy_figures(factories: list[Port], websocket: PubSubServerFactory) -> It
         ),
         (
             "pubsub_middleware_refusals",
-            "Commands and clients a middleware refused",
+            "Connections, clients and commands a middleware refused, built-in policies included",
             lambda f: f.middleware.refusals if f.middleware is not None else 0,
         ),
         (
@@ -163,7 +163,7 @@ def _policy_figures(factories: list[Port], websocket: PubSubServerFactory) -> It
     yield CounterMetricFamily(
         "pubsub_origin_refusals",
         "WebSocket handshakes closed with 1008 because allowed_origins refuses their Origin",
-        value=websocket.origin_refusals,
+        value=websocket.origins.refused,
     )
 
 

@@ -2,8 +2,11 @@
 
 A policy between a transport and the command table, never inside the engine:
 a transport gives each connection a :class:`Guard` when authentication is
-configured, and the command layer asks the session's guard about every
-command before running it (see :func:`pubsub.core.commands.execute`).
+configured.  The command layer asks the session's guard whether the client
+has authenticated before it runs a command (Redis's ``NOAUTH``), and AUTH
+(and RESP's HELLO) log it in (see :func:`pubsub.core.commands.execute`).
+The rest is :class:`Tokens`, the port's middleware: the handshake's token
+when a client connects, and the channel permissions a token grants.
 
 Tokens are JWTs checked by PyJWT: HS256 with a shared secret
 (``jwt_secret``), RS256 or ES256 with a public key file (``jwt_public_key``).
@@ -36,24 +39,13 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from pubsub.core.commands import AuthError
 from pubsub.core.glob import compile_pattern
-from pubsub.core.vocabulary import Kind
+from pubsub.core.vocabulary import CLOSE_TOKEN, Kind
 from pubsub.operations.config import ConfigError
+from pubsub.policy.hooks import Client, Middleware, Refused
 
-__all__ = ["AuthError", "Authenticator", "Grant", "Guard"]
+__all__ = ["AuthError", "Authenticator", "Grant", "Guard", "Tokens"]
 
 _NOAUTH = "NOAUTH Authentication required."
-
-#: What each command needs: the claim that must allow it, where its names
-#: start, and whether the names are patterns.  PUBLISH and SPUBLISH name
-#: one channel (_ONE_NAME); the others name every argument from there on.
-_NEEDS: dict[str, tuple[str, int, bool]] = {
-    "subscribe": ("subscribe", 1, False),
-    "ssubscribe": ("subscribe", 1, False),
-    "psubscribe": ("subscribe", 1, True),
-    "publish": ("publish", 1, False),
-    "spublish": ("publish", 1, False),
-}
-_ONE_NAME = frozenset({"publish", "spublish"})
 
 #: Commands a client may send before it has authenticated, as Redis allows
 #: AUTH, HELLO, QUIT and RESET (HELLO checks for itself).
@@ -294,28 +286,53 @@ class Guard:
         """The connection has ended: forget its timer."""
         self._cancel()
 
-    def check(self, name: str, args: Sequence[bytes]) -> str | None:
-        """The error text for a command this connection may not run, or None."""
-        if not self.authenticated:
-            return None if name in _BEFORE_AUTH else _NOAUTH
-        grant = self.grant
-        if grant is None:
-            return None  # anonymous, and anonymous clients may do anything
-        needs = _NEEDS.get(name)
-        if needs is None:
+    def check(self, name: str) -> str | None:
+        """The error text for the command called ``name`` when this
+        connection may not run it before it authenticates, or None."""
+        if self.authenticated or name in _BEFORE_AUTH:
             return None
-        claim, start, is_pattern = needs
-        names = args[start : start + 1] if name in _ONE_NAME else args[start:]
-        for channel in names:
-            if not grant.allows(claim, channel, is_pattern):
-                return _noperm(grant, channel)
-        return None
+        return _NOAUTH
+
+
+class Tokens(Middleware):
+    """Tokens, as a port's middleware (when a JWT key or ``anonymous deny``
+    is set): the token a WebSocket client gives in its URL
+    (``?token=``), checked when it connects, a bad one closing it with 4001;
+    the time a client has to authenticate; and the channel permissions of a
+    client's token, checked for each name it subscribes to or publishes on,
+    as a Redis ACL checks its ``&pattern`` rules.  An anonymous client (with
+    ``anonymous allow``) may use any channel.
+    """
+
+    def __init__(self, login_within: float) -> None:
+        self._login_within = login_within
+
+    def on_connect(self, client: Client) -> None:
+        guard: Guard = client._guard
+        tokens = client.params.get("token")
+        if tokens:
+            try:
+                guard.login(tokens[0])
+            except AuthError as error:
+                raise Refused(str(error), close_code=CLOSE_TOKEN) from None
+        guard.expect_login(self._login_within)
+
+    def on_subscribe(self, client: Client, kind: Kind, name: bytes) -> None:
+        grant = client._guard.grant
+        if grant is not None and not grant.allows("subscribe", name, kind is Kind.PATTERN):
+            raise Refused(_noperm(grant, name))
+
+    def on_publish(self, client: Client, kind: Kind, channel: bytes, payload: bytes) -> None:
+        grant = client._guard.grant
+        if grant is not None and not grant.allows("publish", channel):
+            raise Refused(_noperm(grant, channel))
 
 
 def _noperm(grant: Grant, channel: bytes) -> str:
-    # Redis 7.2's wording, which names the user and the channel.
+    # Redis 7.2's wording, which names the user and the channel (the error
+    # code, NOPERM, is the refusal's default).
     text = channel.decode("utf-8", "replace").replace("\r", " ").replace("\n", " ")
-    return f"NOPERM User {grant.subject} has no permissions to access the '{text}' channel"
+    return f"User {grant.subject} has no permissions to access the '{text}' channel"
 
 
 def _first_lost(grant: Grant, session: Any) -> str | None:

@@ -5,9 +5,10 @@ nothing else: the origin allow-list (WebSocket), connections per IP address,
 the publish rate limit (a token bucket per client) and the idle timeout.  Each
 is built from :class:`~pubsub.operations.config.Settings`, keeps its time through an
 injected clock (``IReactorTime``: the reactor, or a ``Clock`` in tests), and
-knows nothing about frames or sockets.  The engine and the command table know
-nothing about any of it: a transport asks these objects before it hands a
-command to :func:`pubsub.core.commands.execute`, or before it accepts a connection.
+knows nothing about frames or sockets.  The first three are middlewares
+(:mod:`pubsub.policy.middleware`), which a port puts at the head of its
+chain when their settings are on; the engine and the command table know
+nothing about any of them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from urllib.parse import urlsplit
 
 from autobahn.util import wildcards2patterns
 
-from pubsub.core.commands import Error
+from pubsub.core.vocabulary import Kind
+from pubsub.policy.hooks import Client, Middleware, Refused
 
 __all__ = [
     "IdleTimer",
@@ -44,7 +46,7 @@ def _with_port(wildcard: str) -> str:
     return f"{wildcard}:{_DEFAULT_PORTS.get(scheme.lower(), '*')}"
 
 
-class OriginPolicy:
+class OriginPolicy(Middleware):
     """The ``allowed_origins`` setting: which browser origins may connect.
 
     Entries are Autobahn's wildcards (``*`` matches anything) compiled by
@@ -52,6 +54,11 @@ class OriginPolicy:
     Autobahn matches them, against ``scheme://host:port``.  ``null`` (pages
     from files, sandboxed frames) is allowed only when listed.  An empty
     list allows every origin.
+
+    A WebSocket port's middleware when the list is not empty: a refused
+    client's handshake completes, then it is closed with 1008 and the
+    reason, which a browser's script sees (an HTTP 403 would reach it as a
+    bare failure).
     """
 
     def __init__(self, setting: str) -> None:
@@ -59,6 +66,15 @@ class OriginPolicy:
         self.allow_all = not entries
         self.allow_null = "null" in entries
         self._patterns = wildcards2patterns([_with_port(e) for e in entries if e != "null"])
+        #: Clients refused for their origin since start-up.
+        self.refused = 0
+
+    def on_connect(self, client: Client) -> None:
+        # Autobahn and the lean handshake both name headers in lower case.
+        origin = client.headers.get("origin")
+        if not self.allows(origin or None):
+            self.refused += 1
+            raise Refused(f"origin not allowed: {origin}")
 
     def allows(self, origin: str | None) -> bool:
         """Whether a handshake with this ``Origin`` header may open.
@@ -84,14 +100,22 @@ class OriginPolicy:
 # -- connections per address --------------------------------------------------------------
 
 
-class PeerCounter:
-    """Open connections per IP address, under the ``max_connections_per_ip`` limit."""
+class PeerCounter(Middleware):
+    """Open connections per IP address, under the ``max_connections_per_ip``
+    limit: a port's middleware when the limit is set."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._open: Counter[str] = Counter()
         #: Connections refused at the limit since start-up.
         self.refused = 0
+
+    def on_accept(self, host: str) -> None:
+        if not self.acquire(host):
+            raise Refused("max number of clients reached for this address", code="ERR")
+
+    def on_close(self, host: str) -> None:
+        self.release(host)
 
     def acquire(self, host: str) -> bool:
         """Count a new connection from ``host``; False (not counted) at the limit."""
@@ -126,15 +150,11 @@ def peer_host(address: Any) -> str:
 class TokenBucket:
     """``rate`` tokens a second, at most ``burst`` saved up; starts full."""
 
-    __slots__ = ("_clock", "_last", "_tokens", "burst", "limit", "rate")
+    __slots__ = ("_clock", "_last", "_tokens", "burst", "rate")
 
-    def __init__(
-        self, rate: float, burst: float, clock: Any, limit: PublishLimit | None = None
-    ) -> None:
+    def __init__(self, rate: float, burst: float, clock: Any) -> None:
         self.rate = rate
         self.burst = burst
-        #: The settings it was made under, which refuse and count for it.
-        self.limit = limit
         self._clock = clock
         self._tokens = float(burst)
         self._last = clock.seconds()
@@ -151,23 +171,17 @@ class TokenBucket:
         return True
 
 
-_PUBLISHERS = frozenset(("publish", "spublish"))
-
-
-class PublishLimit:
-    """The ``publish_rate`` / ``publish_burst`` settings: one bucket per client.
-
-    :meth:`refusal` is the whole policy for both transports: the command
-    layer's ``refused()`` calls it with a client's bucket and a command that
-    passed lookup and arity, before the command runs.
-    """
+class PublishLimit(Middleware):
+    """The ``publish_rate`` / ``publish_burst`` settings: one bucket per
+    client, spent by each PUBLISH and SPUBLISH the middlewares before it
+    allowed; a port's middleware when the rate is set."""
 
     def __init__(self, rate: float, burst: int, clock: Any) -> None:
         self.rate = rate
         self.burst = burst or max(1, int(rate))
         self._clock = clock
-        self._error = Error(
-            f"ERR publish rate limit exceeded: at most {rate:g} publishes per second "
+        self._reason = (
+            f"publish rate limit exceeded: at most {rate:g} publishes per second "
             f"(burst {self.burst}); the message was not delivered"
         )
         #: Publishes refused since start-up.
@@ -177,21 +191,15 @@ class PublishLimit:
     def from_settings(cls, settings: Any, clock: Any) -> PublishLimit:
         return cls(settings.publish_rate, settings.publish_burst, clock)
 
-    def bucket(self) -> TokenBucket | None:
-        """A new client's bucket, or None when publishing is not limited."""
-        if not self.rate:
-            return None
-        return TokenBucket(self.rate, self.burst, self._clock, self)
-
-    def refusal(self, bucket: TokenBucket | None, name: str) -> Error | None:
-        """The error for a publish over the limit, or None to run the command
-        called ``name``; only PUBLISH and SPUBLISH spend a token."""
-        if bucket is None or name not in _PUBLISHERS:
-            return None
-        if bucket.take():
-            return None
-        self.refused += 1
-        return self._error
+    def on_publish(self, client: Client, kind: Kind, channel: bytes, payload: bytes) -> None:
+        bucket = client.state.get(self)
+        if bucket is None:
+            # Made at the first publish, full: as it would be had it been
+            # made at the connect and filled since.
+            bucket = client.state[self] = TokenBucket(self.rate, self.burst, self._clock)
+        if not bucket.take():
+            self.refused += 1
+            raise Refused(self._reason, code="ERR")
 
 
 # -- idle clients -----------------------------------------------------------------------------

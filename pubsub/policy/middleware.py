@@ -4,23 +4,36 @@ A middleware is any object with some of the hooks of :class:`Middleware`
 (subclass it and override what you need).  The server calls them for
 WebSocket and RESP clients alike:
 
+* ``on_accept(host)`` when a connection from the address ``host`` arrives,
+  before a byte of it is read (on the WebSocket port, any HTTP request):
+  return to let it in, raise :class:`Refused` to close it at once (HTTP
+  503, RESP ``-ERR <reason>``); it must answer at once.  ``on_close(host)``
+  follows, once, when a connection it let in closes;
 * ``on_connect(client)`` once a client has connected, before any of its
   commands runs: return to accept (set ``client.identity`` to remember who
-  it is), raise :class:`Refused` to turn it away (WebSocket: close code
-  1008 with the reason; RESP: ``-ERR <reason>``, then the connection
-  closes);
+  it is), raise :class:`Refused` to turn it away (WebSocket: the refusal's
+  close code, 1008 unless it says otherwise, with the reason; RESP:
+  ``-ERR <reason>``, then the connection closes);
 * ``on_subscribe(client, kind, name)`` for each name of a SUBSCRIBE,
   PSUBSCRIBE or SSUBSCRIBE, after the command's lookup and arity and the
   server's own token and permission checks, as Redis checks its ACLs:
-  raise :class:`Refused` to refuse the command (``-NOPERM <reason>``, and
-  nothing is subscribed);
+  raise :class:`Refused` to refuse the command (``-NOPERM <reason>``, or
+  the refusal's own error code, and nothing is subscribed);
 * ``on_publish(client, kind, channel, payload)`` for PUBLISH and SPUBLISH:
   return None to allow, bytes to deliver those instead of the payload, or
   raise :class:`Refused` (``-NOPERM <reason>``, nothing delivered); any
   other answer is a fault;
 * ``on_refused(client, command, error)`` when one of this server's
-  middlewares refuses a command, and ``on_disconnect(client)`` when an
-  accepted client goes: observe only (audit logs, metrics).
+  middlewares refuses a command or a client, and ``on_disconnect(client)``
+  when an accepted client goes: observe only (audit logs, metrics).
+
+The server's own policies are middlewares too, and come first, in this
+order, each only when its settings turn it on: the per-address limit
+(``on_accept``), the origin allow-list (WebSocket's ``on_connect``), tokens
+(the handshake's token at ``on_connect``, channel permissions at
+``on_subscribe`` and ``on_publish``) and the publish rate (``on_publish``).
+With none of them on and no middleware of the application's, a port has
+no chain at all, and pays nothing for it.
 
 A hook may answer at once or later: a Deferred (or a coroutine) for a
 database or an HTTP call.  The client's commands wait their turn meanwhile,
@@ -36,7 +49,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 from twisted.internet import defer
@@ -46,83 +59,11 @@ from twisted.python.failure import Failure
 from pubsub.core.commands import Error
 from pubsub.core.vocabulary import Kind
 from pubsub.operations.config import ConfigError
+from pubsub.policy.hooks import Client, Middleware, Refused
 
 __all__ = ["Chain", "Client", "Middleware", "Refused", "load"]
 
 _log = Logger()
-
-
-class Refused(Exception):
-    """Raised by a middleware hook (or a Deferred's failure) to refuse; its
-    text is what the client is told."""
-
-
-class Client:
-    """What a middleware knows of one client, the same object in every hook.
-
-    ``transport`` is "websocket" or "resp"; ``peer`` the address it comes
-    from; ``path``, ``params`` and ``headers`` those of its WebSocket
-    handshake (empty for RESP).  ``identity`` is the middleware's own, None
-    until one sets it.  ``claims`` are the claims of the token the client
-    authenticated with, when tokens are in use (else None).
-    """
-
-    __slots__ = (
-        "_guard",
-        "client_id",
-        "headers",
-        "identity",
-        "params",
-        "path",
-        "peer",
-        "transport",
-    )
-
-    def __init__(
-        self,
-        transport: str,
-        client_id: int,
-        peer: str,
-        path: str = "",
-        params: Mapping[str, Sequence[str]] | None = None,
-        headers: Mapping[str, str] | None = None,
-        guard: Any = None,
-    ) -> None:
-        self.transport = transport
-        self.client_id = client_id
-        self.peer = peer
-        self.path = path
-        self.params: Mapping[str, Sequence[str]] = params if params is not None else {}
-        self.headers: Mapping[str, str] = headers if headers is not None else {}
-        self.identity: Any = None
-        self._guard = guard
-
-    @property
-    def claims(self) -> Mapping[str, Any] | None:
-        grant = self._guard.grant if self._guard is not None else None
-        return grant.claims if grant is not None else None
-
-    def __repr__(self) -> str:
-        return f"<Client {self.transport} #{self.client_id} from {self.peer}>"
-
-
-class Middleware:
-    """The hooks, each allowing by default; override the ones you need."""
-
-    def on_connect(self, client: Client) -> Any:
-        return None
-
-    def on_subscribe(self, client: Client, kind: Kind, name: bytes) -> Any:
-        return None
-
-    def on_publish(self, client: Client, kind: Kind, channel: bytes, payload: bytes) -> Any:
-        return None
-
-    def on_refused(self, client: Client, command: str, error: str) -> None:
-        return None
-
-    def on_disconnect(self, client: Client) -> None:
-        return None
 
 
 #: The commands a middleware screens, and the kind of subscription or message each names.
@@ -185,12 +126,22 @@ class Chain:
     def __init__(self, middlewares: Sequence[Any], clock: Any, timeout: float) -> None:
         self._clock = clock
         self._timeout = timeout
+        #: Each middleware's on_accept and on_close, either None if it has none.
+        self._accept: list[tuple[Callable[[str], Any] | None, Callable[[str], Any] | None]] = []
+        for middleware in middlewares:
+            accept = _overriding([middleware], "on_accept")
+            close = _overriding([middleware], "on_close")
+            if accept or close:
+                self._accept.append((accept[0] if accept else None, close[0] if close else None))
+        #: Whether a middleware screens connections as they arrive (on_accept).
+        self.accepts = bool(self._accept)
         self._connect = _overriding(middlewares, "on_connect")
         self._subscribe = _overriding(middlewares, "on_subscribe")
         self._publish = _overriding(middlewares, "on_publish")
         self._refused = _overriding(middlewares, "on_refused")
         self._disconnect = _overriding(middlewares, "on_disconnect")
-        #: Commands and connections refused by a middleware, since start-up.
+        #: Connections, clients and commands refused by a middleware (the
+        #: built-in ones included), since start-up.
         self.refusals = 0
         #: Answers that failed (an exception other than Refused) or came too late.
         self.failures = 0
@@ -202,8 +153,44 @@ class Chain:
 
     # -- the decisions ------------------------------------------------------------------
 
+    def accept(self, host: str) -> Refused | None:
+        """None to let in a connection from ``host`` (then :meth:`close` it
+        when it ends), else the refusal that turns it away."""
+        for index, (hook, _) in enumerate(self._accept):
+            if hook is None:
+                continue
+            try:
+                answer = hook(host)
+                if answer is not None:
+                    raise TypeError(f"on_accept must answer at once with None, not {answer!r:.80}")
+            except Exception as error:  # noqa: BLE001 - a refusal or a fault: told, never raised
+                # The ones that let it in before this one see it close.
+                self._closed(host, self._accept[:index])
+                return self._accept_refusal(Failure(error), host)
+        return None
+
+    def close(self, host: str) -> None:
+        """A connection :meth:`accept` let in has closed."""
+        self._closed(host, self._accept)
+
+    def _closed(
+        self, host: str, accepted: Sequence[tuple[Any, Callable[[str], Any] | None]]
+    ) -> None:
+        for _, hook in accepted:
+            if hook is not None:
+                self._observe(hook, host)
+
+    def _accept_refusal(self, failure: Failure, host: str) -> Refused:
+        if failure.check(Refused):
+            self.refusals += 1
+            return cast(Refused, failure.value)
+        self.failures += 1
+        _log.failure("middleware failed on a connection from {host}; refused", failure, host=host)
+        return Refused("the server's middleware failed; connection refused", code="ERR")
+
     def connect(self, client: Client) -> Any:
-        """None to accept ``client``, else the Error that turns it away."""
+        """None to accept ``client``, else the :class:`Refused` that turns it
+        away (a Deferred of either once a middleware answers later)."""
         steps = [_step(hook, client) for hook in self._connect]
         return self._decide(steps, None, client, "connect", "ERR")
 
@@ -215,10 +202,11 @@ class Chain:
         if kind is not None:
             if not self._subscribe:
                 return None
+            # Each middleware in its turn, on every name.
             steps = [
                 _step(hook, client, kind, channel)
-                for channel in args[1:]
                 for hook in self._subscribe
+                for channel in args[1:]
             ]
             return self._decide(steps, None, client, name, "NOPERM")
         kind = _PUBLISHERS.get(name)
@@ -237,7 +225,8 @@ class Chain:
         self, steps: list[Callable[[Any], Any]], value: Any, client: Client, what: str, code: str
     ) -> Any:
         """Run ``steps`` in order on ``value``: its final form (a payload
-        replaced), or an Error; a Deferred of either once a step answers later."""
+        replaced), or an Error (a :class:`Refused`, refusing a client); a
+        Deferred of either once a step answers later."""
         try:
             outcome = self._go_on(iter(steps), value)
         except Exception as error:  # noqa: BLE001 - a refusal or a fault: told, never raised
@@ -253,6 +242,8 @@ class Chain:
         """The steps left, from ``value``: a value, or a Deferred once one answers later."""
         for step in steps:
             result = step(value)
+            if result is None:
+                continue  # allowed, as it was: the built-in policies' answer
             if inspect.isawaitable(result) and not isinstance(result, defer.Deferred):
                 result = defer.ensureDeferred(cast(Any, result))
             if isinstance(result, defer.Deferred):
@@ -277,10 +268,12 @@ class Chain:
             return [*value[:2], result]
         return value
 
-    def _refusal(self, failure: Failure, client: Client, what: str, code: str) -> Error:
+    def _refusal(self, failure: Failure, client: Client, what: str, code: str) -> Any:
+        """What a refused command is answered with (an Error), or for a
+        refused client, the :class:`Refused` that turns it away."""
         if failure.check(Refused):
             self.refusals += 1
-            error = Error(f"{code} {failure.value}")
+            refusal = cast(Refused, failure.value)
         else:
             self.failures += 1
             late = failure.check(defer.TimeoutError) is not None
@@ -298,12 +291,14 @@ class Chain:
                     what=what,
                     client=client,
                 )
-            error = Error(
-                f"ERR the server's middleware {'did not answer in time' if late else 'failed'}"
-                f"; {what} refused"
+            refusal = Refused(
+                f"the server's middleware {'did not answer in time' if late else 'failed'}"
+                f"; {what} refused",
+                code="ERR",
             )
-        self.observe_refusal(client, what, error.message)
-        return error
+        message = f"{refusal.code or code} {refusal}"
+        self.observe_refusal(client, what, message)
+        return refusal if what == "connect" else Error(message)
 
     # -- what is observed ---------------------------------------------------------------
 

@@ -31,7 +31,6 @@ from pubsub.core.commands import (
 )
 from pubsub.core.engine import Engine
 from pubsub.policy.auth import Guard
-from pubsub.policy.limits import TokenBucket
 from pubsub.resp.reader import redis_int
 
 if TYPE_CHECKING:  # the protocol imports this module; the session only names it
@@ -56,9 +55,8 @@ class RespSession(Session):
         limits: Limits,
         connection: RespProtocol,
         guard: Guard | None = None,
-        bucket: TokenBucket | None = None,
     ):
-        super().__init__(engine, client_id, limits, guard, bucket)
+        super().__init__(engine, client_id, limits, guard)
         self.connection = connection
 
 

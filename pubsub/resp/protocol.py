@@ -26,6 +26,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from pubsub.core.commands import (
+    Command,
     Confirm,
     Error,
     Pong,
@@ -43,7 +44,7 @@ from pubsub.hosting.port import HostedClient, Port
 from pubsub.operations.config import Settings
 from pubsub.policy.auth import Guard
 from pubsub.policy.limits import peer_host
-from pubsub.policy.middleware import Client
+from pubsub.policy.middleware import Client, Refused
 from pubsub.resp.commands import RESP_COMMANDS, RespSession
 from pubsub.resp.reader import ProtocolError, RequestReader
 
@@ -164,34 +165,28 @@ class RespProtocol(HostedClient, Protocol):
             self.transport.write(b"-ERR max number of clients reached\r\n")
             self.transport.loseConnection()
             return
-        host = peer_host(self.transport.getPeer())
-        if not factory.peers.acquire(host):
-            self._closing = True
-            self.transport.write(b"-ERR max number of clients reached for this address\r\n")
-            self.transport.loseConnection()
-            return
-        self._counted_as = host
+        chain = factory.middleware
+        if chain is not None and chain.accepts:
+            host = peer_host(self.transport.getPeer())
+            refusal = chain.accept(host)
+            if refusal is not None:
+                self._closing = True
+                self.transport.write(_error_line(f"{refusal.code or 'ERR'} {refusal}"))
+                self.transport.loseConnection()
+                return
+            self._counted_as = host
         # As Redis and Autobahn do: a reply written right after a push must
         # not wait for the client's delayed ACK (Nagle), ~40 ms each time.
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
         guard = self._host()
-        if guard is not None:
-            guard.expect_login(factory.settings.open_handshake_timeout)
-        if factory.middleware is not None and self.session is not None:
+        if chain is not None and self.session is not None:
             self._admit(Client("resp", self.session.client_id, self._peer(), guard=guard))
 
     def _new_session(self, client_id: int, guard: Guard | None) -> RespSession:
         factory = self.factory
-        return RespSession(
-            factory.engine,
-            client_id,
-            factory.limits,
-            self,
-            guard,
-            factory.publish_limit.bucket(),
-        )
+        return RespSession(factory.engine, client_id, factory.limits, self, guard)
 
     def _idled(self) -> None:
         # As Redis's timeout: the client is closed without a word.
@@ -200,7 +195,7 @@ class RespProtocol(HostedClient, Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         if self._counted_as is not None:
-            self.factory.peers.release(self._counted_as)
+            self.factory.middleware.close(self._counted_as)  # type: ignore[union-attr]
             self._counted_as = None
         self._closing = True
         self._unhost()
@@ -218,11 +213,11 @@ class RespProtocol(HostedClient, Protocol):
     def _open_for_commands(self) -> bool:
         return not self._closing
 
-    def _turn_away(self, reason: str) -> None:
+    def _turn_away(self, refusal: Refused) -> None:
         # A middleware refused the client: it is told why, as Redis tells a
         # client over maxclients, and the connection closes.
         if self._outbox is not None:
-            self._outbox.append(_error_line(f"ERR {reason}"))
+            self._outbox.append(_error_line(f"{refusal.code or 'ERR'} {refusal}"))
         self.close_after_reply()
 
     def _revoke(self, reason: str) -> None:
@@ -317,20 +312,8 @@ class RespProtocol(HostedClient, Protocol):
         command = resolve(args, RESP_COMMANDS)
         if isinstance(command, Error):
             results: list[Result] = [command]
-        elif (refusal := refused(session, command, args)) is not None:
+        elif (refusal := refused(session, command)) is not None:
             results = [refusal]
-        elif (
-            not self.resp3
-            and command.name.partition("|")[0]
-            not in (_SUBSCRIBED_MODE if session.guard is None else _SUBSCRIBED_MODE_WITH_TOKENS)
-            and self._subscribed()
-        ):
-            results = [
-                Error(
-                    f"ERR Can't execute '{command.name}': only (P|S)SUBSCRIBE / "
-                    "(P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
-                )
-            ]
         elif self._client is not None:  # a middleware chain: admitted
             screened = self._run_screened(command, args)
             if type(screened) is not list:
@@ -338,10 +321,28 @@ class RespProtocol(HostedClient, Protocol):
                 return
             results = screened
         else:
-            # resolve answers with a handler's entry, never a container's.
-            assert command.handler is not None
-            results = command.handler(session, args)
+            results = self._run_allowed(session, command, args)
         self._reply(results)
+
+    def _run_allowed(self, session: Any, command: Command, args: Sequence[bytes]) -> list[Result]:
+        # After the ACLs (the middlewares), as Redis: a RESP2 subscriber may
+        # only run a few commands.
+        if (
+            not self.resp3
+            and command.name.partition("|")[0]
+            not in (_SUBSCRIBED_MODE if session.guard is None else _SUBSCRIBED_MODE_WITH_TOKENS)
+            and self._subscribed()
+        ):
+            return [
+                Error(
+                    f"ERR Can't execute '{command.name}': only (P|S)SUBSCRIBE / "
+                    "(P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+                )
+            ]
+        # resolve answers with a handler's entry, never a container's.
+        assert command.handler is not None
+        results: list[Result] = command.handler(session, args)
+        return results
 
     def _reply(self, results: list[Result]) -> None:
         outbox = self._outbox

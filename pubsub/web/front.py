@@ -4,8 +4,9 @@
 request's head, opens the plain WebSocket upgrades nearly every client sends
 itself (:mod:`pubsub.websocket.reader`), hands any other upgrade straight to
 Autobahn, and everything else to a ``Site`` around
-:class:`~pubsub.web.site.PubSubResource`.  It also applies
-``max_connections_per_ip`` before a byte is read, and bounds how long a
+:class:`~pubsub.web.site.PubSubResource`.  It also asks the pub/sub port's
+middlewares about each connection's address before a byte is read
+(``on_accept``: ``max_connections_per_ip``, say), and bounds how long a
 request's head may take.
 """
 
@@ -19,7 +20,8 @@ from twisted.web.server import Site
 
 from pubsub import internals
 from pubsub.hosting.timers import Deadlines
-from pubsub.policy.limits import PeerCounter, peer_host
+from pubsub.policy.limits import peer_host
+from pubsub.policy.middleware import Chain
 from pubsub.web.site import RESERVED, PubSubResource
 from pubsub.websocket.handshake import read_upgrade
 
@@ -48,9 +50,9 @@ class _Front(Protocol):
         self._front = front
         # The head so far, when it took more than one read (a bytearray then).
         self._head: bytes | bytearray = b""
-        # With max_connections_per_ip, the address this connection counts
-        # against; the front then stays between the transport and the
-        # protocol it chose (``_inner``), to see the connection end.
+        # When the port's middlewares let it in by its address (on_accept),
+        # that address; the front then stays between the transport and the
+        # protocol it chose (``_inner``), to tell them when it ends.
         self._counted_as = counted_as
         self._inner: Any = None
 
@@ -61,7 +63,7 @@ class _Front(Protocol):
     def connectionLost(self, reason: Any = None) -> None:
         self._head_read()
         if self._counted_as is not None:
-            self._front.peers.release(self._counted_as)
+            self._front.chain.close(self._counted_as)  # type: ignore[union-attr]
             self._counted_as = None
         if self._inner is not None:
             self._inner.connectionLost(reason)
@@ -133,23 +135,25 @@ class _Front(Protocol):
 #: Past this many bytes without the end of the head, twisted.web decides.
 _HEAD_MAX = 16 * 1024
 
-_TOO_MANY_BODY = b"too many connections from your address\n"
-_TOO_MANY = (
-    b"HTTP/1.1 503 Service Unavailable\r\n"
-    b"Content-Type: text/plain; charset=utf-8\r\n"
-    b"Content-Length: %d\r\n"
-    b"Connection: close\r\n\r\n%s" % (len(_TOO_MANY_BODY), _TOO_MANY_BODY)
-)
 
-
-class _TooMany(Protocol):
-    """A connection over ``max_connections_per_ip``: refused before any of its
-    request is read, so a flood from one address costs one write each."""
+class _Refused(Protocol):
+    """A connection a middleware refused by its address (over
+    ``max_connections_per_ip``, say): answered 503 with the reason before any
+    of its request is read, so a flood from one address costs one write each."""
 
     transport: Any  # as _Front's
 
+    def __init__(self, reason: str) -> None:
+        body = reason.encode("utf-8") + b"\n"
+        self._answer = (
+            b"HTTP/1.1 503 Service Unavailable\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(body), body)
+        )
+
     def connectionMade(self) -> None:
-        self.transport.write(_TOO_MANY)
+        self.transport.write(self._answer)
         self.transport.loseConnection()
 
 
@@ -171,8 +175,9 @@ class FrontFactory(Factory):
         self.site = site
         self.clock = clock
         self.resource: PubSubResource = site.resource
-        #: Connections per address: the pub/sub factory's count, for its metrics.
-        self.peers: PeerCounter = self.resource.factory.peers
+        #: The pub/sub port's middlewares, when some screen addresses (else None).
+        chain: Chain | None = self.resource.factory.middleware
+        self.chain = chain if chain is not None and chain.accepts else None
         #: Connections still sending their request's head, cut off after the
         #: site's timeout (``open_handshake_timeout``).
         self.heads: Deadlines | None = None
@@ -181,11 +186,12 @@ class FrontFactory(Factory):
             self.heads = Deadlines(clock, timeout, _abort)
 
     def buildProtocol(self, addr: Any) -> Protocol:
-        if not self.peers.limit:
+        if self.chain is None:
             return _Front(self)
         host = peer_host(addr)
-        if not self.peers.acquire(host):
-            return _TooMany()
+        refusal = self.chain.accept(host)
+        if refusal is not None:
+            return _Refused(str(refusal))
         return _Front(self, host)
 
     def logPrefix(self) -> str:

@@ -35,7 +35,7 @@ from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 
 from pubsub import internals
-from pubsub.core.commands import COMMANDS, AuthError, Error, error_kind, execute
+from pubsub.core.commands import COMMANDS, Error, error_kind, execute
 from pubsub.core.engine import Engine
 from pubsub.core.vocabulary import (
     CLOSE_GOING_AWAY,
@@ -48,9 +48,8 @@ from pubsub.core.vocabulary import (
 from pubsub.hosting.port import HostedClient, Port
 from pubsub.hosting.timers import BatchedTimer
 from pubsub.operations.config import Settings
-from pubsub.policy.auth import Guard
 from pubsub.policy.limits import OriginPolicy
-from pubsub.policy.middleware import Client
+from pubsub.policy.middleware import Client, Refused
 from pubsub.websocket import json_codec
 from pubsub.websocket.framing import (
     DeflateAccept,
@@ -168,17 +167,9 @@ class PubSubServerProtocol(HostedClient, LeanReader):
 
     factory: PubSubServerFactory
     encoder: JsonFrames
-    _refused_origin: str | None = None  # set by onConnect, refused in onOpen
-    _token: str | None = None  # the handshake's ?token=, checked once open
     _compressing = False  # permessage-deflate negotiated (set once open)
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
-        # Autobahn gives "" when the header is missing: not a browser.
-        if not self.factory.origins.allows(request.origin or None):
-            self._refused_origin = request.origin
-        tokens = request.params.get("token")
-        if tokens:
-            self._token = tokens[0]
         if not request.protocols:
             return None
         if SUBPROTOCOL in request.protocols:
@@ -191,9 +182,6 @@ class PubSubServerProtocol(HostedClient, LeanReader):
         )
 
     def onOpen(self) -> None:
-        if self._refused_origin is not None:
-            self._refuse_origin(self._refused_origin)
-            return
         try:
             self._open()
         except Exception:  # noqa: BLE001 - Autobahn would swallow it and leave the client hanging
@@ -206,8 +194,8 @@ class PubSubServerProtocol(HostedClient, LeanReader):
         self._compressing = compression is not None
         self.encoder = self.factory.encoder_for(compression)
         guard = self._host()
-        if guard is not None:
-            self._check_in(guard)
+        # The policies (the origin, the handshake's token) and the
+        # application's middlewares decide whether the client stays.
         if self.factory.middleware is not None and self.session is not None:
             self._admit(
                 Client(
@@ -221,17 +209,6 @@ class PubSubServerProtocol(HostedClient, LeanReader):
                 )
             )
 
-    def _check_in(self, guard: Guard) -> None:
-        """Take the handshake's token, if any; a bad one closes with CLOSE_TOKEN."""
-        token, self._token = self._token, None
-        if token is not None:
-            try:
-                guard.login(token)
-            except AuthError as error:
-                self._revoke(str(error))
-                return
-        guard.expect_login(self.factory.settings.open_handshake_timeout)
-
     def _revoke(self, reason: str) -> None:
         """Authentication ended or failed: close with the token's code and say why."""
         self._close_for_policy(reason, CLOSE_TOKEN)
@@ -240,16 +217,11 @@ class PubSubServerProtocol(HostedClient, LeanReader):
     def _open_for_commands(self) -> bool:
         return bool(self.state == WebSocketProtocol.STATE_OPEN)
 
-    def _turn_away(self, reason: str) -> None:
-        """A middleware refused this client: close with 1008 and say why."""
-        self._close_for_policy(reason)
+    def _turn_away(self, refusal: Refused) -> None:
+        """A middleware refused this client: close with its code (1008
+        unless it gave one) and say why."""
+        self._close_for_policy(str(refusal), refusal.close_code)
         self._leave_engine()
-
-    def _refuse_origin(self, origin: str) -> None:
-        # The handshake was accepted so that a browser sees the code and the
-        # reason; an HTTP 403 would reach its script as a bare failure.
-        self.factory.origin_refusals += 1
-        self._close_for_policy(f"origin not allowed: {origin}")
 
     def _idled(self) -> None:
         self.factory.idle_disconnects += 1
@@ -395,11 +367,16 @@ class PubSubServerFactory(Port, _ConfiguredFactory):
         middleware: Sequence[Any] = (),
     ) -> None:
         super().__init__(settings, url, reactor)
-        # The front door counts connections per address (peers) for this port.
-        self._build_port(engine, self.settings, self.reactor, middleware)
+        #: The allowed_origins setting; refuses clients when it lists any.
         self.origins = OriginPolicy(self.settings.allowed_origins)
-        #: Handshakes closed with 1008 for their Origin since start-up.
-        self.origin_refusals = 0
+        # The front door asks the chain about each connection's address.
+        self._build_port(
+            engine,
+            self.settings,
+            self.reactor,
+            middleware,
+            on_connect=[] if self.origins.allow_all else [self.origins],
+        )
         #: Connections dropped for a missing pong since start-up.
         self.ping_timeouts = 0
         self.frames = JsonFrames(text_frame)

@@ -216,7 +216,6 @@ def test_the_connection_is_left_as_autobahns_handshake_leaves_it(make_front, off
     assert ours.protocol.transport_details.marshal() == theirs.protocol.transport_details.marshal()
     assert ours.protocol.is_open.called and mine["websocket_protocol_in_use"] == "pubsub.json"
     assert mine["http_request_params"] == {"token": ["t"], "a": ["1"]}
-    assert ours.protocol._token == "t"  # for the authenticator, once open
     assert ours.protocol.factory.countConnections == 1
 
 
@@ -271,7 +270,7 @@ def test_a_refused_origin_is_opened_then_closed_with_1008(make_front, clock):
     ((opcode, payload),) = wsframes.parse_frames(frames)
     assert opcode == wsframes.CLOSE and payload[:2] == b"\x03\xf0"
     assert b"origin not allowed" in payload
-    assert front.resource.factory.origin_refusals == 1
+    assert front.resource.factory.origins.refused == 1
 
 
 def test_closing_a_connection_opened_here_unregisters_it(make_front):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from pubsub import Client, Middleware, Refused
 from pubsub.core.engine import Engine
@@ -14,9 +16,11 @@ from pubsub.policy import middleware as middleware_module
 from pubsub.policy.middleware import load
 from pubsub.resp.protocol import RespFactory
 from pubsub.websocket.protocol import PubSubServerFactory
-from tests.support.wsframes import CLOSE, command
+from tests.support.wsframes import CLOSE, command, handshake
 from tests.unit import test_resp as resp
 from tests.unit.test_auth import SECRET, token
+from tests.unit.test_policy import connect_from, front_for
+from tests.unit.test_policy import resp_client as resp_from
 from tests.unit.test_websocket import Connection
 
 
@@ -96,9 +100,9 @@ def test_a_refused_subscribe_is_a_noperm_error_on_both_transports_and_nothing_is
     assert websocket.errors["auth"] == 1 and redis.errors["auth"] == 1
 
 
-def _refuse_if(condition, reason):
+def _refuse_if(condition, reason, **how):
     if condition:
-        raise Refused(reason)
+        raise Refused(reason, **how)
 
 
 def test_a_publish_may_be_refused_or_its_payload_replaced_and_the_next_sees_it(ports):
@@ -403,3 +407,150 @@ def test_the_client_says_who_it_is():
     assert repr(client) == "<Client resp #7 from 127.0.0.1:5000>"
     assert client.claims is None and client.identity is None
     assert client.params == {} and client.headers == {}
+
+
+# -- refusals with their own codes, addresses, and the built-in policies on the same hooks --
+
+
+def test_a_refusal_may_name_its_error_code_and_close_code(ports):
+    websocket, redis = ports(
+        Recorder(
+            connect=lambda client: _refuse_if(
+                client.params.get("room") == ["x"], "room closed", close_code=4403
+            ),
+            publish=lambda *_: _refuse_if(True, "slow down", code="LIMIT"),
+        )
+    )
+    [(opcode, payload)] = Connection(websocket, path="/?room=x").frames()
+    assert opcode == CLOSE and payload == (4403).to_bytes(2, "big") + b"room closed"
+    assert resp.Client(redis).call("PUBLISH", "c", "x") == resp.error("LIMIT slow down")
+
+
+@pytest.mark.parametrize("code", ["err", "TWO WORDS", "", "É"])
+def test_an_error_code_is_one_upper_case_word(code):
+    with pytest.raises(ValueError, match="upper-case word"):
+        Refused("no", code=code)
+
+
+@pytest.mark.parametrize("close_code", [1000, 1005, 1011, 2999, 5000])
+def test_a_close_code_is_1008_or_the_applications_own(close_code):
+    with pytest.raises(ValueError, match="1008 or 3000 to 4999"):
+        Refused("no", close_code=close_code)
+
+
+class Addresses(Middleware):
+    """Refuses the hosts it is given; records what it let in and saw close."""
+
+    def __init__(self, *refused):
+        self.refused = refused
+        self.calls = []
+
+    def on_accept(self, host):
+        self.calls.append(("accept", host))
+        if host in self.refused:
+            raise Refused(f"{host} is blocked")
+
+    def on_close(self, host):
+        self.calls.append(("close", host))
+
+
+def test_an_address_refused_on_accept_is_told_before_a_byte_is_read_on_both_ports(
+    ports, clock, engine
+):
+    counting, blocking = Addresses(), Addresses("10.0.0.66")
+    websocket, redis = ports(counting, blocking)
+    front = front_for(websocket, clock)
+    refused = connect_from(front, "10.0.0.66")
+    assert refused.value() == (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: 21\r\nConnection: close\r\n\r\n10.0.0.66 is blocked\n"
+    )
+    cli = resp_from(redis, "10.0.0.66")
+    assert cli.transport.value() == b"-ERR 10.0.0.66 is blocked\r\n" and cli.closing
+    assert engine.client_count == 0
+    # The one before the refusing middleware let each in: it sees each close.
+    assert counting.calls == [("accept", "10.0.0.66"), ("close", "10.0.0.66")] * 2
+    allowed = connect_from(front, "10.0.0.1", handshake())
+    assert allowed.value().startswith(b"HTTP/1.1 101")
+    allowed.protocol.connectionLost(Failure(ConnectionDone()))
+    assert blocking.calls[-2:] == [("accept", "10.0.0.1"), ("close", "10.0.0.1")]
+    assert websocket.middleware.refusals == 1 and redis.middleware.refusals == 1
+
+
+def test_an_on_accept_that_fails_or_answers_later_refuses_and_is_logged(ports, monkeypatch):
+    logged = []
+    monkeypatch.setattr(middleware_module, "_log", Logger(observer=logged.append))
+    answers = iter([KeyError("bug"), defer.Deferred()])
+
+    class Faulty(Middleware):
+        def on_accept(self, host):
+            answer = next(answers)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    _, redis = ports(Faulty())
+    for _ in range(2):
+        cli = resp_from(redis, "10.0.0.1")
+        assert cli.transport.value() == (
+            b"-ERR the server's middleware failed; connection refused\r\n"
+        )
+    assert [e["log_failure"].type for e in logged] == [KeyError, TypeError]
+    assert redis.middleware.failures == 2
+
+
+def test_the_built_in_policies_come_first_and_their_refusals_are_observed(ports, clock):
+    recorder = Recorder()
+    websocket, _ = ports(recorder, jwt_secret=SECRET, publish_rate=1, publish_burst=1)
+    reader = Connection(websocket, path=f"/?token={token(subscribe=['news'], publish=['news'])}")
+    assert reader.call("SUBSCRIBE", "news", "secret") == [
+        ["error", "NOPERM User alice has no permissions to access the 'secret' channel"]
+    ]
+    assert reader.call("PUBLISH", "news", "1") == [["reply", 0]]
+    [[kind, text]] = reader.call("PUBLISH", "news", "2")
+    assert kind == "error" and text.startswith("ERR publish rate limit exceeded")
+    # The application's middleware saw neither refused command, and both refusals.
+    assert [call for call in recorder.calls if call[0] in ("subscribe", "publish")] == [
+        ("publish", Kind.CHANNEL, b"news", b"1")
+    ]
+    refused = [call[1:] for call in recorder.calls if call[0] == "refused"]
+    assert refused == [
+        ("subscribe", "NOPERM User alice has no permissions to access the 'secret' channel"),
+        ("publish", text),
+    ]
+    assert websocket.middleware.refusals == 2
+
+
+def test_a_bad_handshake_token_closes_with_4001_before_the_applications_on_connect(ports):
+    recorder = Recorder()
+    websocket, _ = ports(recorder, jwt_secret=SECRET)
+    [(opcode, payload)] = Connection(websocket, path="/?token=forged").frames()
+    assert opcode == CLOSE and payload.startswith((4001).to_bytes(2, "big") + b"invalid token")
+    assert [call[0] for call in recorder.calls] == ["refused"]
+
+
+def test_a_resp2_subscriber_without_the_permission_is_told_noperm_as_redis(ports):
+    # Redis checks its ACLs before the commands a RESP2 subscriber may run.
+    _, redis = ports(jwt_secret=SECRET)
+    cli = resp.Client(redis)
+    assert cli.call("AUTH", token(subscribe=["news"])) == b"+OK\r\n"
+    assert cli.call("SUBSCRIBE", "news").startswith(b"*3\r\n$9\r\nsubscribe")
+    assert cli.call("PUBLISH", "news", "x") == resp.error(
+        "NOPERM User alice has no permissions to access the 'news' channel"
+    )
+    assert cli.call("PUBSUB", "NUMPAT").startswith(b"-ERR Can't execute 'pubsub|numpat'")
+
+
+def test_each_client_has_its_own_state(ports):
+    seen = []
+
+    class Counting(Middleware):
+        def on_publish(self, client, kind, channel, payload):
+            client.state[self] = client.state.get(self, 0) + 1
+            seen.append(client.state[self])
+
+    _, redis = ports(Counting())
+    first, second = resp.Client(redis), resp.Client(redis)
+    for cli in (first, first, second):
+        cli.call("PUBLISH", "c", "x")
+    assert seen == [1, 2, 1]

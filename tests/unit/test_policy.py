@@ -12,8 +12,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
-from pubsub.core.commands import Reply, Session, execute
 from pubsub.core.engine import Engine
+from pubsub.core.vocabulary import Kind
 from pubsub.hosting import timers
 from pubsub.hosting.timers import BatchedTimer, Deadlines
 from pubsub.operations.config import Settings
@@ -24,6 +24,8 @@ from pubsub.policy.limits import (
     PublishLimit,
     TokenBucket,
 )
+from pubsub.policy.middleware import Client as MiddlewareClient
+from pubsub.policy.middleware import Refused
 from pubsub.resp.protocol import RespFactory
 from pubsub.web.front import FrontFactory
 from pubsub.web.site import PubSubResource
@@ -84,41 +86,34 @@ def test_token_bucket_refills_at_its_rate_up_to_its_burst(clock):
     assert [bucket.take() for _ in range(4)] == [True, True, True, False]
 
 
-def test_publish_limit_spends_tokens_only_on_publishes(clock):
+def test_publish_limit_refuses_past_the_rate_with_err_per_client(clock):
     limit = PublishLimit(rate=1.0, burst=1, clock=clock)
-    bucket = limit.bucket()
-    assert limit.refusal(bucket, "subscribe") is None
-    assert limit.refusal(bucket, "publish") is None
-    error = limit.refusal(bucket, "spublish")
-    assert error is not None
-    assert "publish rate limit" in error.message and "1 publishes per second" in error.message
+    alice, bob = MiddlewareClient("resp", 1, "a:1"), MiddlewareClient("websocket", 2, "b:2")
+    assert limit.on_publish(alice, Kind.CHANNEL, b"a", b"x") is None
+    with pytest.raises(Refused) as refused:
+        limit.on_publish(alice, Kind.SHARD, b"a", b"x")
+    assert refused.value.code == "ERR"
+    assert str(refused.value).startswith(
+        "publish rate limit exceeded: at most 1 publishes per second"
+    )
+    assert limit.on_publish(bob, Kind.CHANNEL, b"a", b"x") is None  # a bucket each
     assert limit.refused == 1
     clock.advance(1)
-    assert limit.refusal(bucket, "publish") is None
+    assert limit.on_publish(alice, Kind.CHANNEL, b"a", b"x") is None
 
 
-class _Nobody:
-    encoder = None
-
-    def deliver(self, frame):
-        raise AssertionError("nobody subscribed")
-
-
-def test_a_malformed_publish_spends_no_token(clock):
-    # The command layer asks only once lookup and arity passed.
-    engine = Engine()
-    limit = PublishLimit(rate=1.0, burst=1, clock=clock)
-    session = Session(engine, engine.register(_Nobody()), bucket=limit.bucket())
-    assert execute(session, [b"PUBLISH", b"a"])[0].message.startswith("ERR wrong number")
-    assert execute(session, [b"PUBLISH", b"a", b"x"]) == [Reply(0)]
-    assert execute(session, [b"PUBLISH", b"a", b"x"])[0].message.startswith(
-        "ERR publish rate limit"
-    )
+def test_only_well_formed_publishes_spend_a_token(make_resp):
+    # The middlewares are asked once lookup and arity passed, about publishes only.
+    client = resp_client(make_resp(publish_rate=1, publish_burst=1))
+    assert client.call("PUBLISH", "a").startswith(b"-ERR wrong number")
+    assert client.call("PING") == b"+PONG\r\n"
+    assert client.call("PUBLISH", "a", "x") == b":0\r\n"
+    assert client.call("PUBLISH", "a", "x").startswith(b"-ERR publish rate limit")
 
 
-def test_publish_limit_off_and_its_default_burst(clock):
-    assert PublishLimit(0.0, 0, clock).bucket() is None
-    assert PublishLimit(0.0, 0, clock).refusal(None, "publish") is None
+def test_publish_limit_off_and_its_default_burst(make_resp, clock):
+    assert make_resp().middleware is None  # no policy on: no chain at all
+    assert make_resp(publish_rate=1).middleware is not None
     assert PublishLimit(50.0, 0, clock).burst == 50
     assert PublishLimit(0.5, 0, clock).burst == 1
 
@@ -243,12 +238,12 @@ def test_a_refused_origin_is_accepted_then_closed_with_1008_naming_it(make_facto
     assert refused.response.startswith(b"HTTP/1.1 101")
     assert closes(refused) == [(1008, "origin not allowed: https://evil.example")]
     assert factory.engine.client_count == 0
-    assert factory.origin_refusals == 1
+    assert factory.origins.refused == 1
     allowed = Connection(factory, extra="Origin: https://app.example.com\r\n")
     assert allowed.call("PING") == [["pong", ""]]
     no_origin = Connection(factory)
     assert no_origin.call("PING") == [["pong", ""]]
-    assert factory.origin_refusals == 1
+    assert factory.origins.refused == 1
 
 
 def test_a_long_refused_origin_still_makes_a_valid_close_frame(make_factory):
@@ -359,7 +354,7 @@ def test_the_front_refuses_connections_past_the_per_address_limit(make_factory, 
     assert first.value().startswith(b"HTTP/1.1 101")
     third = connect_from(front, "10.0.0.1")  # refused before it sends a byte
     assert third.value().startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
-    assert third.value().endswith(b"too many connections from your address\n")
+    assert third.value().endswith(b"max number of clients reached for this address\n")
     assert third.disconnecting
     other = connect_from(front, "10.0.0.2", wsframes.handshake())
     assert other.value().startswith(b"HTTP/1.1 101")
@@ -401,7 +396,7 @@ def test_without_a_per_address_limit_the_front_steps_aside(make_factory, clock):
     front = front_for(make_factory(), clock)
     transport = connect_from(front, "10.0.0.1", wsframes.handshake())
     assert type(transport.protocol).__name__ != "_Front"
-    assert front.peers.open_from("10.0.0.1") == 0
+    assert front.chain is None
 
 
 # -- RESP -------------------------------------------------------------------------------------
