@@ -81,10 +81,12 @@ class Port:
             *([Tokens(settings.open_handshake_timeout)] if self.authenticator else []),
             *([self.publish_limit] if self.publish_limit.rate else []),
         ]
-        #: Every middleware of the port (pubsub.policy.middleware), or None.
-        self.middleware = Chain.build(
-            [*builtins, *middleware], reactor, settings.middleware_timeout
-        )
+        #: Every middleware of the port (pubsub.policy.middleware), or None
+        #: without any: its counters, and what asks about addresses.
+        self.chain = Chain.build([*builtins, *middleware], reactor, settings.middleware_timeout)
+        #: The chain when it has a say in what clients do (any hook but
+        #: on_accept and on_close), else None: what each command tests.
+        self.middleware = self.chain if self.chain is not None and self.chain.hosts else None
         #: Open connections.
         self.connections: set[Any] = set()
         #: Connections cut off by the output buffer limits since start-up.

@@ -142,12 +142,12 @@ def _policy_figures(factories: list[Port], websocket: PubSubServerFactory) -> It
         (
             "pubsub_middleware_refusals",
             "Connections, clients and commands a middleware refused, built-in policies included",
-            lambda f: f.middleware.refusals if f.middleware is not None else 0,
+            lambda f: f.chain.refusals if f.chain is not None else 0,
         ),
         (
             "pubsub_middleware_failures",
             "Middleware answers that failed or came too late: the command or client was refused",
-            lambda f: f.middleware.failures if f.middleware is not None else 0,
+            lambda f: f.chain.failures if f.chain is not None else 0,
         ),
     )
     for name, doc, value in counters:

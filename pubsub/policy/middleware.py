@@ -140,6 +140,11 @@ class Chain:
         self._publish = _overriding(middlewares, "on_publish")
         self._refused = _overriding(middlewares, "on_refused")
         self._disconnect = _overriding(middlewares, "on_disconnect")
+        #: Whether a middleware has a say once a client is hosted (every
+        #: hook but on_accept and on_close): else its clients need no Client.
+        self.hosts = any(
+            (self._connect, self._subscribe, self._publish, self._refused, self._disconnect)
+        )
         #: Connections, clients and commands refused by a middleware (the
         #: built-in ones included), since start-up.
         self.refusals = 0

@@ -165,7 +165,7 @@ class RespProtocol(HostedClient, Protocol):
             self.transport.write(b"-ERR max number of clients reached\r\n")
             self.transport.loseConnection()
             return
-        chain = factory.middleware
+        chain = factory.chain
         if chain is not None and chain.accepts:
             host = peer_host(self.transport.getPeer())
             refusal = chain.accept(host)
@@ -181,7 +181,7 @@ class RespProtocol(HostedClient, Protocol):
         if set_no_delay is not None:
             set_no_delay(True)
         guard = self._host()
-        if chain is not None and self.session is not None:
+        if factory.middleware is not None and self.session is not None:
             self._admit(Client("resp", self.session.client_id, self._peer(), guard=guard))
 
     def _new_session(self, client_id: int, guard: Guard | None) -> RespSession:
@@ -195,7 +195,7 @@ class RespProtocol(HostedClient, Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         if self._counted_as is not None:
-            self.factory.middleware.close(self._counted_as)  # type: ignore[union-attr]
+            self.factory.chain.close(self._counted_as)  # type: ignore[union-attr]
             self._counted_as = None
         self._closing = True
         self._unhost()

@@ -176,7 +176,7 @@ class FrontFactory(Factory):
         self.clock = clock
         self.resource: PubSubResource = site.resource
         #: The pub/sub port's middlewares, when some screen addresses (else None).
-        chain: Chain | None = self.resource.factory.middleware
+        chain: Chain | None = self.resource.factory.chain
         self.chain = chain if chain is not None and chain.accepts else None
         #: Connections still sending their request's head, cut off after the
         #: site's timeout (``open_handshake_timeout``).

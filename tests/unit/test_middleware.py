@@ -474,7 +474,7 @@ def test_an_address_refused_on_accept_is_told_before_a_byte_is_read_on_both_port
     assert allowed.value().startswith(b"HTTP/1.1 101")
     allowed.protocol.connectionLost(Failure(ConnectionDone()))
     assert blocking.calls[-2:] == [("accept", "10.0.0.1"), ("close", "10.0.0.1")]
-    assert websocket.middleware.refusals == 1 and redis.middleware.refusals == 1
+    assert websocket.chain.refusals == 1 and redis.chain.refusals == 1
 
 
 def test_an_on_accept_that_fails_or_answers_later_refuses_and_is_logged(ports, monkeypatch):
@@ -496,7 +496,7 @@ def test_an_on_accept_that_fails_or_answers_later_refuses_and_is_logged(ports, m
             b"-ERR the server's middleware failed; connection refused\r\n"
         )
     assert [e["log_failure"].type for e in logged] == [KeyError, TypeError]
-    assert redis.middleware.failures == 2
+    assert redis.chain.failures == 2
 
 
 def test_the_built_in_policies_come_first_and_their_refusals_are_observed(ports, clock):

@@ -112,8 +112,11 @@ def test_only_well_formed_publishes_spend_a_token(make_resp):
 
 
 def test_publish_limit_off_and_its_default_burst(make_resp, clock):
-    assert make_resp().middleware is None  # no policy on: no chain at all
+    assert make_resp().chain is None  # no policy on: no chain at all
     assert make_resp(publish_rate=1).middleware is not None
+    # A chain that only screens addresses has no say in commands.
+    per_address = make_resp(max_connections_per_ip=5)
+    assert per_address.chain is not None and per_address.middleware is None
     assert PublishLimit(50.0, 0, clock).burst == 50
     assert PublishLimit(0.5, 0, clock).burst == 1
 
