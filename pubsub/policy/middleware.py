@@ -61,7 +61,7 @@ from pubsub.core.vocabulary import Kind
 from pubsub.operations.config import ConfigError
 from pubsub.policy.hooks import Client, Middleware, Refused
 
-__all__ = ["Chain", "Client", "Middleware", "Refused", "load"]
+__all__ = ["Chain", "Client", "Middleware", "Refused", "load", "pending"]
 
 _log = Logger()
 
@@ -98,6 +98,16 @@ def _now_or_later(answer: defer.Deferred[Any]) -> tuple[Any, defer.Deferred[Any]
         return now[0], None
     later = defer.Deferred(lambda _: answer.cancel())
     return None, later
+
+
+def pending(decision: Any) -> bool:
+    """Whether a decision of the chain is a Deferred, still to come.
+
+    The chain makes each of those itself, a plain Deferred, so its type
+    says: ``isinstance`` would cost an ABC check (a Deferred is an
+    ``Awaitable``) on every connect and command.
+    """
+    return type(decision) is defer.Deferred
 
 
 def _late(result: Any, timeout: float) -> Failure:
@@ -195,14 +205,15 @@ class Chain:
 
     def connect(self, client: Client) -> Any:
         """None to accept ``client``, else the :class:`Refused` that turns it
-        away (a Deferred of either once a middleware answers later)."""
+        away (a Deferred of either once a middleware answers later: see
+        :func:`pending`)."""
         steps = [_step(hook, client) for hook in self._connect]
         return self._decide(steps, None, client, "connect", "ERR")
 
     def screen(self, client: Client, name: str, args: Sequence[bytes]) -> Any:
         """The verdict on the resolved command ``name`` with ``args``: None
         (run it as asked), new arguments (a payload replaced), the Error the
-        client is answered with, or a Deferred of one of them."""
+        client is answered with, or a Deferred of one of them (see :func:`pending`)."""
         kind = _SUBSCRIBERS.get(name)
         if kind is not None:
             if not self._subscribe:
@@ -236,7 +247,7 @@ class Chain:
             outcome = self._go_on(iter(steps), value)
         except Exception as error:  # noqa: BLE001 - a refusal or a fault: told, never raised
             return self._refusal(Failure(error), client, what, code)
-        if isinstance(outcome, defer.Deferred):
+        if pending(outcome):
             # Whatever the cancelled Deferred fails with (an HTTP client's
             # own errors, say), it is late.
             outcome.addTimeout(self._timeout, self._clock, onTimeoutCancel=_late)
@@ -322,7 +333,7 @@ class Chain:
         except Exception:  # noqa: BLE001 - an observer's fault is logged, never the client's
             _log.failure("middleware observer {hook} failed", hook=hook)
             return
-        if isinstance(result, defer.Deferred):
+        if result is not None and isinstance(result, defer.Deferred):
             result.addErrback(
                 lambda failure: _log.failure(
                     "middleware observer {hook} failed", failure, hook=hook
