@@ -32,7 +32,7 @@ from pubsub.hosting.outbox import Flusher, OutboxProducer, OutputLimits
 from pubsub.operations.config import Settings
 from pubsub.policy.auth import Authenticator, Guard, Tokens
 from pubsub.policy.limits import IdleTimer, PeerCounter, PublishLimit
-from pubsub.policy.middleware import Chain, Client, Refused, pending
+from pubsub.policy.middleware import Chain, Client, Refused
 
 __all__ = ["HostedClient", "Port"]
 
@@ -161,7 +161,7 @@ class HostedClient(OutboxProducer):
         """Ask the port's middlewares whether ``client`` (hosted) may stay."""
         self._client = client
         verdict = self.factory.middleware.connect(client)  # type: ignore[union-attr]
-        if pending(verdict):
+        if type(verdict) is defer.Deferred:  # the chain's own: see Chain.screen
             self._wait(verdict.addCallback(self._admitted))
         else:
             self._admitted(verdict)
@@ -188,7 +188,7 @@ class HostedClient(OutboxProducer):
         chain, client = self.factory.middleware, self._client
         assert chain is not None and client is not None  # only called when admitted
         verdict = chain.screen(client, command.name, args)
-        if pending(verdict):
+        if type(verdict) is defer.Deferred:  # the chain's own: see Chain.screen
             return verdict.addCallback(self._run_verdict, command, args)
         return self._run_verdict(verdict, command, args)
 

@@ -61,7 +61,7 @@ from pubsub.core.vocabulary import Kind
 from pubsub.operations.config import ConfigError
 from pubsub.policy.hooks import Client, Middleware, Refused
 
-__all__ = ["Chain", "Client", "Middleware", "Refused", "load", "pending"]
+__all__ = ["Chain", "Client", "Middleware", "Refused", "load"]
 
 _log = Logger()
 
@@ -100,23 +100,12 @@ def _now_or_later(answer: defer.Deferred[Any]) -> tuple[Any, defer.Deferred[Any]
     return None, later
 
 
-def pending(decision: Any) -> bool:
-    """Whether a decision of the chain is a Deferred, still to come.
-
-    The chain makes each of those itself, a plain Deferred, so its type
-    says: ``isinstance`` would cost an ABC check (a Deferred is an
-    ``Awaitable``) on every connect and command.
-    """
-    return type(decision) is defer.Deferred
-
-
 def _late(result: Any, timeout: float) -> Failure:
     return Failure(defer.TimeoutError(f"no answer within {timeout:g} s"))
 
 
-def _step(hook: Callable[..., Any], *args: Any) -> Callable[[Any], Any]:
-    """``hook(*args)`` as a step that does not read the value so far."""
-    return lambda _value: hook(*args)
+#: One step of a decision: a hook and its arguments (a publish's payload apart).
+_Step = tuple[Callable[..., Any], tuple[Any, ...]]
 
 
 def _overriding(middlewares: Sequence[Any], hook: str) -> list[Callable[..., Any]]:
@@ -205,59 +194,56 @@ class Chain:
 
     def connect(self, client: Client) -> Any:
         """None to accept ``client``, else the :class:`Refused` that turns it
-        away (a Deferred of either once a middleware answers later: see
-        :func:`pending`)."""
-        steps = [_step(hook, client) for hook in self._connect]
+        away (a Deferred of either once a middleware answers later)."""
+        steps = [(hook, (client,)) for hook in self._connect]
         return self._decide(steps, None, client, "connect", "ERR")
 
     def screen(self, client: Client, name: str, args: Sequence[bytes]) -> Any:
         """The verdict on the resolved command ``name`` with ``args``: None
         (run it as asked), new arguments (a payload replaced), the Error the
-        client is answered with, or a Deferred of one of them (see :func:`pending`)."""
+        client is answered with, or a Deferred of one of them.
+
+        Every Deferred the chain answers with is a plain one it made, so a
+        caller tells it by its type: ``isinstance`` would cost an ABC check
+        (a Deferred is an ``Awaitable``) on every command."""
         kind = _SUBSCRIBERS.get(name)
         if kind is not None:
             if not self._subscribe:
                 return None
             # Each middleware in its turn, on every name.
             steps = [
-                _step(hook, client, kind, channel)
-                for hook in self._subscribe
-                for channel in args[1:]
+                (hook, (client, kind, channel)) for hook in self._subscribe for channel in args[1:]
             ]
             return self._decide(steps, None, client, name, "NOPERM")
         kind = _PUBLISHERS.get(name)
         if kind is None or not self._publish:
             return None
-        channel = args[1]
-
-        def publishing(hook: Callable[..., Any]) -> Callable[[Any], Any]:
-            return lambda current: hook(client, kind, channel, current[2])
-
+        steps = [(hook, (client, kind, args[1])) for hook in self._publish]
         return self._decide(
-            [publishing(hook) for hook in self._publish], list(args), client, name, "NOPERM"
+            steps, args if type(args) is list else list(args), client, name, "NOPERM"
         )
 
-    def _decide(
-        self, steps: list[Callable[[Any], Any]], value: Any, client: Client, what: str, code: str
-    ) -> Any:
-        """Run ``steps`` in order on ``value``: its final form (a payload
-        replaced), or an Error (a :class:`Refused`, refusing a client); a
-        Deferred of either once a step answers later."""
+    def _decide(self, steps: list[_Step], value: Any, client: Client, what: str, code: str) -> Any:
+        """Run ``steps`` in order on ``value``: its final form (a publish's
+        arguments, the payload maybe replaced), or an Error (a
+        :class:`Refused`, refusing a client); a Deferred of either once a
+        step answers later."""
         try:
             outcome = self._go_on(iter(steps), value)
         except Exception as error:  # noqa: BLE001 - a refusal or a fault: told, never raised
             return self._refusal(Failure(error), client, what, code)
-        if pending(outcome):
+        if type(outcome) is defer.Deferred:  # _go_on's own
             # Whatever the cancelled Deferred fails with (an HTTP client's
             # own errors, say), it is late.
             outcome.addTimeout(self._timeout, self._clock, onTimeoutCancel=_late)
             outcome.addErrback(self._refusal, client, what, code)
         return outcome
 
-    def _go_on(self, steps: Iterator[Callable[[Any], Any]], value: Any) -> Any:
+    def _go_on(self, steps: Iterator[_Step], value: Any) -> Any:
         """The steps left, from ``value``: a value, or a Deferred once one answers later."""
-        for step in steps:
-            result = step(value)
+        for hook, args in steps:
+            # A publish's hooks get its payload as the ones before left it.
+            result = hook(*args) if value is None else hook(*args, value[2])
             if result is None:
                 continue  # allowed, as it was: the built-in policies' answer
             if inspect.isawaitable(result) and not isinstance(result, defer.Deferred):
