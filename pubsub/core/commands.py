@@ -459,7 +459,7 @@ def refused(session: Any, command: Command) -> Error | None:
     name and arity, before anything else (its ACLs next, where a port's
     middlewares decide: :mod:`pubsub.policy.middleware`)."""
     guard = session.guard
-    if guard is None:
-        return None  # no tokens in use: nothing to pay per command
+    if guard is None or guard.authenticated:
+        return None  # no tokens in use, or logged in: nothing more to pay per command
     refusal = guard.check(command.name.partition("|")[0])
     return None if refusal is None else Error(refusal)
