@@ -22,6 +22,11 @@ Data, all keyed by bytes exactly as Redis keys them:
 A publish encodes its message once per encoder (one per transport kind), not
 once per receiver, and hands the same frame to each receiver's ``deliver``.
 
+An optional :class:`~pubsub.core.history.History` keeps the recent messages
+of the channels it covers: a publish on one of them gets a position, which
+the channel's subscribers' encoders are given (``message_at``) for the
+clients that asked to see it.
+
 Two small hooks let a host carry Pub/Sub beyond this process without the
 engine knowing how: an optional :class:`Relay` is told when a channel,
 pattern or shard channel gets its first subscriber or loses its last, and of
@@ -41,6 +46,7 @@ from typing import Any, Protocol, TypeAlias
 from sortedcontainers import SortedSet  # type: ignore[import-untyped]
 
 from pubsub.core.glob import Matcher, compile_pattern, literal_prefix
+from pubsub.core.history import History, Position
 from pubsub.core.vocabulary import Kind
 
 __all__ = ["Encoder", "Engine", "Kind", "Relay", "Subscriber", "UnknownClient"]
@@ -71,6 +77,11 @@ class Encoder(Protocol):
     def pmessage(self, pattern: bytes, channel: bytes, payload: bytes) -> Any: ...
 
     def smessage(self, channel: bytes, payload: bytes) -> Any: ...
+
+    def message_at(self, channel: bytes, payload: bytes, position: Position) -> Any:
+        """A ``message`` whose channel keeps a history, with its ``position``
+        (for the clients that asked for positions; others ignore it)."""
+        ...
 
 
 class Subscriber(Protocol):
@@ -166,6 +177,8 @@ class Engine:
         self.deliveries = 0
         #: Told of first/last subscribers and of every publish; None: this node only.
         self.relay: Relay | None = None
+        #: The recent messages of the channels it covers; None: none kept.
+        self.history: History | None = None
 
     # -- clients -----------------------------------------------------------
 
@@ -349,8 +362,13 @@ class Engine:
         payload = _as_bytes(payload)
         receivers = 0
         client_ids = self._channels.get(channel)
+        history = self.history
+        position = history.append(channel, payload) if history is not None else None
         if client_ids:
-            receivers += self._fan_out(client_ids, _CHANNEL.message, channel, payload)
+            if position is None:
+                receivers += self._fan_out(client_ids, _CHANNEL.message, channel, payload)
+            else:
+                receivers += self._fan_out(client_ids, "message_at", channel, payload, position)
         if self._pattern_index:
             for pattern in self._matching_patterns(channel):
                 receivers += self._fan_out(
@@ -413,7 +431,7 @@ class Engine:
         matched.sort()
         return matched
 
-    def _fan_out(self, client_ids: ClientIds, message_type: str, *fields: bytes) -> int:
+    def _fan_out(self, client_ids: ClientIds, message_type: str, *fields: Any) -> int:
         """Hand each subscriber in ``client_ids`` the frame its encoder's
         ``message_type`` method builds of ``fields`` (built once per encoder)."""
         clients = self._clients

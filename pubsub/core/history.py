@@ -26,7 +26,9 @@ Four bounds keep the memory finite, each for its own reason:
 * ``ttl`` seconds per message: recovery is for short disconnections, and a
   message older than that is of no use.  Expired messages are trimmed at the
   head of a stream whenever the stream is appended to or read, and by
-  :meth:`History.expire`, which a host calls from a timer;
+  :meth:`History.expire`, which :meth:`History.append` runs once every
+  ``min(ttl, 10)`` seconds (no timer: with no publish at all nothing new is
+  kept either, and ``max_bytes`` bounds what is);
 * ``max_bytes`` over all streams (:data:`MESSAGE_OVERHEAD` included per
   message): when passed, the oldest messages of the streams published to least
   recently go first, counted in ``evicted``;
@@ -179,6 +181,11 @@ class History:
         self.stored_messages = 0
         self.stored_bytes = 0
         self.evicted = 0
+        #: Answers of since(): recovered, and not (for the metrics).
+        self.recoveries = 0
+        self.failed_recoveries = 0
+        self._sweep_every = min(ttl, 10.0)
+        self._next_sweep = clock() + self._sweep_every
 
     @property
     def stream_count(self) -> int:
@@ -207,6 +214,9 @@ class History:
         if not self.keeps(channel):
             return None
         now = self._clock()
+        if now >= self._next_sweep:
+            self._next_sweep = now + self._sweep_every
+            self.expire()
         streams = self._streams
         stream = streams.get(channel)
         if stream is None:
@@ -252,14 +262,20 @@ class History:
         """
         stream = self._streams.get(channel)
         if stream is None:
-            return Recovery([], None, position.offset == 0)
+            if position.offset == 0:
+                self.recoveries += 1
+                return Recovery([], None, True)
+            self.failed_recoveries += 1
+            return Recovery([], None, False)
         self._trim_expired(channel, stream, self._clock() - self._ttl)
         top = stream.next_offset - 1
         first = stream.next_offset - len(stream.messages)
         offset = position.offset
         same_epoch = position.epoch == stream.epoch or (offset == 0 and position.epoch == "")
         if same_epoch and 0 <= offset <= top and offset >= first - 1:
+            self.recoveries += 1
             return Recovery(stream.last(top - offset), stream.top(), True)
+        self.failed_recoveries += 1
         return Recovery(stream.last(len(stream.messages)), stream.top(), False)
 
     def recent(self, channel: bytes, limit: int) -> Recovery:

@@ -28,6 +28,7 @@ from twisted.logger import Logger
 
 from pubsub.core.commands import Command, Error, Limits, Result, Session, refused, resolve
 from pubsub.core.engine import Encoder, Engine
+from pubsub.core.history import History
 from pubsub.hosting.outbox import Flusher, OutboxProducer, OutputLimits
 from pubsub.operations.config import Settings
 from pubsub.policy.auth import Authenticator, Guard, Tokens
@@ -73,6 +74,16 @@ class Port:
         #: Connections per address on this port.
         self.peers = PeerCounter(settings.max_connections_per_ip)
         self.publish_limit = PublishLimit.from_settings(settings, reactor)
+        globs = settings.history_globs()
+        if globs and self.engine.history is None:  # the first port of the engine makes it
+            self.engine.history = History(
+                globs,
+                settings.history_size,
+                settings.history_ttl,
+                settings.history_max_bytes,
+                settings.history_max_channels,
+                reactor.seconds,
+            )
         # The built-in policies the settings turn on, as middlewares, in
         # the order Redis would check them, before the application's.
         builtins = [

@@ -129,6 +129,23 @@ class Settings:
         "Seconds a subscribe decision of middleware_url is reused for the same subject, "
         "kind and name; 0: never",
     )
+    history_channels: str = _setting(
+        "",
+        "Channels (Redis globs, comma-separated) whose recent messages are kept for clients "
+        "that reconnect (RESUME, HISTORY); empty: none",
+    )
+    history_size: int = _setting(100, "Messages kept per channel of history_channels")
+    history_ttl: float = _setting(300.0, "Seconds a message stays in a channel's history")
+    history_max_bytes: int = _setting(
+        64 * 1024 * 1024,
+        "Bytes the history of all channels may hold; past it the channels published to "
+        "least recently lose their oldest messages",
+    )
+    history_max_channels: int = _setting(
+        10_000,
+        "Channels with a history at once; past it the one published to least recently "
+        "loses its history",
+    )
     ping_interval: float = _setting(
         30.0, "Seconds between WebSocket pings the server sends to each client; 0: none"
     )
@@ -191,10 +208,33 @@ class Settings:
                 "setting middleware_timeout must be a positive number of seconds, "
                 f"got {self.middleware_timeout}"
             )
+        self._check_history()
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(
                 f"setting log_format must be one of {', '.join(LOG_FORMATS)}, "
                 f"got {self.log_format!r}"
+            )
+
+    def history_globs(self) -> list[bytes]:
+        """The history_channels setting's globs."""
+        return [g.strip().encode("utf-8") for g in self.history_channels.split(",") if g.strip()]
+
+    def _check_history(self) -> None:
+        if not self.history_globs():
+            return
+        if not math.isfinite(self.history_ttl) or self.history_ttl <= 0:
+            raise ConfigError(
+                f"setting history_ttl must be a positive number of seconds, got {self.history_ttl}"
+            )
+        for name in ("history_size", "history_max_bytes", "history_max_channels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"setting {name} must be at least 1 with history_channels set")
+        if self.backplane.strip():
+            # Each node would keep only the messages published on it, and
+            # positions would not agree across nodes: refused, not half done.
+            raise ConfigError(
+                "setting history_channels cannot be used with a backplane yet: "
+                "a node's history would miss what other nodes publish"
             )
 
     def _check_backplane_health(self) -> None:

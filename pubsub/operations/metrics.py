@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from pubsub.core.history import History
 from pubsub.hosting.port import Port
 from pubsub.websocket.protocol import EchoServerFactory, PubSubServerFactory
 
@@ -237,6 +238,38 @@ class _Figures:
         )
         if self._health.backplane is not None:
             yield from _backplane_figures(self._health.backplane)
+        if engine.history is not None:
+            yield from _history_figures(engine.history)
+
+
+def _history_figures(history: History) -> Iterator[Any]:
+    """What the history of history_channels holds, and what became of recoveries."""
+    yield GaugeMetricFamily(
+        "pubsub_history_messages",
+        "Messages kept in channels' history",
+        value=history.stored_messages,
+    )
+    yield GaugeMetricFamily(
+        "pubsub_history_bytes",
+        "Bytes the history holds, as history_max_bytes counts them",
+        value=history.stored_bytes,
+    )
+    yield GaugeMetricFamily(
+        "pubsub_history_channels",
+        "Channels with a history (their messages, or only their position)",
+        value=history.stream_count,
+    )
+    yield CounterMetricFamily(
+        "pubsub_history_evicted",
+        "Messages dropped from the history early to stay within history_max_bytes",
+        value=history.evicted,
+    )
+    recoveries = CounterMetricFamily(
+        "pubsub_recoveries", "RESUMEs from a position, by result", labels=["result"]
+    )
+    recoveries.add_metric(["recovered"], history.recoveries)
+    recoveries.add_metric(["failed"], history.failed_recoveries)
+    yield recoveries
 
 
 #: The backplane's counters: (name, help, attribute).

@@ -91,6 +91,10 @@ class _Frames:
             payload,
         )
 
+    def message_at(self, channel: bytes, payload: bytes, position: Any) -> bytes:
+        # RESP clients see exactly Redis's message: no position.
+        return self.message(channel, payload)
+
     def smessage(self, channel: bytes, payload: bytes) -> bytes:
         return b"%s3\r\n$8\r\nsmessage\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
             self._head,

@@ -281,6 +281,19 @@ def test_expire_drops_expired_messages_and_counts_them() -> None:
     assert history.expire() == 0
 
 
+def test_appends_expire_other_streams_every_ttl_or_ten_seconds() -> None:
+    history, clock = make_history(ttl=30.0)
+    history.append(b"news.a", b"old")
+    clock.now += 31
+    history.append(b"news.b", b"x")  # past the first sweep: news.a's message goes
+    assert history.stored_messages == 1
+    top = history.top(b"news.a")
+    assert top is not None and history.since(b"news.a", top).recovered
+    assert (history.recoveries, history.failed_recoveries) == (1, 0)
+    assert not history.since(b"news.a", Position("other", 1)).recovered
+    assert (history.recoveries, history.failed_recoveries) == (1, 1)
+
+
 def test_a_stream_whose_messages_all_expired_keeps_its_position() -> None:
     history, clock = make_history(ttl=10.0)
     history.append(b"news.x", b"a")
@@ -431,12 +444,16 @@ class ModelStream:
 class Model:
     """History's rules written the slow, obvious way: lists and full scans."""
 
-    def __init__(self, size: int, ttl: float, max_bytes: int, max_channels: int) -> None:
+    def __init__(
+        self, size: int, ttl: float, max_bytes: int, max_channels: int, now: float
+    ) -> None:
         self.size, self.ttl, self.max_bytes, self.max_channels = size, ttl, max_bytes, max_channels
         self.streams: dict[bytes, ModelStream] = {}
         self.order: list[bytes] = []  # least recently published first
         self.epochs = itertools.count(1)
         self.evicted = 0
+        self.recoveries = self.failed_recoveries = 0
+        self.next_sweep = now + min(ttl, 10.0)
 
     @staticmethod
     def keeps(channel: bytes) -> bool:
@@ -455,6 +472,9 @@ class Model:
     def append(self, channel: bytes, payload: bytes, now: float) -> Position | None:
         if not self.keeps(channel):
             return None
+        if now >= self.next_sweep:  # append's own expire(), every min(ttl, 10) s
+            self.next_sweep = now + min(self.ttl, 10.0)
+            self.expire(now)
         if channel not in self.streams:
             if len(self.streams) >= self.max_channels:
                 del self.streams[self.order.pop(0)]
@@ -475,6 +495,14 @@ class Model:
         return Position(stream.epoch, stream.top)
 
     def since(self, channel: bytes, position: Position, now: float) -> Recovery:
+        recovery = self._since(channel, position, now)
+        if recovery.recovered:
+            self.recoveries += 1
+        else:
+            self.failed_recoveries += 1
+        return recovery
+
+    def _since(self, channel: bytes, position: Position, now: float) -> Recovery:
         if channel not in self.streams:
             return Recovery([], None, position.offset == 0)
         self.trim(channel, now)
@@ -548,7 +576,7 @@ class HistoryMachine(RuleBasedStateMachine):
             clock=self.clock,
             new_epoch=lambda: f"e{next(epochs)}",
         )
-        self.model = Model(size, ttl, max_bytes, max_channels)
+        self.model = Model(size, ttl, max_bytes, max_channels, self.clock.now)
 
     @rule(channel=st.sampled_from(CHANNELS), payload=st.binary(max_size=6))
     def append(self, channel: bytes, payload: bytes) -> None:
@@ -590,6 +618,10 @@ class HistoryMachine(RuleBasedStateMachine):
         assert history.stored_bytes == model.stored_bytes()
         assert history.stream_count == len(model.streams)
         assert history.evicted == model.evicted
+        assert (history.recoveries, history.failed_recoveries) == (
+            model.recoveries,
+            model.failed_recoveries,
+        )
         assert history.stored_bytes <= model.max_bytes
         assert history.stream_count <= model.max_channels
         for channel in CHANNELS:
