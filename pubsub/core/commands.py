@@ -26,6 +26,7 @@ __all__ = [
     "Command",
     "Confirm",
     "Error",
+    "Frame",
     "Limits",
     "Pong",
     "Reply",
@@ -98,7 +99,19 @@ class Error:
     message: str
 
 
-Result = Confirm | Reply | Pong | Error
+@dataclass(frozen=True)
+class Frame:
+    """A frame of one of this server's own extensions, as ``[kind, *fields]``
+    (the JSON protocol's recovery frames: docs/protocol.md).  Fields are
+    bytes (sent as text or base64, as payloads are), ints, strings, None,
+    and lists or dicts of these.  No RESP command answers with one.
+    """
+
+    kind: str
+    fields: tuple[Any, ...]
+
+
+Result = Confirm | Reply | Pong | Error | Frame
 
 _ERROR_KINDS = (
     ("Protocol error", "protocol"),

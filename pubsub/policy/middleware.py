@@ -15,7 +15,8 @@ WebSocket and RESP clients alike:
   close code, 1008 unless it says otherwise, with the reason; RESP:
   ``-ERR <reason>``, then the connection closes);
 * ``on_subscribe(client, kind, name)`` for each name of a SUBSCRIBE,
-  PSUBSCRIBE or SSUBSCRIBE, after the command's lookup and arity and the
+  PSUBSCRIBE or SSUBSCRIBE (and the channel of the JSON protocol's RESUME
+  and HISTORY), after the command's lookup and arity and the
   server's own token and permission checks, as Redis checks its ACLs:
   raise :class:`Refused` to refuse the command (``-NOPERM <reason>``, or
   the refusal's own error code, and nothing is subscribed);
@@ -69,6 +70,9 @@ _log = Logger()
 #: The commands a middleware screens, and the kind of subscription or message each names.
 _SUBSCRIBERS = {kind.subscribe: kind for kind in Kind}
 _PUBLISHERS = {"publish": Kind.CHANNEL, "spublish": Kind.SHARD}
+#: The JSON protocol's commands that read one channel, its first argument
+#: (RESUME subscribes to it, HISTORY reads it): screened as a SUBSCRIBE of it.
+_READERS = {"resume": Kind.CHANNEL, "history": Kind.CHANNEL}
 
 
 def _now_or_later(answer: defer.Deferred[Any]) -> tuple[Any, defer.Deferred[Any] | None]:
@@ -207,12 +211,15 @@ class Chain:
         caller tells it by its type: ``isinstance`` would cost an ABC check
         (a Deferred is an ``Awaitable``) on every command."""
         kind = _SUBSCRIBERS.get(name)
+        names = args[1:]
+        if kind is None and name in _READERS:
+            kind, names = _READERS[name], args[1:2]
         if kind is not None:
             if not self._subscribe:
                 return None
             # Each middleware in its turn, on every name.
             steps = [
-                (hook, (client, kind, channel)) for hook in self._subscribe for channel in args[1:]
+                (hook, (client, kind, channel)) for hook in self._subscribe for channel in names
             ]
             return self._decide(steps, None, client, name, "NOPERM")
         kind = _PUBLISHERS.get(name)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from autobahn.websocket.compress import PerMessageDeflateOfferAccept
 
+from pubsub.core.history import Position
 from pubsub.websocket import json_codec
 
 __all__ = [
@@ -33,13 +34,24 @@ Framer = Callable[[bytes], bytes]
 
 
 class JsonFrames:
-    """An engine encoder: each delivery as JSON, turned into a frame by ``framer``."""
+    """An engine encoder: each delivery as JSON, turned into a frame by ``framer``.
 
-    def __init__(self, framer: Framer) -> None:
+    With ``positions``, the messages of channels with a history carry their
+    position (for the connections that used RESUME); without, they are
+    the plain ``message`` frames.
+    """
+
+    def __init__(self, framer: Framer, positions: bool = False) -> None:
         self._frame = framer
+        self.positions = positions
 
     def message(self, channel: bytes, payload: bytes) -> bytes:
         return self._frame(json_codec.message_frame(channel, payload))
+
+    def message_at(self, channel: bytes, payload: bytes, position: Position) -> bytes:
+        if self.positions:
+            return self._frame(json_codec.positioned_message_frame(channel, payload, position))
+        return self.message(channel, payload)
 
     def pmessage(self, pattern: bytes, channel: bytes, payload: bytes) -> bytes:
         return self._frame(json_codec.pmessage_frame(pattern, channel, payload))

@@ -20,7 +20,8 @@ from typing import Any
 
 import orjson
 
-from pubsub.core.commands import Confirm, Error, Pong, Reply, Result, lookup
+from pubsub.core.commands import Confirm, Error, Frame, Pong, Reply, Result, lookup
+from pubsub.core.history import Position
 from pubsub.core.wire import wire_value
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "encode_result",
     "message_frame",
     "pmessage_frame",
+    "positioned_message_frame",
     "smessage_frame",
     "wire_value",
 ]
@@ -90,6 +92,17 @@ def _wire_item(item: Any) -> Any:
     return wire_value(item) if isinstance(item, bytes) else item
 
 
+def _wire_deep(item: Any) -> Any:
+    """``item`` with every bytes in it, however deep, as the wire writes bytes."""
+    if isinstance(item, bytes):
+        return wire_value(item)
+    if isinstance(item, list):
+        return [_wire_deep(value) for value in item]
+    if isinstance(item, dict):
+        return {key: _wire_deep(value) for key, value in item.items()}
+    return item
+
+
 def _frame(value: list[Any]) -> bytes:
     try:
         # orjson writes what _dumps writes (compact, UTF-8), in C.
@@ -117,11 +130,20 @@ def encode_result(result: Result) -> bytes:
         return _frame(["pong", wire_value(result.payload) if result.payload is not None else ""])
     if isinstance(result, Error):
         return _frame(["error", result.message])
+    if isinstance(result, Frame):
+        return _frame([result.kind, *(_wire_deep(field) for field in result.fields)])
     raise TypeError(f"not a command result: {result!r}")
 
 
 def message_frame(channel: bytes, payload: bytes) -> bytes:
     return _frame(["message", wire_value(channel), wire_value(payload)])
+
+
+def positioned_message_frame(channel: bytes, payload: bytes, position: Position) -> bytes:
+    """A ``message`` with its place in the channel's history, for the
+    clients that asked for positions (docs/protocol.md, Recovery)."""
+    where = {"epoch": position.epoch, "offset": position.offset}
+    return _frame(["message", wire_value(channel), wire_value(payload), where])
 
 
 def pmessage_frame(pattern: bytes, channel: bytes, payload: bytes) -> bytes:

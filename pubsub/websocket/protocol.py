@@ -35,7 +35,7 @@ from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 
 from pubsub import internals
-from pubsub.core.commands import COMMANDS, Error, error_kind, execute
+from pubsub.core.commands import Error, error_kind, execute
 from pubsub.core.engine import Engine
 from pubsub.core.vocabulary import (
     CLOSE_GOING_AWAY,
@@ -48,9 +48,11 @@ from pubsub.core.vocabulary import (
 from pubsub.hosting.port import HostedClient, Port
 from pubsub.hosting.timers import BatchedTimer
 from pubsub.operations.config import Settings
+from pubsub.policy.auth import Guard
 from pubsub.policy.limits import OriginPolicy
 from pubsub.policy.middleware import Client, Refused
 from pubsub.websocket import json_codec
+from pubsub.websocket.commands import WS_COMMANDS, WsSession
 from pubsub.websocket.framing import (
     DeflateAccept,
     JsonFrames,
@@ -168,6 +170,7 @@ class PubSubServerProtocol(HostedClient, LeanReader):
     factory: PubSubServerFactory
     encoder: JsonFrames
     _compressing = False  # permessage-deflate negotiated (set once open)
+    _compression: PerMessageDeflate | None = None
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         if not request.protocols:
@@ -192,6 +195,7 @@ class PubSubServerProtocol(HostedClient, LeanReader):
         # Only Autobahn's own handshake negotiates compression.
         compression = internals.compression(self) if self._autobahn_read else None
         self._compressing = compression is not None
+        self._compression = compression
         self.encoder = self.factory.encoder_for(compression)
         guard = self._host()
         # The policies (the origin, the handshake's token) and the
@@ -208,6 +212,16 @@ class PubSubServerProtocol(HostedClient, LeanReader):
                     guard,
                 )
             )
+
+    def _new_session(self, client_id: int, guard: Guard | None) -> WsSession:
+        factory = self.factory
+        return WsSession(factory.engine, client_id, factory.limits, self, guard)
+
+    def use_positions(self) -> None:
+        """From now on, messages of channels with a history carry their position."""
+        if not self.encoder.positions and self.session is not None:
+            self.encoder = self.factory.encoder_for(self._compression, positions=True)
+            self.factory.engine.set_encoder(self.session.client_id, self.encoder)
 
     def _revoke(self, reason: str) -> None:
         """Authentication ended or failed: close with the token's code and say why."""
@@ -289,9 +303,9 @@ class PubSubServerProtocol(HostedClient, LeanReader):
                 results: Any = [Error(str(error))]
             else:
                 if chain is None:
-                    results = execute(self.session, args)
+                    results = execute(self.session, args, WS_COMMANDS)
                 else:
-                    results = self._screened(args, COMMANDS)
+                    results = self._screened(args, WS_COMMANDS)
                     if type(results) is not list:
                         self._wait(results)
                         return
@@ -380,17 +394,32 @@ class PubSubServerFactory(Port, _ConfiguredFactory):
         #: Connections dropped for a missing pong since start-up.
         self.ping_timeouts = 0
         self.frames = JsonFrames(text_frame)
-        self._deflate_groups: dict[tuple[int, int], JsonFrames] = {}
+        self._encoders: dict[tuple[int, int, bool], JsonFrames] = {}
 
-    def encoder_for(self, compression: PerMessageDeflate | None) -> JsonFrames:
-        """The encoder shared by every connection that negotiated ``compression``."""
-        if compression is None:
+    def encoder_for(
+        self, compression: PerMessageDeflate | None, positions: bool = False
+    ) -> JsonFrames:
+        """The encoder shared by every connection that negotiated
+        ``compression`` and asked for ``positions`` or not."""
+        if compression is None and not positions:
             return self.frames
-        group = (compression.server_max_window_bits, compression.mem_level)
-        encoder = self._deflate_groups.get(group)
+        group = (
+            (0, 0)
+            if compression is None
+            else (
+                compression.server_max_window_bits,
+                compression.mem_level,
+            )
+        )
+        key = (*group, positions)
+        encoder = self._encoders.get(key)
         if encoder is None:
-            framer = deflating_framer(*group, self.settings.compression_min_size)
-            encoder = self._deflate_groups[group] = JsonFrames(framer)
+            framer = (
+                text_frame
+                if compression is None
+                else deflating_framer(*group, self.settings.compression_min_size)
+            )
+            encoder = self._encoders[key] = JsonFrames(framer, positions)
         return encoder
 
     def close_all(self, reason: str = REASON_SHUTDOWN) -> defer.Deferred[list[tuple[bool, Any]]]:

@@ -232,7 +232,7 @@ def test_an_internal_fault_closes_with_1011_and_is_logged(factory, monkeypatch):
     events = []
     monkeypatch.setattr(websocket, "_log", Logger(observer=events.append))
 
-    def broken(session, args):
+    def broken(session, args, table):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(websocket, "execute", broken)
