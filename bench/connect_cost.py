@@ -18,6 +18,7 @@ runs the end-of-turn flush).
     .venv/bin/python bench/connect_cost.py --trickle 60000 --autobahn   # read by Autobahn's reader
     .venv/bin/python bench/connect_cost.py --publishes 5000   # instead: PUBLISH to 10 subscribers
     .venv/bin/python bench/connect_cost.py --policies   # any of these, with every built-in policy on
+    .venv/bin/python bench/connect_cost.py --publishes 5000 --history   # the channel keeps a history
 
 With ``--trickle N`` it opens one connection instead and feeds it one masked
 PUBLISH text frame with an N-byte payload, one byte per ``dataReceived``, as
@@ -30,7 +31,10 @@ included.
 With ``--policies`` the server runs with every built-in policy on (tokens
 required, an origin allow-list, a publish rate and a per-address limit, none
 of them reached) and each client connects with a token in its URL and an
-allowed ``Origin``: what those policies cost on the way.
+allowed ``Origin``: what those policies cost on the way. With ``--history``
+the channels keep a history (``history_channels``) and the subscribers
+RESUME instead of SUBSCRIBE, so each delivery carries its position: what
+recovery costs a publish.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ import socket
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +122,12 @@ class _Transport:
     abortConnection = loseConnection
 
 
+#: SUBSCRIBE, or with --history RESUME (one channel at a time, positions on).
+_subscribe = b"SUBSCRIBE"
+
+
 def _subscribe_frame(channel: str) -> bytes:
-    return _command_frame(b'["SUBSCRIBE","%s"]' % channel.encode())
+    return _command_frame(b'["%s","%s"]' % (_subscribe, channel.encode()))
 
 
 def _command_frame(payload: bytes) -> bytes:
@@ -236,13 +245,17 @@ def main() -> None:
     parser.add_argument("--autobahn", action="store_true", help="--trickle to Autobahn's reader")
     parser.add_argument("--publishes", type=int, metavar="N", help="see above")
     parser.add_argument("--policies", action="store_true", help="see above")
+    parser.add_argument("--history", action="store_true", help="see above")
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # two sockets a connection
     settings = Settings(port="tcp:0", max_connections=100_000)
+    global _query, _origin, _subscribe
+    if args.history:
+        settings = replace(settings, history_channels="*")
+        _subscribe = b"RESUME"
     if args.policies:
-        global _query, _origin
-        settings = Settings(port="tcp:0", max_connections=100_000, **_POLICIES)
+        settings = replace(settings, **_POLICIES)
         claims = {"sub": "bench", "exp": time.time() + 86400, "subscribe": ["*"], "publish": ["*"]}
         _query = b"?token=" + jwt.encode(claims, _SECRET, algorithm="HS256").encode()
         _origin = b"Origin: https://app.example\r\n"

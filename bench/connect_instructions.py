@@ -26,6 +26,7 @@ checkout first on ``sys.path``.
     .venv/bin/python bench/connect_instructions.py                    # this checkout
     .venv/bin/python bench/connect_instructions.py --checkout ../old  # another one's code
     .venv/bin/python bench/connect_instructions.py --policies  # every built-in policy on
+    .venv/bin/python bench/connect_instructions.py --history   # channels with a history, RESUMEd
 
 Needs valgrind. Takes about a minute per seed.
 """
@@ -65,8 +66,11 @@ def main() -> None:
     parser.add_argument(
         "--policies", action="store_true", help="connect_cost.py --policies: tokens, origins, ..."
     )
+    parser.add_argument(
+        "--history", action="store_true", help="connect_cost.py --history: positions, RESUME"
+    )
     args = parser.parse_args()
-    extra = ["--policies"] if args.policies else []
+    extra = ["--policies"] * args.policies + ["--history"] * args.history
     checkout = args.checkout.resolve()
     python = args.python
     script = checkout / "bench" / "connect_cost.py"
