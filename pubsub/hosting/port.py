@@ -35,13 +35,32 @@ from pubsub.policy.auth import Authenticator, Guard, Tokens
 from pubsub.policy.limits import IdleTimer, PeerCounter, PublishLimit
 from pubsub.policy.middleware import Chain, Client, Refused
 
-__all__ = ["HostedClient", "Port"]
+__all__ = ["HostedClient", "HostedSession", "Port"]
 
 _log = Logger()
 
 
 def _fault(failure: Any) -> None:
     _log.failure("internal fault after a middleware answered", failure)
+
+
+class HostedSession(Session):
+    """A hosted client's session: the command layer's, plus its connection,
+    for the commands a transport has of its own (RESP's HELLO, the JSON
+    protocol's RESUME)."""
+
+    __slots__ = ("connection",)
+
+    def __init__(
+        self,
+        engine: Engine,
+        client_id: int,
+        limits: Limits,
+        connection: Any,
+        guard: Guard | None = None,
+    ) -> None:
+        super().__init__(engine, client_id, limits, guard)
+        self.connection = connection
 
 
 class Port:

@@ -20,17 +20,14 @@ from pubsub.core.commands import (
     COMMANDS,
     Command,
     Error,
-    Limits,
     Reply,
     Result,
-    Session,
     Status,
     Verbatim,
     authenticate,
     help_reply,
 )
-from pubsub.core.engine import Engine
-from pubsub.policy.auth import Guard
+from pubsub.hosting.port import HostedSession
 from pubsub.resp.reader import redis_int
 
 if TYPE_CHECKING:  # the protocol imports this module; the session only names it
@@ -43,21 +40,11 @@ __all__ = ["REDIS_VERSION", "RESP_COMMANDS", "RespSession"]
 REDIS_VERSION = "7.0.15"
 
 
-class RespSession(Session):
+class RespSession(HostedSession):
     """A RESP client's session: the command layer's, plus its connection."""
 
-    __slots__ = ("connection",)
-
-    def __init__(
-        self,
-        engine: Engine,
-        client_id: int,
-        limits: Limits,
-        connection: RespProtocol,
-        guard: Guard | None = None,
-    ):
-        super().__init__(engine, client_id, limits, guard)
-        self.connection = connection
+    __slots__ = ()
+    connection: RespProtocol
 
 
 def _valid_attribute(value: bytes) -> bool:

@@ -20,10 +20,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from pubsub.core.commands import COMMANDS, Command, Error, Frame, Limits, Result, Session
-from pubsub.core.engine import Engine
+from pubsub.core.commands import COMMANDS, Command, Error, Frame, Result
 from pubsub.core.history import Position
-from pubsub.policy.auth import Guard
+from pubsub.hosting.port import HostedSession
 
 if TYPE_CHECKING:  # the protocol imports this module; the session only names it
     from pubsub.websocket.protocol import PubSubServerProtocol
@@ -34,21 +33,11 @@ _NOT_AN_INTEGER = Error("ERR value is not an integer or out of range")
 _SUBSCRIBE = COMMANDS["subscribe"].handler
 
 
-class WsSession(Session):
+class WsSession(HostedSession):
     """A WebSocket client's session: the command layer's, plus its connection."""
 
-    __slots__ = ("connection",)
-
-    def __init__(
-        self,
-        engine: Engine,
-        client_id: int,
-        limits: Limits,
-        connection: PubSubServerProtocol,
-        guard: Guard | None = None,
-    ) -> None:
-        super().__init__(engine, client_id, limits, guard)
-        self.connection = connection
+    __slots__ = ()
+    connection: PubSubServerProtocol
 
 
 def wire_position(position: Position | None) -> dict[str, Any] | None:
