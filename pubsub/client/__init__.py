@@ -8,7 +8,8 @@ same reconnect behaviour and the same :class:`Message`::
 
 Both are thin hosts around one sans-I/O core (``pubsub.client._core``), which
 holds the protocol: answers matched to requests, subscriptions held for
-resubscription, payloads as text or bytes. See docs/clients.md.
+resubscription, positions kept for recovery, payloads as text or bytes. See
+docs/clients.md.
 """
 
 from pubsub.client._core import (
@@ -18,6 +19,8 @@ from pubsub.client._core import (
     DISCONNECTED,
     Message,
     ProtocolViolation,
+    Recovery,
+    RecoveryFailed,
     ReplyError,
     TokenRefused,
 )
@@ -29,6 +32,8 @@ __all__ = [
     "DISCONNECTED",
     "Message",
     "ProtocolViolation",
+    "Recovery",
+    "RecoveryFailed",
     "ReplyError",
     "TokenRefused",
 ]

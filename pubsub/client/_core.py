@@ -13,6 +13,10 @@ What lives here:
 - ``["error", text]`` as :class:`ReplyError` carrying the Redis-style code;
 - payloads: ``{"base64": ...}`` arrives as bytes, bytes are published as base64;
 - the subscriptions held (confirmed and not given up), replayed on reconnect;
+- recovery (docs/protocol.md, Recovery): the last position of each channel
+  subscribed with RESUME, from which a new connection RESUMEs it, so that
+  what was published meanwhile arrives, or :class:`RecoveryFailed` says it
+  cannot;
 - message handlers per channel, pattern and shard channel, and catch-alls;
 - the reconnect backoff and the connection URL with its token;
 - telling a close over the token (code 4001, ``CLOSE_TOKEN``; from an older
@@ -43,6 +47,8 @@ __all__ = [
     "CONNECTED",
     "CONNECTING",
     "DISCONNECTED",
+    "NO_HISTORY",
+    "NO_POSITION",
     "PATTERN",
     "SHARD",
     "Address",
@@ -51,7 +57,11 @@ __all__ = [
     "Handler",
     "Message",
     "Name",
+    "Position",
     "ProtocolViolation",
+    "Recovery",
+    "RecoveryCallback",
+    "RecoveryFailed",
     "Rejected",
     "ReplyError",
     "Request",
@@ -68,6 +78,16 @@ __all__ = [
 #: A channel name or payload as received: text when UTF-8, else bytes.
 Name = str | bytes
 
+#: Where a message stands in its channel's history: ``(epoch, offset)``.
+Position = tuple[str, int]
+
+#: Why a channel resumed on a new connection cannot be recovered when it kept
+#: no history on the last one (the server's own words for that case).
+NO_HISTORY = "the channel keeps no history"
+#: Why, when the last connection was lost between RESUME's confirmation and
+#: the position that closes its answer: there is nothing to resume from.
+NO_POSITION = "the connection was lost before the channel's position arrived"
+
 #: A client's states: opening a connection, open, lost and about to retry, finished.
 CONNECTING, CONNECTED, DISCONNECTED, CLOSED = "connecting", "connected", "disconnected", "closed"
 
@@ -77,6 +97,8 @@ CHANNEL, PATTERN, SHARD = Kind.CHANNEL, Kind.PATTERN, Kind.SHARD
 _SUBSCRIBE: dict[str, str] = {kind: kind.subscribe.upper() for kind in Kind}
 _UNSUBSCRIBE: dict[str, str] = {kind: kind.unsubscribe.upper() for kind in Kind}
 _PUSH_KIND = {kind.message: kind for kind in Kind}
+#: The frames that close RESUME's answer, after its confirmation and replay.
+_RECOVERY_ANSWERS = ("position", "recovery_failed")
 
 
 class ReplyError(Exception):
@@ -134,12 +156,16 @@ def is_token_close(code: int | None, reason: str | None) -> bool:
 @dataclass(frozen=True)
 class Message:
     """One delivery. ``type`` is "message", "pmessage" (``pattern`` is set) or
-    "smessage"; ``data`` is ``str`` when the payload is UTF-8, else ``bytes``."""
+    "smessage"; ``data`` is ``str`` when the payload is UTF-8, else ``bytes``.
+    ``position`` is the message's ``(epoch, offset)`` in its channel's history,
+    which the server adds to the ``message`` frames of channels with a history
+    once the connection has used RESUME; else None."""
 
     type: str
     channel: Name
     data: Name
     pattern: Name | None = None
+    position: Position | None = None
 
     @property
     def kind(self) -> str:
@@ -160,6 +186,38 @@ class Request:
     internal: bool = False
     values: list[Any] = field(default_factory=list)
     error: ReplyError | None = None
+    #: For a RESUME sent on a new connection without a position: why what
+    #: was published while the client was away cannot be recovered, reported
+    #: as :class:`RecoveryFailed` once the answer is in.
+    unrecoverable: str | None = None
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """The answer to RESUME. ``recovered``: the server sent every message
+    published after the position given (none given: nothing was missed), and
+    ``reason`` is None; else ``reason`` is the server's, no message was
+    replayed, and only live ones follow. ``position`` is the channel's
+    ``(epoch, offset)`` after the answer, None when it keeps no history (so a
+    later reconnect cannot recover it)."""
+
+    channel: str
+    recovered: bool
+    reason: str | None
+    position: Position | None
+
+
+@dataclass(frozen=True)
+class RecoveryFailed:
+    """A RESUME could not recover what was missed on ``channel``, for ``reason``;
+    the channel is subscribed all the same, at ``position`` (None: no history).
+    It comes from any RESUME, the client's own on a new connection included,
+    so that a gap is never silent: the application reloads its state another
+    way."""
+
+    channel: str
+    reason: str
+    position: Position | None
 
 
 @dataclass(frozen=True)
@@ -174,8 +232,9 @@ class Rejected:
     error: Exception
 
 
-Event = Resolved | Rejected | Message
+Event = Resolved | Rejected | Message | RecoveryFailed
 Handler = Callable[[Message], object]
+RecoveryCallback = Callable[[RecoveryFailed], object]
 #: ``callback(state, reason)``; reason says why a connection ended, else None.
 StateCallback = Callable[[str, "str | None"], object]
 #: A handler's key: (kind, name).
@@ -213,6 +272,18 @@ def _received(value: Any) -> Name:
     raise ProtocolViolation(f"expected a string or a base64 object, got {value!r}")
 
 
+def _position(value: Any) -> Position | None:
+    """A wire position, ``{"epoch": str, "offset": int}`` or null, as a tuple or None."""
+    if value is None:
+        return None
+    if isinstance(value, dict) and value.keys() == {"epoch", "offset"}:
+        epoch, offset = value["epoch"], value["offset"]
+        # bool is an int to Python, not to JSON: true is no offset.
+        if isinstance(epoch, str) and type(offset) is int and offset >= 0:
+            return epoch, offset
+    raise ProtocolViolation(f"a malformed position: {value!r}")
+
+
 def encode(*args: Any) -> str:
     """One command as the text of one frame."""
     return json.dumps(list(args), ensure_ascii=False, separators=(",", ":"))
@@ -228,6 +299,13 @@ class ClientCore:
         self.stopped: TokenRefused | None = None
         #: Subscriptions held, per kind, in the order they were confirmed.
         self.held: dict[str, dict[str, None]] = {CHANNEL: {}, PATTERN: {}, SHARD: {}}
+        #: The held channels subscribed with RESUME, in the order it was
+        #: confirmed: a new connection RESUMEs each from its last position.
+        self.resumed: dict[str, None] = {}
+        #: The last position known of each resumed channel, from RESUME's
+        #: answer and from the messages since; None when the channel keeps
+        #: no history, absent until its first RESUME's answer is in.
+        self.positions: dict[str, Position | None] = {}
         self._pending: deque[Request] = deque()
         self._handlers: dict[Target, Handler] = {}
         self._catch_all: list[Handler] = []
@@ -235,13 +313,28 @@ class ClientCore:
     # -- connection ---------------------------------------------------------------------
 
     def opened(self) -> list[str]:
-        """The connection is open: the frames that subscribe again to all held."""
+        """The connection is open: the frames that subscribe again to all held.
+
+        A resumed channel gets a RESUME of its own from its last position, so
+        that what was published while the client was away arrives before the
+        live messages, or a :class:`RecoveryFailed` says it cannot. One that
+        keeps no history (or whose position never came) is RESUMEd without a
+        position, and its answer brings a :class:`RecoveryFailed` all the
+        same: messages may have been missed, and nothing can tell which."""
         self.connected = True
         frames = []
         for kind, names in self.held.items():
-            if names:
-                _, frame = self._subscribe(kind, tuple(names), internal=True)
+            plain = tuple(name for name in names if name not in self.resumed)
+            if plain:
+                _, frame = self._subscribe(kind, plain, internal=True)
                 frames.append(frame)
+        for channel in [name for name in self.held[CHANNEL] if name in self.resumed]:
+            position = self.positions.get(channel)
+            unrecoverable = None
+            if position is None:
+                unrecoverable = NO_HISTORY if channel in self.positions else NO_POSITION
+            _, frame = self._resume(channel, position, True, unrecoverable)
+            frames.append(frame)
         return frames
 
     def lost(self, reason: str) -> list[Event]:
@@ -303,11 +396,48 @@ class ClientCore:
         self._send(request)
         return request, encode(command, *names)
 
+    def resume(
+        self, channel: Any, handler: Handler | None = None, position: Any = None
+    ) -> tuple[Request, list[str]]:
+        """RESUME one channel: subscribe to it, and be sent what was published
+        on it after ``position`` (an ``(epoch, offset)``), by default after
+        the last position the client knows of it; the first time it knows
+        none, and nothing is replayed. Resolves to a :class:`Recovery`.
+
+        From then on the channel is resumed: a new connection RESUMEs it from
+        the last message received. A message the client already received on
+        it is not delivered again, so an earlier ``position`` than the last
+        known replays nothing twice."""
+        name = _name(channel)
+        asked = self.positions.get(name) if position is None else _asked(position)
+        request, frame = self._resume(name, asked)
+        if handler is not None:
+            self._handlers[CHANNEL, name] = handler
+        return request, [frame]
+
+    def _resume(
+        self,
+        channel: str,
+        position: Position | None,
+        internal: bool = False,
+        unrecoverable: str | None = None,
+    ) -> tuple[Request, str]:
+        # One confirmation, then the replay, then position or recovery_failed.
+        request = Request(
+            "RESUME", "subscribe", 1, CHANNEL, (channel,), internal, unrecoverable=unrecoverable
+        )
+        self._send(request)
+        if position is None:
+            return request, encode("RESUME", channel)
+        epoch, offset = position
+        return request, encode("RESUME", channel, epoch, str(offset))
+
     def unsubscribe(self, kind: str, names: Sequence[Any]) -> tuple[Request, list[str]]:
         """(P|S)UNSUBSCRIBE; no names gives up every one of that kind held.
 
         The names stop being held at once, so a reconnect before the answer
-        does not bring them back."""
+        does not bring them back, and a resumed channel's position goes: a
+        later RESUME of it starts afresh."""
         command = _UNSUBSCRIBE[kind]
         wanted = tuple(_name(n) for n in names)
         expected = len(wanted) if wanted else None
@@ -315,7 +445,7 @@ class ClientCore:
         self._send(request)
         dropped = wanted or tuple(self.held[kind])
         for name in dropped:
-            self.held[kind].pop(name, None)
+            self._drop(kind, name)
             self._handlers.pop((kind, name), None)
         if wanted:
             return request, [encode(command, *wanted)]
@@ -351,7 +481,7 @@ class ClientCore:
             raise ProtocolViolation(f"a frame that is not a tagged array: {frame!r}")
         frame_type = frame[0]
         if frame_type in _PUSH_KIND:
-            return [self._message(frame)]
+            return self._delivered(self._message(frame))
         if not self._pending:
             raise ProtocolViolation(f"an answer nobody asked for: {frame!r}")
         request = self._pending[0]
@@ -359,6 +489,8 @@ class ClientCore:
             return self._error(request, ReplyError(frame[1]))
         if request.expected is None and frame_type == "pong":
             return self._finish(request)
+        if request.command == "RESUME" and frame_type in _RECOVERY_ANSWERS:
+            return self._recovered(request, frame)
         if frame_type != request.answer:
             raise ProtocolViolation(f"{frame!r} in answer to {request.command}")
         if frame_type in ("reply", "pong"):
@@ -374,7 +506,26 @@ class ClientCore:
             )
         if frame_type != "pmessage" and len(frame) == 3:
             return Message(frame_type, _received(frame[1]), _received(frame[2]))
+        if frame_type == "message" and len(frame) == 4:
+            # Its position, once the connection has used RESUME.
+            position = _position(frame[3])
+            if position is not None:
+                return Message(frame_type, _received(frame[1]), _received(frame[2]), None, position)
         raise ProtocolViolation(f"a malformed {frame_type} frame: {frame!r}")
+
+    def _delivered(self, message: Message) -> list[Event]:
+        """The message, whose position a resumed channel keeps; none when it
+        was delivered already. That happens when a channel held is RESUMEd
+        again: the answer replays from the position the client had when it
+        asked, and the live messages on their way meanwhile are in it too."""
+        channel, position = message.channel, message.position
+        if position is None or not isinstance(channel, str) or channel not in self.resumed:
+            return [message]
+        known = self.positions.get(channel)
+        if known is not None and known[0] == position[0] and position[1] <= known[1]:
+            return []
+        self.positions[channel] = position
+        return [message]
 
     def _error(self, request: Request, error: ReplyError) -> list[Event]:
         if request.expected is None and request.error is None:
@@ -391,15 +542,39 @@ class ClientCore:
         assert kind is not None
         if isinstance(name, str):
             if request.answer.endswith("unsubscribe"):
-                self.held[kind].pop(name, None)
+                self._drop(kind, name)
             else:
                 self.held[kind][name] = None
+                if request.command == "RESUME":
+                    self.resumed[name] = None
         request.values.append(frame[2])
         if request.expected is not None:
             request.expected -= 1
-            if request.expected == 0:
+            # RESUME's answer goes on: the replay, then its closing frame.
+            if request.expected == 0 and request.command != "RESUME":
                 return self._finish(request)
         return []
+
+    def _recovered(self, request: Request, frame: list[Any]) -> list[Event]:
+        """``position`` or ``recovery_failed``, which closes RESUME's answer."""
+        failed = frame[0] == "recovery_failed"
+        if (
+            len(frame) != (4 if failed else 3)
+            or (failed and not isinstance(frame[3], str))
+            or request.expected != 0  # before the confirmation
+            or _received(frame[1]) != request.names[0]
+        ):
+            raise ProtocolViolation(f"{frame!r} in answer to RESUME {request.names[0]!r}")
+        channel = request.names[0]
+        position = _position(frame[2])
+        if channel in self.resumed:
+            self.positions[channel] = position
+        reason = frame[3] if failed else request.unrecoverable
+        request.values.append(Recovery(channel, reason is None, reason, position))
+        events: list[Event] = []
+        if reason is not None:
+            events.append(RecoveryFailed(channel, reason, position))
+        return events + self._finish(request)
 
     def _value(self, request: Request, frame: list[Any]) -> Any:
         if len(frame) != 2:
@@ -427,9 +602,16 @@ class ClientCore:
             return
         for name in request.names:
             if request.internal:
-                self.held[kind].pop(name, None)
+                self._drop(kind, name)
             if name not in self.held[kind]:
                 self._handlers.pop((kind, name), None)
+
+    def _drop(self, kind: str, name: str) -> None:
+        """``name`` is no longer held; a resumed channel's position goes with it."""
+        self.held[kind].pop(name, None)
+        if kind == CHANNEL:
+            self.resumed.pop(name, None)
+            self.positions.pop(name, None)
 
     # -- handlers -----------------------------------------------------------------------
 
@@ -447,6 +629,17 @@ class ClientCore:
         key = message.pattern if kind == PATTERN else message.channel
         handler = self._handlers.get((kind, key)) if isinstance(key, str) else None
         return ([handler] if handler is not None else []) + list(self._catch_all)
+
+
+def _asked(position: Any) -> Position:
+    """A position given to RESUME, checked before anything is sent."""
+    try:
+        epoch, offset = position
+    except (TypeError, ValueError):
+        raise ValueError(f"a position is (epoch, offset), not {position!r}") from None
+    if not isinstance(epoch, str) or type(offset) is not int or offset < 0:
+        raise ValueError(f"a position is (epoch: str, offset: int >= 0), not {position!r}")
+    return epoch, offset
 
 
 def numsub(flat: list[Any]) -> dict[Name, int]:

@@ -2,8 +2,9 @@
 
 A thin host around :class:`pubsub.client._core.ClientCore`, like
 ``pubsub.client.twisted``: same commands, same reconnect and resubscribe, and
-the same stop when the server refuses a fixed token, and messages either
-through handlers or as an async iterator::
+the same stop when the server refuses a fixed token, the same recovery of
+resumed channels, and messages either through handlers or as an async
+iterator::
 
     async with await connect("ws://127.0.0.1:9000/") as client:
         await client.subscribe("news")
@@ -46,7 +47,11 @@ from pubsub.client._core import (
     Handler,
     Message,
     Name,
+    Position,
     ProtocolViolation,
+    Recovery,
+    RecoveryCallback,
+    RecoveryFailed,
     Rejected,
     Request,
     Resolved,
@@ -154,6 +159,7 @@ class PubSubClient:
         self._closing = False
         self._streams: list[MessageStream] = []
         self._state_callbacks: list[StateCallback] = []
+        self._recovery_callbacks: list[RecoveryCallback] = []
         self._handler_tasks: set[asyncio.Task[Any]] = set()
         self.state = CONNECTING
 
@@ -298,6 +304,9 @@ class PubSubClient:
             if isinstance(event, Message):
                 self._dispatch(event)
                 continue
+            if isinstance(event, RecoveryFailed):
+                self._recovery_failed(event)
+                continue
             future = self._waiting.pop(event.request, None)
             if future is not None and future.done():
                 future = None  # its caller gave up on it (cancelled)
@@ -315,15 +324,32 @@ class PubSubClient:
     def _dispatch(self, message: Message) -> None:
         for handler in self._core.handlers_for(message):
             try:
-                result = handler(message)
-                if inspect.isawaitable(result):  # an async handler runs as a task
-                    task = asyncio.ensure_future(result)
-                    self._handler_tasks.add(task)
-                    task.add_done_callback(self._handler_tasks.discard)
+                self._run_handler(handler(message))
             except Exception:  # noqa: BLE001 - one bad handler must not starve the others
                 _log.exception("message handler failed on %r", message.channel)
         for stream in self._streams:
             stream._queue.put_nowait(message)
+
+    def _recovery_failed(self, event: RecoveryFailed) -> None:
+        if not self._recovery_callbacks:
+            # Messages were missed: with nobody told, the log must say so.
+            _log.warning(
+                "recovering %r failed, messages may have been missed: %s",
+                event.channel,
+                event.reason,
+            )
+        for callback in list(self._recovery_callbacks):
+            try:
+                self._run_handler(callback(event))
+            except Exception:  # noqa: BLE001 - a caller's bug must not stop the client
+                _log.exception("recovery callback failed on %r", event.channel)
+
+    def _run_handler(self, result: object) -> None:
+        """What a handler or callback returned: an awaitable runs as a task."""
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(result)
+            self._handler_tasks.add(task)
+            task.add_done_callback(self._handler_tasks.discard)
 
     # -- commands -----------------------------------------------------------------------
 
@@ -355,10 +381,29 @@ class PubSubClient:
         self._core.add_catch_all(handler)
         return lambda: self._core.remove_catch_all(handler)
 
+    def on_recovery_failed(self, callback: RecoveryCallback) -> Callable[[], None]:
+        """``callback(RecoveryFailed)`` whenever a RESUME cannot recover what
+        was missed, the client's own on a reconnect included (a coroutine
+        function runs as a task); returns a remover. Without one, the failure
+        is logged as a warning."""
+        self._recovery_callbacks.append(callback)
+        return lambda: self._recovery_callbacks.remove(callback)
+
     async def subscribe(self, *channels: str, handler: Handler | None = None) -> int:
         """SUBSCRIBE; returns the count of channels and patterns held after it."""
         held: int = await self._call(self._core.subscribe, CHANNEL, channels, handler)
         return held
+
+    async def resume(
+        self, channel: str, handler: Handler | None = None, position: Position | None = None
+    ) -> Recovery:
+        """RESUME: subscribe to ``channel`` so that a reconnect recovers what
+        was missed; returns a :class:`Recovery` once the messages after
+        ``position`` (by default the last one received; the first time, none)
+        have been handled. A failed recovery also reaches
+        :meth:`on_recovery_failed`."""
+        recovery: Recovery = await self._call(self._core.resume, channel, handler, position)
+        return recovery
 
     async def psubscribe(self, *patterns: str, handler: Handler | None = None) -> int:
         held: int = await self._call(self._core.subscribe, PATTERN, patterns, handler)

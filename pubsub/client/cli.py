@@ -15,7 +15,8 @@ import os
 import sys
 from typing import Any, TextIO
 
-from pubsub.client import CONNECTED, DISCONNECTED, Message, ReplyError
+from pubsub.client import CONNECTED, DISCONNECTED, Message, Recovery, RecoveryFailed, ReplyError
+from pubsub.client._core import Position
 from pubsub.client.asyncio import PubSubClient, connect
 
 __all__ = ["main"]
@@ -32,6 +33,18 @@ _SUB_HELP = (
     "lost connection ends the command with status 1, and so does a token the "
     "server refuses or lets expire (close 4001): the token is fixed, so "
     "reconnecting with it would be refused again."
+)
+_RESUME_HELP = (
+    "With --resume (or --from, for one channel) sub subscribes with RESUME "
+    "instead: after a reconnect the server sends what was published while "
+    "the client was away, from the channel's history (channels matching the "
+    "server's history_channels), so every message is printed once and in "
+    "order. Where that cannot be done (the history no longer holds them, or "
+    "the channel keeps none), one line on stderr names the channel and why, "
+    "and sub goes on with the live messages. Each channel's RESUME prints "
+    "'resumed CHANNEL at EPOCH:OFFSET' (--json: a \"resume\" object), and each "
+    "message its position: 'CHANNEL [EPOCH:OFFSET]: DATA' (--json: a "
+    '"position" field); give such a position to --from to start after it.'
 )
 
 
@@ -68,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, what in (("sub", "CHANNEL"), ("psub", "PATTERN")):
         kind = "channels" if name == "sub" else "glob patterns"
+        description = f"{_SUB_HELP} {_RESUME_HELP}" if name == "sub" else _SUB_HELP
         sub = commands.add_parser(
-            name, help=f"subscribe to {kind} and print messages", description=_SUB_HELP
+            name, help=f"subscribe to {kind} and print messages", description=description
         )
         sub.add_argument("names", nargs="+", metavar=what)
         sub.add_argument("--count", type=int, default=0, help="exit 0 after N messages")
@@ -79,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_false",
             help="exit 1 when the connection drops instead of reconnecting",
         )
+        if name == "sub":  # only channels have a history
+            sub.add_argument(
+                "--resume",
+                action="store_true",
+                help="RESUME each channel, so that reconnects recover what was missed",
+            )
+            sub.add_argument(
+                "--from",
+                dest="start",
+                type=_position,
+                metavar="EPOCH:OFFSET",
+                help="RESUME the one CHANNEL, first printing what was published after "
+                "this position (as printed by --resume; ':0' for everything kept)",
+            )
         _common(sub, top=False)
     pub = commands.add_parser("pub", help="publish a message and print the receiver count")
     pub.add_argument("channel", metavar="CHANNEL")
@@ -90,6 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("pattern", nargs="?", metavar="PATTERN", help="only channels matching it")
     _common(stats, top=False)
     return parser
+
+
+def _position(text: str) -> Position:
+    """``--from``'s EPOCH:OFFSET (the epoch may be empty: ``:0``)."""
+    epoch, colon, offset = text.rpartition(":")
+    if not colon or not (offset.isascii() and offset.isdigit()):
+        raise argparse.ArgumentTypeError(f"not EPOCH:OFFSET (e.g. 9f2c1a0b:42): {text!r}")
+    return epoch, int(offset)
+
+
+def _where(position: Position) -> str:
+    """A position as --from takes it."""
+    return f"{position[0]}:{position[1]}"
+
+
+def _wire_position(position: Position | None) -> dict[str, Any] | None:
+    """A position as the protocol writes it."""
+    return None if position is None else {"epoch": position[0], "offset": position[1]}
 
 
 def _wire(value: Any) -> Any:
@@ -120,8 +166,28 @@ class Output:
         if message.pattern is not None:
             obj["pattern"] = _wire(message.pattern)
             where += f" ({_text(message.pattern)})"
+        if message.position is not None:
+            where += f" [{_where(message.position)}]"
         obj["data"] = _wire(message.data)
+        if message.position is not None:
+            obj["position"] = _wire_position(message.position)
         self.emit(obj, f"{where}: {_text(message.data)}")
+
+    def recovery(self, recovery: Recovery) -> None:
+        obj = {
+            "type": "resume",
+            "channel": recovery.channel,
+            "recovered": recovery.recovered,
+            "position": _wire_position(recovery.position),
+            "reason": recovery.reason,
+        }
+        if recovery.position is None:
+            text = f"resumed {recovery.channel}, which keeps no history"
+        else:
+            text = f"resumed {recovery.channel} at {_where(recovery.position)}"
+        if not recovery.recovered:
+            text += ", not recovered"
+        self.emit(obj, text)
 
 
 def _note(text: str) -> None:
@@ -144,6 +210,12 @@ def _report_states(client: PubSubClient) -> None:
     client.on_state(changed)
 
 
+def _report_recovery_failed(failure: RecoveryFailed) -> None:
+    """One line on stderr for a channel whose missed messages cannot come."""
+    now = "" if failure.position is None else f" (now at {_where(failure.position)})"
+    _note(f"cannot recover what was missed on {failure.channel}: {failure.reason}{now}")
+
+
 async def _subscribe(args: argparse.Namespace, out: Output) -> int:
     client = await connect(args.url, args.token, reconnect=args.reconnect, timeout=args.timeout)
     why: list[str | None] = [None]
@@ -152,12 +224,17 @@ async def _subscribe(args: argparse.Namespace, out: Output) -> int:
     try:
         stream = client.messages()
         patterns = args.command == "psub"
-        count = await (client.psubscribe if patterns else client.subscribe)(*args.names)
-        kind = "psubscribe" if patterns else "subscribe"
-        out.emit(
-            {"type": kind, "names": args.names, "count": count},
-            f"{kind}d to {', '.join(args.names)}",
-        )
+        if not patterns and (args.resume or args.start is not None):
+            client.on_recovery_failed(_report_recovery_failed)
+            for name in args.names:
+                out.recovery(await client.resume(name, position=args.start))
+        else:
+            count = await (client.psubscribe if patterns else client.subscribe)(*args.names)
+            kind = "psubscribe" if patterns else "subscribe"
+            out.emit(
+                {"type": kind, "names": args.names, "count": count},
+                f"{kind}d to {', '.join(args.names)}",
+            )
         received = 0
         async for message in stream:
             out.message(message)
@@ -205,7 +282,10 @@ _RUN = {"sub": _subscribe, "psub": _subscribe, "pub": _publish, "stats": _stats}
 
 def main(argv: list[str] | None = None) -> int:
     """The console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "start", None) is not None and len(args.names) != 1:
+        parser.error("--from resumes one CHANNEL from its position; give exactly one")
     out = Output(args.json, sys.stdout)
     try:
         return asyncio.run(_RUN[args.command](args, out))

@@ -4,7 +4,10 @@ A thin host around :class:`pubsub.client._core.ClientCore`: it opens
 connections (``ws://`` or ``wss://``, through Twisted endpoints), sends the
 frames the core returns, feeds it what arrives, and fires Deferreds from the
 core's events. When a connection drops it reconnects with jittered exponential
-backoff, and the core subscribes again to everything held. Commands given
+backoff, and the core subscribes again to everything held; a channel
+subscribed with :meth:`PubSubClient.resume` is RESUMEd from the last message
+received, so that what was published meanwhile arrives, or the callbacks of
+:meth:`PubSubClient.on_recovery_failed` are told it cannot. Commands given
 while there is no connection fail at once with :class:`ConnectionError`.
 When the server closes over the token (4001) and the token is a fixed string,
 the client stops instead: state closed, and every call fails with
@@ -43,7 +46,11 @@ from pubsub.client._core import (
     Handler,
     Message,
     Name,
+    Position,
     ProtocolViolation,
+    Recovery,
+    RecoveryCallback,
+    RecoveryFailed,
     Rejected,
     Request,
     Resolved,
@@ -147,6 +154,7 @@ class PubSubClient:
         self._closing = False
         self._closed: list[defer.Deferred[None]] = []
         self._state_callbacks: list[StateCallback] = []
+        self._recovery_callbacks: list[RecoveryCallback] = []
         self.state = CONNECTING
 
     # -- state --------------------------------------------------------------------------
@@ -301,6 +309,9 @@ class PubSubClient:
             if isinstance(event, Message):
                 self._dispatch(event)
                 continue
+            if isinstance(event, RecoveryFailed):
+                self._recovery_failed(event)
+                continue
             d = self._waiting.pop(event.request, None)
             if isinstance(event, Resolved):
                 if d is not None:
@@ -321,6 +332,20 @@ class PubSubClient:
                 handler(message)
             except Exception:  # noqa: BLE001 - one bad handler must not starve the others
                 _log.failure("message handler failed on {channel!r}", channel=message.channel)
+
+    def _recovery_failed(self, event: RecoveryFailed) -> None:
+        if not self._recovery_callbacks:
+            # Messages were missed: with nobody told, the log must say so.
+            _log.warn(
+                "recovering {channel!r} failed, messages may have been missed: {reason}",
+                channel=event.channel,
+                reason=event.reason,
+            )
+        for callback in list(self._recovery_callbacks):
+            try:
+                callback(event)
+            except Exception:  # noqa: BLE001 - a caller's bug must not stop the client
+                _log.failure("recovery callback failed on {channel!r}", channel=event.channel)
 
     # -- commands -----------------------------------------------------------------------
 
@@ -348,9 +373,26 @@ class PubSubClient:
         self._core.add_catch_all(handler)
         return lambda: self._core.remove_catch_all(handler)
 
+    def on_recovery_failed(self, callback: RecoveryCallback) -> Callable[[], None]:
+        """``callback(RecoveryFailed)`` whenever a RESUME cannot recover what
+        was missed, the client's own on a reconnect included; returns a
+        remover. Without one, the failure is logged as a warning."""
+        self._recovery_callbacks.append(callback)
+        return lambda: self._recovery_callbacks.remove(callback)
+
     def subscribe(self, *channels: str, handler: Handler | None = None) -> defer.Deferred[int]:
         """SUBSCRIBE; fires with the count of channels and patterns held after it."""
         return self._call(self._core.subscribe, CHANNEL, channels, handler)
+
+    def resume(
+        self, channel: str, handler: Handler | None = None, position: Position | None = None
+    ) -> defer.Deferred[Recovery]:
+        """RESUME: subscribe to ``channel`` so that a reconnect recovers what
+        was missed; fires with a :class:`Recovery` once the messages after
+        ``position`` (by default the last one received; the first time, none)
+        have been handled. A failed recovery also reaches
+        :meth:`on_recovery_failed`."""
+        return self._call(self._core.resume, channel, handler, position)
 
     def psubscribe(self, *patterns: str, handler: Handler | None = None) -> defer.Deferred[int]:
         return self._call(self._core.subscribe, PATTERN, patterns, handler)

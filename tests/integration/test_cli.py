@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.web.server import Site
 
+from pubsub.web.front import FrontFactory
 from tests.integration.test_auth import SECRET, token
 from tests.integration.test_twistd import clean_environment
 
@@ -216,3 +219,93 @@ def test_a_refused_token_is_one_line_and_status_1(make_server):
         assert (status, out) == (1, "")
         assert len(err.splitlines()) == 1, err
         assert "invalid token" in err
+
+
+# -- recovery (docs/protocol.md, Recovery) ------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_sub_resume_prints_positions_and_recovers_what_it_missed_while_away(make_server, connect):
+    server = yield make_server(history_channels="chat.*")
+    sub = start("--url", url(server), "sub", "--resume", "chat.room", "--count", "3", "--json")
+    resumed = json.loads((yield sub.lines.get().addTimeout(WAIT, reactor)))
+    assert resumed == {
+        "type": "resume",
+        "channel": "chat.room",
+        "recovered": True,
+        "position": {"epoch": "", "offset": 0},
+        "reason": None,
+    }
+    publisher = yield connect(server.port)
+    yield publisher.call("PUBLISH", "chat.room", "1")
+    first = json.loads((yield sub.lines.get().addTimeout(WAIT, reactor)))
+    # Cut it off, and keep it off while "2" is published: only the history has it.
+    port = server.port
+    yield server.listening.stopListening()
+    [connection] = [c for c in server.factory.connections if c._subscribed()]
+    connection.transport.abortConnection()
+    yield publisher.call("PUBLISH", "chat.room", "2")
+    endpoint = serverFromString(reactor, f"tcp:{port}:interface=127.0.0.1")
+    server.listening = yield endpoint.listen(FrontFactory(Site(server.resource)))
+    yield publisher.call("PUBLISH", "chat.room", "3")  # replayed or live: once either way
+    status, out, err = yield sub.ended
+    assert status == 0, err
+    epoch = first["position"]["epoch"]
+    assert [json.loads(line) for line in out.splitlines()[1:]] == [
+        {
+            "type": "message",
+            "channel": "chat.room",
+            "data": str(n),
+            "position": {"epoch": epoch, "offset": n},
+        }
+        for n in (1, 2, 3)
+    ]
+    assert "reconnecting" in err and "cannot recover" not in err
+
+
+@pytest_twisted.inlineCallbacks
+def test_sub_from_a_position_prints_what_followed_it(make_server, connect):
+    server = yield make_server(history_channels="chat.*")
+    publisher = yield connect(server.port)
+    for number in range(1, 6):
+        publisher.send("PUBLISH", "chat.room", f"m{number}")
+    *_, [_, _, where, _] = yield publisher.call("HISTORY", "chat.room", "0")
+    epoch = where["epoch"]
+    status, out, err = yield run(
+        "--url", url(server), "sub", "chat.room", "--from", f"{epoch}:3", "--count", "2"
+    )
+    assert (status, err) == (0, "")
+    assert out.splitlines() == [
+        f"resumed chat.room at {epoch}:5",
+        f"chat.room [{epoch}:4]: m4",
+        f"chat.room [{epoch}:5]: m5",
+    ]
+
+
+@pytest_twisted.inlineCallbacks
+def test_sub_says_on_stderr_when_what_it_missed_cannot_be_recovered(make_server, connect):
+    server = yield make_server(history_channels="chat.*", history_size=2)
+    publisher = yield connect(server.port)
+    for number in range(1, 6):
+        publisher.send("PUBLISH", "chat.room", f"m{number}")
+    *_, [_, _, where, _] = yield publisher.call("HISTORY", "chat.room", "0")
+    epoch = where["epoch"]
+    sub = start("--url", url(server), "sub", "chat.room", "--from", f"{epoch}:1", "--count", "1")
+    line = yield sub.lines.get().addTimeout(WAIT, reactor)
+    assert line == f"resumed chat.room at {epoch}:5, not recovered"
+    yield publisher.call("PUBLISH", "chat.room", "live")  # it goes on
+    status, out, err = yield sub.ended
+    assert status == 0, err
+    assert out.splitlines()[1:] == [f"chat.room [{epoch}:6]: live"]
+    assert err == (
+        "pubsub-cli: cannot recover what was missed on chat.room: "
+        f"messages after the position are no longer kept (now at {epoch}:5)\n"
+    )
+
+
+@pytest_twisted.inlineCallbacks
+def test_sub_from_takes_one_channel_and_a_position(server):
+    for args in (("a", "b", "--from", "e:1"), ("a", "--from", "e"), ("a", "--from", "e:x")):
+        status, out, err = yield run("--url", url(server), "sub", *args)
+        assert (status, out) == (2, ""), err
+        assert "--from" in err
