@@ -14,6 +14,13 @@ redis-server, and two nodes joined by a Redis Cluster (class
 :class:`Backplane`), the publisher on node A and the subscribers on node B;
 they get a table of their own (each kind, and the ratios) and no target.
 
+The history scenario (``fanout_history``) runs the ``fanout_rate50`` load on
+two kinds: ``pubsub`` (no history, SUBSCRIBE) and ``pubsub_history``
+(``--history-channels fanout``, subscribers that RESUME), with the server's
+CPU from its schedstat; beside it, ``history_memory.py`` measures what the
+checkout's ``History`` allocates per stored message.  Its own table, no
+target.
+
 With ``--profile`` (the default) one extra fanout-pipelined run of pubsub is
 sampled with py-spy, and the top functions (self and inclusive time) are
 printed and saved.
@@ -45,6 +52,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Self
 
+import history_memory
 import hostile
 
 BENCH = Path(__file__).resolve().parent
@@ -58,6 +66,16 @@ PAYLOAD = 64
 # three primaries with a replica each (class Backplane).
 BACKPLANE_KINDS = ["pubsub", "backplane", "backplane_cluster"]
 BACKPLANE = ("backplane_pipelined", "backplane_rate50")
+
+# The history scenario runs fanout_rate50's load on these kinds: history off
+# (plain SUBSCRIBE) and on (the fanout channel keeps a history, subscribers
+# RESUME and get positioned messages).  HISTORY_CHANNELS must match the
+# channel of the fanout scenario (loadgen/coordinator.js, plan()).
+HISTORY_KINDS = ["pubsub", "pubsub_history"]
+HISTORY = ("fanout_history",)
+HISTORY_CHANNELS = "fanout"
+# Scenarios with a table of their own instead of the pubsub/Redis one.
+OWN_TABLE = (*BACKPLANE, *HISTORY)
 
 # Ratios pubsub/Redis (or patterns/no patterns) the issue asks us to report against.
 REFERENCE_REDIS = {
@@ -129,6 +147,8 @@ def scenarios(scale: float, seconds: float) -> list[dict]:
         patterns,
         # The same publishes with no pattern subscriptions, to price the patterns.
         {**patterns, "name": "nopatterns", "scenario": "nopatterns", "patterns": 0},
+        # fanout_rate50 with and without a history on its channel.
+        {**fanouts[1], "name": "fanout_history", "kinds": HISTORY_KINDS},
         {
             "name": "idle",
             "scenario": "idle",
@@ -195,6 +215,8 @@ class Server:
     ) -> None:
         self.kind = kind
         self.port = free_port()
+        # Extra settings for the load generator's config (run_loadgen).
+        self.loadgen_options: dict = {}
         # RESP's port: Redis's own, or pubsub's --resp-port for the hostile scenario.
         self.resp_port: int | None = self.port if kind == "redis" else None
         self.backplane: subprocess.Popen | None = None
@@ -216,13 +238,20 @@ class Server:
                 "--max-connections", "20000",
                 "--backplane", f"redis://127.0.0.1:{redis_port}/",
             ]  # fmt: skip
-        elif kind == "pubsub":
+        elif kind in ("pubsub", "pubsub_history"):
             cmd = [
                 args.twistd, "-n", "--pidfile=", "pubsub",
                 "--port", f"tcp:{self.port}:interface=127.0.0.1",
                 # The idle scenario holds 10,000 subscribers plus warm-up ones.
                 "--max-connections", "20000",
             ]  # fmt: skip
+            if kind == "pubsub_history":
+                # The default bounds (100 messages, 300 s) keep the last two
+                # seconds at 50 publishes/s: every publish is stored, and from
+                # the 101st on one is dropped too, as in steady use.
+                cmd += ["--history-channels", HISTORY_CHANNELS]
+                # Its subscribers RESUME instead of SUBSCRIBE (loadgen option).
+                self.loadgen_options["resume"] = True
             if hostile:
                 self.resp_port = free_port()
                 cmd += ["--resp-port", f"tcp:{self.resp_port}:interface=127.0.0.1"]
@@ -453,6 +482,9 @@ def start_server(
     if spec["name"] in BACKPLANE:
         # The one node is node A and node B at once; read its CPU as theirs are.
         server.other_pids = {"node_b": server.pid}
+    elif spec["name"] in HISTORY:
+        # Its CPU in ns from schedstat too (history_figures), finer than ticks.
+        server.other_pids = {"server": server.pid}
     return server
 
 
@@ -493,6 +525,28 @@ def backplane_figures(result: dict, kind: str) -> None:
         result["reply_sum_mismatch"] += result.get("expected_total") or 0
 
 
+def history_figures(result: dict) -> None:
+    """The server's CPU per delivery and per publish from its schedstat, in place.
+
+    The ``server_*`` figures are replaced by the same ones from nanoseconds
+    (the 10 ms ticks' ones are kept as ``*_ticks``), and ``positioned_pct`` says
+    how many deliveries carried a position (100 with history on and RESUME).
+    """
+    published = result.get("published") or 0
+    deliveries = result.get("deliveries") or 0
+    window = result.get("window_s") or 0
+    ns = result.get("cpu_ns_server")
+    if deliveries:
+        result["positioned_pct"] = 100 * (result.get("positioned") or 0) / deliveries
+    if not (published and deliveries and window) or ns is None:
+        return
+    for key in ("server_us_per_delivery", "server_us_per_publish", "server_cpu_pct"):
+        result[key + "_ticks"] = result.get(key)
+    result["server_us_per_delivery"] = ns / 1000 / deliveries
+    result["server_us_per_publish"] = ns / 1000 / published
+    result["server_cpu_pct"] = 100 * ns / 1e9 / window
+
+
 # ----------------------------------------------------------------- one run
 
 
@@ -514,6 +568,7 @@ def run_loadgen(server: Server, spec: dict, args: argparse.Namespace, on_stderr=
         **spec,
     }
     cfg["workers"] = args.workers or spec.get("workers", 2)
+    cfg.update(getattr(server, "loadgen_options", {}))
     # stdout (the result) goes to a file and stderr to a reader thread, so
     # that no one else competes with the thread for stderr's lines.
     with tempfile.TemporaryFile("w+") as stdout:
@@ -567,6 +622,7 @@ FIGURES = [
     ("connects_per_s", "connects/s", "", "{:,.0f}"),
     ("server_us_per_connect", "server CPU/connect", "us", "{:.1f}"),
     ("listen_drops", "listen queue drops", "", "{:,.0f}"),
+    ("positioned_pct", "deliveries carrying a position", "%", "{:.0f}"),
     ("node_a_us_per_publish", "node A CPU/publish (reads, relays to Redis)", "us", "{:.2f}"),
     ("redis_us_per_message", "Redis CPU/message", "us", "{:.2f}"),
     ("node_b_us_per_delivery", "node B CPU/delivery (one node: all its CPU)", "us", "{:.3f}"),
@@ -601,6 +657,11 @@ PER_SCENARIO = {
     "patterns": _PER_PUBLISH,
     "nopatterns": _PER_PUBLISH,
     **{name: _BACKPLANE_FIGURES for name in BACKPLANE},
+    "fanout_history": [
+        "deliveries_per_s", "latency_p50_us", "latency_p99_us", "lost",
+        "server_us_per_delivery", "server_us_per_publish", "server_cpu_pct", "positioned_pct",
+        "loadgen_cores", "loadgen_max_process_pct",
+    ],
     "idle": [
         "bytes_per_connection", "connects_per_s", "server_us_per_connect", "listen_drops",
         "server_cpu_pct", "loadgen_cores", "loadgen_max_process_pct",
@@ -701,7 +762,7 @@ def targets(med: dict) -> list[tuple[str, str, float | None, str]]:
     lost = sum(
         med[name][server]["lost_total"]
         for name in med
-        if name not in BACKPLANE
+        if name not in OWN_TABLE
         for server in med[name]
     )
     verdict = "met" if lost == 0 else "missed"
@@ -718,7 +779,7 @@ def table(med: dict, servers: list[str]) -> str:
     rule = "|---|---|" + "---:|" * len(servers) + ("---:|" if both else "")
     lines += [header, rule]
     for name, keys in PER_SCENARIO.items():
-        if name not in med or name in BACKPLANE:
+        if name not in med or name in OWN_TABLE:
             continue
         for key in keys:
             values = [med[name].get(s, {}).get(key) for s in servers]
@@ -763,6 +824,57 @@ def backplane_table(med: dict, results: dict) -> str:
         runs = sum(len(rs) for rs in results[name].values())
         lines.append(f"| {name} | lost messages, all {runs} runs | {lost:,} | | | | |")
     return "\n".join(lines)
+
+
+def history_table(med: dict, results: dict) -> str:
+    """fanout_rate50's load with history off and on, and the ratio on/off."""
+    off, on = HISTORY_KINDS
+    lines = [
+        "| scenario | figure | history off (SUBSCRIBE) | history on (RESUME) | on/off |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name in HISTORY:
+        if name not in med:
+            continue
+        for key in PER_SCENARIO[name]:
+            a, b = (med[name].get(k, {}).get(key) for k in (off, on))
+            q = ratio(b, a) if key not in ("lost", "positioned_pct") else None
+            cell = f"{q:.2f}" if q is not None else ""
+            lines.append(f"| {name} | {label(key)} | {fmt(key, a)} | {fmt(key, b)} | {cell} |")
+        lost = sum(med[name][k]["lost_total"] for k in med[name])
+        runs = sum(len(rs) for rs in results[name].values())
+        lines.append(f"| {name} | lost messages, all {runs} runs | {lost:,} | | |")
+    return "\n".join(lines)
+
+
+def history_memory_lines(memory: dict) -> list[str]:
+    if "error" in memory:
+        return [f"History memory: not measured: {memory['error']}"]
+    allocated = memory["allocated_bytes_per_message"]
+    marginal = memory["marginal_bytes_per_message"]
+    counted = memory["counted_bytes_per_message"]
+    overhead = memory["message_overhead"]
+    grown = memory["rss_bytes_per_message"]
+    return [
+        (
+            f"History memory ({memory['payload_bytes']}-byte payloads over "
+            f"{memory['channels']} channels, nothing dropped; {memory['module']}):"
+        ),
+        "",
+        "| bytes per stored message | | / counted |",
+        "|---|---:|---:|",
+        (
+            f"| tracemalloc, {memory['messages']:,} messages, the streams included "
+            f"| {allocated:.1f} | {allocated / counted:.2f} |"
+        ),
+        f"| tracemalloc, each message after a channel's first | {marginal:.1f} | "
+        + f"{marginal / counted:.2f} |",
+        (
+            f"| VmRSS growth, {memory['rss_messages']:,} messages, a fresh process "
+            f"| {grown:.1f} | {grown / counted:.2f} |"
+        ),
+        f"| counted by the history (payload + MESSAGE_OVERHEAD {overhead}) | {counted:.1f} | |",
+    ]
 
 
 # ------------------------------------------------------------------ machine
@@ -997,7 +1109,7 @@ def main() -> int:
         "--only", default="",
         help=(
             "comma-separated scenario names; 'hostile' for every hostile case, or case names; "
-            "'backplane' for both backplane scenarios"
+            "'backplane' for both backplane scenarios; 'fanout_history' for history off and on"
         ),
     )  # fmt: skip
     parser.add_argument(
@@ -1061,6 +1173,8 @@ def main() -> int:
                         result = {"error": f"server: {error}"}
                     if spec["name"] in BACKPLANE:
                         backplane_figures(result, kind)
+                    elif spec["name"] in HISTORY:
+                        history_figures(result)
                     result["round"] = rnd
                     results[spec["name"]][kind].append(result)
                     brief = {
@@ -1082,7 +1196,11 @@ def main() -> int:
             prof = profile(args, spec, outdir, workdir) if spec else None
 
     med = medians(results)
-    main_specs = [s for s in specs if s["name"] not in BACKPLANE]
+    # In-process, after the runs: what the history allocates per stored message.
+    wants_memory = any(s["name"] in HISTORY for s in specs)
+    memory = history_memory.measure(PAYLOAD) if wants_memory else None
+    main_specs = [s for s in specs if s["name"] not in OWN_TABLE]
+    backplane_specs = [s for s in specs if s["name"] in BACKPLANE]
     summary = table(med, servers) if main_specs else ""
     checks = targets(med) if main_specs and set(servers) >= {"pubsub", "redis"} else []
     machine_line = (
@@ -1099,7 +1217,7 @@ def main() -> int:
     report = [machine_line, run_line]
     if main_specs:
         report += ["", "Medians over the rounds (latency in ms, memory in KB):", "", summary]
-    if len(main_specs) < len(specs):
+    if backplane_specs:
         report += [
             "",
             (
@@ -1110,6 +1228,19 @@ def main() -> int:
             "",
             backplane_table(med, results),
         ]
+    if any(s["name"] in HISTORY for s in specs):
+        report += [
+            "",
+            (
+                "History (medians; fanout_rate50's load on one node, history off against "
+                f"--history-channels {HISTORY_CHANNELS} with subscribers that RESUME; server "
+                "CPU from its schedstat):"
+            ),
+            "",
+            history_table(med, results),
+        ]
+    if memory is not None:
+        report += ["", *history_memory_lines(memory)]
     anomalies = Counter()
     for by_server in results.values():
         for runs in by_server.values():
@@ -1165,7 +1296,7 @@ def main() -> int:
     (outdir / "results.json").write_text(
         json.dumps(
             {"machine": info, "args": vars(args), "runs": results, "medians": med,
-             "hostile": hostile_results},
+             "hostile": hostile_results, "history_memory": memory},
             indent=1,
         )
     )  # fmt: skip

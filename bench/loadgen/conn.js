@@ -9,8 +9,13 @@
 // to the handler as a (buffer, offset) pair; see payload.js for its layout.
 //
 // Handler interface (every method optional except onMessage):
-//   onMessage(buf, payloadOffset)   a message or pmessage push
+//   onMessage(buf, payloadOffset, positioned)
+//                                   a message or pmessage push; `positioned`
+//                                   is true for a WebSocket message frame
+//                                   with a 4th element, its position in the
+//                                   channel's history (after a RESUME)
 //   onConfirm()                     one subscribe/psubscribe confirmation
+//   onPosition()                    one `position` frame (RESUME's second answer)
 //   onReply(n)                      an integer reply (PUBLISH's receiver count)
 //   onError(text)                   an error reply, or a protocol surprise
 //   onClose()                       the connection ended
@@ -20,7 +25,10 @@ const crypto = require('crypto');
 
 const WS_GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
 const QUOTE = 0x22;
+const COMMA = 0x2c;
 const BRACKET_CLOSE = 0x5d;
+const BRACE_OPEN = 0x7b;
+const BRACE_CLOSE = 0x7d;
 const CR = 0x0d;
 
 const readBuffer = Buffer.allocUnsafe(256 * 1024);
@@ -220,19 +228,38 @@ class WsConn extends BaseConn {
     // Frames are compact JSON arrays: ["message","ch","payload"], ...
     const c = buf[s + 2];
     if (c === 0x6d /* m */ || (c === 0x70 /* p */ && buf[s + 3] === 0x6d)) {
-      const off = e - 2 - this.L;
-      if (buf[e - 1] !== BRACKET_CLOSE || buf[e - 2] !== QUOTE || buf[off - 1] !== QUOTE) {
+      // `tail` is the byte after the payload's closing quote: the frame's
+      // last `]`, or, in a message with its position after a RESUME
+      // (["message","ch","payload",{"epoch":"9f2c1a0b","offset":42}]), the
+      // comma before the position, the frame's last `{` (the payload has none).
+      let tail = e - 1;
+      let positioned = false;
+      if (buf[e - 2] === BRACE_CLOSE) {
+        tail = buf.lastIndexOf(BRACE_OPEN, e - 3) - 1;
+        positioned = true;
+      }
+      const off = tail - 1 - this.L;
+      if (
+        off <= s ||
+        buf[e - 1] !== BRACKET_CLOSE ||
+        buf[tail] !== (positioned ? COMMA : BRACKET_CLOSE) ||
+        buf[tail - 1] !== QUOTE ||
+        buf[off - 1] !== QUOTE
+      ) {
         this._error(buf.toString('utf8', s, e));
         return;
       }
-      this.h.onMessage(buf, off);
-    } else if (c === 0x72 /* r */) {
+      this.h.onMessage(buf, off, positioned);
+    } else if (c === 0x72 /* r */ && buf[s + 4] === 0x70 /* ["reply" */) {
       // ["reply",N]
       let v = 0;
       for (let i = s + 9; i < e - 1; i++) v = v * 10 + (buf[i] - 48);
       if (this.h.onReply) this.h.onReply(v);
     } else if (c === 0x73 /* s */ || (c === 0x70 && buf[s + 3] === 0x73) /* psubscribe */) {
       if (this.h.onConfirm) this.h.onConfirm();
+    } else if (c === 0x70 && buf[s + 3] === 0x6f /* ["position",ch,{...} or null] */) {
+      if (this.h.onPosition) this.h.onPosition();
+      else this._error(buf.toString('utf8', s, e));
     } else {
       this._error(buf.toString('utf8', s, e));
     }

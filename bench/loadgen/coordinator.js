@@ -23,6 +23,12 @@
 //                window, in ns from schedstat, reported as `cpu_ns_<name>`
 //   settleMs     a pause after the subscribers are set up, before publishing;
 //                the otherPids' CPU over it is reported as `idle_ns_<name>`
+//
+// Optional, for a server that keeps a history (docs/protocol.md, Recovery):
+//   resume       true: the fanout and channels subscribers send
+//                ["RESUME", channel] (one per channel) instead of SUBSCRIBE,
+//                and are set up once the `position` frame came too; their
+//                messages carry a position, counted as `positioned`
 
 const { fork } = require('child_process');
 const path = require('path');
@@ -60,9 +66,11 @@ function within(promise, ms, what) {
 // deliveries each publish makes.
 function plan() {
   const s = cfg.scenario;
+  if (cfg.resume && cfg.server === 'redis') throw new Error('Redis has no RESUME');
+  const subscribe = cfg.resume ? 'RESUME' : 'SUBSCRIBE';
   if (s === 'fanout') {
     const subs = [];
-    for (let i = 0; i < cfg.subscribers; i++) subs.push({ cmd: 'SUBSCRIBE', names: ['fanout'] });
+    for (let i = 0; i < cfg.subscribers; i++) subs.push({ cmd: subscribe, names: ['fanout'] });
     return { subs, channels: ['fanout'], perPublish: cfg.subscribers };
   }
   if (s === 'channels' || s === 'idle') {
@@ -70,7 +78,7 @@ function plan() {
     const subs = [];
     const channels = [];
     for (let i = 0; i < cfg.subscribers; i++) {
-      subs.push({ cmd: 'SUBSCRIBE', names: [prefix + i] });
+      subs.push({ cmd: s === 'idle' ? 'SUBSCRIBE' : subscribe, names: [prefix + i] });
       channels.push(prefix + i);
     }
     return { subs, channels, perPublish: 1 };
@@ -377,11 +385,13 @@ async function publishingRun(workers) {
   const reports = await workers.askAll({ type: 'report' }, 'report', 20000);
   const hist = new Histogram();
   let phaseReceived = 0, totalReceived = 0, gaps = 0, disorder = 0, closes = 0, errorCount = 0;
+  let positioned = 0;
   let lastRecv = 0;
   const errors = [...pub.errors];
   for (const r of reports) {
     hist.merge(r.hist);
     phaseReceived += r.phaseReceived;
+    positioned += r.phasePositioned;
     totalReceived += r.totalReceived;
     gaps += r.gaps;
     disorder += r.disorder;
@@ -397,6 +407,7 @@ async function publishingRun(workers) {
     subscribers: setup.connected,
     published,
     deliveries: phaseReceived,
+    positioned,
     drained,
     window_s: wall / 1e6,
     deliveries_per_s: phaseReceived / ((Math.max(lastRecv, t0 + 1) - t0) / 1e6),

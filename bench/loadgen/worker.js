@@ -13,6 +13,7 @@ const state = {
   hist: new Histogram(),
   phaseReceived: 0,
   totalReceived: 0,
+  phasePositioned: 0, // of phaseReceived, messages that carried their position
   gaps: 0, // messages skipped over (a later sequence number came first)
   disorder: 0, // messages older than one already seen
   errors: [],
@@ -27,15 +28,19 @@ function noteError(text) {
   if (state.errors.length < 10) state.errors.push(String(text).slice(0, 200));
 }
 
+// Set up once every confirmation came, and every `position` frame (RESUME
+// answers with both: ["subscribe",ch,1] then ["position",ch,{...}]).
 class Subscriber {
-  constructor(expectConfirms) {
+  constructor(expectConfirms, expectPositions) {
     this.next = 0;
     this.confirms = 0;
+    this.positions = 0;
     this.expectConfirms = expectConfirms;
+    this.expectPositions = expectPositions;
     this.onConfirmed = null;
   }
 
-  onMessage(buf, off) {
+  onMessage(buf, off, positioned) {
     const now = nowUs();
     const seq = readSeq(buf, off);
     if (seq !== this.next) {
@@ -46,11 +51,26 @@ class Subscriber {
     state.hist.add(now - readTs(buf, off));
     state.phaseReceived++;
     state.totalReceived++;
+    if (positioned) state.phasePositioned++;
     state.lastRecvUs = now;
   }
 
   onConfirm() {
-    if (++this.confirms === this.expectConfirms && this.onConfirmed) {
+    this.confirms++;
+    this._check();
+  }
+
+  onPosition() {
+    this.positions++;
+    this._check();
+  }
+
+  _check() {
+    if (
+      this.confirms >= this.expectConfirms &&
+      this.positions >= this.expectPositions &&
+      this.onConfirmed
+    ) {
       const done = this.onConfirmed;
       this.onConfirmed = null;
       done();
@@ -83,7 +103,8 @@ async function setup(msg) {
   }, msg.timeoutMs);
   function one(spec) {
     return new Promise((resolve, reject) => {
-      const sub = new Subscriber(spec.names.length);
+      const resume = spec.cmd === 'RESUME';
+      const sub = new Subscriber(spec.names.length, resume ? spec.names.length : 0);
       const conn = new Conn(msg.port, sub, msg.payloadLength);
       const done = (err) => {
         pending.delete(done);
@@ -96,7 +117,9 @@ async function setup(msg) {
       sub.onConfirmed = () => done(null);
       conn.connect().then(() => {
         state.conns.push(conn);
-        conn.write(Conn.command([spec.cmd, ...spec.names]));
+        // RESUME takes one channel: one command per name.
+        if (resume) conn.write(Buffer.concat(spec.names.map((n) => Conn.command([spec.cmd, n]))));
+        else conn.write(Conn.command([spec.cmd, ...spec.names]));
       }, done);
     });
   }
@@ -142,12 +165,14 @@ process.on('message', (msg) => {
   } else if (msg.type === 'reset') {
     state.hist = new Histogram();
     state.phaseReceived = 0;
+    state.phasePositioned = 0;
     process.send({ type: 'reset-ok' });
   } else if (msg.type === 'report') {
     process.send({
       type: 'report',
       hist: state.hist.toJSON(),
       phaseReceived: state.phaseReceived,
+      phasePositioned: state.phasePositioned,
       totalReceived: state.totalReceived,
       gaps: state.gaps,
       disorder: state.disorder,
