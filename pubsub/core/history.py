@@ -57,10 +57,12 @@ from pubsub.core.glob import Matcher, compile_pattern
 __all__ = ["MESSAGE_OVERHEAD", "History", "Position", "Recovery"]
 
 #: The bytes each kept message is charged beyond its payload, the number
-#: ``max_bytes`` bounds along with the payloads.  It approximates CPython's
-#: cost of one entry: a 2-tuple (56), its float time (24), the bytes object's
-#: header (33) and the deque slot (8), rounded up.
-MESSAGE_OVERHEAD = 128
+#: ``max_bytes`` bounds along with the payloads.  CPython's objects for one
+#: entry are a 2-tuple (56), its float time (24), the bytes object's header
+#: (33) and the deque slot (8), 121 bytes; pymalloc rounds each object up to
+#: 16 bytes, and the process grows by about 150 bytes beyond a 64-byte
+#: payload (bench/history_memory.py).  160 keeps the bound above that.
+MESSAGE_OVERHEAD = 160
 
 #: How many channel names :meth:`History.keeps` remembers its answer for; the
 #: cache is emptied when full, which is cheap and bounds it against a flood of

@@ -11,6 +11,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 
+from pubsub.core.history import MESSAGE_OVERHEAD
 from tests.integration.test_metrics import figure, scrape
 
 CHANNEL = "chat.room"
@@ -152,6 +153,7 @@ def test_a_gap_the_history_cannot_fill_is_reported_not_silent(make_server, conne
     assert figure(samples, "pubsub_history_messages") == 5
     assert figure(samples, "pubsub_history_channels") == 1
     assert (
-        figure(samples, "pubsub_history_bytes") == sum(len(str(n)) for n in range(17, 22)) + 5 * 128
+        figure(samples, "pubsub_history_bytes")
+        == sum(len(str(n)) for n in range(17, 22)) + 5 * MESSAGE_OVERHEAD
     )
     assert figure(samples, "pubsub_history_evicted_total") == 0
