@@ -78,8 +78,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pubsub.core.engine import Engine, Kind
+from pubsub.core.history import Position
 
-__all__ = ["STATES", "RedisBackplane", "RedisTarget", "backoff", "parse_url"]
+__all__ = ["STATES", "BackplaneDown", "RedisBackplane", "RedisTarget", "backoff", "parse_url"]
 
 _log = Logger()
 
@@ -111,6 +112,11 @@ KEEPALIVE = (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
 #: land on exact multiples of the interval, and float sums of those may come
 #: out a hair short of the timeout they equal.
 _CLOCK_SLACK = 1e-3
+
+
+class BackplaneDown(Exception):
+    """Redis could not answer a request: the backplane is not connected, the
+    connection was lost before the reply, or Redis answered with an error."""
 
 
 @dataclass(frozen=True)
@@ -253,6 +259,9 @@ class _Connection(Protocol):
         self.answered = False
         self._markers: deque[tuple[float, int]] = deque()
         self._ticker: LoopingCall | None = None
+        #: Deferreds waiting for the reply to one request: (its number in
+        #: ``requests``, the Deferred), oldest first (see RedisBackplane.call).
+        self.calls: deque[tuple[int, defer.Deferred[Any]]] = deque()
 
     def connectionMade(self) -> None:
         # Publishes are small writes that should leave at once; Nagle would
@@ -307,6 +316,16 @@ class _Connection(Protocol):
         self.ping()
         markers.append((now, self.requests))
 
+    def fire_calls(self, reply: Any) -> None:
+        """Fire the calls the replies so far have answered (``reply`` the last)."""
+        calls = self.calls
+        while calls and calls[0][0] <= self.replies:
+            waiting = calls.popleft()[1]
+            if isinstance(reply, hiredis.ReplyError):
+                waiting.errback(BackplaneDown(f"{self.bridge.url} answered: {reply}"))
+            else:
+                waiting.callback(reply)
+
     def _give_up(self, waited: float) -> None:
         self._stop_ticking()
         self.bridge.timed_out(self, waited)
@@ -344,6 +363,9 @@ class _Connection(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self._stop_ticking()
+        calls, self.calls = self.calls, deque()
+        for _, waiting in calls:
+            waiting.errback(BackplaneDown(f"lost the connection to {self.bridge.url}"))
         failure = _tls_failure(reason)
         if failure is not None:
             self.bridge.tls_failed(self, failure)
@@ -521,6 +543,9 @@ class RedisBackplane(Service):
         #: Connections in a row, per role, lost before Redis said anything.
         self._unanswered = {"subscriber": 0, "publisher": 0}
         self._services: list[ClientService] = []
+        #: Commands the publisher connection sends first, each time it
+        #: connects (the history's SCRIPT LOADs), and again on NOSCRIPT.
+        self.preamble: list[tuple[bytes, ...]] = []
 
     # -- the service: two connections that come back -------------------------
 
@@ -576,6 +601,8 @@ class RedisBackplane(Service):
     def connection_made(self, connection: _Connection) -> None:
         if connection.role == "publisher":
             self._publisher = connection
+            for args in self.preamble:
+                connection.send(*args)
         else:
             self._subscriber = connection
             self._subscriber_ready = False
@@ -655,6 +682,8 @@ class RedisBackplane(Service):
     def reply_received(self, connection: _Connection, reply: Any) -> None:
         if connection.role != "subscriber":
             connection.replies += 1  # one reply per command, in order
+            if connection.calls:
+                connection.fire_calls(reply)
             if isinstance(reply, hiredis.ReplyError):
                 self._reply_error(connection, reply)
             return  # PUBLISH counts: node-local counts are what clients get
@@ -671,7 +700,13 @@ class RedisBackplane(Service):
         if isinstance(reply, list) and reply:
             push = reply[0]
             if push == b"message" and len(reply) == 3:
-                self._deliver(self.engine.deliver_message, reply[2], self._local(reply[1]))
+                engine = self.engine
+                self._deliver(
+                    engine.deliver_message,
+                    reply[2],
+                    self._local(reply[1]),
+                    at=engine.deliver_message_at,
+                )
             elif push == b"pmessage" and len(reply) == 4:
                 pattern = reply[1][len(self._pattern_prefix) :]
                 self._deliver(
@@ -685,6 +720,11 @@ class RedisBackplane(Service):
             self._pong(connection)
 
     def _reply_error(self, connection: _Connection, reply: hiredis.ReplyError) -> None:
+        if connection.role == "publisher" and str(reply).startswith("NOSCRIPT"):
+            # Redis lost its scripts (SCRIPT FLUSH, a restart behind a
+            # proxy): this publish is lost, logged below; the next ones work.
+            for args in self.preamble:
+                connection.send(*args)
         connection.errors += 1
         if connection.errors == 1:
             _log.error(
@@ -698,6 +738,8 @@ class RedisBackplane(Service):
     def _pong(self, connection: _Connection) -> None:
         if connection.replies < connection.requests:  # see the error case above
             connection.replies += 1
+            if connection.calls:
+                connection.fire_calls(b"PONG")
         self._ready()
 
     def _ready(self) -> None:
@@ -711,12 +753,47 @@ class RedisBackplane(Service):
     def _smessage(self, channel: bytes, data: bytes) -> None:
         self._deliver(self.engine.deliver_smessage, data, self._local(channel))
 
-    def _deliver(self, deliver: Callable[..., int], data: bytes, *names: bytes) -> None:
-        """Deliver a message from Redis unless this node sent it itself."""
-        if data[:NODE_ID_SIZE] == self.node_id or data[NODE_ID_SIZE : NODE_ID_SIZE + 1] != b" ":
+    def _deliver(
+        self,
+        deliver: Callable[..., int],
+        data: bytes,
+        *names: bytes,
+        at: Callable[..., int] | None = None,
+    ) -> None:
+        """Deliver a message from Redis unless this node sent it itself.
+
+        A message of a channel whose history Redis keeps comes in a
+        positioned envelope, ``<node id>@<epoch> <offset> <payload>``, and is
+        delivered whoever sent it: no node delivered it before it was in the
+        history (see :meth:`publish_kept`).  ``at`` delivers it with its
+        position (to a channel's subscribers; a pattern's get no position).
+        """
+        mark = data[NODE_ID_SIZE : NODE_ID_SIZE + 1]
+        if mark == b"@":
+            self._deliver_positioned(deliver, data, names, at)
+            return
+        if data[:NODE_ID_SIZE] == self.node_id or mark != b" ":
             return  # our own, already delivered here; or not from a node
         self.received += 1
         deliver(*names, data[NODE_ID_SIZE + 1 :])
+
+    def _deliver_positioned(
+        self,
+        deliver: Callable[..., int],
+        data: bytes,
+        names: tuple[bytes, ...],
+        at: Callable[..., int] | None,
+    ) -> None:
+        fields = data[NODE_ID_SIZE + 1 :].split(b" ", 2)
+        if len(fields) != 3 or not fields[1].isdigit():
+            return  # not from a node
+        epoch, offset, payload = fields
+        if data[:NODE_ID_SIZE] != self.node_id:
+            self.received += 1
+        if at is None:
+            deliver(*names, payload)
+        else:
+            at(*names, payload, Position(epoch.decode("ascii", "replace"), int(offset)))
 
     # -- the engine's Relay ---------------------------------------------------
 
@@ -748,17 +825,56 @@ class RedisBackplane(Service):
             self._envelope_head,
             payload,
         )
+        self._send_publish(publisher, data)
+
+    def carry(self, data: bytes) -> bool:
+        """Send ``data``, one whole command that publishes (the history's
+        script), under the same rules as a publish: False, with the refusal
+        set for :meth:`refusal`, when it was not sent."""
+        publisher = self._publisher
+        if publisher is None or self.state != "connected":
+            self.failed += 1
+            self._refused = self.state
+            return False
+        return self._send_publish(publisher, data)
+
+    def _send_publish(self, publisher: _Connection, data: bytes) -> bool:
         if publisher.backlog is not None:
             # Redis is not keeping up: queue up to the limit, then refuse,
             # so a stalled Redis costs a bounded amount of memory.
             if self.buffer_limit and publisher.backlog + len(data) > self.buffer_limit:
                 self.failed += 1
                 self._refused = "behind"
-                return
+                return False
             publisher.backlog += len(data)
         self._refused = None
         self.sent += 1
         self._write(publisher, data)
+        return True
+
+    def call(self, *args: bytes) -> defer.Deferred[Any]:
+        """Send one command on the publisher connection: a Deferred of its
+        reply, which fails with :class:`BackplaneDown` when the backplane is
+        not connected, the connection is lost first, or Redis answers an error."""
+        publisher = self._publisher
+        if publisher is None or self.state != "connected":
+            return defer.fail(BackplaneDown(f"{self.url} is {self.state}"))
+        publisher.send(*args)
+        waiting: defer.Deferred[Any] = defer.Deferred()
+        publisher.calls.append((publisher.requests, waiting))
+        return waiting
+
+    def barrier(self) -> defer.Deferred[Any]:
+        """A Deferred that fires once Redis has taken every (un)subscription
+        sent so far: from then on, whatever is published to this node's
+        names reaches it.  Fails with :class:`BackplaneDown` as :meth:`call`."""
+        subscriber = self._subscriber
+        if subscriber is None or self.state != "connected":
+            return defer.fail(BackplaneDown(f"{self.url} is {self.state}"))
+        subscriber.ping()  # answered after everything sent before it
+        waiting: defer.Deferred[Any] = defer.Deferred()
+        subscriber.calls.append((subscriber.requests, waiting))
+        return waiting
 
     def _write(self, publisher: _Connection, data: bytes) -> None:
         """Send one publish (a whole command) on the publisher connection."""

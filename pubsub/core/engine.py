@@ -25,7 +25,9 @@ once per receiver, and hands the same frame to each receiver's ``deliver``.
 An optional :class:`~pubsub.core.history.History` keeps the recent messages
 of the channels it covers: a publish on one of them gets a position, which
 the channel's subscribers' encoders are given (``message_at``) for the
-clients that asked to see it.
+clients that asked to see it.  A :class:`~pubsub.core.history.SharedHistory`
+(the nodes', kept by a backplane) takes such a publish instead, and it comes
+back with its position to ``deliver_message_at``.
 
 Two small hooks let a host carry Pub/Sub beyond this process without the
 engine knowing how: an optional :class:`Relay` is told when a channel,
@@ -46,7 +48,7 @@ from typing import Any, Protocol, TypeAlias
 from sortedcontainers import SortedSet  # type: ignore[import-untyped]
 
 from pubsub.core.glob import Matcher, compile_pattern, literal_prefix
-from pubsub.core.history import History, Position
+from pubsub.core.history import History, Position, SharedHistory
 from pubsub.core.vocabulary import Kind
 
 __all__ = ["Encoder", "Engine", "Kind", "Relay", "Subscriber", "UnknownClient"]
@@ -178,7 +180,7 @@ class Engine:
         #: Told of first/last subscribers and of every publish; None: this node only.
         self.relay: Relay | None = None
         #: The recent messages of the channels it covers; None: none kept.
-        self.history: History | None = None
+        self.history: History | SharedHistory | None = None
 
     # -- clients -----------------------------------------------------------
 
@@ -206,6 +208,14 @@ class Engine:
     def set_encoder(self, client_id: int, encoder: Encoder) -> None:
         """Deliver to this client in another format from now on (RESP's HELLO 3)."""
         self._client(client_id).encoder = encoder
+
+    def set_subscriber(self, client_id: int, subscriber: Subscriber) -> None:
+        """Deliver to this client through ``subscriber`` (its ``deliver`` and
+        ``encoder``) from now on: a host that holds a client's messages for a
+        while, then gives it back its own."""
+        client = self._client(client_id)
+        client.deliver = subscriber.deliver
+        client.encoder = subscriber.encoder
 
     def _client(self, client_id: int) -> _Client:
         try:
@@ -361,9 +371,13 @@ class Engine:
         channel = _as_bytes(channel)
         payload = _as_bytes(payload)
         receivers = 0
-        client_ids = self._channels.get(channel)
+        position = None
         history = self.history
-        position = history.append(channel, payload) if history is not None else None
+        if history is not None and history.keeps(channel):
+            if history.shared:
+                return self._publish_shared(history, channel, payload)
+            position = history.append(channel, payload)
+        client_ids = self._channels.get(channel)
         if client_ids:
             if position is None:
                 receivers += self._fan_out(client_ids, _CHANNEL.message, channel, payload)
@@ -378,6 +392,26 @@ class Engine:
         self.deliveries += receivers
         if self.relay is not None:
             self.relay.published(_CHANNEL, channel, payload)
+        return receivers
+
+    def _publish_shared(self, history: SharedHistory, channel: bytes, payload: bytes) -> int:
+        """A publish on a channel whose history the nodes share: handed over,
+        it comes back with its position (:meth:`deliver_message_at`) to every
+        node, this one included.  The count is of the local subscribers it
+        will reach, as a local publish counts them."""
+        self.publishes += 1
+        if history.publish(channel, payload):
+            receivers = len(self._channels.get(channel, ()))
+            for pattern in self._matching_patterns(channel) if self._pattern_index else ():
+                receivers += len(self._patterns[pattern])
+            return receivers
+        # Not handed over (the backplane is down or behind, and says so to
+        # the publisher): delivered here only, without a position.
+        receivers = self._deliver(self._channels, channel, _CHANNEL.message, channel, payload)
+        for pattern in self._matching_patterns(channel) if self._pattern_index else ():
+            receivers += self._deliver(
+                self._patterns, pattern, _PATTERN.message, pattern, channel, payload
+            )
         return receivers
 
     def spublish(self, channel: bytes | str, payload: bytes | str) -> int:
@@ -400,6 +434,11 @@ class Engine:
         """
         return self._deliver(self._channels, channel, _CHANNEL.message, channel, payload)
 
+    def deliver_message_at(self, channel: bytes, payload: bytes, position: Position) -> int:
+        """A message of a channel whose history the nodes share, at ``position``
+        in it, to this channel's own subscribers only (see :meth:`deliver_message`)."""
+        return self._deliver(self._channels, channel, "message_at", channel, payload, position)
+
     def deliver_pmessage(self, pattern: bytes, channel: bytes, payload: bytes) -> int:
         """A message published elsewhere on ``channel``, to the subscribers of
         ``pattern`` only (the relay already knows that it matches)."""
@@ -410,7 +449,7 @@ class Engine:
         return self._deliver(self._shard_channels, channel, _SHARD.message, channel, payload)
 
     def _deliver(
-        self, registry: dict[bytes, ClientIds], name: bytes, message_type: str, *fields: bytes
+        self, registry: dict[bytes, ClientIds], name: bytes, message_type: str, *fields: Any
     ) -> int:
         """Fan out to the subscribers of ``name`` in ``registry`` and count the deliveries."""
         client_ids = registry.get(name)

@@ -50,11 +50,20 @@ import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from itertools import islice
-from typing import NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 from pubsub.core.glob import Matcher, compile_pattern
 
-__all__ = ["MESSAGE_OVERHEAD", "History", "Position", "Recovery"]
+__all__ = [
+    "MESSAGE_OVERHEAD",
+    "History",
+    "HistoryUnavailable",
+    "Kept",
+    "Position",
+    "Recovery",
+    "SharedHistory",
+    "honoured",
+]
 
 #: The bytes each kept message is charged beyond its payload, the number
 #: ``max_bytes`` bounds along with the payloads.  CPython's objects for one
@@ -64,7 +73,7 @@ __all__ = ["MESSAGE_OVERHEAD", "History", "Position", "Recovery"]
 #: payload (bench/history_memory.py).  160 keeps the bound above that.
 MESSAGE_OVERHEAD = 160
 
-#: How many channel names :meth:`History.keeps` remembers its answer for; the
+#: How many channel names :class:`Kept` remembers its answer for; the
 #: cache is emptied when full, which is cheap and bounds it against a flood of
 #: distinct names.
 KEEPS_CACHE_SIZE = 4096
@@ -131,8 +140,77 @@ class _Stream:
         return [(offset + i, payload) for i, (payload, _) in enumerate(tail)]
 
 
+class HistoryUnavailable(Exception):
+    """A :class:`SharedHistory` could not be read (its store is down)."""
+
+
+class SharedHistory(Protocol):
+    """A history that several nodes share, kept elsewhere (in Redis, by the
+    backplane): what the engine and the commands use of it.
+
+    A publish on a kept channel is not delivered here at once: :meth:`publish`
+    hands it over, and it comes back to every node, this one included, with
+    its position (the engine's ``deliver_message_at``), so that every node
+    delivers a channel's messages in the order of its history.  When
+    :meth:`publish` returns False the message could not be handed over (the
+    backplane is down or behind) and the engine delivers it here only,
+    without a position, as any publish then.
+
+    :meth:`since` and :meth:`recent` answer as :class:`History`'s do, but
+    later: they return Deferreds (Twisted's; this module only names them) of
+    a :class:`Recovery`, which fail with :class:`HistoryUnavailable` when the
+    history cannot be read.  ``since`` with ``position`` None answers only
+    where the channel is (no messages).
+    ``since`` answers only once every message published after it will also
+    reach this node live, so a client can take the replay, then the live
+    messages after its top, with no gap.
+    """
+
+    shared: Literal[True]
+    keeps: Kept
+    recoveries: int
+    failed_recoveries: int
+
+    def publish(self, channel: bytes, payload: bytes) -> bool: ...
+
+    def since(self, channel: bytes, position: Position | None) -> Any: ...
+
+    def recent(self, channel: bytes, limit: int) -> Any: ...
+
+
 def _default_epoch() -> str:
     return secrets.token_hex(4)
+
+
+class Kept:
+    """Whether a channel matches one of the globs whose channels keep a history.
+
+    Called on every publish when a history is configured, so the answers are
+    cached per channel name.
+    """
+
+    def __init__(self, channels: Sequence[bytes]) -> None:
+        self._matchers: list[Matcher] = [compile_pattern(pattern) for pattern in channels]
+        self._cache: dict[bytes, bool] = {}
+
+    def __call__(self, channel: bytes) -> bool:
+        cache = self._cache
+        answer = cache.get(channel)
+        if answer is None:
+            answer = any(matcher(channel) is not None for matcher in self._matchers)
+            if len(cache) >= KEEPS_CACHE_SIZE:
+                cache.clear()
+            cache[channel] = answer
+        return answer
+
+
+def honoured(asked: Position, top: Position, first: int) -> bool:
+    """Whether every message after ``asked`` is still kept, in a stream at
+    ``top`` whose first kept message has offset ``first`` (``top.offset + 1``
+    when it keeps none): the rule of :meth:`History.since`."""
+    offset = asked.offset
+    same_epoch = asked.epoch == top.epoch or (offset == 0 and asked.epoch == "")
+    return same_epoch and 0 <= offset <= top.offset and offset >= first - 1
 
 
 class History:
@@ -142,12 +220,17 @@ class History:
     for a channel not kept), :meth:`since` or :meth:`recent` when a client
     subscribes asking for recovery, and :meth:`expire` every few seconds.
 
+    ``shared`` is False: this history is this process's own (see
+    :class:`SharedHistory` for the other kind).
+
     ``stored_messages``, ``stored_bytes``, ``stream_count`` and ``evicted`` are
     kept up to date as things change, so that /metrics reads them for free.
     ``stored_*`` count every message not yet dropped: a stream published to
     within ``ttl`` may still hold messages that have expired since, until it is
     next appended to or read (they are never returned).
     """
+
+    shared: Literal[False] = False
 
     def __init__(
         self,
@@ -167,8 +250,8 @@ class History:
             raise ValueError(f"history max_bytes must be at least 1, not {max_bytes}")
         if max_channels < 1:
             raise ValueError(f"history max_channels must be at least 1, not {max_channels}")
-        self._matchers: list[Matcher] = [compile_pattern(pattern) for pattern in channels]
-        self._keeps_cache: dict[bytes, bool] = {}
+        #: Whether a channel keeps a history (matches one of ``channels``).
+        self.keeps = Kept(channels)
         self._size = size
         self._ttl = ttl
         self._max_bytes = max_bytes
@@ -193,17 +276,6 @@ class History:
     def stream_count(self) -> int:
         """How many streams exist, with messages or with only their metadata."""
         return len(self._streams)
-
-    def keeps(self, channel: bytes) -> bool:
-        """Whether ``channel`` matches one of the globs this history keeps."""
-        cache = self._keeps_cache
-        answer = cache.get(channel)
-        if answer is None:
-            answer = any(matcher(channel) is not None for matcher in self._matchers)
-            if len(cache) >= KEEPS_CACHE_SIZE:
-                cache.clear()
-            cache[channel] = answer
-        return answer
 
     def append(self, channel: bytes, payload: bytes) -> Position | None:
         """Keep ``payload`` as the next message of ``channel``'s stream.
@@ -270,13 +342,10 @@ class History:
             self.failed_recoveries += 1
             return Recovery([], None, False)
         self._trim_expired(channel, stream, self._clock() - self._ttl)
-        top = stream.next_offset - 1
-        first = stream.next_offset - len(stream.messages)
-        offset = position.offset
-        same_epoch = position.epoch == stream.epoch or (offset == 0 and position.epoch == "")
-        if same_epoch and 0 <= offset <= top and offset >= first - 1:
+        top = stream.top()
+        if honoured(position, top, stream.next_offset - len(stream.messages)):
             self.recoveries += 1
-            return Recovery(stream.last(top - offset), stream.top(), True)
+            return Recovery(stream.last(top.offset - position.offset), top, True)
         self.failed_recoveries += 1
         return Recovery(stream.last(len(stream.messages)), stream.top(), False)
 

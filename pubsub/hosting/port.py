@@ -94,7 +94,9 @@ class Port:
         self.peers = PeerCounter(settings.max_connections_per_ip)
         self.publish_limit = PublishLimit.from_settings(settings, reactor)
         globs = settings.history_globs()
-        if globs and self.engine.history is None:  # the first port of the engine makes it
+        # The first port of the engine makes its history; with a backplane
+        # the nodes share one in Redis, which the backplane makes.
+        if globs and self.engine.history is None and not settings.backplane.strip():
             self.engine.history = History(
                 globs,
                 settings.history_size,

@@ -229,13 +229,6 @@ class Settings:
         for name in ("history_size", "history_max_bytes", "history_max_channels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {name} must be at least 1 with history_channels set")
-        if self.backplane.strip():
-            # Each node would keep only the messages published on it, and
-            # positions would not agree across nodes: refused, not half done.
-            raise ConfigError(
-                "setting history_channels cannot be used with a backplane yet: "
-                "a node's history would miss what other nodes publish"
-            )
 
     def _check_backplane_health(self) -> None:
         interval, timeout = self.backplane_ping_interval, self.backplane_timeout

@@ -22,7 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from pubsub.core.history import History
+from pubsub.core.history import History, SharedHistory
 from pubsub.hosting.port import Port
 from pubsub.websocket.protocol import EchoServerFactory, PubSubServerFactory
 
@@ -242,8 +242,20 @@ class _Figures:
             yield from _history_figures(engine.history)
 
 
-def _history_figures(history: History) -> Iterator[Any]:
-    """What the history of history_channels holds, and what became of recoveries."""
+def _history_figures(history: History | SharedHistory) -> Iterator[Any]:
+    """What the history of history_channels holds (this node's own; a shared
+    one is in Redis, which says), and what became of recoveries."""
+    if not history.shared:
+        yield from _stored_figures(history)
+    recoveries = CounterMetricFamily(
+        "pubsub_recoveries", "RESUMEs from a position, by result", labels=["result"]
+    )
+    recoveries.add_metric(["recovered"], history.recoveries)
+    recoveries.add_metric(["failed"], history.failed_recoveries)
+    yield recoveries
+
+
+def _stored_figures(history: History) -> Iterator[Any]:
     yield GaugeMetricFamily(
         "pubsub_history_messages",
         "Messages kept in channels' history",
@@ -264,12 +276,6 @@ def _history_figures(history: History) -> Iterator[Any]:
         "Messages dropped from the history early to stay within history_max_bytes",
         value=history.evicted,
     )
-    recoveries = CounterMetricFamily(
-        "pubsub_recoveries", "RESUMEs from a position, by result", labels=["result"]
-    )
-    recoveries.add_metric(["recovered"], history.recoveries)
-    recoveries.add_metric(["failed"], history.failed_recoveries)
-    yield recoveries
 
 
 #: The backplane's counters: (name, help, attribute).

@@ -26,6 +26,7 @@ from twisted.python.logfile import LogFile
 from twisted.web.server import Site
 
 from pubsub.backplane import RedisBackplane, RedisClusterBackplane, is_cluster_url
+from pubsub.backplane.history import RedisHistory
 from pubsub.backplane.tls import backplane_tls
 from pubsub.core.engine import Engine
 from pubsub.internals import forget_exit_signal, plain_debug_values
@@ -234,8 +235,17 @@ def _backplane(
     # The TLS files are read once, here, so a bad one stops the start-up.
     tls = backplane_tls(settings)
     kind = RedisClusterBackplane if is_cluster_url(settings.backplane) else RedisBackplane
+    globs = settings.history_globs()
+    if globs and kind is RedisClusterBackplane:
+        # A channel's stream would live on one shard while its messages are
+        # published on all: the one-step write and publish of a single Redis
+        # does not carry over; refused rather than half done.
+        raise ConfigError(
+            "setting history_channels cannot be used with a Redis Cluster backplane yet: "
+            "use a single Redis (redis:// or rediss://)"
+        )
     try:
-        return kind(
+        backplane = kind(
             engine,
             settings.backplane,
             prefix=settings.backplane_prefix.encode("utf-8"),
@@ -249,6 +259,10 @@ def _backplane(
         )
     except ValueError as error:
         raise ConfigError(f"setting backplane: {error}") from None
+    if globs:
+        assert isinstance(backplane, RedisBackplane)
+        engine.history = RedisHistory(backplane, globs, settings.history_size, settings.history_ttl)
+    return backplane
 
 
 def _option_help(name: str) -> str:

@@ -35,8 +35,9 @@ from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 
 from pubsub import internals
-from pubsub.core.commands import Error, error_kind, execute
+from pubsub.core.commands import Error, Result, error_kind, execute
 from pubsub.core.engine import Engine
+from pubsub.core.history import Position
 from pubsub.core.vocabulary import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
@@ -45,6 +46,7 @@ from pubsub.core.vocabulary import (
     REASON_INTERNAL_ERROR,
     REASON_SHUTDOWN,
 )
+from pubsub.hosting.held import Held
 from pubsub.hosting.port import HostedClient, Port
 from pubsub.hosting.timers import BatchedTimer
 from pubsub.operations.config import Settings
@@ -196,6 +198,7 @@ class PubSubServerProtocol(HostedClient, LeanReader):
         compression = internals.compression(self) if self._autobahn_read else None
         self._compressing = compression is not None
         self._compression = compression
+        self._waiting = None  # the instance's own: _handle reads it per message
         self.encoder = self.factory.encoder_for(compression)
         guard = self._host()
         # The policies (the origin, the handshake's token) and the
@@ -216,6 +219,30 @@ class PubSubServerProtocol(HostedClient, LeanReader):
     def _new_session(self, client_id: int, guard: Guard | None) -> WsSession:
         factory = self.factory
         return WsSession(factory.engine, client_id, factory.limits, self, guard)
+
+    def hold(self) -> Held:
+        """Hold this client's deliveries until :meth:`release` (see
+        :mod:`pubsub.hosting.held`)."""
+        assert self.session is not None  # only a command's handler holds
+        held = Held(self.encoder, self.factory.output_limits.hard, self._slow_consumer)
+        self.factory.engine.set_subscriber(self.session.client_id, held)
+        return held
+
+    def release(
+        self, held: Held, channel: bytes, top: Position | None, results: list[Result]
+    ) -> list[Result]:
+        """Deliver to this client again: send ``results``, then what was
+        held but ``channel``'s messages at or below ``top``.  Returns what
+        is left to answer (nothing), for the command's Deferred."""
+        session = self.session
+        if session is None:
+            return []  # gone meanwhile
+        self.factory.engine.set_subscriber(session.client_id, self)
+        if self._open_for_commands():
+            self._reply(results)
+            for frame in held.after(channel, top):
+                self.deliver(frame)
+        return []
 
     def use_positions(self) -> None:
         """From now on, messages of channels with a history carry their position."""
@@ -287,11 +314,8 @@ class PubSubServerProtocol(HostedClient, LeanReader):
             # 5.5.1), so nothing more is run, as Redis reads nothing more from
             # a client it is closing.
             return
-        # Without middlewares (chain None) one test of the factory's, which
-        # costs less than one of this connection's class-level defaults.
-        chain = self.factory.middleware
-        if chain is not None and self._waiting is not None:
-            # A middleware is deciding: this waits its turn.
+        if self._waiting is not None:
+            # A middleware is deciding, or a recovery is read: this waits its turn.
             self._waiting.append((self._handle, text))
             return
         if self._idle is not None:
@@ -302,13 +326,13 @@ class PubSubServerProtocol(HostedClient, LeanReader):
             except json_codec.ProtocolError as error:
                 results: Any = [Error(str(error))]
             else:
-                if chain is None:
+                if self.factory.middleware is None:
                     results = execute(self.session, args, WS_COMMANDS)
                 else:
                     results = self._screened(args, WS_COMMANDS)
-                    if type(results) is not list:
-                        self._wait(results)
-                        return
+                if type(results) is not list:  # answered later (middlewares, recovery)
+                    self._wait(results)
+                    return
             self._reply(results)
         except Exception:  # noqa: BLE001 - any bug here must cost this client only
             _log.failure("internal fault handling a message from {peer}", peer=self.peer)

@@ -14,6 +14,9 @@ class TupleFrames:
     def pmessage(self, pattern: bytes, channel: bytes, payload: bytes) -> Any:
         return ("pmessage", pattern, channel, payload)
 
+    def message_at(self, channel: bytes, payload: bytes, position: Any) -> Any:
+        return ("message", channel, payload, position)
+
     def smessage(self, channel: bytes, payload: bytes) -> Any:
         return ("smessage", channel, payload)
 

@@ -8,6 +8,7 @@ is one that is fed nothing.
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from typing import Any
 
@@ -18,8 +19,10 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from pubsub.backplane.history import PUBLISH_SCRIPT, READ_SCRIPT, RedisHistory
 from pubsub.backplane.redis import (
     RESUBSCRIBE_BATCH,
+    BackplaneDown,
     RedisBackplane,
     _Connection,
     _ConnectionFactory,
@@ -30,6 +33,7 @@ from pubsub.backplane.redis import (
 )
 from pubsub.core.commands import Error, Reply, Session, error_kind, execute
 from pubsub.core.engine import Engine
+from pubsub.core.history import HistoryUnavailable, Position, Recovery
 from tests.support.tuples import TupleFrames
 
 NODE = b"0123456789abcdef"
@@ -862,3 +866,210 @@ def test_a_certificate_for_another_host_is_a_tls_failure_that_says_so():
         stop()
     [error] = [e for e in logged if e["log_level"].name == "error"]
     assert error["reason"].startswith("Redis's certificate is not for this host (DNSMismatch")
+
+
+# -- the history in Redis (pubsub.backplane.history) ---------------------------------------
+
+
+def _with_history(node: Node, size: int = 10) -> RedisHistory:
+    history = RedisHistory(node.bridge, [b"chat.*"], size=size, ttl=60)
+    node.engine.history = history
+    return history
+
+
+def _array(*items: bytes) -> bytes:
+    return b"*%d\r\n" % len(items) + b"".join(b"$%d\r\n%s\r\n" % (len(i), i) for i in items)
+
+
+def test_a_kept_channels_publish_runs_the_script_and_reaches_subscribers_back_from_redis():
+    node = Node()
+    _with_history(node, size=10)
+    node.connect_both()
+    preamble = node.written(node.publisher)
+    assert preamble == command(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT) + command(
+        b"SCRIPT", b"LOAD", READ_SCRIPT
+    )
+    alice, pattern = Client(node.engine), Client(node.engine)
+    alice.run("SUBSCRIBE", "chat.1")
+    pattern.run("PSUBSCRIBE", "chat.*")
+    assert alice.run("PUBLISH", "chat.1", "hi") == [Reply(2)]  # who it will reach
+    written = node.written(node.publisher)
+    assert (
+        written
+        == command(
+            b"EVALSHA",
+            hashlib.sha1(PUBLISH_SCRIPT).hexdigest().encode(),
+            b"2",
+            b"pubsub:history:chat.1",
+            b"pubsub:history-position:chat.1",
+            b"pubsub:chat.1",
+            b"hi",
+            b"10",  # history_size
+            b"60000",  # history_ttl, in ms
+            NODE[:8] + b".1",  # an epoch, should the stream begin now
+            b"86400000",
+            NODE + b"@",
+        )
+    )
+    assert alice.frames == [] and pattern.frames == []  # not before Redis has it
+    node.subscriber.dataReceived(
+        _push(b"message", b"pubsub:chat.1", NODE + b"@e1 7 hi")
+        + _push(b"pmessage", b"pubsub:chat.*", b"pubsub:chat.1", NODE + b"@e1 7 hi")
+        + _push(b"message", b"pubsub:chat.1", OTHER + b"@e1 8 there you are")
+        + _push(b"message", b"pubsub:chat.1", OTHER + b"@e1 nine bad")
+    )
+    assert alice.frames == [
+        ("message", b"chat.1", b"hi", Position("e1", 7)),
+        ("message", b"chat.1", b"there you are", Position("e1", 8)),
+    ]
+    assert pattern.frames == [("pmessage", b"chat.*", b"chat.1", b"hi")]
+    assert node.bridge.received == 1  # only another node's
+
+
+def test_a_kept_channels_publish_while_the_backplane_is_down_is_delivered_here_only():
+    node = Node()
+    _with_history(node)
+    alice = Client(node.engine)
+    alice.run("SUBSCRIBE", "chat.1")
+    assert alice.run("PUBLISH", "chat.1", "hi") == [
+        Error(
+            "BACKPLANE redis://redis.example:6390/ is connecting: delivered to 1 local subscriber only"
+        )
+    ]
+    assert alice.frames == [("message", b"chat.1", b"hi")]
+    assert node.bridge.failed == 1
+
+
+def test_calls_and_barriers_fire_with_their_own_replies_and_fail_when_the_link_goes():
+    node = Node()
+    node.connect_both()
+    bridge = node.bridge
+    Client(node.engine).run("PUBLISH", "news", "x")  # a reply the call must not take
+    answer, barrier = bridge.call(b"GET", b"key"), bridge.barrier()
+    got: list = []
+    answer.addCallback(got.append)
+    barrier.addCallback(got.append)
+    node.publisher.dataReceived(b":0\r\n")
+    assert got == []
+    node.publisher.dataReceived(b"$5\r\nvalue\r\n")
+    node.subscriber.dataReceived(b"+PONG\r\n")
+    assert got == [b"value", b"PONG"]
+    refused = bridge.call(b"GET", b"key")
+    node.publisher.dataReceived(b"-ERR wrong\r\n")
+    assert "answered: ERR wrong" in str(_failure_of(refused, BackplaneDown))
+    lost = bridge.call(b"GET", b"key")
+    node.publisher.connectionLost(Failure(ConnectionAborted()))
+    assert "lost the connection" in str(_failure_of(lost, BackplaneDown))
+    assert "is down" in str(_failure_of(bridge.call(b"GET", b"key"), BackplaneDown))
+    assert "is down" in str(_failure_of(bridge.barrier(), BackplaneDown))
+
+
+def _failure_of(deferred: defer.Deferred, kind: type) -> BaseException:
+    failures: list = []
+    deferred.addErrback(failures.append)
+    [failure] = failures
+    assert failure.check(kind), failure
+    return failure.value
+
+
+def test_noscript_loads_the_scripts_again():
+    node = Node()
+    _with_history(node)
+    node.connect_both()
+    node.written(node.publisher)
+    Client(node.engine).run("PUBLISH", "chat.1", "hi")
+    node.written(node.publisher)
+    node.publisher.dataReceived(b"-NOSCRIPT No matching script.\r\n")
+    assert node.written(node.publisher) == command(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT) + command(
+        b"SCRIPT", b"LOAD", READ_SCRIPT
+    )
+
+
+def _read_reply(epoch: bytes, top: int, *messages: tuple[int, bytes]) -> bytes:
+    items = [epoch, b"%d" % top]
+    for offset, payload in messages:
+        items += [b"%d" % offset, payload]
+    return _array(*items)
+
+
+@pytest.mark.parametrize(
+    "asked, reply, expected",
+    [
+        # from the position: what came after it
+        (
+            Position("e", 1),
+            _read_reply(b"e", 3, (1, b"a"), (2, b"b"), (3, b"c")),
+            Recovery([(2, b"b"), (3, b"c")], Position("e", 3), True),
+        ),
+        # at the top: nothing missed, even with nothing kept
+        (Position("e", 3), _read_reply(b"e", 3), Recovery([], Position("e", 3), True)),
+        # trimmed: message 2 is gone
+        (
+            Position("e", 1),
+            _read_reply(b"e", 5, (3, b"c"), (4, b"d"), (5, b"e")),
+            Recovery([(3, b"c"), (4, b"d"), (5, b"e")], Position("e", 5), False),
+        ),
+        # another epoch
+        (
+            Position("old", 1),
+            _read_reply(b"e", 1, (1, b"a")),
+            Recovery([(1, b"a")], Position("e", 1), False),
+        ),
+        # no history at all: only from the start
+        (Position("", 0), b"*0\r\n", Recovery([], None, True)),
+        (Position("e", 4), b"*0\r\n", Recovery([], None, False)),
+    ],
+)
+def test_since_reads_after_the_barrier_and_judges_as_a_nodes_own_history(asked, reply, expected):
+    node = Node()
+    history = _with_history(node)
+    node.connect_both()
+    node.written(node.publisher)
+    node.written(node.subscriber)
+    answer = history.since(b"chat.1", asked)
+    assert node.written(node.subscriber) == command(b"PING")
+    assert node.written(node.publisher) == b""  # not before Redis has the subscription
+    node.subscriber.dataReceived(b"+PONG\r\n")
+    assert node.written(node.publisher) == command(
+        b"EVALSHA",
+        hashlib.sha1(READ_SCRIPT).hexdigest().encode(),
+        b"2",
+        b"pubsub:history:chat.1",
+        b"pubsub:history-position:chat.1",
+        b"60000",
+    )
+    got: list = []
+    answer.addCallback(got.append)
+    node.publisher.dataReceived(b"+sha\r\n+sha\r\n")  # the preamble's, first
+    assert got == []
+    node.publisher.dataReceived(reply)
+    assert got == [expected]
+    assert (history.recoveries, history.failed_recoveries) == (
+        (1, 0) if expected.recovered else (0, 1)
+    )
+
+
+def test_since_and_recent_fail_as_history_unavailable_when_redis_is_not_there():
+    node = Node()
+    history = _with_history(node)
+    failure = _failure_of(history.since(b"chat.1", Position("e", 1)), HistoryUnavailable)
+    assert str(failure) == "redis://redis.example:6390/ is connecting"
+    assert history.failed_recoveries == 1
+    _failure_of(history.recent(b"chat.1", 5), HistoryUnavailable)
+    assert history.failed_recoveries == 1  # HISTORY is not a recovery
+
+
+def test_recent_is_the_last_messages_kept():
+    node = Node()
+    history = _with_history(node)
+    node.connect_both()
+    got: list = []
+    history.recent(b"chat.1", 2).addCallback(got.append)
+    history.recent(b"chat.1", 9).addCallback(got.append)
+    node.written(node.publisher)
+    reply = _read_reply(b"e", 3, (1, b"a"), (2, b"b"), (3, b"c"))
+    node.publisher.dataReceived(b"+sha\r\n+sha\r\n" + reply + reply)  # the preamble's first
+    assert got == [
+        Recovery([(2, b"b"), (3, b"c")], Position("e", 3), True),
+        Recovery([(1, b"a"), (2, b"b"), (3, b"c")], Position("e", 3), True),
+    ]

@@ -103,7 +103,7 @@ def test_the_keeps_cache_stays_bounded() -> None:
     history, _ = make_history()
     for i in range(KEEPS_CACHE_SIZE * 2 + 3):
         history.keeps(b"news.%d" % i)
-    assert len(history._keeps_cache) <= KEEPS_CACHE_SIZE
+    assert len(history.keeps._cache) <= KEEPS_CACHE_SIZE
     assert history.keeps(b"news.0")
     assert not history.keeps(b"other")
 

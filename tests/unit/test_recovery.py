@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from twisted.internet import defer
 
-from pubsub.core.history import Position
+from pubsub.core.history import HistoryUnavailable, Kept, Position, Recovery
 from pubsub.operations.config import ConfigError, Settings
 from pubsub.resp.protocol import RespFactory
 from tests.support.wsframes import command
@@ -182,14 +183,139 @@ def test_resp_clients_have_neither_command_and_see_redis_messages(clock):
     assert redis.engine.history.top(b"news").offset == 1  # kept all the same
 
 
-def test_history_cannot_be_used_with_a_backplane_yet():
-    with pytest.raises(ConfigError, match="cannot be used with a backplane yet"):
-        Settings(history_channels="news", backplane="redis://127.0.0.1:6379/")
-
-
 @pytest.mark.parametrize(
     "setting, value", [("history_ttl", 0), ("history_size", 0), ("history_max_bytes", 0)]
 )
 def test_history_bounds_must_be_positive(setting, value):
     with pytest.raises(ConfigError, match=setting):
         Settings(history_channels="news", **{setting: value})
+
+
+# -- a history the nodes share (a backplane's, in Redis): answers come later -------------
+
+
+class SharedStub:
+    """A :class:`SharedHistory` whose reads the test answers, and whose
+    publishes it hands back as a backplane would."""
+
+    shared = True
+
+    def __init__(self, channels: list[bytes]) -> None:
+        self.keeps = Kept(channels)
+        self.recoveries = self.failed_recoveries = 0
+        self.published: list[tuple[bytes, bytes]] = []
+        self.carried = True
+        self.reads: list[tuple[bytes, object, defer.Deferred]] = []
+
+    def publish(self, channel: bytes, payload: bytes) -> bool:
+        self.published.append((channel, payload))
+        return self.carried
+
+    def since(self, channel, position):
+        answer: defer.Deferred = defer.Deferred()
+        self.reads.append((channel, position, answer))
+        return answer
+
+    recent = since
+
+
+@pytest.fixture
+def shared(make_factory):
+    factory = make_factory()
+    factory.engine.history = SharedStub([b"news"])
+    return factory
+
+
+def test_a_shared_channels_publish_reaches_subscribers_only_back_from_the_backplane(shared):
+    engine, history = shared.engine, shared.engine.history
+    publisher, plain, pattern = Connection(shared), Connection(shared), Connection(shared)
+    plain.call("SUBSCRIBE", "news")
+    pattern.call("PSUBSCRIBE", "n*")
+    assert publisher.call("PUBLISH", "news", "one") == [["reply", 2]]  # who will get it
+    assert history.published == [(b"news", b"one")]
+    assert plain.messages() == [] and pattern.messages() == []
+    engine.deliver_message_at(b"news", b"one", Position("e", 7))  # back from Redis
+    engine.deliver_pmessage(b"n*", b"news", b"one")
+    assert plain.messages() == [["message", "news", "one"]]  # no position asked for
+    assert pattern.messages() == [["pmessage", "n*", "news", "one"]]
+    assert publisher.call("PUBLISH", "nope", "x") == [["reply", 1]]  # not kept: as ever
+    assert pattern.messages() == [["pmessage", "n*", "nope", "x"]]
+
+
+def test_a_shared_channels_publish_the_backplane_refuses_is_delivered_here_without_position(
+    shared,
+):
+    shared.engine.history.carried = False
+    publisher, reader = Connection(shared), Connection(shared)
+    reader.call("SUBSCRIBE", "news")
+    assert publisher.call("PUBLISH", "news", "one") == [["reply", 1]]
+    assert reader.messages() == [["message", "news", "one"]]
+
+
+def test_resume_on_a_shared_history_holds_live_messages_until_the_read_and_drops_the_replayed(
+    shared,
+):
+    engine, history = shared.engine, shared.engine.history
+    reader = Connection(shared)
+    reader.call("SUBSCRIBE", "other")
+    assert reader.call("RESUME", "news", "e", "2") == []  # answered once read
+    reader.send(command("PING"))  # waits its turn behind RESUME
+    [(channel, asked, answer)] = history.reads
+    assert (channel, asked) == (b"news", Position("e", 2))
+    # Live meanwhile: 3 and 4 were also read (below the top), 5 was not.
+    for offset in (3, 4, 5):
+        engine.deliver_message_at(b"news", b"m%d" % offset, Position("e", offset))
+    engine.deliver_message(b"other", b"x")
+    assert reader.messages() == []
+    answer.callback(Recovery([(3, b"m3"), (4, b"m4")], Position("e", 4), True))
+    assert reader.messages() == [
+        ["subscribe", "news", 2],
+        ["message", "news", "m3", {"epoch": "e", "offset": 3}],
+        ["message", "news", "m4", {"epoch": "e", "offset": 4}],
+        ["position", "news", {"epoch": "e", "offset": 4}],
+        ["message", "news", "m5", {"epoch": "e", "offset": 5}],
+        ["message", "other", "x"],
+        ["pong", ""],
+    ]
+    engine.deliver_message_at(b"news", b"m6", Position("e", 6))
+    assert reader.messages() == [["message", "news", "m6", {"epoch": "e", "offset": 6}]]
+
+
+def test_resume_on_a_shared_history_that_cannot_be_read_says_so_and_stays_subscribed(shared):
+    engine, history = shared.engine, shared.engine.history
+    reader = Connection(shared)
+    reader.call("RESUME", "news", "e", "2")
+    engine.deliver_message_at(b"news", b"m3", Position("e", 3))
+    history.reads[0][2].errback(HistoryUnavailable("redis://127.0.0.1:6379 is down"))
+    assert reader.messages() == [
+        ["subscribe", "news", 1],
+        [
+            "recovery_failed",
+            "news",
+            None,
+            "the channel's history cannot be read: redis://127.0.0.1:6379 is down",
+        ],
+        ["message", "news", "m3", {"epoch": "e", "offset": 3}],
+    ]
+
+
+def test_history_on_a_shared_history_answers_once_read_or_with_the_backplane_error(shared):
+    history = shared.engine.history
+    reader = Connection(shared)
+    assert reader.call("HISTORY", "news", "2") == []
+    history.reads[0][2].callback(Recovery([(4, b"m4")], Position("e", 4), True))
+    assert reader.messages() == [["history", "news", {"epoch": "e", "offset": 4}, [[4, "m4"]]]]
+    reader.call("HISTORY", "news", "2")
+    history.reads[1][2].errback(HistoryUnavailable("redis://127.0.0.1:6379 is down"))
+    assert reader.messages() == [["error", "BACKPLANE redis://127.0.0.1:6379 is down"]]
+
+
+def test_what_is_held_counts_against_the_hard_output_limit(make_factory):
+    factory = make_factory(output_buffer_hard=1000)
+    factory.engine.history = SharedStub([b"news"])
+    reader = Connection(factory)
+    reader.call("RESUME", "news", "e", "0")
+    for offset in range(1, 30):
+        factory.engine.deliver_message_at(b"news", b"x" * 50, Position("e", offset))
+    assert factory.slow_consumers == 1
+    assert reader.transport.value()[-100:].find(b"hard limit") >= 0

@@ -1,0 +1,213 @@
+"""The history of recovery kept in Redis, shared by every node of a backplane.
+
+With a backplane, a channel's history cannot be each node's own: a node would
+keep only what was published on it, and positions would not agree across
+nodes.  So a kept channel's history lives in Redis, where every node writes
+and reads it:
+
+* a stream, ``<prefix>history:<channel>``: one entry per message, with the
+  message's offset (``o``) and payload (``p``).  Redis's own entry IDs
+  (milliseconds of Redis's clock, then a sequence) order the entries and
+  trim them by age (``XTRIM MINID``); ``XADD MAXLEN`` trims them by count;
+* a hash, ``<prefix>history-position:<channel>``: the stream's epoch and
+  the offset of its last message.
+
+The position a client sees is the same ``(epoch, offset)`` as on a single
+node, offsets growing by one per message, so that a client can tell from an
+offset alone that it missed something; the stream ID stays Redis's.
+
+A publish runs one Lua script (:data:`PUBLISH_SCRIPT`, by ``EVALSHA``) that
+gives the message the next offset, appends it to the stream, trims the
+stream, and PUBLISHes it in a positioned envelope to every node, this one
+included.  A script runs whole, alone, so the history's order and the order
+in which the nodes receive the messages are the same.  No node delivers a
+kept channel's message before Redis has it: each delivers it as it comes
+back from Redis, with its position.
+
+A recovery (:meth:`RedisHistory.since`) first makes sure Redis has this
+node's subscription to the channel (:meth:`RedisBackplane.barrier`), then
+reads the stream (:data:`READ_SCRIPT`).  Whatever is published after the
+read reaches the node live, with an offset above the top the read gave; what
+was published before is in the read (or was trimmed: the recovery fails).
+The host holds the client's live messages meanwhile, and drops those at or
+below the top (:mod:`pubsub.websocket.commands`).
+
+The bounds are ``history_size`` messages and ``history_ttl`` seconds per
+channel, both kept by Redis, and Redis's own ``maxmemory``;
+``history_max_bytes`` and ``history_max_channels`` bound a node's own history
+only.  The epoch and offset of a channel not published to for
+:data:`POSITION_TTL` seconds are forgotten with its messages: a client coming
+back after that is told its recovery failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from twisted.internet import defer
+
+from pubsub.backplane.redis import NODE_ID_SIZE, BackplaneDown, RedisBackplane, command
+from pubsub.core.history import HistoryUnavailable, Kept, Position, Recovery, honoured
+
+__all__ = ["POSITION_TTL", "PUBLISH_SCRIPT", "READ_SCRIPT", "RedisHistory"]
+
+#: Seconds a channel's epoch and offset outlive its last publish in Redis.
+POSITION_TTL = 24 * 3600
+
+#: KEYS: the stream, the position hash.  ARGV: the channel as published in
+#: Redis, the payload, history_size, history_ttl in ms, an epoch for a new
+#: stream, POSITION_TTL in ms, the envelope's head (node id and "@").
+PUBLISH_SCRIPT = b"""
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0)
+end
+local offset = redis.call('HINCRBY', KEYS[2], 'offset', 1)
+local ttl = tonumber(ARGV[4])
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], '*', 'o', offset, 'p', ARGV[2])
+redis.call('XTRIM', KEYS[1], 'MINID', ms - ttl)
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+redis.call('PUBLISH', ARGV[1], ARGV[7] .. epoch .. ' ' .. offset .. ' ' .. ARGV[2])
+return offset
+"""
+
+#: KEYS: the stream, the position hash.  ARGV: history_ttl in ms.  Returns
+#: {} for a channel with no history, else {epoch, top offset, then each
+#: kept message's offset and payload, oldest first}.
+READ_SCRIPT = b"""
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('XTRIM', KEYS[1], 'MINID', ms - tonumber(ARGV[1]))
+local position = redis.call('HMGET', KEYS[2], 'epoch', 'offset')
+if not position[1] then
+  return {}
+end
+local out = {position[1], position[2]}
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
+  out[#out + 1] = entry[2][2]
+  out[#out + 1] = entry[2][4]
+end
+return out
+"""
+
+_PUBLISH_SHA = hashlib.sha1(PUBLISH_SCRIPT).hexdigest().encode()
+_READ_SHA = hashlib.sha1(READ_SCRIPT).hexdigest().encode()
+
+
+class RedisHistory:
+    """The engine's :class:`~pubsub.core.history.SharedHistory`, in the
+    backplane's Redis (see the module's text).
+
+    ``size`` and ``ttl`` are ``history_size`` and ``history_ttl``.
+    ``recoveries`` and ``failed_recoveries`` count the answers of
+    :meth:`since`, a read that failed counted as a failed recovery.
+    """
+
+    shared: Literal[True] = True
+
+    def __init__(
+        self, bridge: RedisBackplane, channels: Sequence[bytes], size: int, ttl: float
+    ) -> None:
+        self.keeps = Kept(channels)
+        self._bridge = bridge
+        self._size = b"%d" % size
+        self._ttl = b"%d" % max(1, round(ttl * 1000))
+        self._position_ttl = b"%d" % (max(POSITION_TTL, ttl) * 1000)
+        self._head = bridge.node_id + b"@"
+        # A fresh stream's epoch: this node's id and a count, never twice the
+        # same, so a stream lost and begun again never has its old epoch.
+        self._epochs = 0
+        self.recoveries = 0
+        self.failed_recoveries = 0
+        bridge.preamble.extend(
+            [(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT), (b"SCRIPT", b"LOAD", READ_SCRIPT)]
+        )
+
+    def _keys(self, channel: bytes) -> tuple[bytes, bytes]:
+        prefix = self._bridge.prefix
+        return prefix + b"history:" + channel, prefix + b"history-position:" + channel
+
+    def publish(self, channel: bytes, payload: bytes) -> bool:
+        self._epochs += 1
+        stream, position = self._keys(channel)
+        return self._bridge.carry(
+            command(
+                b"EVALSHA",
+                _PUBLISH_SHA,
+                b"2",
+                stream,
+                position,
+                self._bridge.prefix + channel,
+                payload,
+                self._size,
+                self._ttl,
+                b"%s.%x" % (self._bridge.node_id[: NODE_ID_SIZE // 2], self._epochs),
+                self._position_ttl,
+                self._head,
+            )
+        )
+
+    def _read(self, channel: bytes) -> defer.Deferred[Any]:
+        """The channel's stream: a Deferred of (its top or None, its kept
+        messages as (offset, payload), oldest first, first offset)."""
+        stream, position = self._keys(channel)
+        return self._bridge.call(
+            b"EVALSHA", _READ_SHA, b"2", stream, position, self._ttl
+        ).addCallback(_stream)
+
+    def since(self, channel: bytes, position: Position | None) -> defer.Deferred[Recovery]:
+        """What a client at ``position`` missed, as :meth:`History.since`
+        answers it, once Redis has this node's subscription to ``channel``.
+        With ``position`` None, no messages: only where the channel is."""
+        answer = self._bridge.barrier().addCallback(lambda _: self._read(channel))
+        return answer.addCallbacks(
+            self._judge, self._failed, callbackArgs=(position,), errbackArgs=(position,)
+        )
+
+    def _judge(
+        self, read: tuple[Position | None, list[tuple[int, bytes]], int], asked: Position | None
+    ) -> Recovery:
+        top, messages, first = read
+        if asked is None:
+            return Recovery([], top, True)
+        if top is None:
+            recovered = asked.offset == 0
+        else:
+            recovered = honoured(asked, top, first)
+        if not recovered:
+            self.failed_recoveries += 1
+            return Recovery(messages, top, False)
+        self.recoveries += 1
+        return Recovery([m for m in messages if m[0] > asked.offset], top, True)
+
+    def _failed(self, failure: Any, asked: Position | None) -> Recovery:
+        failure.trap(BackplaneDown)
+        if asked is not None:
+            self.failed_recoveries += 1
+        raise HistoryUnavailable(failure.getErrorMessage())
+
+    def recent(self, channel: bytes, limit: int) -> defer.Deferred[Recovery]:
+        """The last ``limit`` messages kept, as :meth:`History.recent`."""
+
+        def last(read: tuple[Position | None, list[tuple[int, bytes]], int]) -> Recovery:
+            top, messages, _ = read
+            return Recovery(messages[max(0, len(messages) - limit) :] if limit else [], top, True)
+
+        return self._read(channel).addCallbacks(last, self._failed, errbackArgs=(None,))
+
+
+def _stream(reply: Any) -> tuple[Position | None, list[tuple[int, bytes]], int]:
+    """READ_SCRIPT's reply as (top, messages, first kept offset)."""
+    if not reply:
+        return None, [], 1
+    epoch, top = reply[0].decode("ascii", "replace"), int(reply[1])
+    messages = [(int(reply[i]), reply[i + 1]) for i in range(2, len(reply) - 1, 2)]
+    first = messages[0][0] if messages else top + 1
+    return Position(epoch, top), messages, first

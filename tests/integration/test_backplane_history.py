@@ -1,0 +1,173 @@
+"""Recovery across nodes: the history lives in the backplane's Redis, shared.
+
+Two nodes (in this process, each with its own engine, ports and backplane
+connections) and a real redis-server.  A subscriber cut off from one node
+comes back on the other and gets every message once and in order; every node
+delivers a channel's messages in the order of its history, whoever published
+them; and when Redis is down, or has lost or trimmed the history, the client
+is told, never left with a silent gap.
+"""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+
+from pubsub.backplane.history import RedisHistory
+from pubsub.backplane.redis import RedisBackplane
+from tests.integration.test_backplane import PREFIX, redis_answer, wait_for
+from tests.integration.test_metrics import figure, scrape
+from tests.integration.test_recovery import CHANNEL, Reader, SteadyPublisher
+from tests.support.respclient import connect as redis_connect
+
+COUNT = 300
+
+
+@pytest.fixture
+def make_node(make_server):
+    """make_node(redis port, **settings): a server whose engine has a backplane
+    on that Redis and its history there; fires once the backplane is connected."""
+    backplanes: list[RedisBackplane] = []
+
+    @defer.inlineCallbacks
+    def start(redis_port: int, **settings):
+        url = f"redis://127.0.0.1:{redis_port}/"
+        settings = {"history_channels": "chat.*", **settings}
+        server = yield make_server(resp=True, backplane=url, **settings)
+        backplane = RedisBackplane(
+            server.engine, url, clock=reactor, max_delay=0.5, ping_interval=0.5, timeout=3
+        )
+        server.engine.history = RedisHistory(
+            backplane,
+            server.settings.history_globs(),
+            server.settings.history_size,
+            server.settings.history_ttl,
+        )
+        server.resource.health.backplane = backplane
+        backplane.startService()
+        backplanes.append(backplane)
+        yield wait_for(lambda: defer.succeed(backplane.state), "connected", "the backplane")
+        return server
+
+    yield start
+    for backplane in backplanes:
+        pytest_twisted.blockon(backplane.stopService())
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_subscriber_cut_off_comes_back_on_the_other_node_with_every_message_once_in_order(
+    redis, make_node, connect
+):
+    a = yield make_node(redis.port, history_size=COUNT)
+    b = yield make_node(redis.port, history_size=COUNT)
+    reader = Reader(connect, a.port)
+    yield reader.join()
+    publisher = SteadyPublisher((yield connect(b.port)), COUNT)
+    for stop, back_on in ((40, b), (110, a), (200, b)):
+        yield reader.read_until(stop)
+        yield reader.cut()
+        yield publisher.sent_more(5)  # missed while away
+        reader._port = back_on.port
+        yield reader.join()
+    yield publisher.done
+    yield reader.read_until(COUNT)
+    assert reader.failures == []
+    assert reader.payloads == [str(n) for n in range(COUNT)]
+    assert reader.position["offset"] == COUNT
+    assert reader.replayed > 0  # the cuts did miss messages
+    samples = yield scrape(b.port)
+    assert figure(samples, "pubsub_recoveries_total", result="recovered") >= 1
+    assert figure(samples, "pubsub_recoveries_total", result="failed") == 0
+    assert ("pubsub_history_messages", ()) not in samples  # in Redis, not here
+
+
+@pytest_twisted.inlineCallbacks
+def test_every_node_delivers_a_channels_messages_in_the_order_of_its_history(
+    redis, make_node, connect
+):
+    a = yield make_node(redis.port)
+    b = yield make_node(redis.port)
+    readers = yield defer.gatherResults([connect(node.port) for node in (a, b)])
+    for reader in readers:
+        assert (yield reader.call("RESUME", CHANNEL))[-1][0] == "position"
+    publishers = yield defer.gatherResults([connect(node.port) for node in (a, b)])
+    for n in range(100):  # both nodes at once, interleaved on the wire
+        for name, publisher in zip("ab", publishers, strict=True):
+            publisher.send("PUBLISH", CHANNEL, f"{name}{n}")
+    seen = []
+    for reader in readers:
+        frames = yield defer.gatherResults([reader.next_frame() for _ in range(200)])
+        seen.append([(frame[2], frame[3]["offset"]) for frame in frames])
+    assert seen[0] == seen[1]  # the same order on both nodes
+    assert [offset for _, offset in seen[0]] == list(range(1, 201))
+    assert sorted(payload for payload, _ in seen[0]) == sorted(
+        f"{name}{n}" for name in "ab" for n in range(100)
+    )
+    watcher = yield redis_connect(redis.port)
+    try:
+        stream = PREFIX + b"history:" + CHANNEL.encode()
+        assert (yield redis_answer(watcher, "XLEN", stream)) == 100  # history_size
+        assert 0 < (yield redis_answer(watcher, "PTTL", stream)) <= 300_000  # history_ttl
+    finally:
+        yield watcher.abort()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_history_lost_or_trimmed_in_redis_is_reported_not_silent(redis, make_node, connect):
+    a = yield make_node(redis.port, history_size=5)
+    b = yield make_node(redis.port, history_size=5)
+    publisher = yield connect(a.port)
+    for n in range(20):
+        publisher.send("PUBLISH", CHANNEL, str(n))
+    yield publisher.drain()
+    reader = yield connect(b.port)
+    history = yield reader.call("HISTORY", CHANNEL, "10")
+    [[kind, channel, top, messages]] = history
+    assert (kind, channel, top["offset"]) == ("history", CHANNEL, 20)
+    assert messages == [[n + 1, str(n)] for n in range(15, 20)]
+    frames = yield reader.call("RESUME", CHANNEL, top["epoch"], "3")
+    assert frames[-1] == [
+        "recovery_failed",
+        CHANNEL,
+        top,
+        "messages after the position are no longer kept",
+    ]
+    watcher = yield redis_connect(redis.port)
+    try:
+        yield watcher.call("FLUSHALL")  # Redis lost it all (a restart without persistence)
+    finally:
+        yield watcher.abort()
+    yield publisher.call("PUBLISH", CHANNEL, "new")
+    again = yield connect(b.port)
+    frames = yield again.call("RESUME", CHANNEL, top["epoch"], "20")
+    [kind, channel, now, reason] = frames[-1]
+    assert (kind, channel, now["offset"]) == ("recovery_failed", CHANNEL, 1)
+    assert now["epoch"] != top["epoch"]
+    assert reason == "the channel's history was lost since (its epoch changed)"
+
+
+@pytest_twisted.inlineCallbacks
+def test_redis_down_publishes_answer_the_backplane_error_and_recovery_fails(
+    redis, make_node, connect
+):
+    a = yield make_node(redis.port)
+    reader = yield connect(a.port)
+    yield reader.call("RESUME", CHANNEL)
+    publisher = yield connect(a.port)
+    yield publisher.call("PUBLISH", CHANNEL, "before")
+    [_, _, _, position] = yield reader.next_frame()  # once back from Redis
+    redis.kill()
+    backplane = a.resource.health.backplane
+    yield wait_for(lambda: defer.succeed(backplane.state), "down", "the backplane")
+    [[kind, text]] = yield publisher.call("PUBLISH", CHANNEL, "during")
+    assert kind == "error" and text.startswith("BACKPLANE redis://127.0.0.1:")
+    assert text.endswith("is down: delivered to 1 local subscriber only")
+    assert (yield reader.drain()) == [["message", CHANNEL, "during"]]  # here, no position
+    back = yield connect(a.port)
+    frames = yield back.call("RESUME", CHANNEL, position["epoch"], str(position["offset"]))
+    [kind, channel, where, reason] = frames[-1]
+    assert (kind, channel, where) == ("recovery_failed", CHANNEL, None)
+    assert reason.startswith("the channel's history cannot be read: redis://127.0.0.1:")
+    [[kind, text]] = yield back.call("HISTORY", CHANNEL, "5")
+    assert kind == "error" and text.startswith("BACKPLANE redis://127.0.0.1:")
