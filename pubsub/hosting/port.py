@@ -155,10 +155,6 @@ class HostedClient(OutboxProducer):
             self._idle = IdleTimer(factory.reactor, idle_timeout, self._subscribed, self._idled)
         return self._guard
 
-    def _new_session(self, client_id: int, guard: Guard | None) -> Session:
-        factory = self.factory
-        return Session(factory.engine, client_id, factory.limits, guard)
-
     def _unhost(self) -> None:
         """The connection ended: undo :meth:`_host` (each step at most once)."""
         chain = self.factory.middleware
@@ -268,10 +264,12 @@ class HostedClient(OutboxProducer):
                 return
         self.transport.resumeProducing()
 
-    # Each transport's own: what the engine calls it with (a Subscriber's),
-    # and how it is told of a breach of the output limits (inside a publish:
-    # it must not raise nor touch the engine), of the Guard ending the
-    # client's authentication, and of idle_timeout passing.
+    # Each transport's own: its session (a HostedSession of its own kind),
+    # what the engine calls it with (a Subscriber's), and how it is told of
+    # a breach of the output limits (inside a publish: it must not raise nor
+    # touch the engine), of the Guard ending the client's authentication,
+    # and of idle_timeout passing.
+    _new_session: Callable[[int, Guard | None], Session]
     encoder: Encoder
     deliver: Callable[[Any], None]
     _slow_consumer: Callable[[str], None]

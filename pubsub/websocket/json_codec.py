@@ -88,10 +88,6 @@ def decode_command(frame: bytes | str) -> list[bytes]:
     ]
 
 
-def _wire_item(item: Any) -> Any:
-    return wire_value(item) if isinstance(item, bytes) else item
-
-
 def _wire_deep(item: Any) -> Any:
     """``item`` with every bytes in it, however deep, as the wire writes bytes."""
     if isinstance(item, bytes):
@@ -122,7 +118,7 @@ def encode_result(result: Result) -> bytes:
         if type(value) is int:  # PUBLISH's count: the reply sent most
             return b'["reply",%d]' % value
         if isinstance(value, list):
-            value = [_wire_item(item) for item in value]
+            value = _wire_deep(value)
         elif isinstance(value, bytes):  # AUTH's OK, say
             value = wire_value(value)
         return _frame(["reply", value])

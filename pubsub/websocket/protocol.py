@@ -171,8 +171,7 @@ class PubSubServerProtocol(HostedClient, LeanReader):
 
     factory: PubSubServerFactory
     encoder: JsonFrames
-    _compressing = False  # permessage-deflate negotiated (set once open)
-    _compression: PerMessageDeflate | None = None
+    _compression: PerMessageDeflate | None = None  # permessage-deflate negotiated (once open)
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         if not request.protocols:
@@ -196,7 +195,6 @@ class PubSubServerProtocol(HostedClient, LeanReader):
     def _open(self) -> None:
         # Only Autobahn's own handshake negotiates compression.
         compression = internals.compression(self) if self._autobahn_read else None
-        self._compressing = compression is not None
         self._compression = compression
         self._waiting = None  # the instance's own: _handle reads it per message
         self.encoder = self.factory.encoder_for(compression)
@@ -339,7 +337,7 @@ class PubSubServerProtocol(HostedClient, LeanReader):
             internals.fail(self, CLOSE_INTERNAL_ERROR, REASON_INTERNAL_ERROR)
 
     def _reply(self, results: list[Any]) -> None:
-        compressing = self._compressing
+        compressing = self._compression is not None
         for result in results:
             if type(result) is Error:
                 self.factory.errors[error_kind(result.message)] += 1
