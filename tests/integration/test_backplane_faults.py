@@ -3,10 +3,11 @@
 A half-open TCP connection (a network partition, a NAT or firewall that
 dropped its state, a paused VM) sends no RST and no FIN: the bytes just stop.
 Killing redis-server cannot show that, since the kernel closes its sockets, so
-here a proxy inside the test process sits between one node and Redis and
-goes silent on the test's word: it forwards nothing, in either direction, and
-closes nothing.  Healing resets every connection it held (as a NAT that lost
-its table does, once packets flow again), after which it forwards again.
+here a proxy inside the test process (tests/support/proxy.py) sits between
+one node and Redis and goes silent on the test's word: it forwards nothing,
+in either direction, and closes nothing.  Healing resets every connection it
+held (as a NAT that lost its table does, once packets flow again), after
+which it forwards again.
 
 The nodes are real ``twistd pubsub`` processes; the proxied one checks its
 link more often than the default so the test is quick, and the bounds are
@@ -17,13 +18,10 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
-from twisted.internet.protocol import Factory, Protocol
 from twisted.web.client import Agent, readBody
 
 from tests.integration.test_backplane import (
@@ -36,6 +34,7 @@ from tests.integration.test_backplane import (
     wait_for,
 )
 from tests.integration.test_twistd import TWISTD, clean_environment
+from tests.support.proxy import TcpProxy
 from tests.support.resp3 import RespError
 from tests.support.respclient import connect as redis_connect
 
@@ -47,111 +46,12 @@ TIMEOUT = 2.0
 NOTICE_BOUND = 15.0
 
 
-# -- a proxy the test can silence --------------------------------------------------------
-
-
-class _Pipe(Protocol):
-    """One side of a proxied connection: what it receives goes to ``peer``
-    unless the proxy is silent, and then it is dropped."""
-
-    def __init__(self, proxy: SilenceableProxy) -> None:
-        self.proxy = proxy
-        self.peer: _Pipe | None = None
-        self.pending: list[bytes] = []  # from the node, before Redis is connected
-
-    def connectionMade(self) -> None:
-        self.proxy.pipes.add(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.proxy.silent:
-            return  # into the void: no reply, no error, no close
-        if self.peer is None:
-            self.pending.append(data)
-        else:
-            self.peer.transport.write(data)
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.proxy.pipes.discard(self)
-        # A close crosses a silent link no more than data does.
-        if not self.proxy.silent and self.peer is not None:
-            self.peer.transport.loseConnection()
-
-
-class _NodeSide(_Pipe):
-    """The node's connection to the proxy; opens one to Redis unless silent."""
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        if self.proxy.silent:
-            return  # a partition: this connection never gets through
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxy.redis_port, timeout=5)
-        endpoint.connect(_PipeFactory(self.proxy)).addCallbacks(self._joined, self._failed)
-
-    def _joined(self, upstream: _Pipe) -> None:
-        if not self.transport.connected or self.proxy.silent:
-            upstream.transport.abortConnection()
-            return
-        self.peer, upstream.peer = upstream, self
-        for data in self.pending:
-            upstream.transport.write(data)
-        self.pending = []
-
-    def _failed(self, reason: Any) -> None:
-        self.transport.abortConnection()
-
-
-class _PipeFactory(Factory):
-    noisy = False
-
-    def __init__(self, proxy: SilenceableProxy, protocol: type[_Pipe] = _Pipe) -> None:
-        self.proxy = proxy
-        self.protocol_class = protocol
-
-    def buildProtocol(self, addr: Any) -> _Pipe:
-        return self.protocol_class(self.proxy)
-
-
-class SilenceableProxy:
-    """A TCP proxy on 127.0.0.1 to a Redis on ``redis_port``."""
-
-    def __init__(self, redis_port: int) -> None:
-        self.redis_port = redis_port
-        self.silent = False
-        self.pipes: set[_Pipe] = set()
-        self.listening: Any = None
-
-    @property
-    def port(self) -> int:
-        return self.listening.getHost().port
-
-    @defer.inlineCallbacks
-    def start(self):
-        endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
-        self.listening = yield endpoint.listen(_PipeFactory(self, _NodeSide))
-
-    def go_silent(self) -> None:
-        self.silent = True
-
-    def heal(self) -> None:
-        """Reset every connection held through the silence; new ones forward."""
-        self.silent = False
-        for pipe in list(self.pipes):
-            pipe.transport.abortConnection()
-
-    @defer.inlineCallbacks
-    def stop(self):
-        self.silent = False
-        for pipe in list(self.pipes):
-            pipe.transport.abortConnection()
-        yield self.listening.stopListening()
-
-
 # -- fixtures ----------------------------------------------------------------------------
 
 
 @pytest.fixture
 def proxy(redis):
-    server = SilenceableProxy(redis.port)
+    server = TcpProxy(redis.port)
     pytest_twisted.blockon(server.start())
     yield server
     pytest_twisted.blockon(server.stop())
