@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -70,6 +71,7 @@ __all__ = [
     "Target",
     "TokenRefused",
     "is_token_close",
+    "keepalive",
     "numsub",
     "parse_url",
     "url_with_token",
@@ -640,6 +642,19 @@ def _asked(position: Any) -> Position:
     if not isinstance(epoch, str) or type(offset) is not int or offset < 0:
         raise ValueError(f"a position is (epoch: str, offset: int >= 0), not {position!r}")
     return epoch, offset
+
+
+def keepalive(ping_interval: float, ping_timeout: float) -> tuple[float, float]:
+    """A host's WebSocket keepalive, checked before anything is opened:
+    ``ping_interval`` seconds between the pings the client sends (0: none),
+    and ``ping_timeout`` seconds the server has to answer one before the
+    connection is dropped as dead and the client reconnects (0: wait
+    forever). A link that went silent (no FIN, no RST) is noticed only so."""
+    for name, value in (("ping_interval", ping_interval), ("ping_timeout", ping_timeout)):
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} is a finite number of seconds >= 0 (0: off), not {value!r}")
+    return float(ping_interval), float(ping_timeout)
 
 
 def numsub(flat: list[Any]) -> dict[Name, int]:

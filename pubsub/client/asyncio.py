@@ -56,6 +56,7 @@ from pubsub.client._core import (
     Request,
     Resolved,
     StateCallback,
+    keepalive,
     numsub,
     parse_url,
     url_with_token,
@@ -79,6 +80,8 @@ async def connect(
     max_delay: float = 30.0,
     timeout: float = 10.0,
     ssl: _ssl.SSLContext | None = None,
+    ping_interval: float = 20.0,
+    ping_timeout: float = 20.0,
 ) -> PubSubClient:
     """Open a client once connected; ConnectionError if the first attempt fails.
 
@@ -87,9 +90,22 @@ async def connect(
     between ``min_delay`` and ``max_delay`` seconds; a ``token`` function is
     called on every (re)connect, while a fixed string that the server refuses
     or lets expire stops the client (:class:`TokenRefused`). ``ssl`` is the context for ``wss://``
-    (default: the platform's trust roots, host name checked).
+    (default: the platform's trust roots, host name checked). The keepalive
+    is the Twisted host's too: a ping every ``ping_interval`` seconds, and
+    the connection dropped (then reconnected) when its pong has not come
+    within ``ping_timeout`` seconds; 0 turns either off.
     """
-    client = PubSubClient(url, token, reconnect, min_delay, max_delay, timeout, ssl)
+    client = PubSubClient(
+        url,
+        token,
+        reconnect,
+        min_delay,
+        max_delay,
+        timeout,
+        ssl,
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
+    )
     await client._open()
     return client
 
@@ -142,9 +158,13 @@ class PubSubClient:
         max_delay: float,
         timeout: float,
         ssl: _ssl.SSLContext | None,
+        *,
+        ping_interval: float = 20.0,
+        ping_timeout: float = 20.0,
     ) -> None:
         self.url = url
         self._address = parse_url(url)
+        self._ping_interval, self._ping_timeout = keepalive(ping_interval, ping_timeout)
         self._token = token
         self._reconnect = reconnect
         self._backoff = Backoff(min_delay, max_delay)
@@ -207,6 +227,9 @@ class PubSubClient:
                 max_size=None,
                 compression=None,
                 proxy=None,
+                # websockets' None is off, as our 0 is.
+                ping_interval=self._ping_interval or None,
+                ping_timeout=self._ping_timeout or None,
             )
         except Exception as error:  # refused, DNS, timeout, TLS, HTTP: one message for all
             reason = str(error).strip() or type(error).__name__

@@ -55,6 +55,7 @@ from pubsub.client._core import (
     Request,
     Resolved,
     StateCallback,
+    keepalive,
     numsub,
     parse_url,
     url_with_token,
@@ -78,6 +79,8 @@ def connect(
     timeout: float = 10.0,
     tls: Any = None,
     reactor: Any = None,
+    ping_interval: float = 20.0,
+    ping_timeout: float = 20.0,
 ) -> defer.Deferred[PubSubClient]:
     """Open a client; fires with it once connected, or fails with ConnectionError.
 
@@ -88,8 +91,23 @@ def connect(
     server refuses or lets expire stops the client (:class:`TokenRefused`). ``tls`` is a client TLS
     options object (``twisted.internet.ssl.optionsForClientTLS``) for
     ``wss://``; by default the platform's trust roots check the host name.
+    Every ``ping_interval`` seconds the client pings the server, and drops
+    the connection (and reconnects) when nothing comes back within
+    ``ping_timeout`` seconds: that is how a link gone silent is noticed.
+    0 turns either off; a bad value raises ValueError at once.
     """
-    client = PubSubClient(url, token, reconnect, min_delay, max_delay, timeout, tls, reactor)
+    client = PubSubClient(
+        url,
+        token,
+        reconnect,
+        min_delay,
+        max_delay,
+        timeout,
+        tls,
+        reactor,
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
+    )
     return client._open().addCallback(lambda _: client)
 
 
@@ -136,11 +154,15 @@ class PubSubClient:
         timeout: float,
         tls: Any,
         reactor: Any,
+        *,
+        ping_interval: float = 20.0,
+        ping_timeout: float = 20.0,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.url = url
         self._address = parse_url(url)
+        self._ping_interval, self._ping_timeout = keepalive(ping_interval, ping_timeout)
         self._token = token
         self._reconnect = reconnect
         self._backoff = Backoff(min_delay, max_delay)
@@ -208,7 +230,9 @@ class PubSubClient:
             )
             factory.protocol = _Connection
             factory.setProtocolOptions(
-                openHandshakeTimeout=self._timeout, autoPingInterval=20, autoPingTimeout=20
+                openHandshakeTimeout=self._timeout,
+                autoPingInterval=self._ping_interval,
+                autoPingTimeout=self._ping_timeout,
             )
             host, port = self._address.host, self._address.port
             endpoint: Any = HostnameEndpoint(self._reactor, host, port, timeout=self._timeout)
