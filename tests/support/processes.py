@@ -11,6 +11,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.internet import defer, protocol
@@ -102,6 +103,100 @@ class ChildServer:
                 self._process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def _installed_environment() -> dict[str, str]:
+    """The environment without PYTHONPATH and PUBSUB_*: only the installed
+    package, only the options given."""
+    return {
+        k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("PUBSUB_")
+    }
+
+
+class _BothPorts(ServerProcess):
+    """``listening`` fires with (WebSocket port, RESP port) once both are bound."""
+
+    def __init__(self) -> None:
+        super().__init__(rb"RespFactory starting on (\d+)")
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        site = re.search(rb"Site starting on (\d+)", self.output)
+        resp = re.search(rb"RespFactory starting on (\d+)", self.output)
+        if site and resp and not self.listening.called:
+            self.listening.callback((int(site.group(1)), int(resp.group(1))))
+
+    errReceived = outReceived
+
+
+class TwistdNode:
+    """The installed ``twistd pubsub`` with ``options``, as a child process on
+    the reactor (the test's clients keep running while it starts and stops),
+    a WebSocket port and a RESP port on free loopback ports.
+
+    ``start()`` fires with the node once both ports are bound; ``stop()``
+    sends SIGTERM, as an operator stops it, and fires with the exit code.
+    """
+
+    def __init__(self, *options: str, cwd: str | None = None) -> None:
+        self.options = options
+        self.cwd = cwd or tempfile.gettempdir()
+        self.ws_port = 0
+        self.resp_port = 0
+        self._process: _BothPorts | None = None
+        self._transport: Any = None
+
+    @property
+    def url(self) -> str:
+        """The WebSocket URL of the node itself."""
+        return f"ws://127.0.0.1:{self.ws_port}/"
+
+    @property
+    def output(self) -> str:
+        return "" if self._process is None else self._process.output.decode(errors="replace")
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and not self._process.ended.called
+
+    @defer.inlineCallbacks
+    def start(self, timeout: float = 60):
+        from twisted.internet import reactor
+
+        twistd = str(Path(sys.executable).with_name("twistd"))
+        local = "tcp:0:interface=127.0.0.1"
+        args = [twistd, "-n", "--pidfile=", "pubsub", "--port", local, "--resp-port", local]
+        self._process = _BothPorts()
+        self._transport = reactor.spawnProcess(
+            self._process,
+            twistd,
+            [*args, *self.options],
+            env=_installed_environment(),
+            path=self.cwd,
+        )
+        try:
+            ports = yield self._process.listening.addTimeout(timeout, reactor)
+        except (defer.TimeoutError, RuntimeError):  # no line in time; or it exited
+            self.kill()
+            raise AssertionError("the node did not start:\n" + self.output) from None
+        self.ws_port, self.resp_port = ports
+        return self
+
+    def stop(self, timeout: float = 30) -> defer.Deferred:
+        """SIGTERM; fires with the exit code (at once if it has ended)."""
+        from twisted.internet import reactor
+
+        assert self._process is not None
+        if self.running:
+            self._transport.signalProcess("TERM")
+        ended: defer.Deferred = defer.Deferred()
+        self._process.ended.addBoth(lambda result: ended.callback(result) or result)
+        return ended.addTimeout(timeout, reactor)
+
+    def kill(self) -> None:
+        """SIGKILL: the node vanishes without closing its connections."""
+        if self.running:
+            self._transport.signalProcess("KILL")
 
 
 def twistd_process(*options: str) -> ChildServer:
