@@ -18,7 +18,7 @@ pubsub node: any TCP server), and the test can:
 - :meth:`~TcpProxy.forward_to` another target: connections from then on go
   there (a client coming back to another node behind the same address).
 
-Everything runs on the test's reactor; nothing here waits on a timer.
+Everything runs on the test's reactor, on the test's word; nothing here sleeps.
 """
 
 from __future__ import annotations
