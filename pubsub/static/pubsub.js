@@ -615,6 +615,8 @@ export class PubSubClient extends Emitter {
         internal: true,
       });
       request.promise.catch((error) => {
+        // Lost with the connection: still held, the next one subscribes them.
+        if (error.code === "DISCONNECTED") return;
         // The server no longer takes them (a limit, a permission): say so,
         // and hold only what the server holds.
         for (const name of chunk) held.delete(name);

@@ -188,3 +188,23 @@ test("a token function is called for every connection and sent in the URL", asyn
   assert.equal(client.url, "ws://server/"); // never shown with the token
   client.close();
 });
+
+test("a connection lost while subscribing again keeps what is held for the next one", async () => {
+  const client = await opened({ reconnect: { minDelay: 10, maxDelay: 10 }, pingInterval: 0 });
+  const errors = [];
+  client.on("error", (error) => errors.push(error));
+  const subscribing = client.subscribe("news");
+  last().receive(["subscribe", "news", 1]);
+  await subscribing;
+  for (let i = 0; i < 2; i++) {
+    last().drop(1006);
+    mock.timers.tick(10);
+    await settle();
+    last().open();
+    assert.deepEqual(last().sent, [["SUBSCRIBE", "news"]]);
+  }
+  await settle();
+  assert.deepEqual(client.channels, ["news"]);
+  assert.deepEqual(errors, []);
+  client.close();
+});
