@@ -22,7 +22,12 @@
  *   channel it holds; commands made while disconnected wait in a bounded
  *   queue and go out once the subscriptions are back;
  * - takes a token (a string, or a function returning one or a Promise of
- *   one, called again before every connection) and sends it as ?token=.
+ *   one, called again before every connection) and sends it as ?token=;
+ * - recovery (docs/protocol.md, Recovery): keeps the position of the last
+ *   message of each channel subscribed with resume(), RESUMEs it from there
+ *   on every new connection, so that what was published meanwhile arrives
+ *   first, once each and in order, or a "recoveryfailed" event says it
+ *   cannot.
  */
 
 const DEFAULT_OPTIONS = Object.freeze({
@@ -51,6 +56,17 @@ const CONFIRMATIONS = Object.freeze({
 
 // Pushes: delivered to listeners, never the answer to a request.
 const PUSHES = new Set(["message", "pmessage", "smessage"]);
+
+// Why a resumed channel RESUMEd on a new connection without a position cannot
+// be recovered: it kept no history on the last one (the server's own words for
+// that case), or the last one was lost between RESUME's confirmation and the
+// position that closes its answer. Messages may have been missed either way.
+export const NO_HISTORY = "the channel keeps no history";
+export const NO_POSITION = "the connection was lost before the channel's position arrived";
+
+// What a message listener of a resumed channel gets as its last argument when
+// the message carries no position (the channel keeps no history).
+const LIVE = Object.freeze({ position: null, recovered: false });
 
 const noop = () => {};
 
@@ -154,6 +170,38 @@ function decodePayload(payload) {
   return payload;
 }
 
+/**
+ * A position from the server, {"epoch": string, "offset": integer >= 0} or
+ * null, as a frozen {epoch, offset} or null; throws on anything else.
+ */
+function parsePosition(value) {
+  if (value === null) return null;
+  if (
+    typeof value === "object" &&
+    typeof value.epoch === "string" &&
+    Number.isSafeInteger(value.offset) &&
+    value.offset >= 0 &&
+    Object.keys(value).length === 2
+  ) {
+    return Object.freeze({ epoch: value.epoch, offset: value.offset });
+  }
+  throw new PubSubError(`a malformed position: ${JSON.stringify(value)}`, "PROTOCOL");
+}
+
+/** A position given to resume(), checked before anything is sent. */
+function askedPosition(position) {
+  if (
+    position === null ||
+    typeof position !== "object" ||
+    typeof position.epoch !== "string" ||
+    !Number.isSafeInteger(position.offset) ||
+    position.offset < 0
+  ) {
+    throw new TypeError("a position is {epoch: string, offset: integer >= 0}");
+  }
+  return Object.freeze({ epoch: position.epoch, offset: position.offset });
+}
+
 function checkNames(names, what) {
   for (const name of names) {
     if (typeof name !== "string") throw new TypeError(`${what} names must be strings`);
@@ -190,7 +238,11 @@ function websocketURL(url) {
  * which only the server knows.
  */
 class Request {
-  constructor(frames, answer, { expect = 1, untilPong = false, retry = true, internal = false }) {
+  constructor(
+    frames,
+    answer,
+    { expect = 1, untilPong = false, retry = true, internal = false, resume = null },
+  ) {
     this.frames = frames;
     this.answer = answer;
     this.expect = expect;
@@ -199,6 +251,16 @@ class Request {
     this.internal = internal;
     this.count = null;
     this.seen = 0;
+    // A RESUME: {channel, position}, the position asked for (or undefined).
+    // Its frame is made when it is sent, from what the client knows then; the
+    // client reads its answer itself (see #onResumeAnswer).
+    this.resume = resume;
+    this.sentBefore = false; // sent on an earlier connection already
+    this.reopening = false; // sent as a new connection opened, in place of subscribing again
+    this.confirmed = false; // its subscribe frame came
+    this.cancelled = false; // the channel was unsubscribed meanwhile
+    this.unrecoverable = null; // why it cannot recover, whatever the server says
+    this.replayed = 0; // messages replayed in its answer
     this.promise = new Promise((resolve, reject) => {
       this.resolve = resolve;
       this.reject = reject;
@@ -222,6 +284,10 @@ class Request {
       this.resolve(frame[1]);
       return true;
     }
+    if (kind === "history") {
+      this.resolve(frame);
+      return true;
+    }
     this.count = value;
     this.seen += 1;
     if (!this.untilPong && this.seen === this.expect) {
@@ -243,6 +309,16 @@ class Request {
  *   "smessage" (channel, payload);
  * - "message:<channel>" (payload, channel), "pmessage:<pattern>"
  *   (payload, channel, pattern), "smessage:<channel>" (payload, channel);
+ *   "message" and "message:<channel>" listeners get one more argument for
+ *   the messages of channels subscribed with resume() (and any message that
+ *   carries a position), {position, recovered}: the message's position in
+ *   its channel's history (null when it keeps none) and whether it was
+ *   replayed by a RESUME rather than delivered live;
+ * - "recoveryfailed" ({channel, reason, position}): a RESUME, the caller's
+ *   or the client's own after reconnecting, could not recover what was
+ *   missed; the channel is subscribed all the same, at position;
+ * - "resumed" ({channel, recovered, reason, position, replayed}): the client
+ *   RESUMEd a channel by itself on a new connection, and how it went;
  * - "error" (PubSubError): trouble no request is waiting to hear about.
  */
 export class PubSubClient extends Emitter {
@@ -266,6 +342,11 @@ export class PubSubClient extends Emitter {
   #patterns = new Set();
   #shardChannels = new Set();
   #handlers = new Map(); // "message:news" -> handlers given to subscribe()
+  #resumed = new Set(); // held channels whose RESUME was confirmed
+  // The last position known of each resumed channel, from RESUME's answers and
+  // the messages since; null when it keeps no history, absent until known.
+  #positions = new Map();
+  #recovering = new Map(); // channel -> the RESUME whose replay is arriving
 
   /**
    * @param {string | URL} url ws:, wss:, http: or https:; relative to the page in a browser
@@ -319,6 +400,16 @@ export class PubSubClient extends Emitter {
     return [...this.#shardChannels];
   }
 
+  /**
+   * The position of the last message received on a channel subscribed with
+   * resume(): {epoch, offset}; null when the channel keeps no history;
+   * undefined when none is known (not resumed, or its answer is not in yet).
+   * Kept after close(), so that a new client can resume from it.
+   */
+  position(channel) {
+    return this.#positions.get(channel);
+  }
+
   // -- commands ---------------------------------------------------------------------
 
   /**
@@ -338,6 +429,74 @@ export class PubSubClient extends Emitter {
   /** SSUBSCRIBE; a trailing function listens on "smessage:<channel>". */
   ssubscribe(...args) {
     return this.#hold("SSUBSCRIBE", this.#shardChannels, "smessage", args);
+  }
+
+  /**
+   * RESUME: subscribes to the channel so that what is published on it while
+   * the connection is down is recovered. The messages published after
+   * `position` ({epoch, offset}; by default the last one received on it, and
+   * the first time none) are delivered first, then the live ones; every new
+   * connection RESUMEs it again from the last message received, and a
+   * message already received on it is never delivered twice. When what was
+   * missed cannot be recovered, a "recoveryfailed" event says so.
+   *
+   * A function `handler` listens on "message:<channel>" until it is
+   * unsubscribed. Resolves once the replayed messages have been delivered,
+   * with {channel, recovered, reason, position, replayed}: recovered is false
+   * (and reason the server's) when the messages after the position asked for
+   * could not be sent; position is where the channel is now (null when it
+   * keeps no history); replayed counts the messages replayed.
+   * @returns {Promise<{channel: string, recovered: boolean, reason: string | null,
+   *   position: {epoch: string, offset: number} | null, replayed: number}>}
+   */
+  resume(channel, handler, position) {
+    checkNames([channel], "channel");
+    if (handler !== undefined && handler !== null && typeof handler !== "function") {
+      throw new TypeError("a handler must be a function");
+    }
+    const asked = position === undefined || position === null ? undefined : askedPosition(position);
+    const added = !this.#channels.has(channel);
+    this.#channels.add(channel);
+    if (handler) this.#addHandler(`message:${channel}`, handler);
+    const request = new Request(null, "subscribe", { resume: { channel, position: asked } });
+    this.#submit(request);
+    return request.promise.catch((error) => {
+      // Refused, or never sent: the server does not hold it, nor does the
+      // client, unless it held it before (and the server still does, unless
+      // this RESUME stood in for subscribing it again on a new connection).
+      if (added || (request.reopening && error.code !== "CLOSED")) this.#forget(channel);
+      throw error;
+    });
+  }
+
+  /**
+   * HISTORY: the channel's last `count` messages its history still keeps,
+   * oldest first. Resolves with {channel, position, messages}: position is
+   * the channel's (null when it keeps no history), and each message is
+   * {payload, position}.
+   */
+  history(channel, count) {
+    checkNames([channel], "channel");
+    if (!Number.isSafeInteger(count) || count < 0) {
+      throw new TypeError("a history count is an integer >= 0");
+    }
+    return this.#send(["HISTORY", channel, String(count)], "history").then((frame) => {
+      const [, , where, kept] = frame;
+      const position = parsePosition(where);
+      if (!Array.isArray(kept) || (position === null && kept.length)) {
+        throw new PubSubError(`a malformed history frame: ${JSON.stringify(frame)}`, "PROTOCOL");
+      }
+      const messages = kept.map((item) => {
+        if (!Array.isArray(item) || item.length !== 2 || !Number.isSafeInteger(item[0])) {
+          throw new PubSubError(`a malformed history message: ${JSON.stringify(item)}`, "PROTOCOL");
+        }
+        return {
+          payload: decodePayload(item[1]),
+          position: Object.freeze({ epoch: position.epoch, offset: item[0] }),
+        };
+      });
+      return { channel, position, messages };
+    });
   }
 
   /** UNSUBSCRIBE the channels named, or every channel when none is. */
@@ -453,6 +612,18 @@ export class PubSubClient extends Emitter {
       held.delete(name);
       this.#removeHandlers(`${event}:${name}`);
     }
+    if (command === "UNSUBSCRIBE") {
+      // A resumed channel's position goes: resuming it later starts afresh,
+      // and a RESUME of it still on its way no longer makes it resumed.
+      const gone = new Set(released);
+      for (const name of released) {
+        this.#resumed.delete(name);
+        this.#positions.delete(name);
+      }
+      for (const request of this.#sent.concat(this.#queue)) {
+        if (request.resume && gone.has(request.resume.channel)) request.cancelled = true;
+      }
+    }
     if (names.length) {
       return this.#send([command, ...names], CONFIRMATIONS[command], { expect: names.length });
     }
@@ -472,6 +643,14 @@ export class PubSubClient extends Emitter {
     this.#handlers.delete(key);
   }
 
+  /** A channel the server does not hold: nor does the client, from now on. */
+  #forget(channel) {
+    this.#channels.delete(channel);
+    this.#resumed.delete(channel);
+    this.#positions.delete(channel);
+    this.#removeHandlers(`message:${channel}`);
+  }
+
   // -- requests ---------------------------------------------------------------------
 
   /** Sends a command (or several frames answered as one) and promises its answer. */
@@ -481,6 +660,12 @@ export class PubSubClient extends Emitter {
       answer,
       options,
     );
+    this.#submit(request);
+    return request.promise;
+  }
+
+  /** Sends a request now, or queues it until the connection is open. */
+  #submit(request) {
     if (this.#state === "closed") {
       request.reject(new PubSubError("the client is closed", "CLOSED"));
     } else if (this.#state === "open") {
@@ -492,12 +677,34 @@ export class PubSubClient extends Emitter {
     } else {
       this.#queue.push(request);
     }
-    return request.promise;
   }
 
-  #transmit(request) {
+  /** `reopening`: sent as the new connection opens, before anything came on it. */
+  #transmit(request, reopening = false) {
+    if (request.resume) request.frames = [this.#resumeFrame(request, reopening)];
     this.#sent.push(request);
     for (const frame of request.frames) this.#socket.send(JSON.stringify(frame));
+  }
+
+  /**
+   * A RESUME's frame, from the position it asked for the first time it goes
+   * out, from the last one received after that (what a lost answer already
+   * delivered is not asked for again). On a new connection a resumed channel
+   * with no position to resume from cannot be recovered, whatever the server
+   * answers: messages may have been missed, and nothing can tell which.
+   */
+  #resumeFrame(request, reopening) {
+    const { channel, position: asked } = request.resume;
+    const known = this.#positions.get(channel);
+    const from = request.sentBefore ? (known ?? asked) : (asked ?? known);
+    request.sentBefore = true;
+    request.reopening = reopening;
+    request.confirmed = false;
+    request.unrecoverable = null;
+    if (!from && reopening && this.#resumed.has(channel)) {
+      request.unrecoverable = known === null ? NO_HISTORY : NO_POSITION;
+    }
+    return from ? ["RESUME", channel, from.epoch, String(from.offset)] : ["RESUME", channel];
   }
 
   #onFrame(data) {
@@ -522,10 +729,72 @@ export class PubSubClient extends Emitter {
     }
     if (kind === "error") {
       this.#sent.shift();
+      if (request.resume) this.#endRecovery(request);
       request.reject(new PubSubError(String(frame[1])));
-    } else if (request.take(frame)) {
+    } else if (request.resume ? this.#onResumeAnswer(request, frame) : request.take(frame)) {
       this.#sent.shift();
     }
+  }
+
+  /**
+   * One frame of a RESUME's answer: the confirmation, then (after the
+   * replayed messages, which are pushes) position or recovery_failed, which
+   * ends it. True when it has ended.
+   */
+  #onResumeAnswer(request, frame) {
+    const [kind, name] = frame;
+    const { channel } = request.resume;
+    if (kind === "subscribe" && !request.confirmed && name === channel) {
+      request.confirmed = true;
+      // Resumed from now on, unless unsubscribed meanwhile.
+      if (!request.cancelled && this.#channels.has(channel)) this.#resumed.add(channel);
+      this.#recovering.set(channel, request);
+      return false;
+    }
+    this.#endRecovery(request);
+    const failed = kind === "recovery_failed";
+    let position;
+    try {
+      if (
+        !(kind === "position" || failed) ||
+        !request.confirmed ||
+        name !== channel ||
+        frame.length !== (failed ? 4 : 3) ||
+        (failed && typeof frame[3] !== "string")
+      ) {
+        throw new PubSubError(`unexpected frame ${JSON.stringify(frame)}`, "PROTOCOL");
+      }
+      position = parsePosition(frame[2]);
+    } catch (error) {
+      request.reject(error);
+      return true;
+    }
+    if (!request.cancelled && this.#resumed.has(channel)) this.#positions.set(channel, position);
+    const reason = failed ? frame[3] : request.unrecoverable;
+    const recovery = Object.freeze({
+      channel,
+      recovered: reason === null,
+      reason,
+      position,
+      replayed: request.replayed,
+    });
+    request.resolve(recovery);
+    if (!request.cancelled) {
+      if (request.internal) this.emit("resumed", recovery);
+      if (reason !== null) {
+        const detail = Object.freeze({ channel, reason, position });
+        if (!this.emit("recoveryfailed", detail)) {
+          const missed = "messages may have been missed";
+          console.warn(`pubsub.js: recovering ${channel} failed, ${missed}: ${reason}`);
+        }
+      }
+    }
+    return true;
+  }
+
+  #endRecovery(request) {
+    const { channel } = request.resume;
+    if (this.#recovering.get(channel) === request) this.#recovering.delete(channel);
   }
 
   #deliver(frame) {
@@ -535,12 +804,54 @@ export class PubSubClient extends Emitter {
       const message = decodePayload(payload);
       this.emit("pmessage", pattern, channel, message);
       this.emit(`pmessage:${pattern}`, message, channel, pattern);
+    } else if (kind === "message") {
+      const [, channel, payload] = frame;
+      const info = this.#where(frame);
+      if (info === null) return;
+      const message = decodePayload(payload);
+      if (info === undefined) {
+        this.emit(kind, channel, message);
+        this.emit(`${kind}:${channel}`, message, channel);
+      } else {
+        this.emit(kind, channel, message, info);
+        this.emit(`${kind}:${channel}`, message, channel, info);
+      }
     } else {
       const [, channel, payload] = frame;
       const message = decodePayload(payload);
       this.emit(kind, channel, message);
       this.emit(`${kind}:${channel}`, message, channel);
     }
+  }
+
+  /**
+   * A message's {position, recovered}; undefined for a message without a
+   * position on a channel not resumed (as before recovery existed); null
+   * when it was delivered already: a resumed channel's position moves with
+   * each message, and one at or before it in the same epoch came before (a
+   * RESUME of a channel held replays what was on its way live meanwhile).
+   */
+  #where(frame) {
+    const channel = frame[1];
+    const recovering = this.#recovering.get(channel);
+    if (frame.length < 4) {
+      if (recovering) return Object.freeze({ position: null, recovered: true });
+      return this.#resumed.has(channel) ? LIVE : undefined;
+    }
+    let position;
+    try {
+      position = parsePosition(frame[3]);
+    } catch (error) {
+      this.#report(error);
+      return null;
+    }
+    if (position !== null && this.#resumed.has(channel)) {
+      const known = this.#positions.get(channel);
+      if (known && known.epoch === position.epoch && position.offset <= known.offset) return null;
+      this.#positions.set(channel, position);
+    }
+    if (recovering) recovering.replayed += 1;
+    return Object.freeze({ position, recovered: recovering !== undefined });
   }
 
   #report(error) {
@@ -594,20 +905,42 @@ export class PubSubClient extends Emitter {
     const attempt = this.#attempt;
     this.#attempt = 0;
     this.#state = "open";
-    const resubscribed = {
-      channels: this.#resubscribe("SUBSCRIBE", this.#channels),
-      patterns: this.#resubscribe("PSUBSCRIBE", this.#patterns),
-      shardChannels: this.#resubscribe("SSUBSCRIBE", this.#shardChannels),
-    };
     const waiting = this.#queue;
     this.#queue = [];
-    for (const request of waiting) this.#transmit(request);
+    // A resumed channel gets a RESUME of its own, from its last position; a
+    // caller's RESUME waiting to go out subscribes its channel itself (a
+    // SUBSCRIBE first would deliver, unpositioned, what it then replays).
+    const resuming = new Set(waiting.filter((r) => r.resume).map((r) => r.resume.channel));
+    const channels = [...this.#channels];
+    const plain = channels.filter((name) => !this.#resumed.has(name) && !resuming.has(name));
+    this.#resubscribe("SUBSCRIBE", plain, this.#channels);
+    const resubscribed = {
+      channels,
+      patterns: this.#resubscribe("PSUBSCRIBE", [...this.#patterns], this.#patterns),
+      shardChannels: this.#resubscribe("SSUBSCRIBE", [...this.#shardChannels], this.#shardChannels),
+    };
+    for (const channel of channels) {
+      if (this.#resumed.has(channel) && !resuming.has(channel)) this.#resumeAgain(channel);
+    }
+    for (const request of waiting) this.#transmit(request, true);
     this.#startHeartbeat();
     this.#setState("open", { url: this.url, attempt, resubscribed });
   }
 
-  #resubscribe(command, held) {
-    const names = [...held];
+  #resumeAgain(channel) {
+    const request = new Request(null, "subscribe", {
+      internal: true,
+      resume: { channel, position: undefined },
+    });
+    request.promise.catch((error) => {
+      if (error.code === "DISCONNECTED" || error.code === "CLOSED") return;
+      this.#forget(channel);
+      this.#report(new PubSubError(`RESUME after reconnecting: ${error.message}`, error.code));
+    });
+    this.#transmit(request, true);
+  }
+
+  #resubscribe(command, names, held) {
     for (let start = 0; start < names.length; start += RESUBSCRIBE_CHUNK) {
       const chunk = names.slice(start, start + RESUBSCRIBE_CHUNK);
       const request = new Request([[command, ...chunk]], CONFIRMATIONS[command], {
@@ -615,8 +948,9 @@ export class PubSubClient extends Emitter {
         internal: true,
       });
       request.promise.catch((error) => {
-        // Lost with the connection: still held, the next one subscribes them.
-        if (error.code === "DISCONNECTED") return;
+        // Lost with the connection: still held, the next one subscribes them
+        // (or, closed, still listed as what the client held).
+        if (error.code === "DISCONNECTED" || error.code === "CLOSED") return;
         // The server no longer takes them (a limit, a permission): say so,
         // and hold only what the server holds.
         for (const name of chunk) held.delete(name);
@@ -692,6 +1026,7 @@ export class PubSubClient extends Emitter {
       }
     }
     this.#sent = [];
+    this.#recovering.clear();
     this.#queue = again.concat(this.#queue);
     if (!this.#reconnect) {
       this.#finish(code, reason);
