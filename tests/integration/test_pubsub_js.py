@@ -4,8 +4,11 @@ tests/clients/pubsub_js.mjs uses the module against a real server as an
 application would, with the ``ws`` package as its WebSocket, and prints what
 it saw. When it prints DROP, this test drops every connection from the server
 side, so reconnecting and resubscribing are tested against what a server
-really does. tests/clients/pubsub_js_unit.mjs (node's test runner) plays the
-server itself with mocked timers, for the backoff and keep-alive rules. `make test`
+really does; CUT /path drops only the connections made to that path.
+tests/clients/pubsub_js_recovery.mjs does the same for recovery, against a
+server that keeps a history. tests/clients/pubsub_js_unit.mjs (node's test
+runner) plays the server itself with mocked timers, for the backoff and
+keep-alive rules and recovery frame by frame. `make test`
 installs ``ws`` (npm ci in tests/clients); without node or the package the
 test skips, and under PUBSUB_REQUIRE_REDIS (set by `make test`) it fails.
 """
@@ -26,21 +29,32 @@ from tests.support.processes import NODE_CLIENTS, node_with
 
 
 class NodeScript(protocol.ProcessProtocol):
-    """Runs the script; each DROP line it prints aborts every server connection."""
+    """Runs the script; each DROP line it prints aborts every server
+    connection, each ``CUT /path`` line those made to that path."""
 
     def __init__(self, server) -> None:
         self.server = server
         self.out = b""
         self.err = b""
         self.drops = 0
+        self.cuts = 0
         self.ended: defer.Deferred = defer.Deferred()
 
     def outReceived(self, data: bytes) -> None:
-        before = self.out.count(b"DROP\n")
+        done = self.out.count(b"\n")
         self.out += data
-        for _ in range(self.out.count(b"DROP\n") - before):
-            self.drops += 1
-            for connection in list(self.server.factory.connections):
+        for line in self.out.split(b"\n")[done:-1]:
+            if line == b"DROP":
+                self.drops += 1
+                self._abort(None)
+            elif line.startswith(b"CUT "):
+                self.cuts += 1
+                self._abort(line[4:].decode())
+
+    def _abort(self, path: str | None) -> None:
+        """Aborts the connections made to ``path``, or every one."""
+        for connection in list(self.server.factory.connections):
+            if path is None or connection.http_request_path == path:
                 connection.transport.abortConnection()
 
     def errReceived(self, data: bytes) -> None:
@@ -178,3 +192,124 @@ def test_pubsub_js_with_tokens(make_server):
         "publish": 1,
         "message": ["with a token", "news"],
     }
+
+
+def run_node_script(node: str, script: str, server, *args: str) -> NodeScript:
+    """Starts ``script`` (in tests/clients) against ``server``; ``.ended`` fires
+    with its exit code."""
+    process = NodeScript(server)
+    reactor.spawnProcess(
+        process,
+        node,
+        [node, str(NODE_CLIENTS / script), f"ws://127.0.0.1:{server.port}/", *args],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        path=str(NODE_CLIENTS),
+    )
+    return process
+
+
+@pytest_twisted.inlineCallbacks
+def test_pubsub_js_cut_off_gets_every_message_once_in_order(make_server):
+    """A steady publisher; the subscriber cut off three times, by either side,
+    each time while more is published; every message arrives once, in order."""
+    node = node_with("ws")
+    server = yield make_server(history_channels="room:*", history_size=1000)
+    script = run_node_script(node, "pubsub_js_recovery.mjs", server, "recover")
+    code = yield script.ended
+    assert code == 0, (script.out, script.err)
+    assert script.cuts == 2
+    seen = json.loads(script.out.decode().strip().splitlines()[-1])
+    epoch = seen["epoch"]
+    assert epoch
+    assert seen["first"] == {
+        "channel": "room:1",
+        "recovered": True,
+        "reason": None,
+        "position": {"epoch": "", "offset": 0},
+        "replayed": 0,
+    }
+    every = {"recovered": True, "replayedAtLeast10": True}
+    assert seen["cuts"] == [
+        {"side": "server", "code": 1006, **every},
+        {"side": "client", "code": 1006, **every},
+        {"side": "server", "code": 1006, **every},
+    ]
+    published = seen["published"]
+    assert published >= 210
+    assert seen["payloads"] == [str(n) for n in range(published)] + ["last"]
+    assert seen["offsets"] == list(range(1, published + 2))
+    assert seen["one_epoch"] is True
+    # Messages marked recovered are exactly those the RESUMEs replayed.
+    assert seen["recovered"] == seen["replayed"] >= 30
+    assert seen["last_recovered"] is False
+    assert seen["position"] == {"epoch": epoch, "offset": published + 1}
+    assert seen["failures"] == []
+    assert server.engine.client_count == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_pubsub_js_is_told_when_what_it_missed_cannot_be_recovered(make_server):
+    node = node_with("ws")
+    server = yield make_server(history_channels="room:*", history_size=5)
+    script = run_node_script(node, "pubsub_js_recovery.mjs", server, "gap")
+    code = yield script.ended
+    assert code == 0, (script.out, script.err)
+    assert script.cuts == 1
+    seen = json.loads(script.out.decode().strip().splitlines()[-1])
+    epoch = seen["epoch"]
+
+    def at(offset: int) -> dict:
+        return {"epoch": epoch, "offset": offset}
+
+    lost = "messages after the position are no longer kept"
+    no_history = "the channel keeps no history"
+    assert seen["first"]["position"] == {"epoch": "", "offset": 0}
+    assert seen["plain"] == {
+        "channel": "plain",
+        "recovered": True,
+        "reason": None,
+        "position": None,
+        "replayed": 0,
+    }
+    assert seen["code"] == 1006
+    # 20 were published while away; the history keeps 5: nothing replayed.
+    # The channel without history cannot say what was missed: a failure too.
+    assert seen["failures"] == [
+        {"channel": "room:2", "reason": lost, "position": at(21)},
+        {"channel": "plain", "reason": no_history, "position": None},
+    ]
+    assert seen["resumed"] == [
+        {**failure, "recovered": False, "replayed": 0} for failure in seen["failures"]
+    ]
+    assert seen["received"] == [
+        {"payload": "before", "channel": "room:2", "position": at(1), "recovered": False},
+        {"payload": "live", "channel": "room:2", "position": at(22), "recovered": False},
+        {"payload": "live too", "channel": "plain", "position": None, "recovered": False},
+    ]
+    assert seen["history"] == {
+        "channel": "room:2",
+        "position": at(22),
+        "messages": [
+            {"payload": "missed 18", "position": at(20)},
+            {"payload": "missed 19", "position": at(21)},
+            {"payload": "live", "position": at(22)},
+        ],
+    }
+    assert seen["history_plain"] == {"channel": "plain", "position": None, "messages": []}
+    # From a position kept elsewhere: replayed while kept, else told.
+    assert seen["carol_kept"] == {
+        "channel": "room:2",
+        "recovered": True,
+        "reason": None,
+        "position": at(22),
+        "replayed": 3,
+    }
+    assert seen["carol_received"] == ["missed 18", "missed 19", "live"]
+    assert seen["carol_trimmed"] == {
+        "channel": "room:2",
+        "recovered": False,
+        "reason": lost,
+        "position": at(22),
+        "replayed": 0,
+    }
+    assert seen["carol_failures"] == [{"channel": "room:2", "reason": lost, "position": at(22)}]
