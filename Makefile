@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 9000
+# The channels whose recent messages `make run` keeps (history_channels), so
+# that the demo page's channels are recoverable; `make run HISTORY=` for none.
+HISTORY ?= *
 RUFF_OPTS := --line-length 100 --target-version py311
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -24,7 +27,7 @@ install: $(VENV)/.deps
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation --force-reinstall .
 
 run: install
-	$(BIN)/twistd -n pubsub --port $(PORT)
+	$(BIN)/twistd -n pubsub --port $(PORT) --history-channels '$(HISTORY)'
 
 # The differential tests compare against a real Redis 7; they start their own.
 # Debian's redis-server brings redis-tools, whose redis-cli the RESP tests drive.
