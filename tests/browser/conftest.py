@@ -17,6 +17,7 @@ import pytest
 from playwright.sync_api import sync_playwright
 
 from tests.browser.demo import CHROMIUM, launch
+from tests.browser.relay import Relay
 from tests.support.processes import ChildServer, twistd_process
 
 
@@ -47,3 +48,19 @@ def twistd():
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def relay():
+    """Make a Relay to a server's port (``relay(port)``), whose connections the
+    test can cut; each is closed after the test."""
+    relays: list[Relay] = []
+
+    def make(target: int) -> Relay:
+        made = Relay(target)
+        relays.append(made)
+        return made
+
+    yield make
+    for made in relays:
+        made.close()
