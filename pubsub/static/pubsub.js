@@ -343,6 +343,7 @@ export class PubSubClient extends Emitter {
   #shardChannels = new Set();
   #handlers = new Map(); // "message:news" -> handlers given to subscribe()
   #resumed = new Set(); // held channels whose RESUME was confirmed
+  #asked = new Set(); // held channels resume() was called for, confirmed or not
   // The last position known of each resumed channel, from RESUME's answers and
   // the messages since; null when it keeps no history, absent until known.
   #positions = new Map();
@@ -457,6 +458,7 @@ export class PubSubClient extends Emitter {
     const asked = position === undefined || position === null ? undefined : askedPosition(position);
     const added = !this.#channels.has(channel);
     this.#channels.add(channel);
+    this.#asked.add(channel);
     if (handler) this.#addHandler(`message:${channel}`, handler);
     const request = new Request(null, "subscribe", { resume: { channel, position: asked } });
     this.#submit(request);
@@ -618,6 +620,7 @@ export class PubSubClient extends Emitter {
       const gone = new Set(released);
       for (const name of released) {
         this.#resumed.delete(name);
+        this.#asked.delete(name);
         this.#positions.delete(name);
       }
       for (const request of this.#sent.concat(this.#queue)) {
@@ -647,6 +650,7 @@ export class PubSubClient extends Emitter {
   #forget(channel) {
     this.#channels.delete(channel);
     this.#resumed.delete(channel);
+    this.#asked.delete(channel);
     this.#positions.delete(channel);
     this.#removeHandlers(`message:${channel}`);
   }
@@ -836,7 +840,7 @@ export class PubSubClient extends Emitter {
     const recovering = this.#recovering.get(channel);
     if (frame.length < 4) {
       if (recovering) return Object.freeze({ position: null, recovered: true });
-      return this.#resumed.has(channel) ? LIVE : undefined;
+      return this.#asked.has(channel) || this.#resumed.has(channel) ? LIVE : undefined;
     }
     let position;
     try {

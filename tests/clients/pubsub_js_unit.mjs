@@ -597,13 +597,24 @@ test("listeners of channels not resumed get what they always got", async () => {
     ["news", "hi"],
     ["hi", "news"],
   ]);
-  // A resumed channel without history: its messages say they have no position.
-  const resuming = client.resume("plain", (...args) => got.push(args));
+  // A channel resumed: its messages come with what they are, from the moment
+  // resume() is called; without history, they say they have no position.
+  const resuming = client.resume("news");
+  last().receive(["message", "news", "before the answer"]);
+  assert.deepEqual(got.slice(2), [
+    ["news", "before the answer", { position: null, recovered: false }],
+    ["before the answer", "news", { position: null, recovered: false }],
+  ]);
+  last().receive(["subscribe", "news", 1]);
+  last().receive(["position", "news", null]);
+  await resuming;
+  got.length = 0;
+  const resumingPlain = client.resume("plain", (...args) => got.push(args));
   last().receive(["subscribe", "plain", 2]);
   last().receive(["position", "plain", null]);
-  await resuming;
+  await resumingPlain;
   last().receive(["message", "plain", "x"]);
-  assert.deepEqual(got.slice(2), [
+  assert.deepEqual(got, [
     ["plain", "x", { position: null, recovered: false }],
     ["x", "plain", { position: null, recovered: false }],
   ]);
