@@ -50,7 +50,8 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-# docs/demo.png: the demo page after two pages exchanged a few messages.
+# docs/demo.png: the demo page after two pages exchanged a few messages, and one
+# recovered after the page was away.
 screenshot: install browser
 	$(BIN)/python -m tests.browser.demo docs/demo.png
 

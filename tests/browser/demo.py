@@ -2,8 +2,9 @@
 Debian's Chromium; shared by the browser tests and ``make screenshot``.
 
 Run as ``python -m tests.browser.demo docs/demo.png`` (what ``make
-screenshot`` does) it starts its own server and saves a screenshot of the
-demo page after a short exchange of messages.
+screenshot`` does) it starts its own server, as ``make run`` does, and saves a
+screenshot of the demo page after a short exchange of messages, and a
+message recovered after the page was away.
 """
 
 from __future__ import annotations
@@ -89,12 +90,29 @@ def exchange(browser: Browser, url: str) -> tuple[Page, Page]:
     return alice, bob
 
 
+def away_and_back(alice: Page, bob: Page) -> None:
+    """Alice disconnects, bob publishes, alice connects again: her page
+    recovers the message from the server's history."""
+    alice.click("#disconnect")
+    expect(alice.locator("#status")).to_have_attribute("data-state", "closed")
+    publish(bob, "news", "Release 1.0.1 fixes the installer")
+    alice.click("#connect")
+    expect(alice.locator("#log li.info .text", has_text="missed")).to_have_text(
+        "subscribed; recovered 1 missed message"
+    )
+    expect(alice.locator("#log li.recovered .text")).to_have_text(
+        "Release 1.0.1 fixes the installer"
+    )
+
+
 def save_screenshot(browser: Browser, path: Path) -> None:
-    """Starts a server, has two pages talk, and saves the subscriber's page."""
-    server = twistd_process()
+    """Starts a server as make run does, has two pages talk, the subscriber
+    step away and come back, and saves the subscriber's page."""
+    server = twistd_process("--history-channels", "*")
     port = server.start()
     try:
         alice, bob = exchange(browser, f"http://127.0.0.1:{port}/")
+        away_and_back(alice, bob)
         alice.screenshot(path=str(path))
         alice.context.close()
         bob.context.close()

@@ -621,7 +621,7 @@ test("listeners of channels not resumed get what they always got", async () => {
   client.close();
 });
 
-test("close() while subscribing again is no error, and keeps the list of what was held", async () => {
+test("close() while subscribing again is no error, and keeps what was held", async () => {
   const { client } = await resumedClient();
   const subscribing = client.subscribe("news");
   last().receive(["subscribe", "news", 2]);
