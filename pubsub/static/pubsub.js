@@ -255,7 +255,7 @@ class Request {
     // Its frame is made when it is sent, from what the client knows then; the
     // client reads its answer itself (see #onResumeAnswer).
     this.resume = resume;
-    this.sentBefore = false; // sent on an earlier connection already
+    this.sentBefore = false; // sent once: sending it again follows a lost connection
     this.reopening = false; // sent as a new connection opened, in place of subscribing again
     this.confirmed = false; // its subscribe frame came
     this.cancelled = false; // the channel was unsubscribed meanwhile
