@@ -163,10 +163,20 @@ def _history(session: WsSession, args: Sequence[bytes]) -> Any:
         # Not held: what HISTORY answers is a snapshot, not a seam with the live messages.
         answer: defer.Deferred[list[Result]] = history.recent(channel, count).addCallbacks(
             lambda recent: [_history_frame(channel, recent)],
-            lambda failure: [Error(f"BACKPLANE {failure.getErrorMessage()}")],
+            _history_failed,
+            errbackArgs=(channel,),
         )
         return answer
     return [_history_frame(channel, history.recent(channel, count))]
+
+
+def _history_failed(failure: Failure, channel: bytes) -> list[Result]:
+    """HISTORY's answer when a shared history could not be read: the
+    backplane's error when it is down, else (a fault here) logged."""
+    if failure.check(HistoryUnavailable) is None:
+        _log.failure("reading the history of {channel!r}", failure, channel=channel)
+        return [Error("ERR the channel's history could not be read")]
+    return [Error(f"BACKPLANE {failure.getErrorMessage()}")]
 
 
 def _history_frame(channel: bytes, recent: Recovery) -> Frame:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from pubsub.core.history import HistoryUnavailable, Kept, Position, Recovery
 from pubsub.operations.config import ConfigError, Settings
 from pubsub.resp.protocol import RespFactory
+from pubsub.websocket import commands as ws_commands
 from tests.support.wsframes import command
 from tests.unit import test_resp as resp
 from tests.unit.test_auth import SECRET, token
@@ -319,3 +321,21 @@ def test_what_is_held_counts_against_the_hard_output_limit(make_factory):
         factory.engine.deliver_message_at(b"news", b"x" * 50, Position("e", offset))
     assert factory.slow_consumers == 1
     assert reader.transport.value()[-100:].find(b"hard limit") >= 0
+
+
+def test_a_fault_reading_a_shared_history_is_logged_and_answered(shared, monkeypatch):
+    events: list[dict] = []
+    monkeypatch.setattr(ws_commands, "_log", Logger(observer=events.append))
+    history = shared.engine.history
+    reader = Connection(shared)
+    reader.call("HISTORY", "news", "2")
+    history.reads[0][2].errback(ZeroDivisionError("a bug"))
+    assert reader.messages() == [["error", "ERR the channel's history could not be read"]]
+    reader.call("RESUME", "news", "e", "1")
+    history.reads[1][2].errback(ZeroDivisionError("a bug"))
+    assert reader.messages() == [
+        ["subscribe", "news", 1],
+        ["recovery_failed", "news", None, "the channel's history could not be read"],
+    ]
+    faults = [event["log_failure"].value for event in events if "log_failure" in event]
+    assert [type(fault) for fault in faults] == [ZeroDivisionError, ZeroDivisionError]
