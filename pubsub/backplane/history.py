@@ -26,11 +26,13 @@ back from Redis, with its position.
 
 A recovery (:meth:`RedisHistory.since`) first makes sure Redis has this
 node's subscription to the channel (:meth:`RedisBackplane.barrier`), then
-reads the stream (:data:`READ_SCRIPT`).  Whatever is published after the
-read reaches the node live, with an offset above the top the read gave; what
-was published before is in the read (or was trimmed: the recovery fails).
-The host holds the client's live messages meanwhile, and drops those at or
-below the top (:mod:`pubsub.websocket.commands`).
+reads the stream (:data:`READ_SCRIPT`), then waits on a second barrier.
+Whatever is published after the read reaches the node live, with an offset
+above the top the read gave; what was published before is in the read (or
+was trimmed: the recovery fails), and its live copy, which comes on the
+other connection and may be read after the read's reply, has arrived by
+the second barrier.  The host holds the client's live messages meanwhile,
+and drops those at or below the top (:mod:`pubsub.websocket.commands`).
 
 The bounds are ``history_size`` messages and ``history_ttl`` seconds per
 channel, both kept by Redis, and Redis's own ``maxmemory``;
@@ -166,7 +168,13 @@ class RedisHistory:
         """What a client at ``position`` missed, as :meth:`History.since`
         answers it, once Redis has this node's subscription to ``channel``.
         With ``position`` None, no messages: only where the channel is."""
-        answer = self._bridge.barrier().addCallback(lambda _: self._read(channel))
+        bridge = self._bridge
+        answer = bridge.barrier().addCallback(lambda _: self._read(channel))
+        # The read's reply comes on the publisher connection, the messages
+        # published before it on the subscriber connection, which the
+        # reactor may read later: a second barrier there lets them all in
+        # (to be held, and dropped as replayed) before the answer.
+        answer.addCallback(lambda read: bridge.barrier().addCallback(lambda _: read))
         return answer.addCallbacks(
             self._judge, self._failed, callbackArgs=(position,), errbackArgs=(position,)
         )

@@ -1043,6 +1043,11 @@ def test_since_reads_after_the_barrier_and_judges_as_a_nodes_own_history(asked, 
     node.publisher.dataReceived(b"+sha\r\n+sha\r\n")  # the preamble's, first
     assert got == []
     node.publisher.dataReceived(reply)
+    # Not before what was published ahead of the read has come in on the
+    # subscriber connection, which a second PING's answer proves.
+    assert got == []
+    assert node.written(node.subscriber) == command(b"PING")
+    node.subscriber.dataReceived(b"+PONG\r\n")
     assert got == [expected]
     assert (history.recoveries, history.failed_recoveries) == (
         (1, 0) if expected.recovered else (0, 1)
