@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from twisted.internet import reactor
 from twisted.internet.error import ConnectionDone
 
 from pubsub.operations.config import Settings
-from tests.support.processes import ServerProcess
+from tests.support.processes import ServerProcess, ServerWithResp
 from tests.support.resp3 import SimpleString
 from tests.support.respclient import CLOSED
 
@@ -106,22 +105,6 @@ def test_twistd_stops_with_a_clear_message_when_the_port_is_taken(tmp_path):
     assert result.returncode == 1
     assert f"pubsub: cannot listen on tcp:{port}:interface=127.0.0.1" in output
     assert "Traceback" not in output
-
-
-class ServerWithResp(ServerProcess):
-    """``listening`` fires with (WebSocket port, RESP port) once both are bound."""
-
-    def __init__(self) -> None:
-        super().__init__(rb"RespFactory starting on (\d+)")
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        site = re.search(rb"Site starting on (\d+)", self.output)
-        resp = re.search(rb"RespFactory starting on (\d+)", self.output)
-        if site and resp and not self.listening.called:
-            self.listening.callback((int(site.group(1)), int(resp.group(1))))
-
-    errReceived = outReceived
 
 
 @pytest_twisted.inlineCallbacks

@@ -113,7 +113,7 @@ def _installed_environment() -> dict[str, str]:
     }
 
 
-class _BothPorts(ServerProcess):
+class ServerWithResp(ServerProcess):
     """``listening`` fires with (WebSocket port, RESP port) once both are bound."""
 
     def __init__(self) -> None:
@@ -143,7 +143,7 @@ class TwistdNode:
         self.cwd = cwd or tempfile.gettempdir()
         self.ws_port = 0
         self.resp_port = 0
-        self._process: _BothPorts | None = None
+        self._process: ServerWithResp | None = None
         self._transport: Any = None
 
     @property
@@ -166,7 +166,7 @@ class TwistdNode:
         twistd = str(Path(sys.executable).with_name("twistd"))
         local = "tcp:0:interface=127.0.0.1"
         args = [twistd, "-n", "--pidfile=", "pubsub", "--port", local, "--resp-port", local]
-        self._process = _BothPorts()
+        self._process = ServerWithResp()
         self._transport = reactor.spawnProcess(
             self._process,
             twistd,
