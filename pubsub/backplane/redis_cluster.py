@@ -41,9 +41,12 @@ stale (a resharding just happened), Redis answers ``MOVED`` (or ``ASK``
 while the slot migrates): each link keeps the publishes Redis has not
 answered yet, and a redirected one is sent again to the node named, with
 ``ASKING`` first for an ``ASK`` (counted in ``redirected``); the map is
-read again meanwhile.  One that cannot be sent again (no link to that node
-after the new map, a second redirect, ``CLUSTERDOWN``) is counted in
-``lost`` (``pubsub_backplane_lost_total``) and logged.  A publish whose
+read again meanwhile.  One ``MOVED`` to a node not linked yet (a replica
+just promoted) waits, in order, for the new map and for that node's link
+to be up, for at most ``hold_limit`` seconds.  One that cannot be sent
+again (no link to that node after the new map, not up in time, a second
+redirect, ``CLUSTERDOWN``) is counted in ``lost``
+(``pubsub_backplane_lost_total``) and logged.  A publish whose
 shard's link is down is refused, as with one Redis.
 
 When a primary hands its slots over (a failover), it drops every
@@ -481,6 +484,9 @@ class RedisClusterBackplane(MultiService):
         self.trust_root = trust_root
         self.client_certificate = client_certificate
         self.refresh_interval = refresh_interval
+        #: Seconds a publish redirected to a node whose link is not up yet
+        #: waits for it, before it counts as lost.
+        self.hold_limit = max(timeout, 1.0) * 2
         self._endpoint_for = endpoint_for
         self.interest: dict[str, set[bytes]] = {
             Kind.CHANNEL: set(engine.channels()),
@@ -510,9 +516,11 @@ class RedisClusterBackplane(MultiService):
         self.state = "connecting"
         self.since = clock.seconds()
         self._unmapped = 0  # publishes refused before there was a slot map
-        #: Publishes redirected to a node not linked yet: (its address, the
-        #: command, hops), sent once the new map is in; at most buffer_limit bytes.
-        self._held: list[tuple[tuple[str, int], bytes, int]] = []
+        #: Publishes redirected to a node not linked yet, or whose link is
+        #: not up yet (a replica just promoted): (its address, the command,
+        #: hops, since when), sent once the new map has it and its link is
+        #: up; at most buffer_limit bytes, for at most hold_limit seconds.
+        self._held: list[tuple[tuple[str, int], bytes, int, float]] = []
         self._held_bytes = 0
         #: The counts of links closed since (their nodes no longer serve slots).
         self._retired = dict.fromkeys(_COUNTS, 0)
@@ -578,6 +586,8 @@ class RedisClusterBackplane(MultiService):
         if self.interest[Kind.PATTERN]:
             self._announce(b"on")
         self._count_holders()
+        if self._held:
+            self._send_held()  # those held too long are lost
 
     # -- the census: does any other node hold a pattern? ----------------------------
 
@@ -632,7 +642,7 @@ class RedisClusterBackplane(MultiService):
         if target is not None and target.forward(data, hops + 1, asking=word == "ASK"):
             return
         if word == "MOVED" and self._held_bytes + len(data) <= self.buffer_limit:
-            self._held.append((address, data, hops + 1))
+            self._held.append((address, data, hops + 1, self.clock.seconds()))
             self._held_bytes += len(data)
             return
         self._lose(link.url, message)
@@ -648,15 +658,25 @@ class RedisClusterBackplane(MultiService):
             )
 
     def _send_held(self) -> None:
+        """Send the held publishes whose node's link is up; hold on to those
+        whose link is still connecting, up to ``hold_limit``; lose the rest."""
+        now = self.clock.seconds()
         held, self._held, self._held_bytes = self._held, [], 0
-        for address, data, hops in held:
+        for address, data, hops, since in held:
             target = self.links.get(address)
-            if target is None or not target.forward(data, hops, asking=False):
-                self._lose(f"{address[0]}:{address[1]}", "MOVED to it")
+            if target is not None and target.forward(data, hops, asking=False):
+                continue
+            if target is not None and now - since < self.hold_limit:
+                self._held.append((address, data, hops, since))
+                self._held_bytes += len(data)
+                continue
+            self._lose(f"{address[0]}:{address[1]}", "MOVED to it")
 
     def link_changed(self, link: _ShardLink) -> None:
         if self.links.get(link.address) is not link:
             return  # retired: its node no longer serves slots
+        if link.state == "connected" and self._held:
+            self._send_held()
         if link.state != "connected" and self._doubt is None:
             self._doubt = f"{link.url} is {link.state}"
             self._refresh()

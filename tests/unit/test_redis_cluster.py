@@ -146,8 +146,9 @@ class _Forwarding:
     state = "connected"
     redirected = dropped = sent = received = failed = reconnects = timeouts = 0
 
-    def __init__(self, takes: bool = True) -> None:
+    def __init__(self, takes: bool = True, address=("10.0.0.3", 7002)) -> None:
         self.takes = takes
+        self.address = address
         self.forwarded: list[tuple[bytes, int, bool]] = []
 
     def forward(self, data: bytes, hops: int, asking: bool) -> bool:
@@ -176,6 +177,27 @@ def test_a_publish_moved_to_a_node_not_linked_yet_waits_for_the_new_map():
     cluster.redirect(here, "MOVED 42 10.0.0.9:7009", b"two", 0)
     cluster._send_held()  # the new map has no such node: lost, and counted
     assert cluster.lost == 1
+
+
+def test_a_publish_moved_to_a_node_whose_link_is_not_up_yet_waits_for_it_a_while():
+    clock = Clock()
+    cluster = _cluster(clock)
+    here = _Forwarding()
+    new = cluster.links[("10.0.0.3", 7002)] = _Forwarding(takes=False)  # connecting
+    new.state = "connecting"
+    cluster.redirect(here, "MOVED 42 10.0.0.3:7002", b"one", 0)
+    cluster._send_held()  # the new map is in; the promoted replica's link is not up
+    assert cluster.lost == 0
+    new.takes, new.state = True, "connected"
+    cluster.link_changed(new)
+    # Tried at the redirect and with the new map (refused: not up), sent once up.
+    assert new.forwarded == [(b"one", 1, False)] * 3
+    assert (cluster.lost, cluster._held) == (0, [])
+    new.takes, new.state = False, "connecting"
+    cluster.redirect(here, "MOVED 42 10.0.0.3:7002", b"two", 0)
+    clock.advance(cluster.hold_limit)
+    cluster._tick()  # held too long: lost, and counted
+    assert (cluster.lost, cluster._held, cluster._held_bytes) == (1, [], 0)
 
 
 def test_a_publish_that_cannot_be_sent_again_is_counted_lost():
