@@ -34,6 +34,14 @@ other connection and may be read after the read's reply, has arrived by
 the second barrier.  The host holds the client's live messages meanwhile,
 and drops those at or below the top (:mod:`pubsub.websocket.commands`).
 
+Over a Redis Cluster, each channel's history lives on the shard that
+carries the channel (as the sharded channel ``prefix + "c:" + name``): the
+keys begin with a hash tag of that slot (:func:`slot_tags`), since a script
+touches one slot only, and the script SPUBLISHes the envelope there, and
+PUBLISHes it too while patterns are held.  The backplane routes each
+publish, read and barrier to that shard's link (``carry``, ``call`` and
+``barrier`` take the channel); ``history_names`` gives the names.
+
 The bounds are ``history_size`` messages and ``history_ttl`` seconds per
 channel, both kept by Redis, and Redis's own ``maxmemory``;
 ``history_max_bytes`` and ``history_max_channels`` bound a node's own history
@@ -51,6 +59,7 @@ from typing import Any, Literal
 from twisted.internet import defer
 
 from pubsub.backplane.redis import NODE_ID_SIZE, BackplaneDown, RedisBackplane, command
+from pubsub.backplane.redis_cluster import RedisClusterBackplane, slot_tags
 from pubsub.core.history import HistoryUnavailable, Kept, Position, Recovery, honoured
 
 __all__ = ["POSITION_TTL", "PUBLISH_SCRIPT", "READ_SCRIPT", "RedisHistory"]
@@ -60,7 +69,8 @@ POSITION_TTL = 24 * 3600
 
 #: KEYS: the stream, the position hash.  ARGV: the channel as published in
 #: Redis, the payload, history_size, history_ttl in ms, an epoch for a new
-#: stream, POSITION_TTL in ms, the envelope's head (node id and "@").
+#: stream, POSITION_TTL in ms, the envelope's head (node id and "@"), then
+#: the commands that publish the envelope (PUBLISH; SPUBLISH on a Cluster).
 PUBLISH_SCRIPT = b"""
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch then
@@ -76,7 +86,10 @@ redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], '*', 'o', offset, 'p', ARGV[2])
 redis.call('XTRIM', KEYS[1], 'MINID', ms - ttl)
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
-redis.call('PUBLISH', ARGV[1], ARGV[7] .. epoch .. ' ' .. offset .. ' ' .. ARGV[2])
+local envelope = ARGV[7] .. epoch .. ' ' .. offset .. ' ' .. ARGV[2]
+for i = 8, #ARGV do
+  redis.call(ARGV[i], ARGV[1], envelope)
+end
 return offset
 """
 
@@ -115,7 +128,11 @@ class RedisHistory:
     shared: Literal[True] = True
 
     def __init__(
-        self, bridge: RedisBackplane, channels: Sequence[bytes], size: int, ttl: float
+        self,
+        bridge: RedisBackplane | RedisClusterBackplane,
+        channels: Sequence[bytes],
+        size: int,
+        ttl: float,
     ) -> None:
         self.keeps = Kept(channels)
         self._bridge = bridge
@@ -131,37 +148,38 @@ class RedisHistory:
         bridge.preamble.extend(
             [(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT), (b"SCRIPT", b"LOAD", READ_SCRIPT)]
         )
-
-    def _keys(self, channel: bytes) -> tuple[bytes, bytes]:
-        prefix = self._bridge.prefix
-        return prefix + b"history:" + channel, prefix + b"history-position:" + channel
+        if isinstance(bridge, RedisClusterBackplane):
+            slot_tags()  # the keys' hash tags: made now, not at the first publish
 
     def publish(self, channel: bytes, payload: bytes) -> bool:
         self._epochs += 1
-        stream, position = self._keys(channel)
-        return self._bridge.carry(
+        bridge = self._bridge
+        stream, position, wire, commands = bridge.history_names(channel)
+        return bridge.carry(
+            channel,
             command(
                 b"EVALSHA",
                 _PUBLISH_SHA,
                 b"2",
                 stream,
                 position,
-                self._bridge.prefix + channel,
+                wire,
                 payload,
                 self._size,
                 self._ttl,
-                b"%s.%x" % (self._bridge.node_id[: NODE_ID_SIZE // 2], self._epochs),
+                b"%s.%x" % (bridge.node_id[: NODE_ID_SIZE // 2], self._epochs),
                 self._position_ttl,
                 self._head,
-            )
+                *commands,
+            ),
         )
 
     def _read(self, channel: bytes) -> defer.Deferred[Any]:
         """The channel's stream: a Deferred of (its top or None, its kept
         messages as (offset, payload), oldest first, first offset)."""
-        stream, position = self._keys(channel)
+        stream, position, _, _ = self._bridge.history_names(channel)
         return self._bridge.call(
-            b"EVALSHA", _READ_SHA, b"2", stream, position, self._ttl
+            channel, b"EVALSHA", _READ_SHA, b"2", stream, position, self._ttl
         ).addCallback(_stream)
 
     def since(self, channel: bytes, position: Position | None) -> defer.Deferred[Recovery]:
@@ -169,12 +187,12 @@ class RedisHistory:
         answers it, once Redis has this node's subscription to ``channel``.
         With ``position`` None, no messages: only where the channel is."""
         bridge = self._bridge
-        answer = bridge.barrier().addCallback(lambda _: self._read(channel))
+        answer = bridge.barrier(channel).addCallback(lambda _: self._read(channel))
         # The read's reply comes on the publisher connection, the messages
         # published before it on the subscriber connection, which the
         # reactor may read later: a second barrier there lets them all in
         # (to be held, and dropped as replayed) before the answer.
-        answer.addCallback(lambda read: bridge.barrier().addCallback(lambda _: read))
+        answer.addCallback(lambda read: bridge.barrier(channel).addCallback(lambda _: read))
         return answer.addCallbacks(
             self._judge, self._failed, callbackArgs=(position,), errbackArgs=(position,)
         )

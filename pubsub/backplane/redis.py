@@ -765,7 +765,7 @@ class RedisBackplane(Service):
         A message of a channel whose history Redis keeps comes in a
         positioned envelope, ``<node id>@<epoch> <offset> <payload>``, and is
         delivered whoever sent it: no node delivered it before it was in the
-        history (see :meth:`publish_kept`).  ``at`` delivers it with its
+        history (see :mod:`pubsub.backplane.history`).  ``at`` delivers it with its
         position (to a channel's subscribers; a pattern's get no position).
         """
         mark = data[NODE_ID_SIZE : NODE_ID_SIZE + 1]
@@ -827,17 +827,6 @@ class RedisBackplane(Service):
         )
         self._send_publish(publisher, data)
 
-    def carry(self, data: bytes) -> bool:
-        """Send ``data``, one whole command that publishes (the history's
-        script), under the same rules as a publish: False, with the refusal
-        set for :meth:`refusal`, when it was not sent."""
-        publisher = self._publisher
-        if publisher is None or self.state != "connected":
-            self.failed += 1
-            self._refused = self.state
-            return False
-        return self._send_publish(publisher, data)
-
     def _send_publish(self, publisher: _Connection, data: bytes) -> bool:
         if publisher.backlog is not None:
             # Redis is not keeping up: queue up to the limit, then refuse,
@@ -852,10 +841,39 @@ class RedisBackplane(Service):
         self._write(publisher, data)
         return True
 
-    def call(self, *args: bytes) -> defer.Deferred[Any]:
-        """Send one command on the publisher connection: a Deferred of its
-        reply, which fails with :class:`BackplaneDown` when the backplane is
-        not connected, the connection is lost first, or Redis answers an error."""
+    # -- what a history in Redis needs (pubsub.backplane.history) ---------------
+    #
+    # Each takes the channel: a Redis Cluster's backplane sends each to the
+    # shard that carries it; one Redis carries them all.
+
+    def history_names(self, channel: bytes) -> tuple[bytes, bytes, bytes, tuple[bytes, ...]]:
+        """Where ``channel``'s history lives and how its messages go out: the
+        keys of its stream and of its position, its name in Redis, and the
+        commands that publish a message there."""
+        prefix = self.prefix
+        return (
+            prefix + b"history:" + channel,
+            prefix + b"history-position:" + channel,
+            prefix + channel,
+            (b"PUBLISH",),
+        )
+
+    def carry(self, channel: bytes, data: bytes) -> bool:
+        """Send ``data``, one whole command that publishes on ``channel`` (the
+        history's script), under the same rules as a publish: False, with
+        the refusal set for :meth:`refusal`, when it was not sent."""
+        publisher = self._publisher
+        if publisher is None or self.state != "connected":
+            self.failed += 1
+            self._refused = self.state
+            return False
+        return self._send_publish(publisher, data)
+
+    def call(self, channel: bytes, *args: bytes) -> defer.Deferred[Any]:
+        """Send one command about ``channel`` on the publisher connection: a
+        Deferred of its reply, which fails with :class:`BackplaneDown` when
+        the backplane is not connected, the connection is lost first, or
+        Redis answers an error."""
         publisher = self._publisher
         if publisher is None or self.state != "connected":
             return defer.fail(BackplaneDown(f"{self.url} is {self.state}"))
@@ -864,10 +882,11 @@ class RedisBackplane(Service):
         publisher.calls.append((publisher.requests, waiting))
         return waiting
 
-    def barrier(self) -> defer.Deferred[Any]:
+    def barrier(self, channel: bytes) -> defer.Deferred[Any]:
         """A Deferred that fires once Redis has taken every (un)subscription
         sent so far: from then on, whatever is published to this node's
-        names reaches it.  Fails with :class:`BackplaneDown` as :meth:`call`."""
+        names (``channel`` among them) reaches it.  Fails with
+        :class:`BackplaneDown` as :meth:`call`."""
         subscriber = self._subscriber
         if subscriber is None or self.state != "connected":
             return defer.fail(BackplaneDown(f"{self.url} is {self.state}"))

@@ -83,6 +83,7 @@ from pubsub.backplane.redis import (
     _UNSUBSCRIBE,
     NODE_ID_SIZE,
     RESUBSCRIBE_BATCH,
+    BackplaneDown,
     RedisBackplane,
     RedisTarget,
     _Connection,
@@ -94,7 +95,13 @@ from pubsub.backplane.redis import (
 )
 from pubsub.core.engine import Engine, Kind
 
-__all__ = ["ClusterTarget", "RedisClusterBackplane", "keyslot", "parse_cluster_url"]
+__all__ = [
+    "ClusterTarget",
+    "RedisClusterBackplane",
+    "keyslot",
+    "parse_cluster_url",
+    "slot_tags",
+]
 
 _log = Logger()
 
@@ -145,6 +152,35 @@ def keyslot(name: bytes) -> int:
     for byte in name:
         crc = ((crc << 8) & 0xFFFF) ^ table[(crc >> 8) ^ byte]
     return crc & (SLOTS - 1)
+
+
+@functools.cache
+def slot_tags() -> list[bytes]:
+    """A short name in each hash slot: ``keyslot(slot_tags()[slot]) == slot``.
+
+    A key that begins with ``{tag}`` is in the tag's slot whatever follows,
+    since Redis hashes the first ``{...}`` only: so a key can be put in the
+    slot of any name, where ``{name}`` cannot when the name has braces of its
+    own.  Letters and digits, 1 to 3 of them, the shortest for each slot;
+    made once, the first time (a fifth of a second)."""
+    alphabet = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    tags: list[bytes | None] = [None] * SLOTS
+    missing = SLOTS
+    table = _CRC16
+    names = [(b"", 0)]  # (a name, its CRC16), one length at a time
+    while missing:
+        longer = []
+        for name, crc in names:
+            for byte in alphabet:
+                more = ((crc << 8) & 0xFFFF) ^ table[(crc >> 8) ^ byte]
+                tag = name + bytes((byte,))
+                longer.append((tag, more))
+                slot = more & (SLOTS - 1)
+                if tags[slot] is None:
+                    tags[slot] = tag
+                    missing -= 1
+        names = longer
+    return cast(list[bytes], tags)
 
 
 @dataclass(frozen=True)
@@ -291,6 +327,7 @@ class _ShardLink(RedisBackplane):
             interest={kind: set() for kind in _KINDS},
         )
         self.cluster = cluster
+        self.preamble = cluster.preamble  # the same for every shard
         self.address = (host, port)
         self.redirected = 0  # publishes sent again where Redis redirected them
         self.dropped = 0  # our subscriptions Redis dropped (its slot moved away)
@@ -338,7 +375,9 @@ class _ShardLink(RedisBackplane):
 
     def _smessage(self, channel: bytes, data: bytes) -> None:
         if channel.startswith(self._channels):
-            self._deliver(self.engine.deliver_message, data, channel[len(self._channels) :])
+            engine = self.engine
+            name = channel[len(self._channels) :]
+            self._deliver(engine.deliver_message, data, name, at=engine.deliver_message_at)
         elif channel.startswith(self._shards):
             self._deliver(self.engine.deliver_smessage, data, channel[len(self._shards) :])
         elif channel == self._census and data[:NODE_ID_SIZE] != self.node_id:
@@ -488,6 +527,9 @@ class RedisClusterBackplane(MultiService):
         #: waits for it, before it counts as lost.
         self.hold_limit = max(timeout, 1.0) * 2
         self._endpoint_for = endpoint_for
+        #: Commands each link's publisher connection sends first (the
+        #: history's SCRIPT LOADs), as RedisBackplane.preamble.
+        self.preamble: list[tuple[bytes, ...]] = []
         self.interest: dict[str, set[bytes]] = {
             Kind.CHANNEL: set(engine.channels()),
             Kind.PATTERN: set(engine.patterns()),
@@ -836,6 +878,47 @@ class RedisClusterBackplane(MultiService):
                 f"delivered to {receivers} local {noun} only"
             )
         return link.refusal(receivers)
+
+    # -- what a history in Redis needs (pubsub.backplane.history) ---------------
+
+    def history_names(self, channel: bytes) -> tuple[bytes, bytes, bytes, tuple[bytes, ...]]:
+        """As :meth:`RedisBackplane.history_names`, on the shard that carries
+        ``channel``.  The history's script writes the keys and SPUBLISHes
+        the message in one step, so the keys must be in the slot of the
+        channel's sharded name: they begin with a hash tag of that slot
+        (:func:`slot_tags`).  While any node, this one included, holds
+        patterns, the script PUBLISHes the message cluster-wide too."""
+        wire = self.prefix + _CARRIED[Kind.CHANNEL] + channel
+        head = b"{%s}%s" % (slot_tags()[keyslot(wire)], self.prefix)
+        patterns = self.broadcast or bool(self.interest[Kind.PATTERN])
+        return (
+            head + b"history:" + channel,
+            head + b"history-position:" + channel,
+            wire,
+            (b"SPUBLISH", b"PUBLISH") if patterns else (b"SPUBLISH",),
+        )
+
+    def carry(self, channel: bytes, data: bytes) -> bool:
+        """:meth:`RedisBackplane.carry` on the shard that carries ``channel``."""
+        link = self._owner(Kind.CHANNEL, channel)
+        self._refused_by = link
+        if link is None:
+            self._unmapped += 1
+            return False
+        return link.carry(channel, data)
+
+    def call(self, channel: bytes, *args: bytes) -> defer.Deferred[Any]:
+        """:meth:`RedisBackplane.call` on the shard that carries ``channel``."""
+        link = self._owner(Kind.CHANNEL, channel)
+        return self._unmapped_failure() if link is None else link.call(channel, *args)
+
+    def barrier(self, channel: bytes) -> defer.Deferred[Any]:
+        """:meth:`RedisBackplane.barrier` on the shard that carries ``channel``."""
+        link = self._owner(Kind.CHANNEL, channel)
+        return self._unmapped_failure() if link is None else link.barrier(channel)
+
+    def _unmapped_failure(self) -> defer.Deferred[Any]:
+        return defer.fail(BackplaneDown(f"{self.url} has no slot map yet"))
 
     # -- figures -----------------------------------------------------------------
 

@@ -235,15 +235,6 @@ def _backplane(
     # The TLS files are read once, here, so a bad one stops the start-up.
     tls = backplane_tls(settings)
     kind = RedisClusterBackplane if is_cluster_url(settings.backplane) else RedisBackplane
-    globs = settings.history_globs()
-    if globs and kind is RedisClusterBackplane:
-        # A channel's stream would live on one shard while its messages are
-        # published on all: the one-step write and publish of a single Redis
-        # does not carry over; refused rather than half done.
-        raise ConfigError(
-            "setting history_channels cannot be used with a Redis Cluster backplane yet: "
-            "use a single Redis (redis:// or rediss://)"
-        )
     try:
         backplane = kind(
             engine,
@@ -259,8 +250,8 @@ def _backplane(
         )
     except ValueError as error:
         raise ConfigError(f"setting backplane: {error}") from None
+    globs = settings.history_globs()
     if globs:
-        assert isinstance(backplane, RedisBackplane)
         engine.history = RedisHistory(backplane, globs, settings.history_size, settings.history_ttl)
     return backplane
 

@@ -10,12 +10,9 @@ is told, never left with a silent gap.
 
 from __future__ import annotations
 
-import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 
-from pubsub.backplane.history import RedisHistory
-from pubsub.backplane.redis import RedisBackplane
 from tests.integration.test_backplane import PREFIX, redis_answer, wait_for
 from tests.integration.test_metrics import figure, scrape
 from tests.integration.test_recovery import CHANNEL, Reader, SteadyPublisher
@@ -24,43 +21,16 @@ from tests.support.respclient import connect as redis_connect
 COUNT = 300
 
 
-@pytest.fixture
-def make_node(make_server):
-    """make_node(redis port, **settings): a server whose engine has a backplane
-    on that Redis and its history there; fires once the backplane is connected."""
-    backplanes: list[RedisBackplane] = []
-
-    @defer.inlineCallbacks
-    def start(redis_port: int, **settings):
-        url = f"redis://127.0.0.1:{redis_port}/"
-        settings = {"history_channels": "chat.*", **settings}
-        server = yield make_server(resp=True, backplane=url, **settings)
-        backplane = RedisBackplane(
-            server.engine, url, clock=reactor, max_delay=0.5, ping_interval=0.5, timeout=3
-        )
-        server.engine.history = RedisHistory(
-            backplane,
-            server.settings.history_globs(),
-            server.settings.history_size,
-            server.settings.history_ttl,
-        )
-        server.resource.health.backplane = backplane
-        backplane.startService()
-        backplanes.append(backplane)
-        yield wait_for(lambda: defer.succeed(backplane.state), "connected", "the backplane")
-        return server
-
-    yield start
-    for backplane in backplanes:
-        pytest_twisted.blockon(backplane.stopService())
+def url(redis) -> str:
+    return f"redis://127.0.0.1:{redis.port}/"
 
 
 @pytest_twisted.inlineCallbacks
 def test_a_subscriber_cut_off_comes_back_on_the_other_node_with_every_message_once_in_order(
     redis, make_node, connect
 ):
-    a = yield make_node(redis.port, history_size=COUNT)
-    b = yield make_node(redis.port, history_size=COUNT)
+    a = yield make_node(url(redis), history_size=COUNT)
+    b = yield make_node(url(redis), history_size=COUNT)
     reader = Reader(connect, a.port)
     yield reader.join()
     publisher = SteadyPublisher((yield connect(b.port)), COUNT)
@@ -86,8 +56,8 @@ def test_a_subscriber_cut_off_comes_back_on_the_other_node_with_every_message_on
 def test_every_node_delivers_a_channels_messages_in_the_order_of_its_history(
     redis, make_node, connect
 ):
-    a = yield make_node(redis.port)
-    b = yield make_node(redis.port)
+    a = yield make_node(url(redis))
+    b = yield make_node(url(redis))
     readers = yield defer.gatherResults([connect(node.port) for node in (a, b)])
     for reader in readers:
         assert (yield reader.call("RESUME", CHANNEL))[-1][0] == "position"
@@ -115,8 +85,8 @@ def test_every_node_delivers_a_channels_messages_in_the_order_of_its_history(
 
 @pytest_twisted.inlineCallbacks
 def test_a_history_lost_or_trimmed_in_redis_is_reported_not_silent(redis, make_node, connect):
-    a = yield make_node(redis.port, history_size=5)
-    b = yield make_node(redis.port, history_size=5)
+    a = yield make_node(url(redis), history_size=5)
+    b = yield make_node(url(redis), history_size=5)
     publisher = yield connect(a.port)
     for n in range(20):
         publisher.send("PUBLISH", CHANNEL, str(n))
@@ -151,7 +121,7 @@ def test_a_history_lost_or_trimmed_in_redis_is_reported_not_silent(redis, make_n
 def test_redis_down_publishes_answer_the_backplane_error_and_recovery_fails(
     redis, make_node, connect
 ):
-    a = yield make_node(redis.port)
+    a = yield make_node(url(redis))
     reader = yield connect(a.port)
     yield reader.call("RESUME", CHANNEL)
     publisher = yield connect(a.port)

@@ -909,6 +909,7 @@ def test_a_kept_channels_publish_runs_the_script_and_reaches_subscribers_back_fr
             NODE[:8] + b".1",  # an epoch, should the stream begin now
             b"86400000",
             NODE + b"@",
+            b"PUBLISH",  # the commands that publish it
         )
     )
     assert alice.frames == [] and pattern.frames == []  # not before Redis has it
@@ -945,7 +946,7 @@ def test_calls_and_barriers_fire_with_their_own_replies_and_fail_when_the_link_g
     node.connect_both()
     bridge = node.bridge
     Client(node.engine).run("PUBLISH", "news", "x")  # a reply the call must not take
-    answer, barrier = bridge.call(b"GET", b"key"), bridge.barrier()
+    answer, barrier = bridge.call(b"k", b"GET", b"k"), bridge.barrier(b"k")
     got: list = []
     answer.addCallback(got.append)
     barrier.addCallback(got.append)
@@ -954,14 +955,14 @@ def test_calls_and_barriers_fire_with_their_own_replies_and_fail_when_the_link_g
     node.publisher.dataReceived(b"$5\r\nvalue\r\n")
     node.subscriber.dataReceived(b"+PONG\r\n")
     assert got == [b"value", b"PONG"]
-    refused = bridge.call(b"GET", b"key")
+    refused = bridge.call(b"k", b"GET", b"k")
     node.publisher.dataReceived(b"-ERR wrong\r\n")
     assert "answered: ERR wrong" in str(_failure_of(refused, BackplaneDown))
-    lost = bridge.call(b"GET", b"key")
+    lost = bridge.call(b"k", b"GET", b"k")
     node.publisher.connectionLost(Failure(ConnectionAborted()))
     assert "lost the connection" in str(_failure_of(lost, BackplaneDown))
-    assert "is down" in str(_failure_of(bridge.call(b"GET", b"key"), BackplaneDown))
-    assert "is down" in str(_failure_of(bridge.barrier(), BackplaneDown))
+    assert "is down" in str(_failure_of(bridge.call(b"k", b"GET", b"k"), BackplaneDown))
+    assert "is down" in str(_failure_of(bridge.barrier(b"k"), BackplaneDown))
 
 
 def _failure_of(deferred: defer.Deferred, kind: type) -> BaseException:

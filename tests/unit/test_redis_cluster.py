@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
+from pubsub.backplane.redis import BackplaneDown
 from pubsub.backplane.redis_cluster import (
     ClusterTarget,
     RedisClusterBackplane,
@@ -15,8 +16,9 @@ from pubsub.backplane.redis_cluster import (
     keyslot,
     parse_cluster_url,
     parse_slots,
+    slot_tags,
 )
-from pubsub.core.engine import Engine
+from pubsub.core.engine import Engine, Kind
 
 
 def _crc16_bitwise(data: bytes) -> int:
@@ -211,3 +213,84 @@ def test_a_publish_that_cannot_be_sent_again_is_counted_lost():
     cluster.buffer_limit = 1
     cluster.redirect(here, "MOVED 42 10.0.0.5:7005", b"too big to hold", 0)
     assert cluster.lost == 4
+
+
+# -- the history's keys and commands (pubsub.backplane.history) ----------------------------
+
+
+def test_every_slot_has_a_short_tag_of_its_own():
+    tags = slot_tags()
+    assert len(tags) == 16384
+    assert all(keyslot(tag) == slot for slot, tag in enumerate(tags))
+    assert all(tag.isalnum() and 1 <= len(tag) <= 3 for tag in tags)
+
+
+@given(st.binary(max_size=40))
+def test_a_kept_channels_keys_are_in_the_slot_of_its_sharded_name(channel):
+    cluster = _cluster(Clock())
+    stream, position, wire, _ = cluster.history_names(channel)
+    assert wire == b"pubsub:c:" + channel
+    assert keyslot(stream) == keyslot(position) == keyslot(wire)
+    assert stream.endswith(b"pubsub:history:" + channel)
+    assert position.endswith(b"pubsub:history-position:" + channel)
+
+
+def test_a_kept_channels_messages_go_cluster_wide_too_while_any_node_holds_patterns():
+    clock = Clock()
+    cluster = _cluster(clock)
+    assert cluster.history_names(b"chat")[3] == (b"SPUBLISH", b"PUBLISH")  # not settled
+    cluster._count_holders()
+    clock.advance(cluster.census_ttl)
+    cluster._count_holders()
+    assert cluster.history_names(b"chat")[3] == (b"SPUBLISH",)
+    cluster.interest[Kind.PATTERN].add(b"ch*")  # this node's own: delivered back from Redis
+    assert cluster.history_names(b"chat")[3] == (b"SPUBLISH", b"PUBLISH")
+    cluster.interest[Kind.PATTERN].clear()
+    cluster.census_heard(b"a" * 16, b"on")
+    assert cluster.history_names(b"chat")[3] == (b"SPUBLISH", b"PUBLISH")
+
+
+class _Carrier:
+    """A shard link that records what the history sends through it."""
+
+    url = "redis://127.0.0.1:2/"
+
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+
+    def carry(self, channel, data):
+        self.sent.append(("carry", channel, data))
+        return True
+
+    def call(self, channel, *args):
+        self.sent.append(("call", channel, *args))
+        return "called"
+
+    def barrier(self, channel):
+        self.sent.append(("barrier", channel))
+        return "barrier"
+
+    def refusal(self, receivers):
+        return None
+
+
+def test_the_history_goes_to_the_shard_that_carries_the_channel_or_is_refused():
+    cluster = _cluster(Clock())
+    assert not cluster.carry(b"chat", b"script")
+    assert cluster.refusal(2).startswith("BACKPLANE redis+cluster://127.0.0.1:1/ has no slot map")
+    for asked in (cluster.call(b"chat", b"GET", b"k"), cluster.barrier(b"chat")):
+        failures: list = []
+        asked.addErrback(failures.append)
+        assert failures[0].check(BackplaneDown)
+        assert str(failures[0].value) == "redis+cluster://127.0.0.1:1/ has no slot map yet"
+    link = _Carrier()
+    cluster._slots = [link] * 16384
+    assert cluster.carry(b"chat", b"script")
+    assert cluster.refusal(0) is None
+    assert cluster.call(b"chat", b"GET", b"k") == "called"
+    assert cluster.barrier(b"chat") == "barrier"
+    assert link.sent == [
+        ("carry", b"chat", b"script"),
+        ("call", b"chat", b"GET", b"k"),
+        ("barrier", b"chat"),
+    ]

@@ -18,7 +18,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
 from pubsub.backplane.history import PUBLISH_SCRIPT, RedisHistory
-from pubsub.operations.config import ConfigError, Settings
+from pubsub.operations.config import Settings
 from pubsub.operations.service import (
     FULL_COLLECTION_EVERY,
     Options,
@@ -135,20 +135,13 @@ def test_both_ports_listen_with_the_listen_backlog():
         yield service.stopService()
 
 
-def test_with_a_backplane_the_history_is_the_backplanes_in_redis():
-    settings = Settings(
-        port="tcp:0", backplane="redis://127.0.0.1:6379/", history_channels="chat.*"
-    )
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:6379/", "redis+cluster://127.0.0.1:7000,127.0.0.1:7001/"]
+)
+def test_with_a_backplane_the_history_is_the_backplanes_in_redis(url):
+    settings = Settings(port="tcp:0", backplane=url, history_channels="chat.*")
     service = make_service(settings, reactor=Clock())
     history = service.engine.history
     assert isinstance(history, RedisHistory)
     assert history.keeps(b"chat.1") and not history.keeps(b"news")
     assert (b"SCRIPT", b"LOAD", PUBLISH_SCRIPT) in service.backplane.preamble
-
-
-def test_a_history_with_a_redis_cluster_backplane_is_refused_with_a_clear_message():
-    settings = Settings(
-        port="tcp:0", backplane="redis+cluster://127.0.0.1:7000/", history_channels="chat.*"
-    )
-    with pytest.raises(ConfigError, match="cannot be used with a Redis Cluster backplane yet"):
-        make_service(settings, reactor=Clock())
