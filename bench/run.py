@@ -12,7 +12,9 @@ The backplane scenarios (``--only backplane``) run the two fanout shapes on
 other kinds instead: one pubsub node alone, two nodes joined by one
 redis-server, and two nodes joined by a Redis Cluster (class
 :class:`Backplane`), the publisher on node A and the subscribers on node B;
-they get a table of their own (each kind, and the ratios) and no target.
+and the two backplanes again with the fanout channel's history in Redis
+(``--history-channels fanout``, subscribers that RESUME).  They get two
+tables of their own (each kind, and the ratios) and no target.
 
 The history scenario (``fanout_history``) runs the ``fanout_rate50`` load on
 two kinds: ``pubsub`` (no history, SUBSCRIBE) and ``pubsub_history``
@@ -63,8 +65,11 @@ PAYLOAD = 64
 
 # The backplane scenarios run on these kinds, whatever --servers says: one
 # node alone, two nodes over one Redis, and two nodes over a Redis Cluster of
-# three primaries with a replica each (class Backplane).
-BACKPLANE_KINDS = ["pubsub", "backplane", "backplane_cluster"]
+# three primaries with a replica each (class Backplane); then both backplanes
+# with the fanout channel's history in their Redis, subscribers that RESUME.
+BACKPLANE_KINDS = [
+    "pubsub", "backplane", "backplane_cluster", "backplane_history", "backplane_cluster_history",
+]  # fmt: skip
 BACKPLANE = ("backplane_pipelined", "backplane_rate50")
 
 # The history scenario runs fanout_rate50's load on these kinds: history off
@@ -332,8 +337,12 @@ class Backplane:
         self.kind = kind
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs = []
+        history = kind.endswith("_history")
+        cluster = kind.removesuffix("_history") == "backplane_cluster"
+        # Extra settings for the load generator's config (run_loadgen).
+        self.loadgen_options: dict = {"resume": True} if history else {}
         try:
-            if kind == "backplane_cluster":
+            if cluster:
                 url = self._start_cluster(args, outdir, workdir)
             else:
                 redis_port = free_port()
@@ -360,11 +369,12 @@ class Backplane:
                         "--port", f"tcp:{ports[node]}:interface=127.0.0.1",
                         "--max-connections", "20000",
                         "--backplane", url,
+                        *(["--history-channels", HISTORY_CHANNELS] if history else []),
                     ],
                     ports[node], logs[node], workdir,
                 )  # fmt: skip
-                self._wait_for_backplane(node, logs[node], start)
-            if kind == "backplane_cluster":
+                self._wait_for_backplane(node, logs[node], start, cluster)
+            if cluster:
                 for node in ("node_a", "node_b"):
                     self._wait_for_no_broadcast(ports[node])
         except BaseException:
@@ -435,10 +445,10 @@ class Backplane:
             time.sleep(0.1)
         raise RuntimeError(f"the node on {port} still broadcasts after 30 s")
 
-    def _wait_for_backplane(self, node: str, log: Path, start: int) -> None:
+    def _wait_for_backplane(self, node: str, log: Path, start: int, cluster: bool) -> None:
         # One Redis: "connected to redis://..."; a cluster says it for the whole
         # once every shard is up: "connected to redis+cluster://... (3 shards)".
-        ready = b"shards)" if self.kind == "backplane_cluster" else b"backplane: connected to"
+        ready = b"shards)" if cluster else b"backplane: connected to"
         limit = time.monotonic() + 30
         while time.monotonic() < limit:
             with log.open("rb") as stream:
@@ -503,6 +513,8 @@ def backplane_figures(result: dict, kind: str) -> None:
         if cluster and result.get(prefix) is not None:
             result[prefix] += sum(cluster)
     cpu = {name: result.get(f"cpu_ns_{name}") for name in ("node_a", "redis", "node_b")}
+    if deliveries:
+        result["positioned_pct"] = 100 * (result.get("positioned") or 0) / deliveries
     if not (published and deliveries and window) or cpu["node_b"] is None:
         return
     if cpu["node_a"] is not None:
@@ -647,7 +659,8 @@ _BACKPLANE_FIGURES = [
     "deliveries_per_s", "latency_p50_us", "latency_p99_us", "lost",
     "node_a_us_per_publish", "redis_us_per_message", "node_b_us_per_delivery",
     "total_us_per_delivery", "node_a_cpu_pct", "redis_cpu_pct", "node_b_cpu_pct",
-    "node_a_idle_pct", "redis_idle_pct", "node_b_idle_pct", "loadgen_cores", "loadgen_max_process_pct",
+    "node_a_idle_pct", "redis_idle_pct", "node_b_idle_pct", "positioned_pct",
+    "loadgen_cores", "loadgen_max_process_pct",
 ]  # fmt: skip
 
 PER_SCENARIO = {
@@ -799,52 +812,75 @@ def table(med: dict, servers: list[str]) -> str:
     return "\n".join(lines)
 
 
-def backplane_table(med: dict, results: dict) -> str:
-    """One node alone, two nodes over one Redis and over a Redis Cluster, and the ratios."""
-    one, two, cluster = BACKPLANE_KINDS
+def comparison_table(
+    med: dict,
+    results: dict,
+    names: tuple[str, ...],
+    kinds: dict[str, str],
+    ratios: dict[str, tuple[str, str]],
+) -> str:
+    """Each figure of scenarios ``names`` on ``kinds`` ({kind: column}) and
+    ``ratios`` ({column: (kind, kind divided by)}), then the messages lost."""
     lines = [
-        (
-            "| scenario | figure | one node | two nodes over Redis | two nodes over a Redis Cluster "
-            "| Redis / one node | Cluster / Redis |"
-        ),
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| scenario | figure | " + " | ".join([*kinds.values(), *ratios]) + " |",
+        "|---|---|" + "---:|" * (len(kinds) + len(ratios)),
     ]
-    for name in BACKPLANE:
+    for name in names:
         if name not in med:
             continue
         for key in PER_SCENARIO[name]:
-            a, b, c = (med[name].get(k, {}).get(key) for k in (one, two, cluster))
-            ratios = key != "lost" and not key.endswith("_idle_pct")
-            qs = [ratio(b, a) if ratios else None, ratio(c, b) if ratios else None]
-            cells = " | ".join(f"{q:.2f}" if q is not None else "" for q in qs)
-            lines.append(
-                f"| {name} | {label(key)} | {fmt(key, a)} | {fmt(key, b)} | {fmt(key, c)} | {cells} |"
-            )
-        lost = sum(med[name][k]["lost_total"] for k in med[name])
-        runs = sum(len(rs) for rs in results[name].values())
-        lines.append(f"| {name} | lost messages, all {runs} runs | {lost:,} | | | | |")
+            values = {kind: med[name].get(kind, {}).get(key) for kind in kinds}
+            shares = key not in ("lost", "positioned_pct") and not key.endswith("_idle_pct")
+            qs = [ratio(values[a], values[b]) if shares else None for a, b in ratios.values()]
+            cells = [fmt(key, v) for v in values.values()]
+            cells += [f"{q:.2f}" if q is not None else "" for q in qs]
+            lines.append(f"| {name} | {label(key)} | " + " | ".join(cells) + " |")
+        lost = sum(med[name][k]["lost_total"] for k in kinds if k in med[name])
+        runs = sum(len(results[name].get(k, [])) for k in kinds)
+        blank = " |" * (len(kinds) + len(ratios) - 1)
+        lines.append(f"| {name} | lost messages, all {runs} runs | {lost:,} |{blank}")
     return "\n".join(lines)
+
+
+def backplane_table(med: dict, results: dict) -> str:
+    """One node alone, two nodes over one Redis and over a Redis Cluster, and the ratios."""
+    one, two, cluster, _, _ = BACKPLANE_KINDS
+    return comparison_table(
+        med,
+        results,
+        BACKPLANE,
+        {one: "one node", two: "two nodes over Redis", cluster: "two nodes over a Redis Cluster"},
+        {"Redis / one node": (two, one), "Cluster / Redis": (cluster, two)},
+    )
+
+
+def backplane_history_table(med: dict, results: dict) -> str:
+    """Both backplanes without and with the channel's history in Redis, and the ratios."""
+    _, two, cluster, two_history, cluster_history = BACKPLANE_KINDS
+    return comparison_table(
+        med,
+        results,
+        BACKPLANE,
+        {
+            two: "over Redis",
+            two_history: "over Redis, history",
+            cluster: "over a Cluster",
+            cluster_history: "over a Cluster, history",
+        },
+        {"Redis: on/off": (two_history, two), "Cluster: on/off": (cluster_history, cluster)},
+    )
 
 
 def history_table(med: dict, results: dict) -> str:
     """fanout_rate50's load with history off and on, and the ratio on/off."""
     off, on = HISTORY_KINDS
-    lines = [
-        "| scenario | figure | history off (SUBSCRIBE) | history on (RESUME) | on/off |",
-        "|---|---|---:|---:|---:|",
-    ]
-    for name in HISTORY:
-        if name not in med:
-            continue
-        for key in PER_SCENARIO[name]:
-            a, b = (med[name].get(k, {}).get(key) for k in (off, on))
-            q = ratio(b, a) if key not in ("lost", "positioned_pct") else None
-            cell = f"{q:.2f}" if q is not None else ""
-            lines.append(f"| {name} | {label(key)} | {fmt(key, a)} | {fmt(key, b)} | {cell} |")
-        lost = sum(med[name][k]["lost_total"] for k in med[name])
-        runs = sum(len(rs) for rs in results[name].values())
-        lines.append(f"| {name} | lost messages, all {runs} runs | {lost:,} | | |")
-    return "\n".join(lines)
+    return comparison_table(
+        med,
+        results,
+        HISTORY,
+        {off: "history off (SUBSCRIBE)", on: "history on (RESUME)"},
+        {"on/off": (on, off)},
+    )
 
 
 def history_memory_lines(memory: dict) -> list[str]:
@@ -1227,6 +1263,14 @@ def main() -> int:
             ),
             "",
             backplane_table(med, results),
+            "",
+            (
+                "Backplane with history (the same medians; both backplanes again with "
+                f"--history-channels {HISTORY_CHANNELS} and subscribers that RESUME: each "
+                "publish is the history's script in Redis, each delivery positioned):"
+            ),
+            "",
+            backplane_history_table(med, results),
         ]
     if any(s["name"] in HISTORY for s in specs):
         report += [
