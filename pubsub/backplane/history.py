@@ -42,6 +42,14 @@ PUBLISHes it too while patterns are held.  The backplane routes each
 publish, read and barrier to that shard's link (``carry``, ``call`` and
 ``barrier`` take the channel); ``history_names`` gives the names.
 
+A node that misses some of a kept channel's messages while its clients stay
+(its link to Redis was lost a moment, a failover dropped its subscription)
+sees it from the next message's offset: it holds that channel's messages,
+reads the ones missed from the history (waiting up to ``hold_limit``
+seconds for the backplane to be up), and delivers them first, in order.
+Those the history no longer has are counted and logged (``missed_lost``);
+the rest in ``missed_filled``.
+
 The bounds are ``history_size`` messages and ``history_ttl`` seconds per
 channel, both kept by Redis, and Redis's own ``maxmemory``;
 ``history_max_bytes`` and ``history_max_channels`` bound a node's own history
@@ -56,13 +64,17 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from twisted.internet import defer
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from pubsub.backplane.redis import NODE_ID_SIZE, BackplaneDown, RedisBackplane, command
 from pubsub.backplane.redis_cluster import RedisClusterBackplane, slot_tags
 from pubsub.core.history import HistoryUnavailable, Kept, Position, Recovery, honoured
 
 __all__ = ["POSITION_TTL", "PUBLISH_SCRIPT", "READ_SCRIPT", "RedisHistory"]
+
+_log = Logger()
 
 #: Seconds a channel's epoch and offset outlive its last publish in Redis.
 POSITION_TTL = 24 * 3600
@@ -122,8 +134,15 @@ class RedisHistory:
 
     ``size`` and ``ttl`` are ``history_size`` and ``history_ttl``.
     ``recoveries`` and ``failed_recoveries`` count the answers of
-    :meth:`since`, a read that failed counted as a failed recovery.
+    :meth:`since`, a read that failed counted as a failed recovery;
+    ``missed_filled`` and ``missed_lost`` the messages this node missed
+    from Redis, filled from the history or not (see the module's text).
     """
+
+    #: Seconds a gap's fill waits for the backplane to be up, at most.
+    hold_limit = 5.0
+    #: Bytes of a channel's messages held while its gap is filled, at most.
+    hold_bytes = 8 * 1024 * 1024
 
     shared: Literal[True] = True
 
@@ -145,6 +164,15 @@ class RedisHistory:
         self._epochs = 0
         self.recoveries = 0
         self.failed_recoveries = 0
+        self.missed_filled = 0
+        self.missed_lost = 0
+        #: The position of the last message delivered here, per kept channel
+        #: this node carries: the next one must be one further on.
+        self._delivered: dict[bytes, Position] = {}
+        #: Channels whose gap is being filled (see _fill).
+        self._filling: dict[bytes, _Fill] = {}
+        self._deliver_at = bridge.engine.deliver_message_at
+        bridge.positioned = self._arrived
         bridge.preamble.extend(
             [(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT), (b"SCRIPT", b"LOAD", READ_SCRIPT)]
         )
@@ -174,6 +202,97 @@ class RedisHistory:
             ),
         )
 
+    # -- messages back from Redis, and the gaps between them --------------------
+
+    def _arrived(self, channel: bytes, payload: bytes, position: Position) -> int:
+        """A kept channel's message, back from Redis: delivered here, after
+        those it shows this node missed."""
+        filling = self._filling.get(channel)
+        if filling is not None:
+            filling.hold(payload, position)
+            return 0
+        last = self._delivered.get(channel)
+        if last is not None and last.epoch == position.epoch and position.offset > last.offset + 1:
+            self._fill(channel, last, payload, position)
+            return 0
+        return self._deliver(channel, payload, position)
+
+    def _deliver(self, channel: bytes, payload: bytes, position: Position) -> int:
+        receivers = self._deliver_at(channel, payload, position)
+        if receivers:
+            self._delivered[channel] = position
+        else:
+            self._delivered.pop(channel, None)  # no one here: no gap to see
+        return receivers
+
+    def forget(self, channel: bytes) -> None:
+        self._delivered.pop(channel, None)
+
+    def _fill(self, channel: bytes, last: Position, payload: bytes, position: Position) -> None:
+        """Hold ``channel``'s messages, from this one on; read the history
+        (again while the backplane is not up, for at most ``hold_limit`` and
+        ``hold_bytes`` held); deliver the missed ones it has, then what was
+        held."""
+        filling = self._filling[channel] = _Fill()
+        filling.hold(payload, position)
+        clock = self._bridge.clock
+        until = clock.seconds() + self.hold_limit
+
+        def again(failure: Failure) -> Any:
+            failure.trap(BackplaneDown)
+            full = filling.bytes > self.hold_bytes
+            if full or clock.seconds() + _RETRY > until:
+                return None
+            return task.deferLater(clock, _RETRY, self._read, channel).addErrback(again)
+
+        read = self._read(channel).addErrback(again)
+        read.addCallback(self._filled, channel, last)
+        read.addErrback(
+            lambda failure: _log.failure(
+                "history: fault filling a gap of {channel!r}", failure, channel=channel
+            )
+        )
+
+    def _filled(self, read: Any, channel: bytes, last: Position) -> None:
+        filling = self._filling.pop(channel)
+        first_held = filling.messages[0][1].offset
+        missed = range(last.offset + 1, first_held)
+        found: list[tuple[int, bytes]] = []
+        if read is not None and read[0] is not None and read[0].epoch == last.epoch:
+            found = [m for m in read[1] if m[0] in missed]
+        # Trimming takes the oldest: what was found of the missed ones is
+        # their end, and the lost ones, if any, their beginning.
+        filled = len(found)
+        self.missed_filled += filled
+        if filled < len(missed):
+            self.missed_lost += len(missed) - filled
+            _log.warn(
+                "history: this node missed {count} messages of {channel!r} (offsets "
+                "{first} to {last} of epoch {epoch}) that the history no longer has, or "
+                "could not be read: not delivered here (pubsub_history_missed_total)",
+                count=len(missed) - filled,
+                channel=channel,
+                first=missed.start,
+                last=missed.stop - 1 - filled,
+                epoch=last.epoch,
+            )
+        # The missed ones the read found, in order; those it did not are
+        # counted: go on past them; then what was held.  (The read may have
+        # more, after them: those come live, as the held ones did.)
+        for offset, payload in found:
+            self._deliver(channel, payload, Position(last.epoch, offset))
+        now = self._delivered.get(channel)  # None: no one here any more
+        if now is not None and now.epoch == last.epoch and now.offset < missed.stop - 1:
+            self._delivered[channel] = Position(last.epoch, missed.stop - 1)
+        for payload, position in filling.messages:
+            self._arrived(channel, payload, position)
+        filling.settled(self._filling.get(channel))
+
+    def _settled(self, channel: bytes) -> defer.Deferred[None]:
+        """Fires once no gap of ``channel`` is being filled."""
+        filling = self._filling.get(channel)
+        return defer.succeed(None) if filling is None else filling.wait()
+
     def _read(self, channel: bytes) -> defer.Deferred[Any]:
         """The channel's stream: a Deferred of (its top or None, its kept
         messages as (offset, payload), oldest first, first offset)."""
@@ -193,6 +312,9 @@ class RedisHistory:
         # reactor may read later: a second barrier there lets them all in
         # (to be held, and dropped as replayed) before the answer.
         answer.addCallback(lambda read: bridge.barrier(channel).addCallback(lambda _: read))
+        # A gap being filled delivers messages at or below the top read:
+        # they must come while the client's messages are held, not after.
+        answer.addCallback(lambda read: self._settled(channel).addCallback(lambda _: read))
         return answer.addCallbacks(
             self._judge, self._failed, callbackArgs=(position,), errbackArgs=(position,)
         )
@@ -227,6 +349,37 @@ class RedisHistory:
             return Recovery(messages[max(0, len(messages) - limit) :] if limit else [], top, True)
 
         return self._read(channel).addCallbacks(last, self._failed, errbackArgs=(None,))
+
+
+#: Seconds between reads of a gap's fill while the backplane is not up.
+_RETRY = 0.1
+
+
+class _Fill:
+    """A channel's messages held while a gap before them is filled, and the
+    Deferreds waiting for the fill (:meth:`RedisHistory._settled`)."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[bytes, Position]] = []
+        self.bytes = 0
+        self._waiting: list[defer.Deferred[None]] = []
+
+    def hold(self, payload: bytes, position: Position) -> None:
+        self.messages.append((payload, position))
+        self.bytes += len(payload)
+
+    def wait(self) -> defer.Deferred[None]:
+        waiting: defer.Deferred[None] = defer.Deferred()
+        self._waiting.append(waiting)
+        return waiting
+
+    def settled(self, then: _Fill | None) -> None:
+        """Done: the waiting go on, or wait for ``then``, a fill begun since."""
+        for waiting in self._waiting:
+            if then is None:
+                waiting.callback(None)
+            else:
+                then.wait().chainDeferred(waiting)
 
 
 def _stream(reply: Any) -> tuple[Position | None, list[tuple[int, bytes]], int]:

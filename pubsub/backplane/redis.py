@@ -546,6 +546,9 @@ class RedisBackplane(Service):
         #: Commands the publisher connection sends first, each time it
         #: connects (the history's SCRIPT LOADs), and again on NOSCRIPT.
         self.preamble: list[tuple[bytes, ...]] = []
+        #: Where a positioned message goes (channel, payload, position): to
+        #: the engine, or through the history, which fills gaps first.
+        self.positioned: Callable[[bytes, bytes, Position], int] = engine.deliver_message_at
 
     # -- the service: two connections that come back -------------------------
 
@@ -700,12 +703,11 @@ class RedisBackplane(Service):
         if isinstance(reply, list) and reply:
             push = reply[0]
             if push == b"message" and len(reply) == 3:
-                engine = self.engine
                 self._deliver(
-                    engine.deliver_message,
+                    self.engine.deliver_message,
                     reply[2],
                     self._local(reply[1]),
-                    at=engine.deliver_message_at,
+                    at=self.positioned,
                 )
             elif push == b"pmessage" and len(reply) == 4:
                 pattern = reply[1][len(self._pattern_prefix) :]

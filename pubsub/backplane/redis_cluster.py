@@ -94,6 +94,7 @@ from pubsub.backplane.redis import (
     new_node_id,
 )
 from pubsub.core.engine import Engine, Kind
+from pubsub.core.history import Position
 
 __all__ = [
     "ClusterTarget",
@@ -375,9 +376,8 @@ class _ShardLink(RedisBackplane):
 
     def _smessage(self, channel: bytes, data: bytes) -> None:
         if channel.startswith(self._channels):
-            engine = self.engine
             name = channel[len(self._channels) :]
-            self._deliver(engine.deliver_message, data, name, at=engine.deliver_message_at)
+            self._deliver(self.engine.deliver_message, data, name, at=self.cluster.positioned)
         elif channel.startswith(self._shards):
             self._deliver(self.engine.deliver_smessage, data, channel[len(self._shards) :])
         elif channel == self._census and data[:NODE_ID_SIZE] != self.node_id:
@@ -528,8 +528,10 @@ class RedisClusterBackplane(MultiService):
         self.hold_limit = max(timeout, 1.0) * 2
         self._endpoint_for = endpoint_for
         #: Commands each link's publisher connection sends first (the
-        #: history's SCRIPT LOADs), as RedisBackplane.preamble.
+        #: history's SCRIPT LOADs), and where positioned messages go, as
+        #: RedisBackplane's.
         self.preamble: list[tuple[bytes, ...]] = []
+        self.positioned: Callable[[bytes, bytes, Position], int] = engine.deliver_message_at
         self.interest: dict[str, set[bytes]] = {
             Kind.CHANNEL: set(engine.channels()),
             Kind.PATTERN: set(engine.patterns()),

@@ -309,6 +309,8 @@ class Engine:
         """``name`` lost its last subscriber of ``kind``."""
         if kind is _PATTERN:
             self._unindex_pattern(name)
+        elif kind is _CHANNEL and self.history is not None and self.history.shared:
+            self.history.forget(name)
         if self.relay is not None:
             self.relay.interest_lost(kind, name)
 

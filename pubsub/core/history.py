@@ -164,14 +164,23 @@ class SharedHistory(Protocol):
     ``since`` answers only once every message published after it will also
     reach this node live, so a client can take the replay, then the live
     messages after its top, with no gap.
+    :meth:`forget` says this node no longer carries ``channel`` (its last
+    subscriber left): what it delivered of it is no longer a baseline.
+    ``missed_filled`` and ``missed_lost`` count the messages this node
+    missed (its link to the others was lost a moment), found in the
+    history and delivered late, or not.
     """
 
     shared: Literal[True]
     keeps: Kept
     recoveries: int
     failed_recoveries: int
+    missed_filled: int
+    missed_lost: int
 
     def publish(self, channel: bytes, payload: bytes) -> bool: ...
+
+    def forget(self, channel: bytes) -> None: ...
 
     def since(self, channel: bytes, position: Position | None) -> Any: ...
 

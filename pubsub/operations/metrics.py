@@ -253,6 +253,16 @@ def _history_figures(history: History | SharedHistory) -> Iterator[Any]:
     recoveries.add_metric(["recovered"], history.recoveries)
     recoveries.add_metric(["failed"], history.failed_recoveries)
     yield recoveries
+    if history.shared:
+        missed = CounterMetricFamily(
+            "pubsub_history_missed",
+            "Messages of kept channels this node missed from the backplane, by whether "
+            "the history filled them in",
+            labels=["result"],
+        )
+        missed.add_metric(["filled"], history.missed_filled)
+        missed.add_metric(["lost"], history.missed_lost)
+        yield missed
 
 
 def _stored_figures(history: History) -> Iterator[Any]:

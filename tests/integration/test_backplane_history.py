@@ -11,11 +11,12 @@ is told, never left with a silent gap.
 from __future__ import annotations
 
 import pytest_twisted
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 
 from tests.integration.test_backplane import PREFIX, redis_answer, wait_for
 from tests.integration.test_metrics import figure, scrape
 from tests.integration.test_recovery import CHANNEL, Reader, SteadyPublisher
+from tests.support.proxy import TcpProxy
 from tests.support.respclient import connect as redis_connect
 
 COUNT = 300
@@ -141,3 +142,34 @@ def test_redis_down_publishes_answer_the_backplane_error_and_recovery_fails(
     assert reason.startswith("the channel's history cannot be read: redis://127.0.0.1:")
     [[kind, text]] = yield back.call("HISTORY", CHANNEL, "5")
     assert kind == "error" and text.startswith("BACKPLANE redis://127.0.0.1:")
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_subscriber_that_stays_gets_what_its_node_missed_while_cut_off_from_redis(
+    redis, make_node, connect
+):
+    proxy = TcpProxy(redis.port)
+    yield proxy.start()
+    try:
+        a = yield make_node(url(redis), history_size=COUNT)
+        b = yield make_node(f"redis://127.0.0.1:{proxy.port}/", history_size=COUNT)
+        reader = Reader(connect, b.port)
+        yield reader.join()
+        publisher = SteadyPublisher((yield connect(a.port)), COUNT)
+        yield reader.read_until(50)
+        # B's link to Redis is reset and kept from coming back while A publishes.
+        proxy.hold()
+        proxy.reset()
+        yield publisher.sent_more(40)
+        proxy.release()
+        yield publisher.done
+        # Without the gap filled, what B missed would never come: fail, not hang.
+        yield reader.read_until(COUNT).addTimeout(30, reactor)
+        assert reader.failures == []
+        assert reader.payloads == [str(n) for n in range(COUNT)]  # none lost, none twice
+        assert reader.position["offset"] == COUNT
+        samples = yield scrape(b.port)
+        assert figure(samples, "pubsub_history_missed_total", result="filled") >= 30
+        assert figure(samples, "pubsub_history_missed_total", result="lost") == 0
+    finally:
+        yield proxy.stop()

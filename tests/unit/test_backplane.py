@@ -1079,3 +1079,138 @@ def test_recent_is_the_last_messages_kept():
         Recovery([(2, b"b"), (3, b"c")], Position("e", 3), True),
         Recovery([(1, b"a"), (2, b"b"), (3, b"c")], Position("e", 3), True),
     ]
+
+
+# -- gaps: messages this node missed while its clients stayed ------------------------------
+
+
+def _message(offset: int, payload: bytes, epoch: bytes = b"e1") -> bytes:
+    return _push(b"message", b"pubsub:chat.1", OTHER + b"@%s %d %s" % (epoch, offset, payload))
+
+
+def _gap_node() -> tuple[Node, RedisHistory, Client]:
+    node = Node()
+    history = _with_history(node)
+    node.connect_both()
+    node.publisher.dataReceived(b"+sha\r\n+sha\r\n")  # the preamble's
+    alice = Client(node.engine)
+    alice.run("SUBSCRIBE", "chat.1")
+    node.written(node.publisher)
+    return node, history, alice
+
+
+def _offsets(client: Client) -> list[int]:
+    return [frame[3].offset for frame in client.frames]
+
+
+def test_a_gap_is_filled_from_the_history_before_the_next_messages():
+    node, history, alice = _gap_node()
+    node.subscriber.dataReceived(_message(1, b"a") + _message(2, b"b"))
+    # 3 and 4 were missed (the link was lost a moment); 5 and 6 come on.
+    node.subscriber.dataReceived(_message(5, b"e") + _message(6, b"f"))
+    assert _offsets(alice) == [1, 2]  # held while the gap is read
+    assert node.written(node.publisher) == command(
+        b"EVALSHA",
+        hashlib.sha1(READ_SCRIPT).hexdigest().encode(),
+        b"2",
+        b"pubsub:history:chat.1",
+        b"pubsub:history-position:chat.1",
+        b"60000",
+    )
+    messages = [(n, payload) for n, payload in zip(range(1, 8), b"abcdefg", strict=True)]
+    node.publisher.dataReceived(_read_reply(b"e1", 7, *[(n, bytes([p])) for n, p in messages]))
+    node.subscriber.dataReceived(_message(7, b"g") + _message(8, b"h"))  # 7: read, and live
+    assert _offsets(alice) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [frame[2] for frame in alice.frames] == [bytes([c]) for c in b"abcdefgh"]
+    assert (history.missed_filled, history.missed_lost) == (2, 0)
+
+
+def test_what_the_history_no_longer_has_is_counted_lost_and_the_rest_goes_on():
+    from twisted.logger import globalLogPublisher
+
+    node, history, alice = _gap_node()
+    logged: list = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        node.subscriber.dataReceived(_message(1, b"a") + _message(9, b"i"))
+        reply = _read_reply(b"e1", 9, (6, b"f"), (7, b"g"), (8, b"h"), (9, b"i"))
+        node.publisher.dataReceived(reply)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert _offsets(alice) == [1, 6, 7, 8, 9]  # 2 to 5 were trimmed
+    assert (history.missed_filled, history.missed_lost) == (3, 4)
+    [warning] = [e for e in logged if e["log_level"].name == "warn"]
+    assert (warning["count"], warning["first"], warning["last"]) == (4, 2, 5)
+    node.subscriber.dataReceived(_message(10, b"j"))
+    assert _offsets(alice) == [1, 6, 7, 8, 9, 10]
+
+
+def test_a_gap_whose_epoch_is_gone_delivers_what_comes_next():
+    node, history, alice = _gap_node()
+    node.subscriber.dataReceived(_message(1, b"a") + _message(4, b"d"))
+    node.publisher.dataReceived(_read_reply(b"e2", 1, (1, b"x")))  # history lost since
+    node.subscriber.dataReceived(_message(5, b"e"))
+    assert _offsets(alice) == [1, 4, 5]
+    assert (history.missed_filled, history.missed_lost) == (0, 2)
+
+
+def test_a_gaps_read_waits_for_the_backplane_to_be_up_a_while():
+    node, history, alice = _gap_node()
+    node.subscriber.dataReceived(_message(1, b"a") + _message(3, b"c"))
+    node.written(node.publisher)
+    node.publisher.connectionLost(Failure(ConnectionAborted()))  # the read fails: down
+    node.clock.advance(0.1)
+    node.clock.advance(0.1)
+    assert _offsets(alice) == [1]  # still held, read again and again
+    new = node.connect("publisher")
+    node.publisher = new
+    new.dataReceived(b"+sha\r\n+sha\r\n")
+    node.written(new)
+    node.clock.advance(0.1)  # the next read: connected
+    new.dataReceived(_read_reply(b"e1", 3, (1, b"a"), (2, b"b"), (3, b"c")))
+    assert _offsets(alice) == [1, 2, 3]
+    # Down for longer than hold_limit: what was held goes on, the gap counted.
+    node.subscriber.dataReceived(_message(5, b"e"))
+    new.connectionLost(Failure(ConnectionAborted()))
+    node.clock.advance(history.hold_limit + 1)
+    node.clock.advance(1)
+    assert _offsets(alice) == [1, 2, 3, 5]
+    assert (history.missed_filled, history.missed_lost) == (1, 1)
+
+
+def test_no_gap_is_seen_across_a_time_without_subscribers():
+    node, history, alice = _gap_node()
+    node.subscriber.dataReceived(_message(1, b"a"))
+    alice.run("UNSUBSCRIBE", "chat.1")
+    bob = Client(node.engine)
+    bob.run("SUBSCRIBE", "chat.1")
+    node.written(node.publisher)
+    node.subscriber.dataReceived(_message(7, b"g"))  # published while no one was here
+    assert _offsets(bob) == [7]
+    assert node.written(node.publisher) == b""  # nothing read
+    assert (history.missed_filled, history.missed_lost) == (0, 0)
+
+
+def test_a_resume_waits_for_a_gap_being_filled():
+    node, history, alice = _gap_node()
+    node.subscriber.dataReceived(_message(1, b"a") + _message(3, b"c"))
+    node.written(node.subscriber)
+    got: list = []
+    history.since(b"chat.1", Position("e1", 1)).addCallback(got.append)
+    node.subscriber.dataReceived(b"+PONG\r\n")  # the barrier
+    node.written(node.publisher)
+    # The gap's read, then RESUME's, then its second barrier.
+    reply = _read_reply(b"e1", 3, (1, b"a"), (2, b"b"), (3, b"c"))
+    node.publisher.dataReceived(reply + reply)
+    node.subscriber.dataReceived(b"+PONG\r\n")
+    assert got == [Recovery([(2, b"b"), (3, b"c")], Position("e1", 3), True)]
+    assert _offsets(alice) == [1, 2, 3]
+
+
+def test_offsets_that_go_back_in_one_epoch_are_delivered_not_taken_for_a_gap():
+    # Redis restarted from an older snapshot: it gives offsets again.
+    node, history, alice = _gap_node()
+    node.subscriber.dataReceived(_message(5, b"e") + _message(3, b"c2") + _message(4, b"d2"))
+    assert _offsets(alice) == [5, 3, 4]
+    assert node.written(node.publisher) == b""
+    assert (history.missed_filled, history.missed_lost) == (0, 0)
