@@ -165,3 +165,38 @@ def test_a_failover_keeps_the_history_and_subscribers_miss_nothing(
     # missed while its subscription moved was filled from the history.
     yield stayer.read_until(top["offset"])
     assert (stayer.payloads, stayer.position, stayer.failures) == (reader.payloads, top, [])
+
+
+@pytest.mark.timeout(240)
+@pytest_twisted.inlineCallbacks
+def test_a_dead_shard_refuses_publishes_and_fails_recoveries_until_its_replica_takes_over(
+    redis_cluster, make_node, connect
+):
+    url = cluster_url(redis_cluster)
+    a = yield make_node(url)
+    b = yield make_node(url)
+    publisher = yield connect(b.port)
+    yield publisher.call("PUBLISH", CHANNEL, "before")
+    [[_, _, top, _]] = yield publisher.call("HISTORY", CHANNEL, "0")
+    primary = redis_cluster.slot_owner(redis_cluster.keyslot(_kept_keys(a, CHANNEL)[2]))
+    # The replica has the history before the crash.
+    yield wait_for(
+        lambda: defer.succeed(redis_cluster.replicated(primary)), True, "the replica's copy"
+    )
+    redis_cluster.kill(primary)  # a crash: its replica takes over after node_timeout
+    backplane = a.resource.health.backplane
+    yield wait_for(lambda: defer.succeed(backplane.state), "down", "A's backplane")
+    reader = yield connect(a.port)
+    frames = yield reader.call("RESUME", CHANNEL, top["epoch"], str(top["offset"]))
+    [kind, channel, where, reason] = frames[-1]
+    assert (kind, channel, where) == ("recovery_failed", CHANNEL, None)
+    assert reason.startswith(f"the channel's history cannot be read: redis://127.0.0.1:{primary}/")
+    [[kind, text]] = yield publisher.call("PUBLISH", CHANNEL, "during")
+    assert kind == "error" and text.startswith(f"BACKPLANE redis://127.0.0.1:{primary}/ is")
+
+    # The replica serves the slot, with the history it had: recovery works again.
+    yield wait_for(lambda: defer.succeed(backplane.state), "connected", "A's backplane")
+    yield wait_for(lambda: defer.succeed(b.resource.health.backplane.state), "connected", "B's")
+    back = yield connect(a.port)
+    frames = yield back.call("RESUME", CHANNEL, top["epoch"], "0")
+    assert frames[-2:] == [["message", CHANNEL, "before", top], ["position", CHANNEL, top]]

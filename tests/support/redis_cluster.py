@@ -317,6 +317,13 @@ class RedisCluster:
         """CLUSTER KEYSLOT of ``name`` (a key or a shard channel), on any live node."""
         return self.call(self._live()[0], "CLUSTER", "KEYSLOT", name)
 
+    def replicated(self, primary_port: int) -> bool:
+        """Whether ``primary_port``'s replica has every write the primary has
+        made so far (replication is asynchronous: a crash loses the rest)."""
+        written = int(_info(self.call(primary_port, "INFO", "replication"))["master_repl_offset"])
+        copy = _info(self.call(self.replica_of(primary_port), "INFO", "replication"))
+        return int(copy.get("slave_repl_offset", -1)) >= written
+
     # -- faults -------------------------------------------------------------------------
 
     def failover(self, primary_port: int) -> int:
