@@ -15,10 +15,9 @@ from twisted.internet import defer, reactor, task, threads
 from pubsub.backplane.redis_cluster import keyslot
 from tests.integration.test_backplane import wait_for
 from tests.integration.test_backplane_cluster import _counter, _metrics, cluster_url
+from tests.integration.test_backplane_history import COUNT, come_back_on_either_node
 from tests.integration.test_metrics import figure, scrape
-from tests.integration.test_recovery import CHANNEL, Reader, SteadyPublisher
-
-COUNT = 300
+from tests.integration.test_recovery import CHANNEL, Reader
 
 
 def _kept_keys(node, channel: str) -> tuple[bytes, bytes, bytes]:
@@ -39,21 +38,7 @@ def test_over_a_redis_cluster_a_subscriber_comes_back_on_the_other_node_with_eve
     watchers = yield defer.gatherResults([connect(node.port) for node in (a, b)])
     for watcher in watchers:
         yield watcher.call("PSUBSCRIBE", "chat.*")
-    reader = Reader(connect, a.port)
-    yield reader.join()
-    publisher = SteadyPublisher((yield connect(b.port)), COUNT)
-    for stop, back_on in ((40, b), (110, a), (200, b)):
-        yield reader.read_until(stop)
-        yield reader.cut()
-        yield publisher.sent_more(5)  # missed while away
-        reader._port = back_on.port
-        yield reader.join()
-    yield publisher.done
-    yield reader.read_until(COUNT)
-    assert reader.failures == []
-    assert reader.payloads == [str(n) for n in range(COUNT)]
-    assert reader.position["offset"] == COUNT
-    assert reader.replayed > 0  # the cuts did miss messages
+    yield come_back_on_either_node(connect, a, b)
     for watcher in watchers:
         frames = yield defer.gatherResults([watcher.next_frame() for _ in range(COUNT)])
         assert frames == [["pmessage", "chat.*", CHANNEL, str(n)] for n in range(COUNT)]

@@ -986,6 +986,17 @@ def test_noscript_loads_the_scripts_again():
     )
 
 
+#: What the read script of chat.1's history is sent as.
+_READ_CHAT_1 = command(
+    b"EVALSHA",
+    hashlib.sha1(READ_SCRIPT).hexdigest().encode(),
+    b"2",
+    b"pubsub:history:chat.1",
+    b"pubsub:history-position:chat.1",
+    b"60000",
+)
+
+
 def _read_reply(epoch: bytes, top: int, *messages: tuple[int, bytes]) -> bytes:
     items = [epoch, b"%d" % top]
     for offset, payload in messages:
@@ -1031,14 +1042,7 @@ def test_since_reads_after_the_barrier_and_judges_as_a_nodes_own_history(asked, 
     assert node.written(node.subscriber) == command(b"PING")
     assert node.written(node.publisher) == b""  # not before Redis has the subscription
     node.subscriber.dataReceived(b"+PONG\r\n")
-    assert node.written(node.publisher) == command(
-        b"EVALSHA",
-        hashlib.sha1(READ_SCRIPT).hexdigest().encode(),
-        b"2",
-        b"pubsub:history:chat.1",
-        b"pubsub:history-position:chat.1",
-        b"60000",
-    )
+    assert node.written(node.publisher) == _READ_CHAT_1
     got: list = []
     answer.addCallback(got.append)
     node.publisher.dataReceived(b"+sha\r\n+sha\r\n")  # the preamble's, first
@@ -1109,14 +1113,7 @@ def test_a_gap_is_filled_from_the_history_before_the_next_messages():
     # 3 and 4 were missed (the link was lost a moment); 5 and 6 come on.
     node.subscriber.dataReceived(_message(5, b"e") + _message(6, b"f"))
     assert _offsets(alice) == [1, 2]  # held while the gap is read
-    assert node.written(node.publisher) == command(
-        b"EVALSHA",
-        hashlib.sha1(READ_SCRIPT).hexdigest().encode(),
-        b"2",
-        b"pubsub:history:chat.1",
-        b"pubsub:history-position:chat.1",
-        b"60000",
-    )
+    assert node.written(node.publisher) == _READ_CHAT_1
     messages = [(n, payload) for n, payload in zip(range(1, 8), b"abcdefg", strict=True)]
     node.publisher.dataReceived(_read_reply(b"e1", 7, *[(n, bytes([p])) for n, p in messages]))
     node.subscriber.dataReceived(_message(7, b"g") + _message(8, b"h"))  # 7: read, and live
