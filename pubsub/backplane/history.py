@@ -44,7 +44,8 @@ publish, read and barrier to that shard's link (``carry``, ``call`` and
 
 A node that misses some of a kept channel's messages while its clients stay
 (its link to Redis was lost a moment, a failover dropped its subscription)
-sees it from the next message's offset: it holds that channel's messages,
+sees it from the next message's offset, or, once the backplane is back,
+from the channel's top in Redis: it holds that channel's messages,
 reads the ones missed from the history (waiting up to ``hold_limit``
 seconds for the backplane to be up), and delivers them first, in order.
 Those the history no longer has are counted and logged (``missed_lost``);
@@ -173,6 +174,7 @@ class RedisHistory:
         self._filling: dict[bytes, _Fill] = {}
         self._deliver_at = bridge.engine.deliver_message_at
         bridge.positioned = self._arrived
+        bridge.came_back = self._came_back
         bridge.preamble.extend(
             [(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT), (b"SCRIPT", b"LOAD", READ_SCRIPT)]
         )
@@ -228,13 +230,39 @@ class RedisHistory:
     def forget(self, channel: bytes) -> None:
         self._delivered.pop(channel, None)
 
-    def _fill(self, channel: bytes, last: Position, payload: bytes, position: Position) -> None:
-        """Hold ``channel``'s messages, from this one on; read the history
-        (again while the backplane is not up, for at most ``hold_limit`` and
-        ``hold_bytes`` held); deliver the missed ones it has, then what was
-        held."""
+    def _came_back(self) -> None:
+        """The backplane is connected again: the channels this node carries
+        may have had messages meanwhile and no next one yet to show the gap.
+        Their tops are asked for; a channel behind is filled."""
+        bridge = self._bridge
+        for channel in [c for c in self._delivered if c not in self._filling]:
+            _, position, _, _ = bridge.history_names(channel)
+            asked = bridge.call(channel, b"HMGET", position, b"epoch", b"offset")
+            # Not answered (down again): the next message shows the gap.
+            asked.addCallbacks(self._top_known, lambda _: None, callbackArgs=(channel,))
+
+    def _top_known(self, reply: Any, channel: bytes) -> None:
+        last = self._delivered.get(channel)
+        if last is None or channel in self._filling or reply[0] is None:
+            return
+        epoch, offset = reply[0].decode("ascii", "replace"), int(reply[1])
+        if epoch == last.epoch and offset > last.offset:
+            self._fill(channel, last)
+
+    def _fill(
+        self,
+        channel: bytes,
+        last: Position,
+        payload: bytes | None = None,
+        position: Position | None = None,
+    ) -> None:
+        """Hold ``channel``'s messages, from this one on (if any: else from
+        the next); read the history (again while the backplane is not up,
+        for at most ``hold_limit`` and ``hold_bytes`` held); deliver the
+        missed ones it has, then what was held."""
         filling = self._filling[channel] = _Fill()
-        filling.hold(payload, position)
+        if payload is not None and position is not None:
+            filling.hold(payload, position)
         clock = self._bridge.clock
         until = clock.seconds() + self.hold_limit
 
@@ -255,11 +283,12 @@ class RedisHistory:
 
     def _filled(self, read: Any, channel: bytes, last: Position) -> None:
         filling = self._filling.pop(channel)
-        first_held = filling.messages[0][1].offset
-        missed = range(last.offset + 1, first_held)
-        found: list[tuple[int, bytes]] = []
-        if read is not None and read[0] is not None and read[0].epoch == last.epoch:
-            found = [m for m in read[1] if m[0] in missed]
+        top = None if read is None or read[0] is None or read[0].epoch != last.epoch else read[0]
+        # Missed: up to the first message held, or without one, the top read.
+        held = [p.offset for _, p in filling.messages if p.epoch == last.epoch]
+        end = held[0] if held else (last.offset if top is None else top.offset) + 1
+        missed = range(last.offset + 1, end)
+        found = [] if top is None else [m for m in read[1] if m[0] in missed]
         # Trimming takes the oldest: what was found of the missed ones is
         # their end, and the lost ones, if any, their beginning.
         filled = len(found)

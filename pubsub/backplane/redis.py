@@ -547,8 +547,11 @@ class RedisBackplane(Service):
         #: connects (the history's SCRIPT LOADs), and again on NOSCRIPT.
         self.preamble: list[tuple[bytes, ...]] = []
         #: Where a positioned message goes (channel, payload, position): to
-        #: the engine, or through the history, which fills gaps first.
+        #: the engine, or through the history, which fills gaps first; and
+        #: whom to tell when the backplane is connected again after being
+        #: down (the history, which looks for messages missed meanwhile).
         self.positioned: Callable[[bytes, bytes, Position], int] = engine.deliver_message_at
+        self.came_back: Callable[[], None] | None = None
 
     # -- the service: two connections that come back -------------------------
 
@@ -672,7 +675,8 @@ class RedisBackplane(Service):
         state = "connected" if up else ("down" if self.state != "connecting" else "connecting")
         if state == self.state:
             return
-        if state == "connected" and self.state == "down":
+        back = state == "connected" and self.state == "down"
+        if back:
             self.reconnects += 1
         self.state = state
         self.since = self.clock.seconds()
@@ -681,6 +685,8 @@ class RedisBackplane(Service):
             _log.info("backplane: connected to {url}", url=self.url)
         elif self.running and not quiet:  # a timeout has said why, in one line
             _log.warn("backplane: lost {url}; reconnecting", url=self.url)
+        if back and self.came_back is not None:
+            self.came_back()
 
     def reply_received(self, connection: _Connection, reply: Any) -> None:
         if connection.role != "subscriber":

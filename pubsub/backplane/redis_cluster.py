@@ -528,10 +528,11 @@ class RedisClusterBackplane(MultiService):
         self.hold_limit = max(timeout, 1.0) * 2
         self._endpoint_for = endpoint_for
         #: Commands each link's publisher connection sends first (the
-        #: history's SCRIPT LOADs), and where positioned messages go, as
-        #: RedisBackplane's.
+        #: history's SCRIPT LOADs), where positioned messages go, and whom to
+        #: tell when the whole is connected again, as RedisBackplane's.
         self.preamble: list[tuple[bytes, ...]] = []
         self.positioned: Callable[[bytes, bytes, Position], int] = engine.deliver_message_at
+        self.came_back: Callable[[], None] | None = None
         self.interest: dict[str, set[bytes]] = {
             Kind.CHANNEL: set(engine.channels()),
             Kind.PATTERN: set(engine.patterns()),
@@ -827,6 +828,7 @@ class RedisClusterBackplane(MultiService):
         state = "connected" if up else ("down" if self.state != "connecting" else "connecting")
         if state == self.state:
             return
+        back = state == "connected" and self.state == "down"
         self.state = state
         self.since = self.clock.seconds()
         if state == "connected":
@@ -840,6 +842,8 @@ class RedisClusterBackplane(MultiService):
                 state=state,
                 shards=", ".join(f"{link.url} {link.state}" for link in links),
             )
+        if back and self.came_back is not None:
+            self.came_back()
 
     # -- the engine's Relay --------------------------------------------------------
 

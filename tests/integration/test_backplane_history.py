@@ -181,3 +181,34 @@ def test_a_subscriber_that_stays_gets_what_its_node_missed_while_cut_off_from_re
         assert figure(samples, "pubsub_history_missed_total", result="lost") == 0
     finally:
         yield proxy.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_what_a_node_missed_comes_when_it_is_back_with_no_later_message(redis, make_node, connect):
+    proxy = TcpProxy(redis.port)
+    yield proxy.start()
+    try:
+        a = yield make_node(url(redis))
+        b = yield make_node(f"redis://127.0.0.1:{proxy.port}/")
+        reader = yield connect(b.port)
+        yield reader.call("RESUME", CHANNEL)
+        publisher = yield connect(a.port)
+        yield publisher.call("PUBLISH", CHANNEL, "before")
+        assert (yield reader.next_frame())[2] == "before"
+        proxy.hold()
+        proxy.reset()
+        backplane = b.resource.health.backplane
+        yield wait_for(lambda: defer.succeed(backplane.state), "down", "B's backplane")
+        for n in range(5):  # a quiet channel: nothing after these
+            yield publisher.call("PUBLISH", CHANNEL, f"meanwhile {n}")
+        proxy.release()
+        # Without a look at the tops once back, these would come with the next message only.
+        frames = yield defer.gatherResults([reader.next_frame() for _ in range(5)]).addTimeout(
+            30, reactor
+        )
+        assert [(f[2], f[3]["offset"]) for f in frames] == [
+            (f"meanwhile {n}", n + 2) for n in range(5)
+        ]
+        assert (yield reader.drain()) == []
+    finally:
+        yield proxy.stop()

@@ -1211,3 +1211,27 @@ def test_offsets_that_go_back_in_one_epoch_are_delivered_not_taken_for_a_gap():
     assert _offsets(alice) == [5, 3, 4]
     assert node.written(node.publisher) == b""
     assert (history.missed_filled, history.missed_lost) == (0, 0)
+
+
+def test_back_after_being_down_a_node_asks_each_channels_top_and_fills_what_it_missed():
+    node, history, alice = _gap_node()
+    node.subscriber.dataReceived(_message(1, b"a") + _message(2, b"b"))
+    node.subscriber.connectionLost(Failure(ConnectionAborted()))
+    assert node.bridge.state == "down"
+    node.connect("subscriber").dataReceived(b"+PONG\r\n")  # back: no message since
+    assert node.bridge.state == "connected"
+    assert node.written(node.publisher) == command(
+        b"HMGET", b"pubsub:history-position:chat.1", b"epoch", b"offset"
+    )
+    node.publisher.dataReceived(_array(b"e1", b"4"))  # 3 and 4 came meanwhile
+    assert node.written(node.publisher) == _READ_CHAT_1
+    reply = _read_reply(b"e1", 4, (1, b"a"), (2, b"b"), (3, b"c"), (4, b"d"))
+    node.publisher.dataReceived(reply)
+    assert _offsets(alice) == [1, 2, 3, 4]
+    assert (history.missed_filled, history.missed_lost) == (2, 0)
+    # Back again, nothing missed: the top is where this node is.
+    node.subscriber.connectionLost(Failure(ConnectionAborted()))
+    node.connect("subscriber").dataReceived(b"+PONG\r\n")
+    node.written(node.publisher)
+    node.publisher.dataReceived(_array(b"e1", b"4"))
+    assert node.written(node.publisher) == b""
