@@ -43,10 +43,13 @@ answered yet, and a redirected one is sent again to the node named, with
 ``ASKING`` first for an ``ASK`` (counted in ``redirected``); the map is
 read again meanwhile.  One ``MOVED`` to a node not linked yet (a replica
 just promoted) waits, in order, for the new map and for that node's link
-to be up, for at most ``hold_limit`` seconds.  One that cannot be sent
-again (no link to that node after the new map, not up in time, a second
-redirect, ``CLUSTERDOWN``) is counted in ``lost``
-(``pubsub_backplane_lost_total``) and logged.  A publish whose
+to be up, for at most ``hold_limit`` seconds; and a link to a node that
+left the map stays until that node has answered every publish sent to it
+(a demoted primary answers those it paused with ``MOVED``), as long.  One
+that cannot be sent again (no link to that node after the new map, not up
+in time, a second redirect, ``CLUSTERDOWN``), or is never answered (its
+connection lost), is counted in ``lost`` (``pubsub_backplane_lost_total``)
+and logged.  A publish whose
 shard's link is down is refused, as with one Redis.
 
 When a primary hands its slots over (a failover), it drops every
@@ -332,6 +335,9 @@ class _ShardLink(RedisBackplane):
         self.address = (host, port)
         self.redirected = 0  # publishes sent again where Redis redirected them
         self.dropped = 0  # our subscriptions Redis dropped (its slot moved away)
+        #: Set once the map no longer has this node: the call that closes
+        #: the link at the latest (see retire); True once closed.
+        self._retired: Any = None
         #: The publishes on the current publisher connection that Redis has
         #: not answered yet: (their request number, the command, times
         #: redirected), to send again where Redis redirects one.
@@ -392,6 +398,36 @@ class _ShardLink(RedisBackplane):
         if connection.role == "publisher":
             self._in_flight.clear()  # a new connection: its requests count from 0
         super().connection_made(connection)
+
+    def connection_lost(self, connection: _Connection) -> None:
+        if connection.role == "publisher" and self._in_flight:
+            # Sent, never answered: Redis may have taken them or not.
+            lost = len(self._in_flight)
+            self.cluster.lose(self.url, "no answer before the connection was lost", lost)
+            self._in_flight.clear()
+        super().connection_lost(connection)
+
+    def retire(self, limit: float) -> None:
+        """The map no longer has this link's node: close the link once Redis
+        has answered every publish sent on it (a primary just demoted
+        answers those it had paused with MOVED, and they go on to the new
+        one), at most ``limit`` seconds from now."""
+        if self._in_flight:
+            self._retired = self.clock.callLater(limit, self._close_retired)
+        else:
+            self._close_retired()
+
+    def _close_retired(self) -> None:
+        if self._retired is True:
+            return
+        if self._retired is not None and self._retired.active():
+            self._retired.cancel()
+        self._retired = True
+        if self._in_flight:
+            lost = len(self._in_flight)
+            self.cluster.lose(self.url, "no answer before its node left the slot map", lost)
+            self._in_flight.clear()
+        self.cluster.closed(self)
 
     def _write(self, publisher: _Connection, data: bytes, hops: int = 0) -> None:
         super()._write(publisher, data)
@@ -460,6 +496,8 @@ class _ShardLink(RedisBackplane):
             _, data, hops = in_flight.popleft()
             if self._redirect is not None:
                 self.cluster.redirect(self, self._redirect, data, hops)
+        if self._retired is not None and not in_flight:
+            self._close_retired()  # every publish answered: it can go
 
     def _reply_error(self, connection: _Connection, reply: hiredis.ReplyError) -> None:
         message = str(reply)
@@ -569,7 +607,7 @@ class RedisClusterBackplane(MultiService):
         self._held_bytes = 0
         #: The counts of links closed since (their nodes no longer serve slots).
         self._retired = dict.fromkeys(_COUNTS, 0)
-        self._lost = 0  # publishes redirected that could not be sent again
+        self._lost = 0  # publishes that may not have reached the other nodes (see lose)
         self.refreshes = 0
         engine.relay = self
 
@@ -681,7 +719,7 @@ class RedisClusterBackplane(MultiService):
         word = message.partition(" ")[0]
         address = _named_node(message)
         if address is None or hops >= _MAX_HOPS:
-            self._lose(link.url, message)
+            self.lose(link.url, f"answered {message}; not sent again")
             return
         target = self.links.get(address)
         if target is not None and target.forward(data, hops + 1, asking=word == "ASK"):
@@ -690,17 +728,18 @@ class RedisClusterBackplane(MultiService):
             self._held.append((address, data, hops + 1, self.clock.seconds()))
             self._held_bytes += len(data)
             return
-        self._lose(link.url, message)
+        self.lose(link.url, f"answered {message}; not sent again")
 
-    def _lose(self, url: str, message: str) -> None:
-        self._lost += 1
-        if self._lost == 1:
+    def lose(self, url: str, why: str, count: int = 1) -> None:
+        """Count ``count`` publishes sent to ``url`` lost, for ``why``; the first is logged."""
+        if self._lost == 0:
             _log.warn(
-                "backplane: a publish {url} answered with {message} could not be sent "
-                "again; lost (counted in pubsub_backplane_lost_total; not logged again)",
+                "backplane: a publish to {url} may not have reached the other nodes: {why} "
+                "(counted in pubsub_backplane_lost_total; not logged again)",
                 url=url,
-                message=message,
+                why=why,
             )
+        self._lost += count
 
     def _send_held(self) -> None:
         """Send the held publishes whose node's link is up; hold on to those
@@ -715,7 +754,7 @@ class RedisClusterBackplane(MultiService):
                 self._held.append((address, data, hops, since))
                 self._held_bytes += len(data)
                 continue
-            self._lose(f"{address[0]}:{address[1]}", "MOVED to it")
+            self.lose(f"redis://{address[0]}:{address[1]}/", "MOVED there; its link not up in time")
 
     def link_changed(self, link: _ShardLink) -> None:
         if self.links.get(link.address) is not link:
@@ -800,7 +839,7 @@ class RedisClusterBackplane(MultiService):
                 if owner is not None and name not in owner.interest[kind]:
                     owner.interest_gained(kind, name)
         for address in [a for a in self.links if a not in owners]:
-            self._retire(self.links.pop(address))
+            self.links.pop(address).retire(self.hold_limit)
         # Names dropped that this map still places where they were: renewed
         # there, and the map asked for again until it moves them, or Redis
         # takes them back.
@@ -811,11 +850,12 @@ class RedisClusterBackplane(MultiService):
         if self._held:
             self._send_held()
 
-    def _retire(self, link: _ShardLink) -> None:
-        """Close a link to a node that no longer serves slots; keep its counts."""
+    def closed(self, link: _ShardLink) -> None:
+        """A link to a node that no longer serves slots is done: keep its counts."""
         for name in _COUNTS:
             self._retired[name] += getattr(link, name)
-        link.disownServiceParent()  # as in __init__
+        if link.parent is not None:
+            link.disownServiceParent()  # as in __init__
 
     def _owner(self, kind: str, name: bytes) -> _ShardLink | None:
         if kind == Kind.PATTERN:

@@ -310,8 +310,8 @@ _BACKPLANE_COUNTERS = (
     (
         "pubsub_backplane_lost",
         (
-            "Publishes a Redis Cluster redirected (MOVED, ASK) that could not be sent "
-            "again: not delivered to other nodes"
+            "Publishes to a Redis Cluster that may not have reached other nodes: redirected "
+            "(MOVED, ASK) and not sent again, or never answered"
         ),
         "lost",
     ),

@@ -6,7 +6,9 @@ import hiredis
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from pubsub.backplane.redis import BackplaneDown
 from pubsub.backplane.redis_cluster import (
@@ -294,3 +296,54 @@ def test_the_history_goes_to_the_shard_that_carries_the_channel_or_is_refused():
         ("call", b"chat", b"GET", b"k"),
         ("barrier", b"chat"),
     ]
+
+
+# -- a link's publishes not answered yet ---------------------------------------------------
+
+
+def _linked(clock: Clock):
+    """A cluster with one link to 10.0.0.1:7000, both connections on StringTransports."""
+    from twisted.internet.testing import StringTransport
+
+    from pubsub.backplane.redis import _Connection
+    from pubsub.backplane.redis_cluster import _ShardLink
+
+    cluster = _cluster(clock)
+    cluster.links.clear()
+    link = cluster.links[("10.0.0.1", 7000)] = _ShardLink(cluster, "10.0.0.1", 7000)
+    connections = {}
+    for role in ("publisher", "subscriber"):
+        connections[role] = _Connection(link, role)
+        connections[role].makeConnection(StringTransport())
+    connections["subscriber"].dataReceived(b"+PONG\r\n")
+    assert link.state == "connected"
+    return cluster, link, connections["publisher"]
+
+
+def test_a_link_whose_node_left_the_map_waits_for_its_publishes_answers():
+    clock = Clock()
+    cluster, link, publisher = _linked(clock)
+    link.published(Kind.CHANNEL, b"news", b"one")
+    cluster.links.pop(("10.0.0.1", 7000)).retire(cluster.hold_limit)
+    assert link._retired is not True  # not closed: "one" is not answered yet
+    # A primary just demoted answers what it had paused: MOVED, sent on.
+    publisher.dataReceived(b"-MOVED 42 10.0.0.2:7001\r\n")
+    assert link._retired is True
+    assert (cluster.lost, len(cluster._held)) == (0, 1)  # held for the new map
+    assert cluster.sent == 1  # the closed link's counts are kept
+
+
+def test_publishes_never_answered_are_counted_lost():
+    clock = Clock()
+    cluster, link, publisher = _linked(clock)
+    link.published(Kind.CHANNEL, b"news", b"one")
+    cluster.links.pop(("10.0.0.1", 7000)).retire(cluster.hold_limit)
+    clock.advance(cluster.hold_limit)
+    assert (link._retired, cluster.lost) == (True, 1)
+
+    cluster, link, publisher = _linked(clock)
+    link.published(Kind.CHANNEL, b"news", b"one")
+    link.published(Kind.CHANNEL, b"news", b"two")
+    publisher.dataReceived(b":0\r\n")  # "one" answered
+    publisher.connectionLost(Failure(ConnectionAborted()))
+    assert cluster.lost == 1  # "two": sent, and no answer before the link went
