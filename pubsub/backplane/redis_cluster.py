@@ -417,6 +417,11 @@ class _ShardLink(RedisBackplane):
         else:
             self._close_retired()
 
+    def stopService(self) -> defer.Deferred[list[tuple[bool, None]]]:
+        if self._retired not in (None, True) and self._retired.active():
+            self._retired.cancel()
+        return super().stopService()
+
     def _close_retired(self) -> None:
         if self._retired is True:
             return
@@ -605,8 +610,10 @@ class RedisClusterBackplane(MultiService):
         #: up; at most buffer_limit bytes, for at most hold_limit seconds.
         self._held: list[tuple[tuple[str, int], bytes, int, float]] = []
         self._held_bytes = 0
-        #: The counts of links closed since (their nodes no longer serve slots).
+        #: The counts of links closed since (their nodes no longer serve slots),
+        #: and the links closing (see _ShardLink.retire), counted as linked.
         self._retired = dict.fromkeys(_COUNTS, 0)
+        self._retiring: set[_ShardLink] = set()
         self._lost = 0  # publishes that may not have reached the other nodes (see lose)
         self.refreshes = 0
         engine.relay = self
@@ -839,7 +846,9 @@ class RedisClusterBackplane(MultiService):
                 if owner is not None and name not in owner.interest[kind]:
                     owner.interest_gained(kind, name)
         for address in [a for a in self.links if a not in owners]:
-            self.links.pop(address).retire(self.hold_limit)
+            link = self.links.pop(address)
+            self._retiring.add(link)
+            link.retire(self.hold_limit)
         # Names dropped that this map still places where they were: renewed
         # there, and the map asked for again until it moves them, or Redis
         # takes them back.
@@ -852,6 +861,7 @@ class RedisClusterBackplane(MultiService):
 
     def closed(self, link: _ShardLink) -> None:
         """A link to a node that no longer serves slots is done: keep its counts."""
+        self._retiring.discard(link)
         for name in _COUNTS:
             self._retired[name] += getattr(link, name)
         if link.parent is not None:
@@ -969,7 +979,8 @@ class RedisClusterBackplane(MultiService):
     # -- figures -----------------------------------------------------------------
 
     def _total(self, name: str) -> int:
-        linked: int = sum(getattr(link, name) for link in self.links.values())  # _COUNTS: ints
+        links = (*self.links.values(), *self._retiring)
+        linked: int = sum(getattr(link, name) for link in links)  # _COUNTS: ints
         return self._retired[name] + linked
 
     @property
