@@ -1190,16 +1190,19 @@ def test_no_gap_is_seen_across_a_time_without_subscribers():
 
 def test_a_resume_waits_for_a_gap_being_filled():
     node, history, alice = _gap_node()
-    node.subscriber.dataReceived(_message(1, b"a") + _message(3, b"c"))
+    node.subscriber.dataReceived(_message(1, b"a"))
     node.written(node.subscriber)
     got: list = []
     history.since(b"chat.1", Position("e1", 1)).addCallback(got.append)
-    node.subscriber.dataReceived(b"+PONG\r\n")  # the barrier
-    node.written(node.publisher)
-    # The gap's read, then RESUME's, then its second barrier.
+    node.subscriber.dataReceived(b"+PONG\r\n")  # the barrier: RESUME's read is sent
+    # Then a message shows a gap: the fill's read goes after RESUME's.
+    node.subscriber.dataReceived(_message(3, b"c"))
+    assert node.written(node.publisher) == _READ_CHAT_1 + _READ_CHAT_1
     reply = _read_reply(b"e1", 3, (1, b"a"), (2, b"b"), (3, b"c"))
-    node.publisher.dataReceived(reply + reply)
-    node.subscriber.dataReceived(b"+PONG\r\n")
+    node.publisher.dataReceived(reply)  # RESUME's
+    node.subscriber.dataReceived(b"+PONG\r\n")  # its second barrier
+    assert got == []  # not while the fill may still deliver 2 and 3
+    node.publisher.dataReceived(reply)  # the fill's
     assert got == [Recovery([(2, b"b"), (3, b"c")], Position("e1", 3), True)]
     assert _offsets(alice) == [1, 2, 3]
 
