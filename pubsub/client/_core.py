@@ -72,6 +72,7 @@ __all__ = [
     "TokenRefused",
     "is_token_close",
     "keepalive",
+    "never_arrived",
     "numsub",
     "parse_url",
     "url_with_token",
@@ -89,6 +90,15 @@ NO_HISTORY = "the channel keeps no history"
 #: Why, when the last connection was lost between RESUME's confirmation and
 #: the position that closes its answer: there is nothing to resume from.
 NO_POSITION = "the connection was lost before the channel's position arrived"
+
+
+def never_arrived(epoch: str, first: int, last: int) -> str:
+    """Why, when a resumed channel's live messages skip the offsets ``first``
+    to ``last``: the server could not deliver them (docs/protocol.md,
+    Recovery across nodes). pubsub.js words it the same."""
+    which = f"message {first}" if first == last else f"messages {first} to {last}"
+    return f"{which} of epoch {epoch} never arrived"
+
 
 #: A client's states: opening a connection, open, lost and about to retry, finished.
 CONNECTING, CONNECTED, DISCONNECTED, CLOSED = "connecting", "connected", "disconnected", "closed"
@@ -214,8 +224,9 @@ class RecoveryFailed:
     """A RESUME could not recover what was missed on ``channel``, for ``reason``;
     the channel is subscribed all the same, at ``position`` (None: no history).
     It comes from any RESUME, the client's own on a new connection included,
-    so that a gap is never silent: the application reloads its state another
-    way."""
+    and before a resumed channel's live message that comes after a gap (the
+    reason :func:`never_arrived`, the position the message's), so that a gap
+    is never silent: the application reloads its state another way."""
 
     channel: str
     reason: str
@@ -519,15 +530,38 @@ class ClientCore:
         """The message, whose position a resumed channel keeps; none when it
         was delivered already. That happens when a channel held is RESUMEd
         again: the answer replays from the position the client had when it
-        asked, and the live messages on their way meanwhile are in it too."""
+        asked, and the live messages on their way meanwhile are in it too.
+
+        A live message past the next offset (or, in a new epoch, past its
+        first) comes after a gap the server could not fill: a
+        :class:`RecoveryFailed` says so first. A replay may start anywhere
+        (a position given to :meth:`resume`): its answer judges it."""
         channel, position = message.channel, message.position
         if position is None or not isinstance(channel, str) or channel not in self.resumed:
             return [message]
         known = self.positions.get(channel)
-        if known is not None and known[0] == position[0] and position[1] <= known[1]:
+        if known is None:
+            self.positions[channel] = position
+            return [message]
+        epoch, offset = position
+        after = known[1] if known[0] == epoch else 0
+        if offset <= after:
             return []
         self.positions[channel] = position
-        return [message]
+        if offset == after + 1 or self._replaying(channel):
+            return [message]
+        missed = never_arrived(epoch, after + 1, offset - 1)
+        return [RecoveryFailed(channel, missed, position), message]
+
+    def _replaying(self, channel: str) -> bool:
+        """Whether the messages of ``channel`` arriving now are a RESUME's replay."""
+        request = self._pending[0] if self._pending else None
+        return (
+            request is not None
+            and request.command == "RESUME"
+            and request.expected == 0
+            and request.names[0] == channel
+        )
 
     def _error(self, request: Request, error: ReplyError) -> list[Event]:
         if request.expected is None and request.error is None:

@@ -406,9 +406,10 @@ class PubSubClient:
 
     def on_recovery_failed(self, callback: RecoveryCallback) -> Callable[[], None]:
         """``callback(RecoveryFailed)`` whenever a RESUME cannot recover what
-        was missed, the client's own on a reconnect included (a coroutine
-        function runs as a task); returns a remover. Without one, the failure
-        is logged as a warning."""
+        was missed, the client's own on a reconnect included, or a resumed
+        channel's live messages skip some (a coroutine function runs as a
+        task); returns a remover. Without one, the failure is logged as a
+        warning."""
         self._recovery_callbacks.append(callback)
         return lambda: self._recovery_callbacks.remove(callback)
 

@@ -27,7 +27,8 @@
  *   message of each channel subscribed with resume(), RESUMEs it from there
  *   on every new connection, so that what was published meanwhile arrives
  *   first, once each and in order, or a "recoveryfailed" event says it
- *   cannot.
+ *   cannot; the same event tells of a gap in a resumed channel's live
+ *   messages (offsets the server skipped).
  */
 
 const DEFAULT_OPTIONS = Object.freeze({
@@ -63,6 +64,14 @@ const PUSHES = new Set(["message", "pmessage", "smessage"]);
 // position that closes its answer. Messages may have been missed either way.
 export const NO_HISTORY = "the channel keeps no history";
 export const NO_POSITION = "the connection was lost before the channel's position arrived";
+
+// Why, when a resumed channel's live messages skip the offsets first to last:
+// the server could not deliver them (docs/protocol.md, Recovery across nodes).
+// The Python client words it the same.
+export function neverArrived(epoch, first, last) {
+  const which = first === last ? `message ${first}` : `messages ${first} to ${last}`;
+  return `${which} of epoch ${epoch} never arrived`;
+}
 
 // What a message listener of a resumed channel gets as its last argument when
 // the message carries no position (the channel keeps no history).
@@ -316,7 +325,9 @@ class Request {
  *   replayed by a RESUME rather than delivered live;
  * - "recoveryfailed" ({channel, reason, position}): a RESUME, the caller's
  *   or the client's own after reconnecting, could not recover what was
- *   missed; the channel is subscribed all the same, at position;
+ *   missed; the channel is subscribed all the same, at position. Or a
+ *   resumed channel's live message came after a gap (neverArrived's
+ *   reason), at position;
  * - "resumed" ({channel, recovered, reason, position, replayed}): the client
  *   RESUMEd a channel by itself on a new connection, and how it went;
  * - "error" (PubSubError): trouble no request is waiting to hear about.
@@ -785,15 +796,17 @@ export class PubSubClient extends Emitter {
     request.resolve(recovery);
     if (!request.cancelled) {
       if (request.internal) this.emit("resumed", recovery);
-      if (reason !== null) {
-        const detail = Object.freeze({ channel, reason, position });
-        if (!this.emit("recoveryfailed", detail)) {
-          const missed = "messages may have been missed";
-          console.warn(`pubsub.js: recovering ${channel} failed, ${missed}: ${reason}`);
-        }
-      }
+      if (reason !== null) this.#recoveryFailed(channel, reason, position);
     }
     return true;
+  }
+
+  #recoveryFailed(channel, reason, position) {
+    const detail = Object.freeze({ channel, reason, position });
+    if (!this.emit("recoveryfailed", detail)) {
+      const missed = "messages may have been missed";
+      console.warn(`pubsub.js: recovering ${channel} failed, ${missed}: ${reason}`);
+    }
   }
 
   #endRecovery(request) {
@@ -834,6 +847,10 @@ export class PubSubClient extends Emitter {
    * when it was delivered already: a resumed channel's position moves with
    * each message, and one at or before it in the same epoch came before (a
    * RESUME of a channel held replays what was on its way live meanwhile).
+   * A live message past the next offset (or, in a new epoch, past its first)
+   * comes after a gap the server could not fill: "recoveryfailed" says so
+   * first. A replay may start anywhere (a position given to resume()): its
+   * answer judges it.
    */
   #where(frame) {
     const channel = frame[1];
@@ -851,8 +868,13 @@ export class PubSubClient extends Emitter {
     }
     if (position !== null && this.#resumed.has(channel)) {
       const known = this.#positions.get(channel);
-      if (known && known.epoch === position.epoch && position.offset <= known.offset) return null;
+      const after = known ? (known.epoch === position.epoch ? known.offset : 0) : undefined;
+      if (after !== undefined && position.offset <= after) return null;
       this.#positions.set(channel, position);
+      if (after !== undefined && position.offset > after + 1 && !recovering) {
+        const reason = neverArrived(position.epoch, after + 1, position.offset - 1);
+        this.#recoveryFailed(channel, reason, position);
+      }
     }
     if (recovering) recovering.replayed += 1;
     return Object.freeze({ position, recovered: recovering !== undefined });

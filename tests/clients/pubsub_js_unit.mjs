@@ -457,6 +457,42 @@ test("a failed recovery nobody listens for is a console warning, never silent", 
   client.close();
 });
 
+test("a gap in a resumed channel's live messages is told before the message after it", async () => {
+  const { client } = await resumedClient();
+  const seen = [];
+  client.on("recoveryfailed", (detail) => seen.push(["failed", detail]));
+  client.on("message", (channel, payload) => seen.push(["message", payload]));
+  const live = (payload, position) => last().receive(["message", "chat", payload, position]);
+  live("42", at(42));
+  live("46", at(46)); // 43 to 45 were lost on the server's side
+  live("47", at(47));
+  live("new 1", at(1, "other")); // a new epoch starts at 1: nothing missed
+  live("new 3", at(3, "other"));
+  const failed = (reason, position) => ["failed", { channel: "chat", reason, position }];
+  assert.deepEqual(seen, [
+    ["message", "42"],
+    failed("messages 43 to 45 of epoch 9f2c1a0b never arrived", at(46)),
+    ["message", "46"],
+    ["message", "47"],
+    ["message", "new 1"],
+    failed("message 2 of epoch other never arrived", at(3, "other")),
+    ["message", "new 3"],
+  ]);
+  // A replay starts where the caller asked, which its answer judges: no gap.
+  seen.length = 0;
+  const ahead = client.resume("chat", undefined, at(9, "other"));
+  last().receive(["subscribe", "chat", 1]);
+  live("new 10", at(10, "other"));
+  last().receive(["position", "chat", at(10, "other")]);
+  assert.equal((await ahead).recovered, true);
+  live("new 11", at(11, "other"));
+  assert.deepEqual(seen, [
+    ["message", "new 10"],
+    ["message", "new 11"],
+  ]);
+  client.close();
+});
+
 test("with no position to resume from, a new connection cannot recover: it says why", async () => {
   // A channel that keeps no history.
   const other = await opened({ reconnect: { minDelay: 10, maxDelay: 10 }, pingInterval: 0 });

@@ -20,9 +20,11 @@ from twisted.logger import globalLogPublisher
 from pubsub.client import CONNECTED, Message, Recovery, RecoveryFailed
 from pubsub.client import asyncio as aio
 from pubsub.client.twisted import connect as twisted_connect
+from tests.integration.test_backplane import wait_for
 from tests.integration.test_client import WAIT, in_own_loop, state_reached, url
 from tests.integration.test_metrics import figure, scrape
 from tests.integration.test_recovery import CHANNEL, COUNT, SteadyPublisher
+from tests.support.proxy import TcpProxy
 
 LOST = "messages after the position are no longer kept"
 STOPS = (40, 110, 200)  # how many messages the client has when its connection is cut
@@ -185,6 +187,48 @@ def test_twisted_client_resumes_from_a_position_and_without_history(
     )
     assert (yield client.publish("plain", "x")) == 1
     assert (yield received.get()) == Message("message", "plain", "x")
+
+
+@pytest_twisted.inlineCallbacks
+def test_twisted_client_is_told_of_what_its_node_lost_while_cut_off_from_redis(
+    redis, make_node, connect, open_client
+):
+    """The client stays connected; its node's link to Redis does not, while
+    more is published than the history keeps: the node fills what it can,
+    and the client is told of the rest before the messages after it."""
+    proxy = TcpProxy(redis.port)
+    yield proxy.start()
+    try:
+        a = yield make_node(f"redis://127.0.0.1:{redis.port}/", history_size=5)
+        b = yield make_node(f"redis://127.0.0.1:{proxy.port}/", history_size=5)
+        client = yield open_client(url(b))
+        failed: defer.Deferred = defer.Deferred()
+        client.on_recovery_failed(failed.callback)
+        received = defer.DeferredQueue()
+        yield client.resume(CHANNEL, handler=received.put)
+        publisher = yield connect(a.port)
+        yield publisher.call("PUBLISH", CHANNEL, "before")
+        [epoch, offset] = (yield received.get()).position
+        assert offset == 1
+        proxy.hold()
+        proxy.reset()
+        backplane = b.resource.health.backplane
+        yield wait_for(lambda: defer.succeed(backplane.state), "down", "B's backplane")
+        for number in range(20):
+            yield publisher.call("PUBLISH", CHANNEL, f"meanwhile {number}")
+        proxy.release()
+        # Back, B reads the last 5 (offsets 17 to 21); 2 to 16 are gone.
+        gap = f"messages 2 to 16 of epoch {epoch} never arrived"
+        assert (yield failed.addTimeout(WAIT, reactor)) == RecoveryFailed(CHANNEL, gap, (epoch, 17))
+        filled = yield defer.gatherResults([received.get() for _ in range(5)])
+        assert [(m.data, m.position) for m in filled] == [
+            (f"meanwhile {n}", (epoch, n + 2)) for n in range(15, 20)
+        ]
+        samples = yield scrape(b.port)
+        assert figure(samples, "pubsub_history_missed_total", result="lost") == 15
+        assert figure(samples, "pubsub_history_missed_total", result="filled") == 5
+    finally:
+        yield proxy.stop()
 
 
 # -- asyncio --------------------------------------------------------------------------------

@@ -239,6 +239,43 @@ def test_a_resume_of_a_held_channel_does_not_deliver_twice_what_crossed_it(core)
     assert core.positions["chat"] == ("0000beef", 1)
 
 
+def test_a_gap_in_a_resumed_channel_s_live_messages_is_told_before_the_message_after_it(core):
+    resumed(core, "chat", 41)
+
+    def live(payload: str, offset: int, epoch: str = E) -> list:
+        return core.receive(frame("message", "chat", payload, at(offset, epoch)))
+
+    def message(payload: str, offset: int, epoch: str = E) -> Message:
+        return Message("message", "chat", payload, None, (epoch, offset))
+
+    assert live("42", 42) == [message("42", 42)]
+    # 43 to 45 were lost on the server's side.
+    assert live("46", 46) == [
+        RecoveryFailed("chat", "messages 43 to 45 of epoch 9f2c1a0b never arrived", (E, 46)),
+        message("46", 46),
+    ]
+    assert live("47", 47) == [message("47", 47)]
+    # A new epoch starts at 1: nothing missed, unless it starts later.
+    assert live("new 1", 1, "other") == [message("new 1", 1, "other")]
+    assert live("new 3", 3, "other") == [
+        RecoveryFailed("chat", "message 2 of epoch other never arrived", ("other", 3)),
+        message("new 3", 3, "other"),
+    ]
+    # A replay starts where the caller asked, which its answer judges: no gap.
+    request, _ = core.resume("chat", position=("other", 9))
+    core.receive(frame("subscribe", "chat", 1))
+    assert live("new 10", 10, "other") == [message("new 10", 10, "other")]
+    assert core.receive(frame("position", "chat", at(10, "other"))) == [
+        Resolved(request, Recovery("chat", True, None, ("other", 10)))
+    ]
+    assert live("new 11", 11, "other") == [message("new 11", 11, "other")]
+    # Channels not resumed are not judged.
+    core.subscribe(CHANNEL, ["plain"])
+    core.receive(frame("subscribe", "plain", 2))
+    assert core.receive(frame("message", "plain", "x", at(7))) != []
+    assert len(core.receive(frame("message", "plain", "y", at(9)))) == 1
+
+
 @pytest.mark.parametrize(
     "fourth",
     [
