@@ -262,6 +262,10 @@ class _Connection(Protocol):
         #: Deferreds waiting for the reply to one request: (its number in
         #: ``requests``, the Deferred), oldest first (see RedisBackplane.call).
         self.calls: deque[tuple[int, defer.Deferred[Any]]] = deque()
+        #: The publisher's requests that are not publishes (PINGs, reads,
+        #: loading the scripts), by number, oldest first, kept until
+        #: answered: every other reply answers a publish.
+        self.others: deque[int] = deque()
 
     def connectionMade(self) -> None:
         # Publishes are small writes that should leave at once; Nagle would
@@ -372,9 +376,28 @@ class _Connection(Protocol):
         self.bridge.connection_lost(self)
 
     def send(self, *args: bytes) -> None:
+        """Send one command that is not a publish (those go by
+        :meth:`RedisBackplane._write`)."""
         if self.role == "publisher":
             self.requests += 1
+            others = self.others
+            while others and others[0] <= self.replies:
+                others.popleft()
+            others.append(self.requests)
         self.transport.write(command(*args))
+
+    def answered_publish(self) -> bool:
+        """Whether the publisher's last reply answered a publish (not a
+        request of :attr:`others`, nor one never sent)."""
+        others, replies = self.others, self.replies
+        while others and others[0] < replies:
+            others.popleft()
+        return replies <= self.requests and not (others and others[0] == replies)
+
+    def unanswered_publishes(self) -> int:
+        """The publishes sent on the publisher that Redis has not answered."""
+        replies = self.replies
+        return max(0, self.requests - replies - sum(1 for n in self.others if n > replies))
 
     # The publisher is the transport's producer, only to hear when its
     # buffer fills and drains again; publishes are pushed by clients.
@@ -453,13 +476,13 @@ class RedisBackplane(Service):
     Counters for /metrics: ``sent`` (publishes sent to Redis), ``received``
     (delivered from another node), ``failed`` (publishes answered with the
     backplane error), ``reconnects``, ``timeouts`` (connections closed
-    because Redis did not answer in time); with one Redis always 0, for a
-    Redis Cluster: ``redirected`` (publishes sent again where a redirect
-    said), ``lost`` (redirected ones that could not be) and ``dropped``
-    (subscriptions dropped by a failover).
+    because Redis did not answer in time), ``lost`` (publishes Redis
+    answered with an error, or not at all before the connection was lost:
+    they may not have reached the other nodes); with one Redis always 0,
+    for a Redis Cluster: ``redirected`` (publishes sent again where a
+    redirect said) and ``dropped`` (subscriptions dropped by a failover).
     """
 
-    lost = 0
     redirected = 0
     dropped = 0
 
@@ -540,6 +563,7 @@ class RedisBackplane(Service):
         self.failed = 0
         self.reconnects = 0
         self.timeouts = 0
+        self.lost = 0
         #: Connections in a row, per role, lost before Redis said anything.
         self._unanswered = {"subscriber": 0, "publisher": 0}
         self._services: list[ClientService] = []
@@ -620,7 +644,27 @@ class RedisBackplane(Service):
             self._unanswered[connection.role] = 0
         else:
             self._unanswered[connection.role] += 1
+        if connection.role == "publisher":
+            self._lose_unanswered(connection)
         self._forget(connection)
+
+    def _lose_unanswered(self, connection: _Connection) -> None:
+        """The publisher ``connection`` is lost: count its publishes Redis
+        had not answered, which it may have taken or not."""
+        unanswered = connection.unanswered_publishes()
+        if unanswered:
+            self.lose("no answer before the connection was lost", unanswered)
+
+    def lose(self, why: str, count: int = 1) -> None:
+        """Count ``count`` publishes lost, for ``why``; the first is logged."""
+        if self.lost == 0:
+            _log.warn(
+                "backplane: a publish to {url} may not have reached the other nodes: {why} "
+                "(counted in pubsub_backplane_lost_total; not logged again)",
+                url=self.url,
+                why=why,
+            )
+        self.lost += count
 
     def tls_failed(self, connection: _Connection, reason: str) -> None:
         """TLS with Redis failed: logged once per streak of failures (both
@@ -728,11 +772,16 @@ class RedisBackplane(Service):
             self._pong(connection)
 
     def _reply_error(self, connection: _Connection, reply: hiredis.ReplyError) -> None:
-        if connection.role == "publisher" and str(reply).startswith("NOSCRIPT"):
-            # Redis lost its scripts (SCRIPT FLUSH, a restart behind a
-            # proxy): this publish is lost, logged below; the next ones work.
-            for args in self.preamble:
-                connection.send(*args)
+        if connection.role == "publisher":
+            if connection.answered_publish():
+                # It reached no node (NOSCRIPT, OOM, NOPERM, ...): counted
+                # here, and the first error of the connection logged below.
+                self.lose(f"answered {reply}")
+            if str(reply).startswith("NOSCRIPT"):
+                # Redis lost its scripts (SCRIPT FLUSH, a restart behind a
+                # proxy): load them again, and the next commands work.
+                for args in self.preamble:
+                    connection.send(*args)
         connection.errors += 1
         if connection.errors == 1:
             _log.error(

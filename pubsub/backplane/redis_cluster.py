@@ -399,13 +399,14 @@ class _ShardLink(RedisBackplane):
             self._in_flight.clear()  # a new connection: its requests count from 0
         super().connection_made(connection)
 
-    def connection_lost(self, connection: _Connection) -> None:
-        if connection.role == "publisher" and self._in_flight:
+    def _lose_unanswered(self, connection: _Connection) -> None:
+        if self._in_flight:
             # Sent, never answered: Redis may have taken them or not.
-            lost = len(self._in_flight)
-            self.cluster.lose(self.url, "no answer before the connection was lost", lost)
+            self.lose("no answer before the connection was lost", len(self._in_flight))
             self._in_flight.clear()
-        super().connection_lost(connection)
+
+    def lose(self, why: str, count: int = 1) -> None:
+        self.cluster.lose(self.url, why, count)
 
     def retire(self, limit: float) -> None:
         """The map no longer has this link's node: close the link once Redis
@@ -429,8 +430,7 @@ class _ShardLink(RedisBackplane):
             self._retired.cancel()
         self._retired = True
         if self._in_flight:
-            lost = len(self._in_flight)
-            self.cluster.lose(self.url, "no answer before its node left the slot map", lost)
+            self.lose("no answer before its node left the slot map", len(self._in_flight))
             self._in_flight.clear()
         self.cluster.closed(self)
 

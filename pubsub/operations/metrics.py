@@ -310,8 +310,8 @@ _BACKPLANE_COUNTERS = (
     (
         "pubsub_backplane_lost",
         (
-            "Publishes to a Redis Cluster that may not have reached other nodes: redirected "
-            "(MOVED, ASK) and not sent again, or never answered"
+            "Publishes that may not have reached other nodes: answered with an error, never "
+            "answered, or redirected by a Redis Cluster (MOVED, ASK) and not sent again"
         ),
         "lost",
     ),

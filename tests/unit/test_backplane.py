@@ -963,6 +963,32 @@ def test_calls_and_barriers_fire_with_their_own_replies_and_fail_when_the_link_g
     assert "lost the connection" in str(_failure_of(lost, BackplaneDown))
     assert "is down" in str(_failure_of(bridge.call(b"k", b"GET", b"k"), BackplaneDown))
     assert "is down" in str(_failure_of(bridge.barrier(b"k"), BackplaneDown))
+    assert bridge.lost == 0  # the publish was answered; the calls were not publishes
+
+
+def test_publishes_answered_with_an_error_or_not_at_all_are_counted_lost():
+    node = Node()
+    node.connect_both()
+    bridge, alice = node.bridge, Client(node.engine)
+    alice.run("PUBLISH", "news", "1")
+    alice.run("PUBLISH", "news", "2")
+    read = bridge.call(b"k", b"GET", b"k")
+    alice.run("PUBLISH", "news", "3")
+    node.clock.advance(bridge.ping_interval)  # a PING, unanswered
+    alice.run("PUBLISH", "news", "4")
+    alice.run("PUBLISH", "news", "5")
+    node.publisher.dataReceived(b":0\r\n")
+    # Refused by Redis: it reached no node.
+    node.publisher.dataReceived(b"-OOM command not allowed when used memory > 'maxmemory'.\r\n")
+    assert bridge.lost == 1
+    # A call's error is the call's: not a publish lost.
+    node.publisher.dataReceived(b"-ERR wrong\r\n")
+    _failure_of(read, BackplaneDown)
+    node.publisher.dataReceived(b":0\r\n")
+    assert bridge.lost == 1
+    # 4 and 5 were sent, never answered: Redis may have taken them or not.
+    node.publisher.connectionLost(Failure(ConnectionAborted()))
+    assert bridge.lost == 3
 
 
 def _failure_of(deferred: defer.Deferred, kind: type) -> BaseException:
@@ -977,13 +1003,21 @@ def test_noscript_loads_the_scripts_again():
     node = Node()
     _with_history(node)
     node.connect_both()
-    node.written(node.publisher)
+    loading = command(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT) + command(b"SCRIPT", b"LOAD", READ_SCRIPT)
+    assert node.written(node.publisher) == loading
+    node.publisher.dataReceived(b"+sha1\r\n+sha2\r\n")
     Client(node.engine).run("PUBLISH", "chat.1", "hi")
     node.written(node.publisher)
     node.publisher.dataReceived(b"-NOSCRIPT No matching script.\r\n")
-    assert node.written(node.publisher) == command(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT) + command(
-        b"SCRIPT", b"LOAD", READ_SCRIPT
-    )
+    assert node.written(node.publisher) == loading
+    assert node.bridge.lost == 1  # that publish reached no node
+    # A read answered NOSCRIPT loads them too; it was not a publish.
+    node.publisher.dataReceived(b"+sha1\r\n+sha2\r\n")
+    node.bridge.call(b"chat.1", b"EVALSHA", b"sha2", b"0").addErrback(lambda _: None)
+    node.written(node.publisher)
+    node.publisher.dataReceived(b"-NOSCRIPT No matching script.\r\n")
+    assert node.written(node.publisher) == loading
+    assert node.bridge.lost == 1
 
 
 #: What the read script of chat.1's history is sent as.

@@ -348,3 +348,14 @@ def test_publishes_never_answered_are_counted_lost():
     publisher.dataReceived(b":0\r\n")  # "one" answered
     publisher.connectionLost(Failure(ConnectionAborted()))
     assert cluster.lost == 1  # "two": sent, and no answer before the link went
+
+
+def test_a_publish_a_shard_refuses_is_counted_lost_and_a_redirect_is_not():
+    cluster, link, publisher = _linked(Clock())
+    for payload in (b"one", b"two", b"three"):
+        link.published(Kind.CHANNEL, b"news", payload)
+    publisher.dataReceived(b":0\r\n")
+    publisher.dataReceived(b"-OOM command not allowed when used memory > 'maxmemory'.\r\n")
+    assert cluster.lost == 1  # "two" reached no node
+    publisher.dataReceived(b"-MOVED 42 10.0.0.2:7001\r\n")
+    assert (cluster.lost, len(cluster._held)) == (1, 1)  # "three" goes on
