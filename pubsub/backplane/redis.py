@@ -658,12 +658,7 @@ class RedisBackplane(Service):
     def lose(self, why: str, count: int = 1) -> None:
         """Count ``count`` publishes lost, for ``why``; the first is logged."""
         if self.lost == 0:
-            _log.warn(
-                "backplane: a publish to {url} may not have reached the other nodes: {why} "
-                "(counted in pubsub_backplane_lost_total; not logged again)",
-                url=self.url,
-                why=why,
-            )
+            warn_lost(self.url, why)
         self.lost += count
 
     def tls_failed(self, connection: _Connection, reason: str) -> None:
@@ -969,6 +964,16 @@ class RedisBackplane(Service):
     def health(self) -> dict[str, Any]:
         """What /healthz shows of the backplane."""
         return health_of(self)
+
+
+def warn_lost(url: str, why: str) -> None:
+    """Log the first publish a backplane counts in ``lost`` (sent to ``url``)."""
+    _log.warn(
+        "backplane: a publish to {url} may not have reached the other nodes: {why} "
+        "(counted in pubsub_backplane_lost_total; not logged again)",
+        url=url,
+        why=why,
+    )
 
 
 def health_of(backplane: Any) -> dict[str, Any]:

@@ -95,6 +95,7 @@ from pubsub.backplane.redis import (
     escape_glob,
     health_of,
     new_node_id,
+    warn_lost,
 )
 from pubsub.core.engine import Engine, Kind
 from pubsub.core.history import Position
@@ -740,12 +741,7 @@ class RedisClusterBackplane(MultiService):
     def lose(self, url: str, why: str, count: int = 1) -> None:
         """Count ``count`` publishes sent to ``url`` lost, for ``why``; the first is logged."""
         if self._lost == 0:
-            _log.warn(
-                "backplane: a publish to {url} may not have reached the other nodes: {why} "
-                "(counted in pubsub_backplane_lost_total; not logged again)",
-                url=url,
-                why=why,
-            )
+            warn_lost(url, why)
         self._lost += count
 
     def _send_held(self) -> None:
